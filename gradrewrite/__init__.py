@@ -1,0 +1,49 @@
+"""gradrewrite: compiler-style graph rewriting for PyTorch models.
+
+    import gradrewrite as gr
+    graph = gr.load("model.pt2")                     # or gr.capture(model, (x,))
+    gr.run_pipeline(graph, "fold-bn,dce")            # rewrite in place
+    art = gr.compile(graph, "out/", backend="ort")   # lower, verify, write OUT
+    y, = art(x)                                       # run the artifact
+    art.report["verification"]
+"""
+from __future__ import annotations
+
+import warnings as _warnings
+from pathlib import Path
+from typing import Any, Sequence
+
+# torch's pytree deprecation chatter from deepcopy of exported modules is not actionable.
+_warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\).*")
+
+from .compiler import Artifact, CompileOptions, compile_graph, run_pipeline  # noqa: E402
+from .errors import GradrewriteError  # noqa: E402
+from .rewrite.capture import capture, load_model as load  # noqa: E402
+from .rewrite.graph import Graph  # noqa: E402
+from .rewrite.registry import PassContext, PassResult, register_pass, registered_passes  # noqa: E402
+from .rewrite.selectors import Selector  # noqa: E402
+
+__version__ = "0.1.0"
+
+
+def compile(model: Graph | Any, out: str | Path, *, example_inputs: Sequence[Any] | None = None,
+            passes: str | None = None, recipe: str | Path | None = None, backend: str = "torch",
+            force: bool = False, **options: Any) -> Artifact:
+    """Capture (if given an ``nn.Module``), rewrite, lower and verify; returns the Artifact.
+
+    The graph passed in is not modified: the pipeline runs on a copy.
+    """
+    if isinstance(model, Graph):
+        graph = model.clone()
+    else:
+        if example_inputs is None:
+            raise GradrewriteError("example_inputs are needed to capture an nn.Module",
+                                   "pass example_inputs=(tensor, ...)")
+        graph = capture(model, tuple(example_inputs))
+    opts = CompileOptions(passes=passes, recipe=recipe, backend=backend, force=force, **options)
+    return compile_graph(graph, out, opts)
+
+
+__all__ = ["Artifact", "CompileOptions", "Graph", "GradrewriteError", "PassContext", "PassResult",
+           "Selector", "capture", "compile", "compile_graph", "load", "register_pass",
+           "registered_passes", "run_pipeline"]

@@ -1,0 +1,79 @@
+"""Backend interface and registry.
+
+A backend lowers a ``Graph`` into files inside an artifact directory and can load
+those files back as a runner: ``runner(*numpy_arrays) -> list[numpy arrays]``.
+Backends depend on ``rewrite/`` only, never on passes.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from ..errors import BackendError, ConfigError
+from ..rewrite.graph import Graph
+
+Runner = Callable[..., list[np.ndarray]]
+
+
+@dataclass
+class BackendArtifact:
+    """What a backend wrote: files (relative to the artifact dir), target, extra facts."""
+
+    files: list[str]
+    target: str
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+class Backend:
+    name: str = ""
+
+    def availability(self) -> str | None:
+        """None when usable here, else the reason (and how to fix it)."""
+        return None
+
+    def compile(self, graph: Graph, out_dir: Path, *, options: dict[str, Any]) -> BackendArtifact:
+        raise NotImplementedError
+
+    def load(self, out_dir: Path, artifact: dict[str, Any]) -> Runner:
+        raise NotImplementedError
+
+
+_BACKENDS: dict[str, Callable[[], Backend]] = {}
+
+
+def register_backend(name: str):
+    def deco(cls):
+        cls.name = name
+        _BACKENDS[name] = cls
+        return cls
+    return deco
+
+
+def _load_builtin() -> None:
+    from . import ort, torch_backend  # noqa: F401  (registration side effect)
+
+
+def backend_names() -> list[str]:
+    _load_builtin()
+    return sorted(_BACKENDS)
+
+
+def get_backend(name: str) -> Backend:
+    _load_builtin()
+    if name not in _BACKENDS:
+        raise ConfigError(f"unknown backend {name!r}", f"valid backends: {', '.join(sorted(_BACKENDS))}")
+    backend = _BACKENDS[name]()
+    reason = backend.availability()
+    if reason:
+        raise BackendError(f"backend {name!r} is not available: {reason}")
+    return backend
+
+
+def as_numpy(outputs: Sequence[Any]) -> list[np.ndarray]:
+    import torch
+
+    return [o.detach().cpu().numpy() if isinstance(o, torch.Tensor) else np.asarray(o)
+            for o in outputs]

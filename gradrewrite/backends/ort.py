@@ -1,0 +1,150 @@
+"""ort backend: export to ONNX (torch.onnx dynamo exporter) and run with ONNX Runtime.
+
+Uses the CUDA execution provider when onnxruntime-gpu sees a GPU, else the CPU one;
+the provider actually used is read back from the session (a CUDA request can fall
+back to CPU silently). Models whose weights exceed ``external_data_bytes`` store them
+in ``model.onnx.data`` next to the graph (ONNX's protobuf limit is 2 GiB).
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import BackendError
+from ..rewrite.graph import Graph
+from .base import Backend, BackendArtifact, register_backend
+
+DEFAULT_OPSET = 18
+EXTERNAL_DATA_BYTES = 1 << 30
+
+
+def _ort():
+    try:
+        import onnxruntime
+    except ImportError as exc:
+        raise BackendError("onnxruntime is not installed",
+                           "pip install 'gradrewrite[cpu]' (or '[gpu]' for onnxruntime-gpu)") from exc
+    return onnxruntime
+
+
+def providers() -> list[str]:
+    available = _ort().get_available_providers()
+    chosen = [p for p in ("CUDAExecutionProvider",) if p in available and _cuda_ok()]
+    return chosen + ["CPUExecutionProvider"]
+
+
+def _cuda_ok() -> bool:
+    try:
+        import torch
+        return torch.cuda.is_available()
+    except Exception:
+        return False
+
+
+@contextlib.contextmanager
+def _quiet():
+    """The exporter logs per-op chatter and torchvision notices; keep the CLI clean."""
+    loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch.export", "onnxscript")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            yield
+    finally:
+        for lg, lvl in zip(loggers, levels):
+            lg.setLevel(lvl)
+
+
+def export_onnx(graph: Graph, path: Path, *, opset: int = DEFAULT_OPSET,
+                external_data: bool | None = None) -> dict[str, Any]:
+    """Write ``graph`` as an ONNX model at ``path``; returns facts for the report."""
+    import torch
+
+    weight_bytes = sum(t.numel() * t.element_size()
+                       for t in list(graph.gm.parameters()) + list(graph.gm.buffers()))
+    if external_data is None:
+        external_data = weight_bytes > EXTERNAL_DATA_BYTES
+    input_names = [s.name for s in graph.inputs]
+    try:
+        ep = graph.to_exported_program()
+        with _quiet():
+            program = torch.onnx.export(ep, (), dynamo=True, input_names=input_names,
+                                        opset_version=opset, verbose=False)
+            program.optimize()
+            program.save(str(path), external_data=external_data)
+    except Exception as exc:
+        raise BackendError(f"ONNX export failed: {_unsupported(exc)}",
+                           "the op has no ONNX lowering; rewrite it with a pass or use "
+                           "--backend torch (run with --debug for details)") from exc
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    files = [path.name] + ([path.name + ".data"] if (path.parent / (path.name + ".data")).exists() else [])
+    return {
+        "opset": next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), opset),
+        "onnx_nodes": len(model.graph.node),
+        "onnx_ops": sorted({n.op_type for n in model.graph.node}),
+        "external_data": external_data,
+        "weight_bytes": weight_bytes,
+        "files": files,
+        "input_names": [i.name for i in model.graph.input],
+        "output_names": [o.name for o in model.graph.output],
+    }
+
+
+def _unsupported(exc: Exception) -> str:
+    text = str(exc)
+    for line in text.splitlines():
+        if "No decompositions" in line or "not supported" in line.lower() or "unsupported" in line.lower():
+            return line.strip()
+    return text.strip().splitlines()[0] if text.strip() else type(exc).__name__
+
+
+def make_session(path: Path, *, threads: int | None = None):
+    ort = _ort()
+    opts = ort.SessionOptions()
+    if threads:
+        opts.intra_op_num_threads = threads
+    opts.log_severity_level = 3
+    try:
+        return ort.InferenceSession(str(path), sess_options=opts, providers=providers())
+    except Exception as exc:
+        raise BackendError(f"onnxruntime cannot load {path.name}: {str(exc).strip().splitlines()[0]}",
+                           "an op in the graph has no ONNX Runtime kernel; try --backend torch") from exc
+
+
+@register_backend("ort")
+class OrtBackend(Backend):
+    def availability(self) -> str | None:
+        try:
+            _ort()
+        except BackendError as exc:
+            return exc.one_line()
+        return None
+
+    def compile(self, graph: Graph, out_dir: Path, *, options: dict[str, Any]) -> BackendArtifact:
+        facts = export_onnx(graph, out_dir / "model.onnx", opset=options.get("opset", DEFAULT_OPSET),
+                            external_data=options.get("external_data"))
+        session = make_session(out_dir / "model.onnx")  # fail at compile time, not at run time
+        facts["providers"] = session.get_providers()
+        target = "onnxruntime-" + ("cuda" if "CUDAExecutionProvider" in facts["providers"] else "cpu")
+        return BackendArtifact(facts.pop("files"), target, facts)
+
+    def load(self, out_dir: Path, artifact: dict[str, Any]):
+        session = make_session(out_dir / "model.onnx")
+        names = [i.name for i in session.get_inputs()]
+
+        def run(*inputs: np.ndarray) -> list[np.ndarray]:
+            if len(inputs) != len(names):
+                raise BackendError(f"the model takes {len(names)} inputs ({', '.join(names)}), got {len(inputs)}",
+                                   "pass one --input per model input")
+            feeds = {n: np.ascontiguousarray(np.asarray(x)) for n, x in zip(names, inputs)}
+            return session.run(None, feeds)
+
+        return run

@@ -1,0 +1,36 @@
+"""torch backend: the rewritten program saved as a torch.export archive (the reference)."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils import _pytree as pytree
+
+from ..errors import BackendError
+from ..rewrite.graph import Graph
+from .base import Backend, BackendArtifact, as_numpy, register_backend
+
+
+@register_backend("torch")
+class TorchBackend(Backend):
+    def compile(self, graph: Graph, out_dir: Path, *, options: dict[str, Any]) -> BackendArtifact:
+        try:
+            ep = graph.to_exported_program()
+        except Exception as exc:
+            raise BackendError(f"torch.export could not re-export the rewritten graph: "
+                               f"{str(exc).strip().splitlines()[0]}",
+                               "run with --debug; the last pass produced an unexportable graph") from exc
+        torch.export.save(ep, str(out_dir / "model.pt2"))
+        return BackendArtifact(["model.pt2"], "torch-eager-cpu", {"format": "torch.export"})
+
+    def load(self, out_dir: Path, artifact: dict[str, Any]):
+        module = torch.export.load(str(out_dir / "model.pt2")).module()
+
+        def run(*inputs: np.ndarray) -> list[np.ndarray]:
+            with torch.no_grad():
+                out = module(*(torch.as_tensor(np.asarray(x)) for x in inputs))
+            return as_numpy(pytree.tree_leaves(out))
+
+        return run

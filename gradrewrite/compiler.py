@@ -1,0 +1,289 @@
+"""capture -> passes -> backend -> artifact directory.
+
+``compile_graph`` writes OUT atomically: everything is built in a temporary sibling
+directory that is renamed into place only when the build and its verification
+succeeded, so a failure never leaves half an OUT behind.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import shutil
+import statistics
+import tempfile
+import time
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from .backends.base import as_numpy, get_backend
+from .errors import ConfigError, GradrewriteError, VerificationError
+from .rewrite.graph import Graph
+from .rewrite.pass_manager import DumpGraphs, Instrument, PassManager, VerifyEachPass
+from .rewrite.pipeline import PassSpec, build_passes, load_recipe, parse_pipeline
+from .rewrite.registry import PassContext
+from .rewrite.verify import compare_outputs
+
+FORMAT_VERSION = 1
+
+
+@dataclass
+class CompileOptions:
+    passes: str | Sequence[PassSpec] | None = None
+    recipe: str | Path | None = None
+    backend: str = "torch"
+    seed: int = 0
+    verify_inputs: int = 3
+    rel_tol: float = 1e-4  # fp32 rounding for exact pipelines; lossy passes report only
+    verify_each_pass: bool = True
+    dump_graphs: bool = False
+    latency_runs: int = 20
+    backend_options: dict[str, Any] = field(default_factory=dict)
+    force: bool = False
+
+
+def pipeline_specs(passes: str | Sequence[PassSpec] | None, recipe: str | Path | None) -> list[PassSpec]:
+    if passes and recipe:
+        raise ConfigError("give either --passes or --recipe, not both", "drop one of them")
+    if recipe:
+        return load_recipe(recipe)
+    if isinstance(passes, str):
+        return parse_pipeline(passes)
+    return list(passes or [])
+
+
+def run_pipeline(graph: Graph, passes: str | Sequence[PassSpec] | None = None, *,
+                 recipe: str | Path | None = None, seed: int = 0, verify: bool = True,
+                 instruments: Sequence[Instrument] = (), ctx: PassContext | None = None):
+    """Run a pipeline on ``graph`` in place (clone first to keep the original)."""
+    specs = pipeline_specs(passes, recipe)
+    pm = PassManager(build_passes(specs),
+                     ([VerifyEachPass(seed=seed)] if verify else []) + list(instruments))
+    return pm.run(graph, ctx or PassContext(seed=seed))
+
+
+def compile_graph(graph: Graph, out: str | Path, options: CompileOptions | None = None, *,
+                  model_file: str | Path | None = None, console=None) -> "Artifact":
+    """Rewrite ``graph`` with the pipeline, lower it with the backend, write OUT."""
+    opts = options or CompileOptions()
+    out = Path(out)
+    if out.exists() and not opts.force and (not out.is_dir() or any(out.iterdir())):
+        raise ConfigError(f"output {str(out)!r} already exists", "pass --force to replace it, or choose another -o")
+    specs = pipeline_specs(opts.passes, opts.recipe)
+    passes = build_passes(specs)              # typos fail before any work
+    backend = get_backend(opts.backend)
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        log = console.log if console is not None else (lambda *a, **k: None)
+        original = graph.clone()
+        instruments: list[Instrument] = []
+        if opts.verify_each_pass:
+            instruments.append(VerifyEachPass(n_inputs=2, seed=opts.seed, rel_tol=opts.rel_tol))
+        if opts.dump_graphs:
+            instruments.append(DumpGraphs(tmp / "graphs"))
+        if console is not None:
+            from .rewrite.pass_manager import Progress
+            instruments.append(Progress(console))
+        result = PassManager(passes, instruments).run(graph, PassContext(seed=opts.seed))
+
+        log(f"lowering with backend [bold]{backend.name}[/] …")
+        t0 = time.perf_counter()
+        artifact = backend.compile(graph, tmp, options=opts.backend_options)
+        build_seconds = time.perf_counter() - t0
+
+        runner = backend.load(tmp, {"files": artifact.files})
+        verification = _verify_artifact(runner, original, opts)
+        exact = all(getattr(p, "exact", True) for p in passes)
+        if exact and verification["relative_error"] > opts.rel_tol:
+            raise VerificationError(
+                f"the {backend.name} artifact disagrees with the original model: relative error "
+                f"{verification['relative_error']:.3g} > {opts.rel_tol:g}",
+                "check the backend's op support; --backend torch gives the reference")
+        latency = _latency(runner, original, opts.latency_runs)
+
+        (tmp / "graph_before.txt").write_text(original.text())
+        (tmp / "graph_after.txt").write_text(graph.text())
+        report = {
+            "format_version": FORMAT_VERSION,
+            "source": graph.source,
+            "backend": backend.name,
+            "target": artifact.target,
+            "inputs": [{"name": s.name, "shape": list(s.shape),
+                        "dtype": str(s.dtype).removeprefix("torch."), "high": s.high}
+                       for s in graph.inputs],
+            "passes": result.reports(),
+            "nodes": {"before": original.node_count(), "after": graph.node_count()},
+            "ops": {"before": original.op_histogram(), "after": graph.op_histogram()},
+            "parameters": {"before": original.parameter_count(), "after": graph.parameter_count()},
+            "verification": verification,
+            "latency_ms": latency,
+            "build_seconds": round(build_seconds, 3),
+            "artifact": {"files": artifact.files, **artifact.info},
+            "sizes": {f: (tmp / f).stat().st_size for f in artifact.files},
+        }
+        _write_json(tmp / "report.json", report)
+        _write_json(tmp / "manifest.json", _manifest(tmp, opts, specs, model_file, graph))
+        _replace_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return Artifact(out)
+
+
+def _verify_artifact(runner, reference: Graph, opts: CompileOptions) -> dict[str, Any]:
+    worst = [0.0, 0.0, 0.0]
+    n_out = 0
+    for i in range(opts.verify_inputs):
+        inputs = reference.random_inputs(opts.seed + 1000 + i)  # fresh inputs, not the pass checks'
+        ref = reference(*inputs)
+        got = runner(*(t.numpy() for t in inputs))
+        n_out = len(ref)
+        try:
+            err = compare_outputs([torch.from_numpy(np.asarray(g)) for g in got], ref)
+        except ValueError as exc:
+            raise VerificationError(f"artifact outputs do not match the model's: {exc}",
+                                    "this is a backend bug; use --backend torch") from exc
+        worst = [max(a, b) for a, b in zip(worst, err)]
+    return {"inputs_compared": opts.verify_inputs, "outputs": n_out, "max_abs_error": worst[0],
+            "relative_error": worst[1], "max_abs_reference": worst[2], "seed": opts.seed + 1000}
+
+
+def _latency(runner, graph: Graph, runs: int) -> dict[str, Any] | None:
+    if runs <= 0:
+        return None
+    inputs = [t.numpy() for t in graph.random_inputs(7)]
+    for _ in range(3):
+        runner(*inputs)
+    times = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        runner(*inputs)
+        times.append((time.perf_counter() - t0) * 1e3)
+    return {"median": round(statistics.median(times), 4), "min": round(min(times), 4),
+            "runs": runs, "threads": torch.get_num_threads(),
+            "note": "quick in-process timing at compile time; use benchmarks/ for comparisons"}
+
+
+def _manifest(tmp: Path, opts: CompileOptions, specs: list[PassSpec], model_file, graph: Graph) -> dict:
+    config = {"passes": [{"name": s.name, "options": s.options} for s in specs],
+              "backend": opts.backend, "backend_options": opts.backend_options,
+              "inputs": [s.describe() for s in graph.inputs], "seed": opts.seed}
+    versions = {}
+    for pkg in ("gradrewrite", "torch", "onnx", "onnxruntime", "onnxruntime-gpu", "onnxscript",
+                "apache-tvm", "numpy"):
+        try:
+            versions[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            pass
+    versions["python"] = platform.python_version()
+    return {
+        "format_version": FORMAT_VERSION,
+        "created_unix": int(time.time()),
+        "versions": versions,
+        "seed": opts.seed,
+        "config": config,
+        "config_hash": _sha256(json.dumps(config, sort_keys=True, default=str).encode()),
+        "inputs": ({str(model_file): _file_hash(Path(model_file))}
+                   if model_file and Path(model_file).is_file() else {}),
+        "outputs": {str(p.relative_to(tmp)): _file_hash(p)
+                    for p in sorted(tmp.rglob("*")) if p.is_file() and p.name != "manifest.json"},
+    }
+
+
+def _replace_dir(tmp: Path, out: Path) -> None:
+    """Move the finished build into place; an old OUT (with --force) goes only after."""
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        out.rename(old)
+        tmp.rename(out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        tmp.rename(out)
+
+
+def _write_json(path: Path, data: Any) -> None:
+    path.write_text(json.dumps(data, indent=2, sort_keys=False, default=_json_default) + "\n")
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, (np.integer,)):
+        return int(obj)
+    if isinstance(obj, (np.floating,)):
+        return float(obj)
+    if isinstance(obj, (set, tuple)):
+        return list(obj)
+    if isinstance(obj, torch.dtype):
+        return str(obj).removeprefix("torch.")
+    return str(obj)
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _file_hash(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+class Artifact:
+    """A compiled artifact directory: call it like the model, read its report."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        report_path = self.path / "report.json"
+        if not report_path.is_file():
+            raise GradrewriteError(f"{str(self.path)!r} is not a gradrewrite artifact (no report.json)",
+                                   "pass a directory written by `gradrewrite compile`")
+        try:
+            self.report = json.loads(report_path.read_text())
+            self.manifest = json.loads((self.path / "manifest.json").read_text())
+        except (json.JSONDecodeError, FileNotFoundError) as exc:
+            raise GradrewriteError(f"artifact {str(self.path)!r} is damaged: {exc}",
+                                   "compile it again") from exc
+        self._runner = None
+
+    @property
+    def backend(self) -> str:
+        return self.report["backend"]
+
+    def _run(self):
+        if self._runner is None:
+            for name, digest in self.manifest.get("outputs", {}).items():
+                if name in self.report["artifact"]["files"] and _file_hash(self.path / name) != digest:
+                    raise GradrewriteError(f"artifact file {name!r} changed since it was compiled",
+                                           "compile it again")
+            self._runner = get_backend(self.backend).load(self.path, self.report["artifact"])
+        return self._runner
+
+    def check_inputs(self, inputs: Sequence[np.ndarray]) -> None:
+        specs = self.report["inputs"]
+        if len(inputs) != len(specs):
+            raise GradrewriteError(f"the model takes {len(specs)} input(s), got {len(inputs)}",
+                                   "pass one --input per model input: "
+                                   + ", ".join(f"{s['name']} {'x'.join(map(str, s['shape']))}:{s['dtype']}" for s in specs))
+        for arr, spec in zip(inputs, specs):
+            if list(arr.shape) != spec["shape"] or str(arr.dtype) != spec["dtype"]:
+                raise GradrewriteError(
+                    f"input {spec['name']!r} is {'x'.join(map(str, arr.shape))}:{arr.dtype}, the artifact was "
+                    f"compiled for {'x'.join(map(str, spec['shape']))}:{spec['dtype']}",
+                    "pass an array of that shape and dtype, or compile again with --input")
+
+    def __call__(self, *inputs: Any) -> list[np.ndarray]:
+        arrays = [x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x) for x in inputs]
+        self.check_inputs(arrays)
+        return as_numpy(self._run()(*arrays))
+
+    def __repr__(self) -> str:
+        return f"Artifact({str(self.path)!r}, backend={self.backend!r})"

@@ -1,0 +1,1 @@
+"""Built-in passes; each module registers one pass (or family) by name."""

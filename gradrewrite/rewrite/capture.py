@@ -1,0 +1,243 @@
+"""Model capture: any supported model source -> ``Graph``.
+
+Sources, by safety:
+- ``.pt2``  a ``torch.export`` program (``torch.export.save``): the safe default; its
+  example inputs travel with it.
+- ``.onnx`` read with onnx and rebuilt as a torch module (``onnx_import``).
+- ``--module pkg.mod:factory``: Python code the user names, returning a module (or a
+  ``(module, example_inputs)`` pair).
+- ``.pt``/``.pth`` pickled ``nn.Module`` or TorchScript: unpickling runs arbitrary code,
+  so pickles load only with ``trust_pickle=True``.
+"""
+from __future__ import annotations
+
+import importlib
+import re
+import sys
+import zipfile
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+
+from ..errors import InputError
+from .graph import Graph, InputSpec
+
+_DTYPES = {
+    "float32": torch.float32, "float": torch.float32, "fp32": torch.float32,
+    "float16": torch.float16, "half": torch.float16, "fp16": torch.float16,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float64": torch.float64,
+    "int64": torch.int64, "long": torch.int64, "int32": torch.int32, "int": torch.int32,
+    "int8": torch.int8, "uint8": torch.uint8, "bool": torch.bool,
+}
+_SPEC = re.compile(r"^(?P<shape>\d+(?:x\d+)*)(?::(?P<dtype>[a-z0-9]+))?(?::(?P<high>\d+))?$")
+
+
+def parse_input_spec(text: str, index: int = 0) -> InputSpec:
+    """Parse ``1x3x96x96``, ``1x128:int64`` or ``1x128:int64:30522`` (ints below 30522)."""
+    m = _SPEC.match(text.strip().lower())
+    if not m:
+        raise InputError(f"bad --input spec {text!r}",
+                         "write SHAPE[:DTYPE[:HIGH]], e.g. 1x3x96x96 or 1x128:int64:30522")
+    dtype_name = m["dtype"] or "float32"
+    if dtype_name not in _DTYPES:
+        raise InputError(f"unknown dtype {dtype_name!r} in --input {text!r}",
+                         f"use one of {', '.join(sorted(set(_DTYPES)))}")
+    shape = tuple(int(s) for s in m["shape"].split("x"))
+    if any(s == 0 for s in shape):
+        raise InputError(f"--input {text!r} has a zero-sized dimension", "give every dimension >= 1")
+    return InputSpec(f"input_{index}", shape, _DTYPES[dtype_name],
+                     int(m["high"]) if m["high"] else None)
+
+
+def example_from_specs(specs: Sequence[InputSpec], seed: int = 0) -> tuple[torch.Tensor, ...]:
+    gen = torch.Generator().manual_seed(seed)
+    return tuple(s.random(gen) for s in specs)
+
+
+def capture(model: torch.nn.Module, example_inputs: Sequence[torch.Tensor],
+            source: str = "<module>", *, specs: Sequence[InputSpec] | None = None) -> Graph:
+    """Export an ``nn.Module`` (in eval mode) to a ``Graph``."""
+    if not isinstance(model, torch.nn.Module):
+        raise InputError(f"{source} is a {type(model).__name__}, not a torch.nn.Module",
+                         "save the model object itself, or use --module pkg.mod:factory")
+    try:
+        model = model.eval()
+    except NotImplementedError:
+        pass  # an unlifted torch.export module has no train/eval switch: already inference
+    example_inputs = tuple(example_inputs)
+    try:
+        ep = torch.export.export(model, example_inputs, strict=False)
+    except Exception as exc:  # export errors are long; keep the first line, hint at --debug
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise InputError(f"torch.export could not capture {source}: {first}",
+                         "check the --input shapes/dtypes match what the model expects "
+                         "(run with --debug for the full trace)") from exc
+    graph = Graph.from_exported_program(ep, example_inputs, source=source)
+    _apply_spec_bounds(graph, specs)
+    return graph
+
+
+def load_model(path: str | Path | None = None, *, module: str | None = None,
+               inputs: Sequence[str | InputSpec] = (), trust_pickle: bool = False,
+               seed: int = 0) -> Graph:
+    """Load a model file (or build one from ``module="pkg.mod:factory"``) as a Graph."""
+    specs = [s if isinstance(s, InputSpec) else parse_input_spec(s, i)
+             for i, s in enumerate(inputs)]
+    if module is not None:
+        if path is not None:
+            raise InputError("give either a MODEL file or --module, not both",
+                             "drop one of them")
+        model, example = _from_factory(module)
+        example = _choose_inputs(example, specs, module, seed)
+        return capture(model, example, source=f"module {module}", specs=specs)
+    if path is None:
+        raise InputError("no model given", "pass a MODEL file or --module pkg.mod:factory")
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"model file {str(path)!r} does not exist", "check the path")
+    if not path.is_file():
+        raise InputError(f"{str(path)!r} is not a file", "pass a .pt2, .onnx, .pt or .pth file")
+    if path.stat().st_size == 0:
+        raise InputError(f"model file {str(path)!r} is empty", "re-save the model")
+    suffix = path.suffix.lower()
+    if suffix == ".pt2":
+        return _load_pt2(path, specs, seed)
+    if suffix == ".onnx":
+        return _load_onnx(path, specs, seed)
+    if suffix in (".pt", ".pth"):
+        return _load_pickle_or_script(path, specs, seed, trust_pickle)
+    raise InputError(f"unknown model format {suffix or '(no extension)'!r} for {str(path)!r}",
+                     "use a torch.export .pt2 file, an .onnx file, a .pt/.pth module "
+                     "(with --trust-pickle) or --module pkg.mod:factory")
+
+
+# ------------------------------------------------------------------------- loaders
+def _load_pt2(path: Path, specs: list[InputSpec], seed: int) -> Graph:
+    if not zipfile.is_zipfile(path):
+        raise InputError(f"{str(path)!r} is not a torch.export archive (truncated or not a .pt2)",
+                         "re-create it with torch.export.save(torch.export.export(model, args), path)")
+    try:
+        ep = torch.export.load(str(path))
+    except Exception as exc:
+        raise InputError(f"cannot read torch.export archive {str(path)!r}: "
+                         f"{_first_line(exc)}",
+                         "re-create it with torch.export.save with this torch version") from exc
+    saved = ep.example_inputs[0] if ep.example_inputs else None
+    example = _choose_inputs(saved, specs, str(path), seed)
+    if saved is not None and not specs:
+        graph = Graph.from_exported_program(ep, example, source=str(path))
+        return graph
+    # New shapes: re-trace the program (its shape guards stripped) at the requested
+    # shapes. Works when the graph has no sizes baked in for the old shapes.
+    base = Graph.from_exported_program(ep, tuple(saved) if saved is not None else example,
+                                       source=str(path))
+    try:
+        return capture(base.gm, example, source=str(path), specs=specs)
+    except InputError as exc:
+        raise InputError(f"{str(path)!r} was exported for fixed input shapes and does not run at "
+                         f"{', '.join(s.describe() for s in specs)} ({exc.message.split(': ', 1)[-1]})",
+                         "use the shapes it was exported with (omit --input), or export it again "
+                         "with dynamic_shapes") from exc
+
+
+def _load_onnx(path: Path, specs: list[InputSpec], seed: int) -> Graph:
+    from .onnx_import import onnx_to_module
+
+    shapes = [s.shape for s in specs] if specs else None
+    module, example = onnx_to_module(path, input_shapes=shapes)
+    if specs:
+        example = example_from_specs(specs, seed)
+    return capture(module, example, source=str(path), specs=specs)
+
+
+def _load_pickle_or_script(path: Path, specs: list[InputSpec], seed: int,
+                           trust_pickle: bool) -> Graph:
+    if _is_torchscript(path):
+        if not specs:
+            raise InputError(f"{str(path)!r} is TorchScript and carries no example inputs",
+                             "pass the input shapes, e.g. --input 1x3x224x224")
+        example = example_from_specs(specs, seed)
+        try:
+            from torch._export.converter import TS2EPConverter
+
+            scripted = torch.jit.load(str(path), map_location="cpu")
+            ep = TS2EPConverter(scripted, example).convert()
+        except Exception as exc:
+            raise InputError(f"cannot convert TorchScript file {str(path)!r}: {_first_line(exc)}",
+                             "export the model with torch.export.save as .pt2 instead") from exc
+        graph = Graph.from_exported_program(ep, example, source=str(path))
+        _apply_spec_bounds(graph, specs)
+        return graph
+    if not trust_pickle:
+        raise InputError(f"{str(path)!r} is a pickled module; unpickling runs arbitrary code "
+                         "from the file",
+                         "pass --trust-pickle if you trust its author, or re-save it safely "
+                         "with torch.export.save as .pt2")
+    try:
+        obj = torch.load(str(path), map_location="cpu", weights_only=False)
+    except Exception as exc:
+        raise InputError(f"cannot unpickle {str(path)!r}: {_first_line(exc)}",
+                         "the file is truncated or was saved by incompatible code; the "
+                         "classes it names must be importable") from exc
+    if isinstance(obj, dict):
+        raise InputError(f"{str(path)!r} holds a state_dict (weights only), not a model",
+                         "build the model in code and pass --module pkg.mod:factory, or save "
+                         "the module with torch.export.save")
+    if not specs:
+        raise InputError(f"{str(path)!r} carries no example inputs",
+                         "pass the input shapes, e.g. --input 1x3x224x224")
+    return capture(obj, example_from_specs(specs, seed), source=str(path), specs=specs)
+
+
+def _from_factory(ref: str) -> tuple[torch.nn.Module, Any]:
+    mod_name, sep, attr = ref.partition(":")
+    if not sep or not mod_name or not attr:
+        raise InputError(f"bad --module {ref!r}", "write pkg.module:factory")
+    if "" not in sys.path and "." not in sys.path:
+        sys.path.insert(0, "")  # let users name modules in the working directory
+    try:
+        module = importlib.import_module(mod_name)
+    except ImportError as exc:
+        raise InputError(f"cannot import {mod_name!r}: {_first_line(exc)}",
+                         "check the module is on PYTHONPATH") from exc
+    factory: Callable[[], Any] | None = getattr(module, attr, None)
+    if factory is None or not callable(factory):
+        raise InputError(f"{mod_name!r} has no callable {attr!r}",
+                         "name a function returning a model or (model, example_inputs)")
+    result = factory()
+    if isinstance(result, tuple) and len(result) == 2 and isinstance(result[0], torch.nn.Module):
+        return result[0], result[1]
+    return result, None
+
+
+def _choose_inputs(saved: Any, specs: list[InputSpec], source: str,
+                   seed: int) -> tuple[torch.Tensor, ...]:
+    if specs:
+        return example_from_specs(specs, seed)
+    if saved is None:
+        raise InputError(f"{source} carries no example inputs",
+                         "pass the input shapes, e.g. --input 1x3x224x224 or --input 1x128:int64")
+    if isinstance(saved, torch.Tensor):
+        return (saved,)
+    return tuple(saved)
+
+
+def _apply_spec_bounds(graph: Graph, specs: Sequence[InputSpec] | None) -> None:
+    """An explicit ``:HIGH`` in an --input spec overrides the inferred integer range."""
+    for i, spec in enumerate(specs or ()):
+        if spec.high is not None and i < len(graph.inputs):
+            old = graph.inputs[i]
+            graph.inputs[i] = InputSpec(old.name, old.shape, old.dtype, spec.high)
+
+
+def _is_torchscript(path: Path) -> bool:
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as zf:
+        return any(name.endswith("constants.pkl") or "/code/" in name for name in zf.namelist())
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
