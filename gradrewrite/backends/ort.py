@@ -79,9 +79,9 @@ def export_onnx(graph: Graph, path: Path, *, opset: int = DEFAULT_OPSET,
             program.optimize()
             program.save(str(path), external_data=external_data)
     except Exception as exc:
-        raise BackendError(f"ONNX export failed: {_unsupported(exc)}",
-                           "the op has no ONNX lowering; rewrite it with a pass or use "
-                           "--backend torch (run with --debug for details)") from exc
+        raise BackendError(f"ONNX export failed: {_unsupported(exc, graph)}",
+                           "rewrite that op with a pass or use --backend torch "
+                           "(run with --debug for details)") from exc
     import onnx
 
     model = onnx.load(str(path), load_external_data=False)
@@ -98,10 +98,22 @@ def export_onnx(graph: Graph, path: Path, *, opset: int = DEFAULT_OPSET,
     }
 
 
-def _unsupported(exc: Exception) -> str:
+def _unsupported(exc: Exception, graph: Graph) -> str:
+    """Name the op the exporter could not lower and the layers that use it."""
+    import re
+
+    from ..rewrite.graph import module_path, op_name
+
     text = str(exc)
+    m = re.search(r"OpOverload\(op='([\w.]+)', overload='(\w+)'\)", text)
+    if m:
+        op = m.group(1) + ("" if m.group(2) == "default" else "." + m.group(2))
+        # The exporter decomposes first, so the failing op may sit inside a bigger one.
+        users = [n for n in graph.call_nodes() if op_name(n).startswith(m.group(1))]
+        where = ", ".join(sorted({module_path(n) or "<root>" for n in users})[:5])
+        return f"no ONNX lowering for {op}" + (f" (used at {where})" if where else "")
     for line in text.splitlines():
-        if "No decompositions" in line or "not supported" in line.lower() or "unsupported" in line.lower():
+        if "not supported" in line.lower() or "unsupported" in line.lower():
             return line.strip()
     return text.strip().splitlines()[0] if text.strip() else type(exc).__name__
 

@@ -164,9 +164,13 @@ class Graph:
 
     def clone(self) -> "Graph":
         """A deep copy: passes on the clone never touch this graph's weights."""
-        return Graph(gm=copy.deepcopy(self.gm), inputs=list(self.inputs),
-                     example_inputs=self.example_inputs, source=self.source,
-                     meta=copy.deepcopy(self.meta))
+        import warnings
+
+        with warnings.catch_warnings():  # torch pytree deprecation noise from deepcopy
+            warnings.simplefilter("ignore", FutureWarning)
+            return Graph(gm=copy.deepcopy(self.gm), inputs=list(self.inputs),
+                         example_inputs=self.example_inputs, source=self.source,
+                         meta=copy.deepcopy(self.meta))
 
     # ---------------------------------------------------------------- reading
     @property
