@@ -67,10 +67,8 @@ def _rewrite(graph: Graph, m: Match):
     else:
         path = module_path(m["w"])
         b_node = graph.add_attr(f"{path}.bias" if path else "bias", new_b, before=layer)
-    args = list(layer.args)
+    args = list(layer.args) + [None] * max(0, 3 - len(layer.args))  # conv2d(x, w) has no bias slot
     args[1], args[2] = w_node, b_node
-    if len(args) < 3:
-        args.append(b_node)
     new = graph.graph.call_function(layer.target, tuple(args), dict(layer.kwargs))
     copy_meta(layer, new)
     new.meta["val"] = bn.meta.get("val", layer.meta.get("val"))

@@ -581,14 +581,17 @@ def _pad(n, x, pads, value=None, axes=None):
     for i, a in enumerate(axes):
         begins[a], ends[a] = pads[i], pads[i + k]
     first = next((i for i in range(x.ndim) if begins[i] or ends[i]), x.ndim)
-    spec = _torch_pad(begins[first:], ends[first:])
     mode = n.attr("mode", "constant")
     if mode == "constant":
+        spec = _torch_pad(begins[first:], ends[first:])
         return F.pad(x, spec, value=_num(value) if value is not None else 0)
+    # torch pads reflect/edge/wrap over the last 1-3 dims, counted per input rank.
     torch_mode = {"reflect": "reflect", "edge": "replicate", "wrap": "circular"}.get(mode)
-    if torch_mode is None or x.ndim - first > 3 or min(spec, default=0) < 0:
+    dims = next((d for d in {2: (1,), 3: (1, 2), 4: (2, 3), 5: (3,)}.get(x.ndim, ())
+                 if d >= x.ndim - first), None)
+    if torch_mode is None or dims is None or min(pads) < 0:
         raise _unsupported(n, f"mode={mode!r} on these axes")
-    return F.pad(x, spec, mode=torch_mode)
+    return F.pad(x, _torch_pad(begins[-dims:], ends[-dims:]), mode=torch_mode)
 
 
 def _resize(n, x, roi=None, scales=None, sizes=None):
@@ -817,7 +820,15 @@ def onnx_to_module(path: str | Path, *, input_shapes: dict[str, Sequence[int]]
     specs = _input_specs(path, graph, initializers, input_shapes)
     gen = torch.Generator().manual_seed(seed)
     example = tuple(spec.random(gen) for spec in specs)
-    module = _Planner(path, graph, opset, initializers, specs).build(example)
+    try:
+        module = _Planner(path, graph, opset, initializers, specs).build(example)
+    except InputError as exc:
+        problem = _checker_problem(model)
+        if problem:  # a malformed file: report the root cause
+            raise InputError(f"{path.name} is not a valid ONNX model: {problem}",
+                             "re-export the model or repair it (onnx.checker.check_model)"
+                             ) from exc
+        raise
     return module.eval(), example
 
 
@@ -871,14 +882,19 @@ def _check_ops(path: Path, model) -> None:
         raise InputError(f"{path.name} uses {len(counts)} unsupported ONNX op type"
                          f"{'s' if len(counts) > 1 else ''}: {listing}",
                          f"{_PT2_HINT}; supported ops: {', '.join(SUPPORTED_OPS)}")
+
+
+def _checker_problem(model) -> str | None:
+    """onnx.checker's complaint, if any. It is stricter than ONNX Runtime (it wants every
+    value's shape, for one), so a complaint only counts when the import fails too."""
     import onnx
     try:
         onnx.checker.check_model(model)
     except onnx.checker.ValidationError as exc:
-        raise InputError(f"{path.name} is not a valid ONNX model: {_first_line(exc)}",
-                         "re-export the model or repair it (onnx.checker.check_model)") from exc
-    except ValueError:
-        pass  # over 2 GB in memory: the checker cannot take it; the planner still checks
+        return _first_line(exc)
+    except ValueError:  # over 2 GB in memory: the checker cannot take it
+        return None
+    return None
 
 
 def _tensor(t, path: Path) -> torch.Tensor:

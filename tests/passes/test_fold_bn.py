@@ -78,6 +78,27 @@ def test_conv1d_conv3d_and_no_affine():
     torch.testing.assert_close(g(*args)[0], m(*args), rtol=1e-5, atol=1e-5)
 
 
+def test_conv_called_without_bias_argument():
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.randn(4, 2, 3, 3))
+            self.bn = nn.BatchNorm2d(4)
+
+        def forward(self, x):
+            return self.bn(torch.nn.functional.conv2d(x, self.w))   # aten.conv2d(x, w)
+
+    m = M()
+    m.bn.running_mean.uniform_(-1, 1)
+    m.bn.running_var.uniform_(0.5, 2)
+    m.eval()
+    x = torch.randn(1, 2, 6, 6)
+    g = capture(m, (x,))
+    assert len(next(n for n in g.call_nodes() if op_kind(n) == "conv").args) == 2
+    assert fold(g).report["folded"] == 1
+    torch.testing.assert_close(g(x)[0], m(x), rtol=1e-5, atol=1e-5)
+
+
 def test_linear_on_3d_input_is_skipped_with_reason():
     class M(nn.Module):
         def __init__(self):
