@@ -145,9 +145,16 @@ def _load_onnx(path: Path, specs: list[InputSpec], seed: int) -> Graph:
     from .onnx_import import onnx_to_module
 
     shapes = [s.shape for s in specs] if specs else None
-    module, example = onnx_to_module(path, input_shapes=shapes)
+    module, example = onnx_to_module(path, input_shapes=shapes, seed=seed)
     if specs:
-        example = example_from_specs(specs, seed)
+        if len(specs) != len(example):
+            raise InputError(f"{str(path)!r} has {len(example)} input(s), got {len(specs)} --input",
+                             "pass one --input per model input")
+        # The ONNX file knows each input's dtype: a bare shape (float32 by default)
+        # keeps it; an explicit non-default dtype wins.
+        gen = torch.Generator().manual_seed(seed)
+        example = tuple(ex if spec.dtype == torch.float32 else spec.random(gen)
+                        for spec, ex in zip(specs, example))
     return capture(module, example, source=str(path), specs=specs)
 
 

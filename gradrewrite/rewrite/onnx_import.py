@@ -11,7 +11,8 @@ every node once, eagerly, on seeded example inputs:
   result of any node whose inputs are all static. Static nodes are folded away here;
   shape subgraphs (``Shape -> Gather -> Concat -> Reshape``) therefore reach
   ``forward`` as plain Python ints, which is what ``torch.export`` needs.
-* Float initializers are **parameters**; everything else is **runtime**.
+* Float initializers are **parameters** (BatchNorm statistics: buffers); values
+  computed from the inputs or parameters are **runtime**.
 
 Each remaining node becomes a ``_Step`` that ``forward`` interprets in topological
 order through a dispatch table ``{op_type: handler}`` of short torch functions. A step
@@ -26,7 +27,11 @@ in a PyTorch-written model.
 Module-path rule (ONNX node -> dotted module path)
 --------------------------------------------------
 1. The torch dynamo exporter's ``pkg.torch.onnx.name_scopes`` metadata, when present,
-   names the innermost module directly (``['', 'fc', 'linear']`` -> ``fc``).
+   names the innermost module directly (``['', 'fc', 'linear']`` -> ``fc``). In such a
+   file, a node an onnxscript rule fused (Conv+BatchNorm) takes the module of its
+   ``*.weight`` initializer (``features.0.weight`` -> ``features.0``), and a node the
+   optimizer created without metadata takes its nearest consumer's module, else its
+   producer's.
 2. A name with ``/`` (the TorchScript exporter's ``/features/features.0/Conv``): drop
    the leading ``/`` and the last component (the op's own name); each remaining
    component is a module name, and one that repeats its parent's name as a dotted
@@ -39,6 +44,16 @@ Each component is sanitized to ``[A-Za-z0-9_]`` (``_`` suffix if it clashes with
 ``nn.Module`` attribute); two different ONNX scopes that sanitize alike get ``_1``,
 ``_2`` … suffixes. Nodes with the same path share one submodule, like a PyTorch module
 whose forward runs several ops.
+
+Weights are named after the initializer minus the module path (``fc.weight`` on ``fc``
+-> ``weight``), else by role (Conv/Gemm/MatMul/norm inputs: ``weight``, ``bias``,
+``running_mean`` …), else after the ONNX value. A weight read by several modules is
+copied into each (exporters deduplicate equal initializers; passes must be able to
+rewrite one layer alone).
+
+Limits: static shapes only (dynamic input dims must be given), default-domain ops of
+opset 11 or newer (tested with 13-21), no control flow (If/Loop/Scan), inference
+semantics (Dropout is the identity, BatchNormalization uses running statistics).
 """
 from __future__ import annotations
 
@@ -143,6 +158,11 @@ class OnnxModule(nn.Module):
         return results[0] if len(results) == 1 else results
 
 
+    def __reduce_ex__(self, protocol):
+        # The per-instance class _with_signature makes is not importable: rebuild it.
+        return _restore, (getattr(self, "_arg_names", None), self.__dict__)
+
+
 def _with_signature(module: OnnxModule, names: list[str]) -> OnnxModule:
     """Give ``forward`` named parameters so exported placeholders carry the ONNX input
     names (``input_1``) rather than ``args_0``."""
@@ -154,7 +174,14 @@ def _with_signature(module: OnnxModule, names: list[str]) -> OnnxModule:
     forward.__signature__ = inspect.Signature(params)
     module.__class__ = type("OnnxModule", (OnnxModule,),
                             {"forward": forward, "__module__": __name__})
+    module._arg_names = list(names)
     return module
+
+
+def _restore(names: list[str] | None, state: dict) -> OnnxModule:
+    module = OnnxModule.__new__(OnnxModule)
+    module.__dict__.update(state)
+    return _with_signature(module, names) if names is not None else module
 
 
 # ============================================================================ helpers
@@ -257,27 +284,31 @@ def _conv_transpose(n, x, w, b=None):
     if out_shape is None and mode in ("SAME_UPPER", "SAME_LOWER"):
         out_shape = [i * s for i, s in zip(x.shape[2:], strides)]
     if out_shape is not None:
-        totals = [f - o for f, o in zip(full, list(out_shape)[-nd:])]
-        upper = mode != "SAME_LOWER"
-        begins = [t // 2 if upper else t - t // 2 for t in totals]
+        sizes = list(out_shape)[-nd:]
+        totals = [max(0, f - o) for f, o in zip(full, sizes)]
+        # The spec (and ONNX Runtime) put the odd pixel at the start unless SAME_UPPER.
+        begins = [t // 2 if mode == "SAME_UPPER" else t - t // 2 for t in totals]
         ends = [t - bg for t, bg in zip(totals, begins)]
     else:
         pads = list(n.attr("pads", [0] * (2 * nd)))
         begins, ends = pads[:nd], pads[nd:]
+        sizes = [f - bg - en for f, bg, en in zip(full, begins, ends)]
     fn = _by_rank((F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d), nd, n)
-    if begins == ends and min(begins) >= 0 and all(p < max(s, d) for p, s, d in
-                                                   zip(out_pad, strides, dil)):
+    native = (begins == ends and min(begins) >= 0
+              and sizes == [f - 2 * bg for f, bg in zip(full, begins)]
+              and all(p < max(s, d) for p, s, d in zip(out_pad, strides, dil)))
+    if native:  # what F.conv_transpose computes with symmetric padding
         return fn(x, w, b, strides, begins, out_pad, group, dil)
-    # Asymmetric padding: compute the unpadded result, then crop (or zero-extend) it.
+    # Asymmetric padding or a larger output_shape: compute the unpadded result, then
+    # crop it (or extend it with zero rows) to the wanted window.
     y = fn(x, w, None, strides, 0, 0, group, dil)
-    for axis, (bg, en, f) in enumerate(zip(begins, ends, full)):
+    for axis, (lo, size) in enumerate(zip(begins, sizes)):
         dim = axis + 2
-        lo, hi = bg, f - en  # the wanted window of the unpadded output
-        extra_lo, extra_hi = max(0, -lo), max(0, hi - y.shape[dim])
-        if extra_lo or extra_hi:  # output_padding / negative pads: rows of zeros
+        extra_lo, extra_hi = max(0, -lo), max(0, lo + size - y.shape[dim])
+        if extra_lo or extra_hi:
             y = F.pad(y, [0, 0] * (y.ndim - dim - 1) + [extra_lo, extra_hi])
-            lo, hi = lo + extra_lo, hi + extra_lo
-        y = y.narrow(dim, lo, hi - lo)
+            lo += extra_lo
+        y = y.narrow(dim, lo, size)
     if b is not None:
         y = y + b.reshape([1, -1] + [1] * nd)
     return y
@@ -482,10 +513,11 @@ def _gather(n, x, idx):
     if isinstance(idx, int):  # a scalar constant index: a plain select
         return x.select(axis, idx + dim if idx < 0 else idx)
     if isinstance(idx, list):  # constant indices
-        flat = [i + dim if i < 0 else i for i in np.asarray(idx).reshape(-1).tolist()]
-        if np.asarray(idx).ndim == 1 and flat and flat == list(range(flat[0], flat[0] + len(flat))):
-            return x.narrow(axis, flat[0], len(flat))
-        idx = torch.tensor(flat, dtype=torch.int64).reshape(np.asarray(idx).shape)
+        shape = np.shape(idx)
+        flat = [i + dim if i < 0 else i for i in np.reshape(idx, -1).tolist()]
+        if len(shape) == 1 and flat == list(range(flat[0], flat[0] + len(flat))):
+            return x.narrow(axis, flat[0], len(flat))  # a contiguous run: a slice
+        idx = torch.tensor(flat, dtype=torch.int64).reshape(shape)
     elif axis == 0 and x.ndim == 2 and x.dtype.is_floating_point:
         # A token lookup; like PyTorch it assumes non-negative ids.
         return F.embedding(idx, x)
@@ -840,17 +872,26 @@ def _load(path: Path):
         raise InputError(f"ONNX file {str(path)!r} does not exist", "check the path")
     if not path.is_file():
         raise InputError(f"{str(path)!r} is not a file", "pass an .onnx model file")
-    with open(path, "rb") as fh:
-        head = fh.read(64)
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(64)
+    except OSError as exc:
+        raise InputError(f"cannot read {str(path)!r}: {exc.strerror or exc}",
+                         "check the file's permissions") from exc
     if head.startswith(b"PK\x03\x04"):
         raise InputError(f"{path.name} is a zip archive (a PyTorch .pt/.pt2 file?), not ONNX",
                          "give it its real extension (.pt2) or pass an .onnx file")
     try:
         model = onnx.load(str(path), load_external_data=False)
     except (DecodeError, RuntimeError, ValueError, UnicodeDecodeError) as exc:
-        raise InputError(f"{path.name} is not a readable ONNX model (truncated or not ONNX: "
-                         f"{_first_line(exc)})",
-                         "re-export the model, or check the download completed") from exc
+        # Every ONNX file starts with the ir_version field (byte 0x08).
+        if head.startswith(b"\x08"):
+            raise InputError(f"{path.name} is truncated or corrupt (the ONNX protobuf does not "
+                             "parse)", "re-export the model, or check the copy/download "
+                             "completed") from exc
+        kind = "a text file" if _looks_like_text(head) else "unrecognised binary data"
+        raise InputError(f"{path.name} is {kind}, not an ONNX model",
+                         "pass a model saved with onnx.save or torch.onnx.export") from exc
     if not model.graph.node and not model.graph.output or model.ir_version <= 0:
         raise InputError(f"{path.name} is not an ONNX model (no graph found in the file)",
                          "pass a model saved with onnx.save or torch.onnx.export")
@@ -865,6 +906,16 @@ def _load(path: Path):
         import onnx.inliner
         model = onnx.inliner.inline_local_functions(model)
     return model
+
+
+def _looks_like_text(head: bytes) -> bool:
+    for cut in range(4):  # the 64-byte head may end inside a multi-byte character
+        try:
+            text = head[:len(head) - cut].decode("utf-8")
+        except UnicodeDecodeError:
+            continue
+        return all(c.isprintable() or c.isspace() for c in text)
+    return False
 
 
 def _check_ops(path: Path, model) -> None:
@@ -941,17 +992,19 @@ def _input_specs(path: Path, graph, initializers: dict, input_shapes) -> list[In
         if shape is None:
             if dims is None or None in dims:
                 shown = "x".join("?" if d is None else str(d) for d in dims or [])
+                example = "x".join(str(d or 1) for d in dims or [1])
                 raise InputError(f"input {v.name!r} of {path.name} has dynamic dimensions "
                                  f"({shown or 'unknown rank'})",
-                                 "pass the input shapes with --input, e.g. --input "
-                                 f"{'x'.join(str(d or 1) for d in dims or [1])}")
+                                 "pass the input shapes with --input, one per model input in "
+                                 f"order ({', '.join(names)}), e.g. --input {example}")
         elif dims is not None and (len(dims) != len(shape) or any(
                 d is not None and d != s for d, s in zip(dims, shape))):
             fixed = "x".join("?" if d is None else str(d) for d in dims)
             raise InputError(f"input {v.name!r} of {path.name} has shape {fixed}; --input gave "
                              f"{'x'.join(map(str, shape))}",
                              "give a shape that matches the model's fixed dimensions")
-        specs.append(InputSpec(v.name, tuple(shape or dims), _DTYPES[tt.elem_type],
+        specs.append(InputSpec(v.name, tuple(shape if shape is not None else dims),
+                               _DTYPES[tt.elem_type],
                                high.get(v.name)))
     return specs
 
@@ -1104,7 +1157,8 @@ class _Planner:
         self.runtime.update(zip(input_names, example))
         nodes = self._toposort()
         self.raw_scopes = _raw_scopes(nodes, set(self.params_src))
-        used = {i for _, node in nodes for i in node.input if i} | {o.name for o in self.graph.output}
+        used = {i for _, node in nodes for i in node.input if i}
+        used |= {o.name for o in self.graph.output}
         steps = []
         with torch.no_grad():
             for index, node in nodes:
@@ -1153,7 +1207,7 @@ class _Planner:
             return None
         if node.op_type in ("Shape", "Size") or all(
                 not i or i in self.static for i in ins):
-            args = [self.static.get(i, self.runtime.get(i)) if i else None for i in ins]
+            args = [self._value(i) if i else None for i in ins]
             outs = self._call(step, args)
             self.static.update((o, t) for o, t in zip(node.output, outs) if o)
             return None
@@ -1216,11 +1270,18 @@ class _Planner:
 
     def _register(self, step: _Step, owner: nn.Module, pos: int, inp: str,
                   val: torch.Tensor) -> str:
-        """Put a weight (float initializer) or a constant on the step's module."""
+        """Put a weight (float initializer or a float constant in a weight slot) on the
+        step's module as a parameter, any other constant (and BatchNorm statistics) as
+        a buffer."""
         key = (step.scope, inp)
         if key in self.attr_of:
             return self.attr_of[key]
         name = self._attr_name(step, owner, pos, inp)
+        roles = _ROLES.get(step.op_type, ())
+        if inp not in self.params_src and val.is_floating_point() and pos < len(roles) \
+                and roles[pos]:
+            # A weight stored as a Constant node (or folded from one) is still a weight.
+            self.params_src[inp] = val
         if inp in self.params_src:
             # Each module gets its own copy of a weight several modules read: exporters
             # deduplicate equal initializers (all-ones LayerNorm weights), and a pass
@@ -1229,7 +1290,10 @@ class _Planner:
             if inp in self.shared:
                 data = data.clone()
             self.shared.add(inp)
-            owner.register_parameter(name, nn.Parameter(data, requires_grad=False))
+            if roles[pos:pos + 1] in (("running_mean",), ("running_var",)):
+                owner.register_buffer(name, data)  # statistics are buffers, as in PyTorch
+            else:
+                owner.register_parameter(name, nn.Parameter(data, requires_grad=False))
         else:
             owner.register_buffer(name, val)
         self.attr_of[key] = name

@@ -122,6 +122,9 @@ def _split_top(text: str, sep: str) -> list[str]:
 
 
 def _literal(value: str) -> Any:
+    # Quoted text is taken verbatim, so regex backslashes survive ('re:a\.b').
+    if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+        return value[1:-1]
     if value.lower() in ("true", "false"):
         return value.lower() == "true"
     try:
