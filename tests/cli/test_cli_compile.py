@@ -80,3 +80,15 @@ def test_module_factory(tmp_path):
             "-b", "ort", "-o", tmp_path / "o", "-q", cwd=tmp_path, check=True)
     rep = json.loads((tmp_path / "o" / "report.json").read_text())
     assert rep["nodes"] == {"before": 2, "after": 1}
+
+
+def test_onnx_input_to_both_backends(tmp_path, convbn_model):
+    path = tmp_path / "m.onnx"
+    torch.onnx.export(convbn_model, (torch.randn(1, 3, 12, 12),), str(path), dynamo=False, opset_version=17,
+                      do_constant_folding=False, input_names=["image"])
+    for backend in ("torch", "ort"):
+        out = tmp_path / backend
+        run_cli("compile", path, "-p", "fold-bn,dce", "-b", backend, "-o", out, "-q", check=True)
+        rep = json.loads((out / "report.json").read_text())
+        assert rep["inputs"][0]["name"] == "image" and rep["verification"]["relative_error"] < 1e-5
+        assert rep["passes"][0]["report"]["folded"] >= 1   # BN kept by the legacy exporter without folding

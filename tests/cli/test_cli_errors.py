@@ -109,3 +109,10 @@ def test_run_errors(tmp_path, convbn_pt2):
 def test_debug_shows_traceback(tmp_path):
     proc = run_cli("--debug", "compile", tmp_path / "nope.pt2", "-o", tmp_path / "o")
     assert proc.returncode != 0 and "Traceback" in proc.stderr
+
+
+def test_corrupt_onnx(tmp_path):
+    f = tmp_path / "m.onnx"
+    f.write_text("this is not protobuf")
+    assert_user_error(run_cli("compile", f, "-o", tmp_path / "o"), "m.onnx")
+    no_out(tmp_path)
