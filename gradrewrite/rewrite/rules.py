@@ -146,6 +146,8 @@ def apply_rules(graph: Graph, rules: Iterable[Rule], *,
 
     stats = stats or RuleStats()
     rules = list(rules)
+    # Sweeps revisit nodes; a skip is counted once per (rule, node), with its last reason.
+    skips: dict[tuple[str, fx.Node], str] = {}
     while True:
         fired_this_sweep = 0
         for node in list(graph.graph.nodes):
@@ -159,8 +161,9 @@ def apply_rules(graph: Graph, rules: Iterable[Rule], *,
                     continue
                 reason = rule.check(graph, m)
                 if reason:
-                    stats.skipped.setdefault(rule.name, Counter())[reason] += 1
+                    skips[(rule.name, node)] = reason
                     continue
+                skips.pop((rule.name, node), None)
                 with graph.graph.inserting_before(node):
                     replacement = rule.rewrite(graph, m)
                 if replacement is not node:
@@ -176,6 +179,9 @@ def apply_rules(graph: Graph, rules: Iterable[Rule], *,
             graph.commit()
         # Stop when a sweep changes nothing; a rule that only skips cannot loop.
         if not fired_this_sweep:
+            for (rule_name, node), reason in skips.items():
+                if node.graph is graph.graph:      # still in the graph: really skipped
+                    stats.skipped.setdefault(rule_name, Counter())[reason] += 1
             return stats
 
 
