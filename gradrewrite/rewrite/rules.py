@@ -151,7 +151,7 @@ def apply_rules(graph: Graph, rules: Iterable[Rule], *,
     while True:
         fired_this_sweep = 0
         for node in list(graph.graph.nodes):
-            if node.graph is not graph.graph or node.op != "call_function":
+            if getattr(node, "_erased", False) or node.op != "call_function":
                 continue  # erased by an earlier rewrite in this sweep
             if only is not None and not only(node):
                 continue
@@ -180,7 +180,7 @@ def apply_rules(graph: Graph, rules: Iterable[Rule], *,
         # Stop when a sweep changes nothing; a rule that only skips cannot loop.
         if not fired_this_sweep:
             for (rule_name, node), reason in skips.items():
-                if node.graph is graph.graph:      # still in the graph: really skipped
+                if not getattr(node, "_erased", False):   # still in the graph: really skipped
                     stats.skipped.setdefault(rule_name, Counter())[reason] += 1
             return stats
 
@@ -190,7 +190,7 @@ def _erase_dead(g: fx.Graph, root: fx.Node) -> None:
     stack = [root]
     while stack:
         node = stack.pop()
-        if node.users or node.op in ("placeholder", "output") or node.graph is not g:
+        if node.users or node.op in ("placeholder", "output") or getattr(node, "_erased", False):
             continue
         if node.op == "call_function" and node.is_impure():
             continue
