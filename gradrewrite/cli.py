@@ -196,9 +196,10 @@ def _read_arrays(path: Path):
 @click.option("--format", "-f", "fmt", default="table", show_default=True,
               type=click.Choice(["table", "dot", "json", "html", "svg"]))
 @click.option("--diff", "show_diff", is_flag=True, help="Compare the graph before and after the passes.")
+@click.option("--weights", is_flag=True, help="List weights as their own rows/nodes (table, dot).")
 @click.option("-o", "--output", type=click.Path(path_type=str), help="Write to a file instead of stdout.")
 @_friendly
-def inspect_cmd(model, module, inputs, trust_pickle, passes, recipe, fmt, show_diff, output):
+def inspect_cmd(model, module, inputs, trust_pickle, passes, recipe, fmt, show_diff, weights, output):
     """Show MODEL's graph (optionally after passes, with a diff) as a table, dot, JSON or HTML."""
     from .compiler import pipeline_specs, run_pipeline
     from .errors import ConfigError
@@ -216,19 +217,22 @@ def inspect_cmd(model, module, inputs, trust_pickle, passes, recipe, fmt, show_d
         run_pipeline(after, specs, verify=True)
     title = Path(model).name if model else (module or "model")
     if fmt == "svg":
-        text = gi.render_svg(gi.render("dot", before, after, show_diff=show_diff, title=title))
+        text = gi.render_svg(gi.render("dot", before, after, show_diff=show_diff, title=title,
+                                       weights=weights))
         if text is None:
             raise ConfigError("--format svg needs graphviz's `dot`", "apt-get install graphviz, or use --format html")
     else:
-        text = gi.render(fmt, before, after, show_diff=show_diff, title=title)
+        text = gi.render(fmt, before, after, show_diff=show_diff, title=title, weights=weights)
     if output:
         out = Path(output)
         tmp = out.with_name(f".{out.name}.tmp")
         tmp.write_text(text)
         tmp.replace(out)
         click.echo(f"wrote {output}", err=True)
-    elif fmt == "table" and sys.stdout.isatty():
-        out_console.print(text, markup=False, soft_wrap=True)
+    elif fmt == "table" and sys.stdout.isatty():  # colour the +/-/~ rows on a terminal
+        desc_after = gi.describe(after or before, title=title)
+        changes = gi.diff(gi.describe(before, title=title), desc_after) if show_diff else None
+        gi.print_table(desc_after, out_console, changes, weights=weights)
     else:
         click.echo(text)
 

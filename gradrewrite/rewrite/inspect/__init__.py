@@ -27,12 +27,14 @@ def render_json(desc: dict, diff: dict | None = None) -> str:  # noqa: F811 - sh
 
 
 def render(fmt: str, before_graph: Graph, after_graph: Graph | None = None, *,
-           show_diff: bool = False, title: str = "") -> str:
+           show_diff: bool = False, title: str = "", weights: bool = False) -> str:
     """Render ``after_graph`` (or ``before_graph`` when there is no after) as ``fmt``.
 
     With ``show_diff``, the output also shows how ``after_graph`` differs from
     ``before_graph`` (without an ``after_graph`` the graph is compared with itself,
-    so everything shows as kept).
+    so everything shows as kept). ``weights`` lists weight nodes as rows of their own
+    in the table and as nodes of their own in dot (by default they are folded into the
+    layers that read them).
     """
     renderers = {"table": render_table, "dot": render_dot, "json": render_json,
                  "html": render_html}
@@ -42,6 +44,10 @@ def render(fmt: str, before_graph: Graph, after_graph: Graph | None = None, *,
     before = describe(before_graph, title=title)
     after = describe(after_graph, title=title) if after_graph is not None else before
     changes = diff(before, after) if show_diff else None
+    if fmt == "table":
+        return render_table(after, changes, weights=weights)
+    if fmt == "dot":
+        return render_dot(after, changes, weights="show" if weights else "fold")
     return renderers[fmt](after, changes)
 
 

@@ -7,6 +7,7 @@ import subprocess
 from .diff import op_changes, summary_line
 from .describe import kind_color, short_dims, short_op, weight_summary
 
+LARGE = 200  # drawn nodes past which dot is told to trade layout quality for time
 DIFF_STYLE = {  # fill, border, extra style
     "added": ("#bbf7d0", "#16a34a", ""),
     "removed": ("#fecaca", "#dc2626", ",dashed"),
@@ -64,6 +65,10 @@ def render_dot(desc: dict, diff: dict | None = None, *, weights: str = "fold",
            'fontsize=10, margin="0.12,0.04", height=0.3, color="#64748b", penwidth=1];',
            '  edge [color="#94a3b8", arrowsize=0.6];',
            f"  label={_graph_label(desc, diff)};"]
+    if len(items) > LARGE:
+        # dot's network-simplex ranking/placement is superlinear and, unbounded, takes
+        # minutes past a few hundred nodes; capped it draws 1000 nodes in seconds.
+        out.append("  graph [nslimit=2, nslimit1=2, mclimit=0.3];")
 
     # Cluster tree: prefix tuple -> node lines, emitted depth first.
     tree: dict[tuple[str, ...], list[str]] = {}

@@ -424,15 +424,16 @@ def group_key(module: str, depth: int) -> str:
 
 
 def _group_depth(modules: list[str]) -> int:
-    """The shallowest module depth giving at least 4 groups, and at most 120."""
+    """The deepest module depth whose groups still hold 4+ nodes on average (at most
+    150 groups): blocks of a network rather than single layers."""
+    modules = [m for m in modules if m]
     best = 1
     for depth in range(1, 6):
-        count = len({group_key(m, depth) for m in modules if m})
-        if count > 120:
+        count = len({group_key(m, depth) for m in modules})
+        if count > 150 or not count:
             break
-        best = depth
-        if count >= 4:
-            break
+        if len(modules) / count >= 4:
+            best = depth
     return best
 
 
@@ -447,7 +448,13 @@ def _groups(vis: list[dict], out: Layout) -> list[tuple[str, float, float, float
         box = boxes.setdefault(g, [x - w / 2, y - h / 2, x + w / 2, y + h / 2])
         box[0], box[1] = min(box[0], x - w / 2), min(box[1], y - h / 2)
         box[2], box[3] = max(box[2], x + w / 2), max(box[3], y + h / 2)
-    return [(g, b[0] - 10, b[1] - 17, b[2] + 10, b[3] + 6) for g, b in boxes.items()]
+    sizes: dict[str, int] = {}
+    for node in vis:
+        g = group_key(node["module"], depth)
+        sizes[g] = sizes.get(g, 0) + 1
+    # A box around a single node says nothing its own module line does not.
+    return [(g, b[0] - 10, b[1] - 17, b[2] + 10, b[3] + 6) for g, b in boxes.items()
+            if sizes[g] > 1]
 
 
 # ---------------------------------------------------------------- drawing
@@ -474,13 +481,15 @@ def render_svg_view(desc: dict, view: str, status: dict[str, str] | None = None,
     for i, (name, x0, y0, x1, y1) in enumerate(layout.groups):
         parts.append(f'<g class="group g{i % 2}" data-module="{_e(name)}">'
                      f'<rect x="{x0:.1f}" y="{y0:.1f}" width="{x1 - x0:.1f}" '
-                     f'height="{y1 - y0:.1f}" rx="8"/>'
-                     f'<text x="{x0 + 8:.1f}" y="{y0 + 12:.1f}">{_e(name)}</text></g>')
+                     f'height="{y1 - y0:.1f}" rx="8"/></g>')
     parts.append('<g class="edges">')
     for d, src, dst, cls in layout.edges:
         marker = f' marker-end="url(#arrow-{_e(view)})"' if dst else ""
         parts.append(f'<path class="{cls}" d="{d}" data-src="{_e(src)}" '
                      f'data-dst="{_e(dst)}"{marker}/>')
+    parts.append('</g><g class="group-labels">')  # above the edges, below the nodes
+    parts.extend(f'<text x="{x0 + 8:.1f}" y="{y0 + 12:.1f}">{_e(name)}</text>'
+                 for name, x0, y0, _, _ in layout.groups)
     parts.append('</g><g class="nodes">')
     lines = layout.lines
     for nid, (x, y) in layout.pos.items():

@@ -84,7 +84,13 @@ def _content(desc: dict, diff: dict | None, weights: bool
             footer.append(f"#   {op}: {text}")
         for nid, fields in diff["changes"].items():
             for field, (old, new) in fields.items():
-                footer.append(f"#   ~ {nid}.{field}: {_text(old)} -> {_text(new)}")
+                if isinstance(old, dict) and isinstance(new, dict):  # only the keys that differ
+                    for key in dict.fromkeys([*old, *new]):
+                        if old.get(key) != new.get(key):
+                            footer.append(f"#   ~ {nid}.{field}.{key}: {old.get(key, '-')} -> "
+                                          f"{new.get(key, '-')}")
+                else:
+                    footer.append(f"#   ~ {nid}.{field}: {_text(old)} -> {_text(new)}")
     return header, rows, footer
 
 
@@ -98,12 +104,15 @@ def _cells(node: dict) -> list[str]:
     args = [f"%{a}" for a in node["args"]]
     args += [f"{k}={v}" for k, v in node["attrs"].items()]
     return [node["id"], target, node["module"], fmt_shape(node["shape"]),
-            node["dtype"] or "", ", ".join(args)]
+            node["dtype"] or "", _clip(", ".join(args), 72)]
+
+
+def _clip(text: str, width: int) -> str:
+    """Keep one row on one line; the full args are in the JSON and HTML views."""
+    return text if len(text) <= width else text[: width - 1] + "…"
 
 
 def _text(value: Any) -> str:
     if isinstance(value, list):
         return fmt_shape(value)
-    if isinstance(value, dict):
-        return "{" + ", ".join(f"{k}={v}" for k, v in value.items()) + "}"
     return str(value)

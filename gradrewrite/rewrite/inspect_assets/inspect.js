@@ -267,7 +267,18 @@
       if (ch) {
         var cl = el('div');
         Object.keys(ch).forEach(function (f) {
-          cl.appendChild(el('div', null, el('span', { class: 'muted', text: f + ': ' }), fmt(ch[f][0]) + ' \u2192 ' + fmt(ch[f][1])));
+          var a = ch[f][0], b = ch[f][1];
+          var isObj = function (o) { return o && typeof o === 'object' && !Array.isArray(o); };
+          if (isObj(a) && isObj(b)) {  // attrs / annotations: only the keys that differ
+            Object.keys(Object.assign({}, a, b)).forEach(function (k) {
+              if (fmt(a[k]) === fmt(b[k])) return;
+              cl.appendChild(el('div', null, el('span', { class: 'muted', text: f + '.' + k + ': ' }),
+                (k in a ? fmt(a[k]) : '\u2014') + ' \u2192 ' + (k in b ? fmt(b[k]) : '\u2014')));
+            });
+          } else {
+            var show = function (v) { return Array.isArray(v) ? '[' + v.join(', ') + ']' : fmt(v); };
+            cl.appendChild(el('div', null, el('span', { class: 'muted', text: f + ': ' }), show(a) + ' \u2192 ' + show(b)));
+          }
         });
         row('changed', cl);
       }
