@@ -94,6 +94,11 @@ def compile_graph(graph: Graph, out: str | Path, options: CompileOptions | None 
             instruments.append(Progress(console))
         result = PassManager(passes, instruments).run(graph, PassContext(seed=opts.seed))
 
+        if graph.meta.get("pending_training"):
+            kind = graph.meta["pending_training"]
+            raise ConfigError(f"the graph still holds {kind} training rewrites, which no backend lowers",
+                              f"train it first, then end the pipeline with the pass that bakes them "
+                              f"(e.g. {'nm-finalize' if kind == 'nm-sparsity' else 'its finalize pass'})")
         log(f"lowering with backend [bold]{backend.name}[/] …")
         t0 = time.perf_counter()
         artifact = backend.compile(graph, tmp, options=opts.backend_options)
@@ -128,6 +133,7 @@ def compile_graph(graph: Graph, out: str | Path, options: CompileOptions | None 
             "build_seconds": round(build_seconds, 3),
             "artifact": {"files": artifact.files, **artifact.info},
             "sizes": {f: (tmp / f).stat().st_size for f in artifact.files},
+            "export_metadata": graph.meta.get("export_metadata", {}),
         }
         _write_json(tmp / "report.json", report)
         _write_json(tmp / "manifest.json", _manifest(tmp, opts, specs, model_file, graph))

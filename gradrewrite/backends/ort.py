@@ -77,6 +77,7 @@ def export_onnx(graph: Graph, path: Path, *, opset: int = DEFAULT_OPSET,
             program = torch.onnx.export(ep, (), dynamo=True, input_names=input_names,
                                         opset_version=opset, verbose=False)
             program.optimize()
+            _add_metadata(program, graph.meta.get("export_metadata", {}))
             program.save(str(path), external_data=external_data)
     except Exception as exc:
         raise BackendError(f"ONNX export failed: {_unsupported(exc, graph)}",
@@ -96,6 +97,15 @@ def export_onnx(graph: Graph, path: Path, *, opset: int = DEFAULT_OPSET,
         "input_names": [i.name for i in model.graph.input],
         "output_names": [o.name for o in model.graph.output],
     }
+
+
+def _add_metadata(program, metadata: dict[str, Any]) -> None:
+    """Passes leave facts for deployment (e.g. N:M masks) in ``export_metadata``;
+    they travel as ONNX ``metadata_props`` (``gradrewrite.<key>`` = JSON)."""
+    import json
+
+    for key, value in metadata.items():
+        program.model.metadata_props[f"gradrewrite.{key}"] = json.dumps(value, sort_keys=True, default=str)
 
 
 def _unsupported(exc: Exception, graph: Graph) -> str:

@@ -125,3 +125,22 @@ def test_unsupported_op_in_ort_is_one_error(tmp_path):
         gr.compile(g, tmp_path / "o", backend="ort")
     assert "ONNX export failed" in str(e.value) and "--backend torch" in str(e.value)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_export_metadata_reaches_onnx_and_report(tmp_path, convbn_graph):
+    convbn_graph.meta["export_metadata"] = {"example": {"layers": ["features.0"], "density": 0.5}}
+    for external in (False, True):
+        out = tmp_path / f"o{external}"
+        art = gr.compile(convbn_graph, out, backend="ort", backend_options={"external_data": external})
+        model = onnx.load(str(out / "model.onnx"))
+        props = {p.key: json.loads(p.value) for p in model.metadata_props}
+        assert props["gradrewrite.example"] == {"density": 0.5, "layers": ["features.0"]}
+        assert art.report["export_metadata"]["example"]["density"] == 0.5
+        assert art(convbn_graph.example_inputs[0])[0].shape == (2, 5)   # still loads (external data intact)
+
+
+def test_pending_training_rewrites_refused(tmp_path, convbn_graph):
+    convbn_graph.meta["pending_training"] = "nm-sparsity"
+    with pytest.raises(ConfigError, match="nm-finalize"):
+        gr.compile(convbn_graph, tmp_path / "o")
+    assert list(tmp_path.iterdir()) == []
