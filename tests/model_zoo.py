@@ -115,27 +115,13 @@ def hf_bert(seq: int = 32, seed: int = 0):
 
 
 def _calibrate_bn(image_size: int):
-    @torch.no_grad()
+    """Random BN affine params and real running stats (shared with the examples)."""
+    from examples.models import _calibrate_bn as calibrate, _randomize_bn_affine
+
     def run(model: nn.Module, gen: torch.Generator) -> None:
-        for m in model.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.affine:
-                m.weight.copy_(torch.rand(m.weight.shape, generator=gen) + 0.5)
-                m.bias.copy_(torch.randn(m.bias.shape, generator=gen) * 0.1)
-        # Cumulative average (momentum=None): running stats become the real batch stats;
-        # running_var is floored at 1e-2 so nearly-dead channels do not amplify fp32
-        # rounding (keeps fp32 close to fp64, so tight tolerances work).
-        bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-        saved = [m.momentum for m in bns]
-        for m in bns:
-            m.reset_running_stats()
-            m.momentum = None
-        model.train()
-        for _ in range(2):
-            model(pixel_values=torch.randn(4, 3, image_size, image_size, generator=gen))
-        model.eval()
-        for m, mom in zip(bns, saved):
-            m.momentum = mom
-            m.running_var.clamp_(min=1e-2)
+        _randomize_bn_affine(model, gen)
+        calibrate(model, lambda: torch.randn(4, 3, image_size, image_size, generator=gen),
+                  steps=2)
     return run
 
 
