@@ -290,9 +290,11 @@ class Graph:
             if node.op == "get_attr" and not node.users:
                 self.graph.erase_node(node)
         used = {str(n.target) for n in self.graph.nodes if n.op == "get_attr"}
+        # Submodules the graph calls (e.g. training rewrites) own their state.
+        called = tuple(f"{n.target}." for n in self.graph.nodes if n.op == "call_module")
         for name, _ in list(self.gm.named_parameters(remove_duplicate=False)) + \
                 list(self.gm.named_buffers(remove_duplicate=False)):
-            if name not in used:
+            if name not in used and not name.startswith(called):
                 owner_path, _, leaf = name.rpartition(".")
                 owner = self.gm.get_submodule(owner_path) if owner_path else self.gm
                 delattr(owner, leaf)

@@ -61,3 +61,15 @@ def test_var_binding_must_agree():
     assert stats.total() == 1  # x*y does not match: a cannot bind both x and y
     x, y = torch.randn(2), torch.randn(2)
     torch.testing.assert_close(g(x, y)[0], x * x + x * y)
+
+
+def test_commit_keeps_state_of_called_submodules():
+    g = _graph()
+    holder = torch.nn.Module()
+    holder.register_buffer("state", torch.ones(3))
+    g.gm.add_module("holder", holder)
+    x = next(n for n in g.nodes if n.op == "placeholder")
+    with g.graph.inserting_after(x):
+        g.graph.call_module("holder", ())
+    g.commit()
+    assert torch.equal(g.gm.holder.state, torch.ones(3))

@@ -71,7 +71,7 @@ def nm_mask(w: torch.Tensor, n: int, m: int, kind: str, *, score: torch.Tensor |
     if k % m:
         if not pad:
             raise NMShapeError(f"reduction dimension {k} is not a multiple of m={m}")
-        g = torch.cat([g, torch.full((rows, m - k % m), -1.0)], dim=1)  # padding never wins
+        g = torch.cat([g, torch.full((rows, m - k % m), -1.0, device=g.device)], dim=1)  # padding never wins
     groups = g.reshape(rows, -1, m)
     order = torch.sort(groups, dim=-1, descending=True, stable=True).indices[..., :n]
     keep = torch.zeros_like(groups, dtype=torch.bool).scatter_(-1, order, True)
