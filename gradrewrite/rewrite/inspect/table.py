@@ -6,6 +6,7 @@ from typing import Any
 from .diff import STATUSES, op_changes, summary_line
 
 COLUMNS = ("name", "op/target", "module", "shape", "dtype", "args")
+ANNOTATIONS = "annotations"   # extra column, shown when any row carries pass annotations
 MARKS = {"kept": " ", "added": "+", "removed": "-", "changed": "~"}
 STYLES = {"kept": "", "added": "green", "removed": "red", "changed": "yellow"}
 
@@ -14,15 +15,16 @@ def render_table(desc: dict, diff: dict | None = None, *, weights: bool = True) 
     """Plain text (no markup), one node a row; with ``diff``, rows are marked
     ``+``/``-``/``~`` and a summary follows. ``weights=False`` leaves out weight rows."""
     header, rows, footer = _content(desc, diff, weights)
-    cells = [list(COLUMNS)] + [r[1] for r in rows]
-    widths = [max(len(c[i]) for c in cells) for i in range(len(COLUMNS))]
+    columns = _columns(rows)
+    cells = [list(columns)] + [r[1] for r in rows]
+    widths = [max(len(c[i]) for c in cells) for i in range(len(columns))]
     mark = (lambda m: f"{m} ") if diff is not None else (lambda m: "")
 
     def line(values: list[str]) -> str:
         return "  ".join(v.ljust(w) for v, w in zip(values, widths)).rstrip()
 
     out = list(header)
-    out.append(mark(" ") + line(list(COLUMNS)))
+    out.append(mark(" ") + line(list(columns)))
     out.append(mark(" ") + line(["-" * w for w in widths]))
     out.extend(mark(MARKS[status]) + line(values) for status, values in rows)
     out.extend(footer)
@@ -38,12 +40,13 @@ def print_table(desc: dict, console: Any = None, diff: dict | None = None, *,
 
     console = console or Console()
     header, rows, footer = _content(desc, diff, weights)
+    columns = _columns(rows)
     for line in header:
         console.print(Text(line, style="bold"))
     table = Table(show_edge=False, pad_edge=False, box=None, header_style="bold")
     if diff is not None:
         table.add_column("")
-    for col in COLUMNS:
+    for col in columns:
         table.add_column(col, overflow="fold")
     for status, values in rows:
         cells = [Text(v) for v in values]
@@ -53,6 +56,23 @@ def print_table(desc: dict, console: Any = None, diff: dict | None = None, *,
     console.print(table)
     for line in footer:
         console.print(Text(line, style="bold"))
+
+
+def _columns(rows: list[tuple[str, list[str]]]) -> tuple[str, ...]:
+    """The fixed columns, plus ``annotations`` when some row has any."""
+    return COLUMNS + (ANNOTATIONS,) if any(len(v) > len(COLUMNS) for _, v in rows) else COLUMNS
+
+
+def fmt_annotations(annotations: dict | None) -> str:
+    """Compact ``key=value`` text of a node's pass annotations (``sparsity=2:4 density=0.5``)."""
+    parts = []
+    for key, value in (annotations or {}).items():
+        if isinstance(value, float):
+            value = f"{value:.4g}"
+        elif isinstance(value, (dict, list)):
+            value = _clip(str(value), 24)
+        parts.append(f"{key}={value}")
+    return " ".join(parts)
 
 
 def fmt_shape(shape: list | None) -> str:
@@ -74,6 +94,9 @@ def _content(desc: dict, diff: dict | None, weights: bool
                    for r in diff["rows"]]
     rows = [(status, _cells(node)) for status, node in entries
             if weights or node["op"] != "get_attr"]
+    if any(len(values) > len(COLUMNS) for _, values in rows):   # pad rows without notes
+        rows = [(status, values + [""] * (len(COLUMNS) + 1 - len(values)))
+                for status, values in rows]
     footer: list[str] = []
     if diff is not None:
         footer.append(f"# diff: {summary_line(diff)}")
@@ -103,8 +126,10 @@ def _cells(node: dict) -> list[str]:
         target = node["op"]
     args = [f"%{a}" for a in node["args"]]
     args += [f"{k}={v}" for k, v in node["attrs"].items()]
-    return [node["id"], target, node["module"], fmt_shape(node["shape"]),
-            node["dtype"] or "", _clip(", ".join(args), 72)]
+    cells = [node["id"], target, node["module"], fmt_shape(node["shape"]),
+             node["dtype"] or "", _clip(", ".join(args), 72)]
+    notes = fmt_annotations(node.get("annotations"))
+    return cells + [_clip(notes, 60)] if notes else cells
 
 
 def _clip(text: str, width: int) -> str:
