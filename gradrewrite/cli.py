@@ -124,6 +124,8 @@ def compile_cmd(model, module, inputs, trust_pickle, passes, recipe, backend, op
     summary = (f"wrote {out}: backend {r['backend']} ({r['target']}), nodes {r['nodes']['before']} -> "
                f"{r['nodes']['after']}, max abs error {v['max_abs_error']:.3g} (relative {v['relative_error']:.3g}) "
                f"over {v['inputs_compared']} inputs")
+    if not v.get("checked", True):
+        summary += " (lossy pipeline: error measured, not checked)"
     if lat:
         summary += f", {lat['median']:.3g} ms median latency"
     click.echo(summary)

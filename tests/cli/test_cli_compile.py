@@ -23,6 +23,7 @@ def test_compile_run(tmp_path, convbn_pt2, convbn_model, backend):
     assert report["nodes"] == {"before": 11, "after": 8}
     v = report["verification"]
     assert v["inputs_compared"] == 3 and v["relative_error"] < 1e-5 and v["max_abs_error"] < 1e-4
+    assert v["checked"] is True and v["tolerance"] == 1e-4
     assert "aten.batch_norm" in (out / "graph_before.txt").read_text()
     assert (out / "graph_after.txt").read_text().count("aten.batch_norm") == 1
     manifest = json.loads((out / "manifest.json").read_text())
