@@ -173,7 +173,7 @@ def _check(graph: Graph, node: fx.Node, w_node: fx.Node, kind: str, n: int, m: i
     k = int(w.shape[1])
     if kind == "conv" and k < m:
         groups = _conv_groups(node)
-        what = "depthwise conv" if k == 1 else ("conv" if groups == 1 else f"grouped conv (groups={groups})")
+        what = "conv" if groups == 1 else ("depthwise conv" if k == 1 else f"grouped conv (groups={groups})")
         return f"{what}: K={k} input channels per group is fewer than m={m}"
     if k < m:
         return f"K={k} input features is fewer than m={m}"
