@@ -104,6 +104,10 @@ def compile_graph(graph: Graph, out: str | Path, options: CompileOptions | None 
         artifact = backend.compile(graph, tmp, options=opts.backend_options)
         build_seconds = time.perf_counter() - t0
 
+        # Files passes left for deployment (e.g. N:M masks) ship with every backend.
+        for name, data in graph.meta.get("export_files", {}).items():
+            (tmp / name).write_bytes(data)
+            artifact.files.append(name)
         runner = backend.load(tmp, {"files": artifact.files})
         verification = _verify_artifact(runner, original, opts)
         exact = all(getattr(p, "exact", True) for p in passes)

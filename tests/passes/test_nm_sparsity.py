@@ -473,3 +473,24 @@ def test_semi_structured_on_gpu():
     assert not by["2"]["eligible"] and "not a multiple" in by["2"]["reason"]
     got = g(x.cuda().half())[0]
     torch.testing.assert_close(got.float(), dense.float(), rtol=2e-2, atol=2e-2)
+
+
+def test_artifact_ships_exact_masks(tmp_path):
+    """The artifact holds the masks themselves, not just zeros: they match the pass's masks."""
+    import gradrewrite as gr
+    from gradrewrite.passes.nm_sparsity import MASK_FILE, load_masks
+    from gradrewrite.passes.nm_sparsity.masks import check_nm
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(8, 16, 3), nn.ReLU(), nn.Flatten(), nn.Linear(16 * 4 * 4, 8)).eval()
+    g = gr.capture(model, (torch.randn(1, 8, 6, 6),))
+    gr.run_pipeline(g, "nm-sparsity(n=1,m=4)")
+    expected = {k: v["mask"] for k, v in g.meta["nm_sparsity"].items()}
+    for backend in ("torch", "ort"):
+        art = gr.compile(g, tmp_path / backend, backend=backend)
+        assert MASK_FILE in art.report["artifact"]["files"] and MASK_FILE in art.manifest["outputs"]
+        masks = load_masks(str(tmp_path / backend / MASK_FILE))
+        assert set(masks) == {"0.weight", "3.weight"}
+        for key, mask in masks.items():
+            assert torch.equal(mask, expected[key])
+        assert check_nm(masks["0.weight"], 1, 4, "conv") and check_nm(masks["3.weight"], 1, 4, "linear")

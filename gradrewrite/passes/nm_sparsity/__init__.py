@@ -218,6 +218,44 @@ def record_layer(graph: Graph, layer: NMLayer, mask: torch.Tensor, n: int, m: in
     return entry
 
 
+MASK_FILE = "nm_masks.npz"
+
+
+def export_masks(graph: Graph) -> None:
+    """Ship every layer's mask with the artifact: ``nm_masks.npz`` holds, per weight
+    path, ``np.packbits`` of the boolean mask (C order) and its shape, so a consumer
+    recovers the exact pattern even where a kept weight happens to be 0.0."""
+    import io
+
+    import numpy as np
+
+    arrays = {}
+    for param, info in graph.meta.get("nm_sparsity", {}).items():
+        mask = info["mask"].numpy()
+        arrays[f"{param}.bits"] = np.packbits(mask.reshape(-1))
+        arrays[f"{param}.shape"] = np.asarray(mask.shape, dtype=np.int64)
+    if not arrays:
+        return
+    buf = io.BytesIO()
+    np.savez_compressed(buf, **arrays)
+    graph.meta.setdefault("export_files", {})[MASK_FILE] = buf.getvalue()
+
+
+def load_masks(path: str) -> dict[str, torch.Tensor]:
+    """Read an artifact's ``nm_masks.npz`` back into boolean masks."""
+    import numpy as np
+
+    data = np.load(path, allow_pickle=False)
+    out = {}
+    for key in data.files:
+        if key.endswith(".bits"):
+            param = key[: -len(".bits")]
+            shape = tuple(int(v) for v in data[f"{param}.shape"])
+            bits = np.unpackbits(data[key], count=int(np.prod(shape))).astype(bool)
+            out[param] = torch.from_numpy(bits.reshape(shape))
+    return out
+
+
 def make_report(mode: str, n: int, m: int, entries: list[dict[str, Any]],
                 skipped: list[dict[str, str]], **extra: Any) -> dict[str, Any]:
     numels = [_numel(e["shape"]) for e in entries]
@@ -344,6 +382,7 @@ class NMSparsity:
             graph.set_attr(layer.weight_node, w * mask)
             entries.append(record_layer(graph, layer, mask, self.n, self.m))
         graph.commit()
+        export_masks(graph)
         return PassResult(True, make_report(self.mode, self.n, self.m, entries, skipped))
 
     def train_config(self) -> Any:
@@ -410,6 +449,7 @@ class NMFinalize:
             entries.append(record_layer(graph, layer, mask, n, m))
         graph.meta.pop("nm_training", None)
         graph.commit()
+        export_masks(graph)
         return PassResult(True, make_report(info["mode"], n, m, entries, info["skipped"],
                                             finalized=True))
 
