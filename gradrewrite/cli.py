@@ -85,7 +85,13 @@ def main(debug: bool) -> None:
 @_model_options
 @click.option("--passes", "-p", metavar="PIPELINE", help='Pass pipeline, e.g. "fold-bn,dce".')
 @click.option("--recipe", type=click.Path(path_type=str), help="TOML recipe with [[pass]] tables.")
-@click.option("--backend", "-b", default="torch", show_default=True, help="torch or ort.")
+@click.option("--backend", "-b", default="torch", show_default=True, help="torch, ort or tvm.")
+@click.option("--target", type=click.Choice(["auto", "llvm", "cuda"]), default=None,
+              help="TVM target (default auto: cuda when a GPU is present, else the host CPU).")
+@click.option("--tune-trials", type=int, default=None,
+              help="TVM MetaSchedule trials (default 64 for --backend tvm; 0 = untuned, 30-60x slower on CPU).")
+@click.option("--tune-cache", type=click.Path(path_type=str), default=None,
+              help="TVM tuning database directory (default $GRADREWRITE_CACHE/tvm or ~/.cache/gradrewrite/tvm).")
 @click.option("--opset", type=int, default=None, help="ONNX opset for --backend ort (default 18).")
 @click.option("--external-data/--no-external-data", default=None,
               help="Store ONNX weights in model.onnx.data (default: only above 1 GiB).")
@@ -96,8 +102,8 @@ def main(debug: bool) -> None:
 @click.option("--dump-graphs", is_flag=True, help="Write the graph after every pass to OUT/graphs/.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress output.")
 @_friendly
-def compile_cmd(model, module, inputs, trust_pickle, passes, recipe, backend, opset, external_data,
-                out, force, seed, verify_inputs, dump_graphs, quiet):
+def compile_cmd(model, module, inputs, trust_pickle, passes, recipe, backend, target, tune_trials, tune_cache,
+                opset, external_data, out, force, seed, verify_inputs, dump_graphs, quiet):
     """Capture MODEL, run passes, lower it with a backend and write the artifact to OUT.
 
     MODEL is a torch.export .pt2 file, an .onnx file, a pickled .pt/.pth module (with
@@ -113,7 +119,8 @@ def compile_cmd(model, module, inputs, trust_pickle, passes, recipe, backend, op
         from .errors import ConfigError
         raise ConfigError(f"output {out!r} already exists", "pass --force to replace it, or choose another -o")
     graph = _load(model, module, inputs, trust_pickle, seed)
-    backend_options = {k: v for k, v in {"opset": opset, "external_data": external_data}.items() if v is not None}
+    backend_options = _backend_options(backend, opset=opset, external_data=external_data, target=target,
+                                       tune_trials=tune_trials, tune_cache=tune_cache, quiet=quiet)
     opts = CompileOptions(passes=passes, recipe=recipe, backend=backend, seed=seed,
                           verify_inputs=verify_inputs, dump_graphs=dump_graphs, force=force,
                           backend_options=backend_options)
@@ -129,6 +136,42 @@ def compile_cmd(model, module, inputs, trust_pickle, passes, recipe, backend, op
     if lat:
         summary += f", {lat['median']:.3g} ms median latency"
     click.echo(summary)
+
+
+def _backend_options(backend: str, *, quiet: bool, **given) -> dict:
+    """CLI flags -> backend options; flags a backend does not take are an error."""
+    from .errors import ConfigError
+
+    per_backend = {"ort": ("opset", "external_data"), "tvm": ("target", "tune_trials", "tune_cache")}
+    chosen = {k: v for k, v in given.items() if v is not None}
+    stray = sorted(set(chosen) - set(per_backend.get(backend, ())))
+    if stray:
+        flags = ", ".join("--" + k.replace("_", "-") for k in stray)
+        verb = "does" if len(stray) == 1 else "do"
+        raise ConfigError(f"{flags} {verb} not apply to --backend {backend}",
+                          "drop the flag or pick the backend it belongs to")
+    if backend == "tvm":
+        from .backends.tvm import RECOMMENDED_TUNE_TRIALS
+
+        chosen.setdefault("tune_trials", RECOMMENDED_TUNE_TRIALS)
+        if not quiet:
+            chosen["progress"] = _tvm_progress
+    return chosen
+
+
+def _tvm_progress(event: dict) -> None:
+    kind = event.get("event")
+    if kind == "start":
+        err_console.log(f"TVM tuning: {event['trials']} trials over {len(event['tasks'])} of "
+                        f"{event['tasks_total']} tasks ({100 * event['flop_share']:.0f}% of FLOPs), "
+                        f"cache {event['cache_dir']}")
+    elif kind == "batch":
+        best = f"{event['best_us']:.1f} us" if event.get("best_us") is not None else "n/a"
+        err_console.log(f"  [{event['trials_done']}/{event['trials']}] {event['task']}: best {best}")
+    elif kind == "reuse":
+        err_console.log(f"TVM tuning: reusing {event['trials_recorded']} recorded trials from {event['cache_dir']}")
+    elif kind == "done":
+        err_console.log(f"TVM tuning: {event['trials']} new trials in {event['seconds']:.0f}s")
 
 
 @main.command("run")

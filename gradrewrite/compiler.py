@@ -185,7 +185,9 @@ def _latency(runner, graph: Graph, runs: int) -> dict[str, Any] | None:
 
 def _manifest(tmp: Path, opts: CompileOptions, specs: list[PassSpec], model_file, graph: Graph) -> dict:
     config = {"passes": [{"name": s.name, "options": s.options} for s in specs],
-              "backend": opts.backend, "backend_options": opts.backend_options,
+              "backend": opts.backend,
+              # callables (progress hooks) are not configuration
+              "backend_options": {k: v for k, v in opts.backend_options.items() if not callable(v)},
               "inputs": [s.describe() for s in graph.inputs], "seed": opts.seed}
     versions = {}
     for pkg in ("gradrewrite", "torch", "onnx", "onnxruntime", "onnxruntime-gpu", "onnxscript",

@@ -93,3 +93,16 @@ def test_onnx_input_to_both_backends(tmp_path, convbn_model):
         rep = json.loads((out / "report.json").read_text())
         assert rep["inputs"][0]["name"] == "image" and rep["verification"]["relative_error"] < 1e-5
         assert rep["passes"][0]["report"]["folded"] >= 1   # BN kept by the legacy exporter without folding
+
+
+def test_tvm_backend_tunes_and_reuses_cache(tmp_path, convbn_pt2):
+    cache = tmp_path / "cache"
+    args = ("compile", convbn_pt2, "-p", "fold-bn", "-b", "tvm", "--tune-trials", "4", "--tune-cache", cache)
+    first = run_cli(*args, "-o", tmp_path / "a", check=True)
+    assert "TVM tuning: 4 trials" in first.stderr
+    second = run_cli(*args, "-o", tmp_path / "b", check=True)
+    assert "reusing 4 recorded trials" in second.stderr
+    rep = json.loads((tmp_path / "b" / "report.json").read_text())
+    assert rep["backend"] == "tvm" and rep["verification"]["relative_error"] < 1e-5
+    run_cli("run", tmp_path / "b", "--random", "-o", tmp_path / "y.npz", check=True)
+    assert np.load(tmp_path / "y.npz")["output_0"].shape == (2, 5)

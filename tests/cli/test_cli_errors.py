@@ -116,3 +116,8 @@ def test_corrupt_onnx(tmp_path):
     f.write_text("this is not protobuf")
     assert_user_error(run_cli("compile", f, "-o", tmp_path / "o"), "m.onnx")
     no_out(tmp_path)
+
+
+def test_flag_for_another_backend(tmp_path, convbn_pt2):
+    assert_user_error(run_cli("compile", convbn_pt2, "-b", "ort", "--tune-trials", "8", "-o", tmp_path / "o"),
+                      "--tune-trials does not apply to --backend ort")

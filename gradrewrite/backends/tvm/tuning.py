@@ -1,0 +1,519 @@
+"""MetaSchedule tuning with a persistent, content-keyed database.
+
+Flow: the Relax module is legalized and fused exactly as ``compile_relax`` will do it,
+the fused TIR functions become tasks, the heaviest ones (weight x FLOPs) get the trial
+budget, and the records land in a JSON database under the cache directory::
+
+    <tune_cache>/<key>/database_workload.json
+    <tune_cache>/<key>/database_tuning_record.json
+    <tune_cache>/<key>/tuning.json          # trials done so far, tasks, history
+    <tune_cache>/<key>/logs/                 # MetaSchedule's per-task logs
+
+``key`` hashes the TVM version, the target and the TIR text of *every* task of the
+model, so any compile of the same workload on the same target (other weights included:
+weights are not part of the TIR) finds it. A compile asking for no more trials than
+``tuning.json`` records runs zero new trials; asking for more tunes only the difference.
+
+Speed on small CPUs (measured on 2 loaded cores): MetaSchedule's stock setup spends
+~35 s per task before the first measurement. Three things remove most of it:
+
+* candidates are built in this process (``InProcessBuilder``): the stock ``LocalBuilder``
+  starts a fresh worker pool for every batch, and each worker imports all of TVM's
+  tensor intrinsics (20-30 s here, mostly the CUDA ones);
+* the tensor-intrinsic modules for other hardware are installed as lazy stubs before
+  MetaSchedule imports them (``lazy_intrinsics``); the real module loads on first use;
+* small budgets use ``replay-trace`` sampling with no cost model instead of evolutionary
+  search with XGBoost (512-candidate populations and model training per batch cost
+  more than the measurements they save when each task gets only a few trials).
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib.machinery
+import importlib.util
+import json
+import logging
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+import types
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from ...errors import BackendError, ConfigError
+
+log = logging.getLogger("gradrewrite.tvm")
+
+STRATEGIES = ("auto", "replay-trace", "evolutionary")
+EVOLUTIONARY_FROM = 512        # "auto" switches to evolutionary search + XGBoost at this budget
+MIN_TRIALS_PER_TASK = 4
+MAX_TRIALS_PER_ITER = 64
+FLOP_COVERAGE = 0.99           # tune the heaviest tasks that together hold this share of the work
+
+Progress = Callable[[dict[str, Any]], None]
+
+
+# --------------------------------------------------------------------------- cache location
+def default_cache_dir() -> Path:
+    """``$GRADREWRITE_CACHE/tvm`` if that variable is set, else ``~/.cache/gradrewrite/tvm``."""
+    root = os.environ.get("GRADREWRITE_CACHE")
+    return (Path(root).expanduser() if root else Path.home() / ".cache" / "gradrewrite") / "tvm"
+
+
+# --------------------------------------------------------------------------- lazy intrinsics
+_INTRIN_PKG = "tvm.s_tir.tensor_intrin"
+_INTRIN_FOR = {"cuda": "cuda", "rocm": "rocm", "metal": "metal", "hexagon": "hexagon"}
+
+
+class _LazyModule(types.ModuleType):
+    """Stands in for a tensor-intrinsic module until something reads a name from it."""
+
+    def __getattr__(self, name: str):
+        if name.startswith("__"):
+            raise AttributeError(name)
+        return getattr(_load_real(self.__name__), name)
+
+
+def _load_real(fullname: str) -> types.ModuleType:
+    current = sys.modules.get(fullname)
+    if current is not None and not isinstance(current, _LazyModule):
+        return current
+    pkg_name, _, short = fullname.rpartition(".")
+    pkg = importlib.import_module(pkg_name)
+    spec = importlib.machinery.PathFinder.find_spec(fullname, list(pkg.__path__))
+    if spec is None or spec.loader is None:
+        raise ImportError(f"cannot find {fullname}")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[fullname] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        if current is not None:
+            sys.modules[fullname] = current
+        raise
+    setattr(pkg, short, module)
+    return module
+
+
+def lazy_intrinsics(target) -> None:
+    """Defer importing tensor intrinsics of hardware other than ``target``'s.
+
+    Only acts before TVM's intrinsic package is first imported; the modules the target
+    needs are loaded for real. Set ``GRADREWRITE_TVM_LAZY_INTRINSICS=0`` to turn it off.
+    """
+    needed = _INTRIN_FOR.get(str(target.kind.name))
+    if os.environ.get("GRADREWRITE_TVM_LAZY_INTRINSICS", "1") != "0" and _INTRIN_PKG not in sys.modules:
+        machine = platform.machine().lower()
+        host = "arm_cpu" if machine.startswith(("arm", "aarch")) else (
+            "riscv_cpu" if machine.startswith("riscv") else "x86")
+        for short in ("cuda", "rocm", "metal", "hexagon", "arm_cpu", "riscv_cpu"):
+            name = f"{_INTRIN_PKG}.{short}"
+            if short not in (host, needed) and name not in sys.modules:
+                sys.modules[name] = _LazyModule(name)
+    importlib.import_module(_INTRIN_PKG)
+    if needed:
+        _load_real(f"{_INTRIN_PKG}.{needed}")
+
+
+# --------------------------------------------------------------------------- relax pipeline
+def fuse_passes(target) -> list:
+    """Legalize + fuse, as ``meta_schedule.relax_integration.compile_relax`` does it
+    (the database is keyed by the fused TIR, so extraction must match the build)."""
+    from tvm import relax
+    from tvm.relax import pipeline as rp
+
+    try:
+        dispatch = list(rp.library_dispatch_passes(target))
+    except (ValueError, AttributeError):
+        dispatch = []
+    return [*dispatch, relax.transform.LegalizeOps(), relax.transform.AnnotateTIROpPattern(),
+            relax.transform.FoldConstant(), relax.transform.FuseOps(), relax.transform.FuseTIR()]
+
+
+def fused(mod, target):
+    import tvm
+
+    with target, tvm.transform.PassContext(opt_level=3):
+        return tvm.transform.Sequential(fuse_passes(target))(mod)
+
+
+@dataclass
+class Task:
+    name: str
+    weight: int
+    flops: float
+    digest: str           # sha256 of the task's TIR text
+    extracted: Any        # meta_schedule ExtractedTask
+
+    @property
+    def cost(self) -> float:
+        return self.weight * self.flops
+
+
+def extract_tasks(mod, target) -> list[Task]:
+    """The model's tuning tasks, heaviest (weight x FLOPs) first."""
+    from tvm.s_tir import meta_schedule as ms
+    from tvm.s_tir.analysis import estimate_tir_flops
+
+    tasks = []
+    for t in ms.relax_integration.extract_tasks(fused(mod, target), target):
+        prim = t.dispatched[0]
+        try:
+            flops = float(estimate_tir_flops(prim))
+        except Exception:
+            flops = 0.0
+        digest = hashlib.sha256(prim.script().encode()).hexdigest()
+        tasks.append(Task(str(t.task_name), int(t.weight), flops, digest, t))
+    tasks.sort(key=lambda t: (-t.cost, -t.weight, t.name))
+    return tasks
+
+
+def cache_key(tasks: list[Task], target) -> str:
+    import tvm
+
+    blob = json.dumps({"tvm": tvm.__version__, "target": str(target),
+                       "tasks": sorted(t.digest for t in tasks)}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:24]
+
+
+def plan(tasks: list[Task], trials: int) -> tuple[list[Task], int]:
+    """The tasks worth ``trials`` and the batch size per round.
+
+    With a budget of ``2 * MIN_TRIALS_PER_TASK`` per task, every task that computes
+    (FLOPs > 0; pure copies are left alone) is tuned: FLOPs undercount elementwise
+    tasks with transcendental math (a fused GELU or softmax can cost more than a matmul
+    twice its FLOPs once the matmuls are tuned). With less, the heaviest tasks (weight x
+    FLOPs) are taken until they hold ``FLOP_COVERAGE`` of the work or each would get
+    fewer than ``MIN_TRIALS_PER_TASK``. The first round uses at most half the budget;
+    MetaSchedule's gradient scheduler spends the rest where latency still drops.
+    """
+    work = [t for t in tasks if t.cost > 0] or list(tasks)
+    if not work or trials <= 0:
+        return [], 0
+    if trials >= 2 * MIN_TRIALS_PER_TASK * len(work):
+        chosen = list(work)
+    else:
+        total = sum(t.cost for t in work) or 1.0
+        limit = max(1, trials // MIN_TRIALS_PER_TASK)
+        chosen, covered = [], 0.0
+        for t in work:
+            if len(chosen) >= limit or covered / total >= FLOP_COVERAGE:
+                break
+            chosen.append(t)
+            covered += t.cost
+    per_iter = max(min(MIN_TRIALS_PER_TASK, trials), min(MAX_TRIALS_PER_ITER, trials // (2 * len(chosen))))
+    return chosen, per_iter
+
+
+# --------------------------------------------------------------------------- tuning
+@dataclass
+class TuneResult:
+    key: str
+    work_dir: Path
+    database: Any
+    trials_requested: int
+    trials_recorded: int          # trials in the cache for this workload after this run
+    new_trials: int               # measured in this run (0 = reused the cache)
+    tasks_total: int
+    tasks_tuned: list[str] = field(default_factory=list)
+    strategy: str = ""
+    seconds: float = 0.0
+    records: int = 0
+
+    def info(self) -> dict[str, Any]:
+        return {"cache_key": self.key, "cache_dir": str(self.work_dir),
+                "trials_requested": self.trials_requested, "trials_recorded": self.trials_recorded,
+                "new_trials": self.new_trials, "reused_cache": self.new_trials == 0 and self.trials_recorded > 0,
+                "tasks": self.tasks_total, "tasks_tuned": self.tasks_tuned, "strategy": self.strategy,
+                "tuning_seconds": round(self.seconds, 2), "records": self.records}
+
+
+def _emit(progress: Progress | None, event: dict[str, Any]) -> None:
+    if progress is not None:
+        try:
+            progress(event)
+        except Exception:  # a broken progress hook must not kill a long tune
+            log.debug("progress callback failed", exc_info=True)
+
+
+@contextlib.contextmanager
+def _locked(path: Path):
+    """One tuner per cache entry at a time (a JSON database is not safe to share)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as fh:
+        try:
+            import fcntl
+
+            fcntl.flock(fh, fcntl.LOCK_EX)
+        except (ImportError, OSError):
+            pass
+        yield
+
+
+def _read_state(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
+def _write_state(path: Path, state: dict[str, Any]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(state, indent=2) + "\n")
+    tmp.replace(path)
+
+
+def open_database(work_dir: Path):
+    from tvm.s_tir import meta_schedule as ms
+
+    return ms.database.JSONDatabase(path_workload=str(work_dir / "database_workload.json"),
+                                    path_tuning_record=str(work_dir / "database_tuning_record.json"),
+                                    module_equality="structural")
+
+
+def tune(mod, target, *, trials: int, cache_dir: str | Path | None = None, strategy: str = "auto",
+         progress: Progress | None = None, seed: int = 0, num_cores: int | None = None) -> TuneResult:
+    """Tune ``mod`` (preprocessed Relax) for ``target``; reuse the cache when it holds enough."""
+    if strategy not in STRATEGIES:
+        raise ConfigError(f"unknown tune_strategy {strategy!r}", f"valid strategies: {', '.join(STRATEGIES)}")
+    strategy_used = strategy if strategy != "auto" else (
+        "evolutionary" if trials >= EVOLUTIONARY_FROM else "replay-trace")
+    _check_tuning_deps(xgboost=strategy_used == "evolutionary")
+    lazy_intrinsics(target)
+    import tvm
+
+    cache = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
+    tasks = extract_tasks(mod, target)
+    key = cache_key(tasks, target)
+    work_dir = cache / key
+    try:
+        (work_dir / "logs").mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise BackendError(f"cannot create the TVM tuning cache {str(work_dir)!r}: {exc.strerror or exc}",
+                           "pass backend option tune_cache=DIR (a writable directory) or set GRADREWRITE_CACHE") from exc
+    t0 = time.perf_counter()
+    with _locked(work_dir / ".lock"):
+        state_path = work_dir / "tuning.json"
+        state = _read_state(state_path)
+        done = int(state.get("trials", 0))
+        chosen, per_iter = plan(tasks, trials)
+        wanted = trials - done
+        if not chosen:
+            log.info("TVM tuning: the model has no tunable tasks")
+            return TuneResult(key, work_dir, _memory_db(), trials, 0, 0, len(tasks), [], "none",
+                              time.perf_counter() - t0, 0)
+        if wanted <= 0:
+            log.info("TVM tuning: reusing %s (%d trials recorded, %d asked)", work_dir, done, trials)
+            _emit(progress, {"event": "reuse", "cache_dir": str(work_dir), "trials_recorded": done,
+                             "trials": trials})
+            db = open_database(work_dir)
+            return TuneResult(key, work_dir, db, trials, done, 0, len(tasks), list(state.get("tasks_tuned", [])),
+                              state.get("strategy", ""), time.perf_counter() - t0, _count(db))
+        db = open_database(work_dir)
+        counter = _Counter(chosen, wanted, progress)
+        share = sum(t.cost for t in chosen) / (sum(t.cost for t in tasks) or 1.0)
+        log.info("TVM tuning: %d trials over %d of %d tasks (%.0f%% of the FLOPs), %s, cache %s",
+                 wanted, len(chosen), len(tasks), 100 * share, strategy_used, work_dir)
+        _emit(progress, {"event": "start", "trials": wanted, "tasks": [t.name for t in chosen],
+                         "tasks_total": len(tasks), "flop_share": share, "strategy": strategy_used,
+                         "cache_dir": str(work_dir)})
+        try:
+            _run_tuner(chosen, work_dir, db, wanted, per_iter, strategy_used, counter, seed, num_cores)
+        except BackendError:
+            raise
+        except Exception as exc:
+            first = str(exc).strip().splitlines()
+            raise BackendError(f"MetaSchedule tuning failed: {type(exc).__name__}: {first[-1] if first else ''}",
+                               "retry with tune_trials=0 (untuned) or see the logs in " + str(work_dir / "logs")) from exc
+        seconds = time.perf_counter() - t0
+        tuned = sorted(set(state.get("tasks_tuned", [])) | {t.name for t in chosen})
+        history = list(state.get("history", [])) + [{"trials": counter.measured, "seconds": round(seconds, 1),
+                                                     "strategy": strategy_used, "unix": int(time.time())}]
+        # The budget counts as spent even when MetaSchedule measured fewer (a task's search
+        # space ran out): asking again for the same budget would find nothing new.
+        _write_state(state_path, {"tvm": tvm.__version__, "target": str(target), "trials": trials,
+                                  "measured": int(state.get("measured", 0)) + counter.measured,
+                                  "tasks_tuned": tuned, "strategy": strategy_used, "history": history})
+        log.info("TVM tuning: %d trials in %.0f s", counter.measured, seconds)
+        _emit(progress, {"event": "done", "trials": counter.measured, "seconds": seconds})
+        return TuneResult(key, work_dir, db, trials, trials, counter.measured, len(tasks), tuned,
+                          strategy_used, seconds, _count(db))
+
+
+def _count(db) -> int:
+    try:
+        return len(db.get_all_tuning_records())
+    except Exception:
+        return 0
+
+
+def _memory_db():
+    from tvm.s_tir import meta_schedule as ms
+
+    return ms.database.MemoryDatabase()
+
+
+def _check_tuning_deps(*, xgboost: bool) -> None:
+    missing = []
+    needed = [("psutil", "psutil"), ("cloudpickle", "cloudpickle")] + ([("xgboost", "xgboost-cpu")] if xgboost else [])
+    for mod, pkg in needed:
+        try:
+            importlib.import_module(mod)
+        except ImportError:
+            missing.append(pkg)
+    if missing:
+        raise BackendError(f"TVM tuning (MetaSchedule) needs {', '.join(missing)}",
+                           f"pip install {' '.join(missing)}, or pass tune_trials=0")
+
+
+def _run_tuner(chosen: list[Task], work_dir: Path, db, trials: int, per_iter: int,
+               strategy: str, counter: "_Counter", seed: int, num_cores: int | None) -> None:
+    from tvm.s_tir import meta_schedule as ms
+
+    from .targets import cpu_count
+
+    cores = num_cores or cpu_count()
+    loggers = _task_loggers(work_dir / "logs", [t.name for t in chosen])
+    # The task scheduler logs its tables on "tvm.s_tir.meta_schedule.*": into the log file.
+    ms_logger = logging.getLogger("tvm.s_tir.meta_schedule")
+    saved = (ms_logger.propagate, ms_logger.level)
+    ms_handler = logging.FileHandler(work_dir / "logs" / "task_scheduler.log")
+    ms_handler.setFormatter(logging.Formatter("%(asctime)s [%(levelname)s] %(message)s", "%Y-%m-%d %H:%M:%S"))
+    ms_logger.addHandler(ms_handler)
+    ms_logger.propagate = False
+    ms_logger.setLevel(logging.INFO)
+    contexts, weights = [], []
+    try:
+        for i, (task, logger) in enumerate(zip(chosen, loggers)):
+            if strategy == "evolutionary":
+                search = ms.search_strategy.EvolutionarySearch(population_size=256, genetic_num_iters=3)
+            else:
+                search = ms.search_strategy.ReplayTrace()
+            contexts.append(ms.TuneContext(mod=task.extracted.dispatched[0], target=task.extracted.target,
+                                           space_generator="post-order-apply", search_strategy=search,
+                                           task_name=task.name, logger=logger, rand_state=seed + i,
+                                           num_threads=cores).clone())
+            weights.append(float(task.weight))
+        cost_model = (ms.cost_model.XGBModel(num_tuning_cores=cores, early_stopping_rounds=10)
+                      if strategy == "evolutionary" else "random")
+        callbacks = ms.measure_callback.MeasureCallback.create("default") + [counter.callback()]
+        ms.tune.tune_tasks(tasks=contexts, task_weights=weights, work_dir=str(work_dir),
+                           max_trials_global=trials, max_trials_per_task=trials,
+                           num_trials_per_iter=per_iter, builder=in_process_builder(),
+                           runner=ms.runner.LocalRunner(timeout_sec=60), database=db,
+                           cost_model=cost_model, measure_callbacks=callbacks)
+    finally:
+        ms_logger.removeHandler(ms_handler)
+        ms_handler.close()
+        ms_logger.propagate, ms_logger.level = saved[0], saved[1]
+        for logger in loggers:
+            for h in list(logger.handlers):
+                logger.removeHandler(h)
+                h.close()
+
+
+def _task_loggers(log_dir: Path, names: list[str]) -> list[logging.Logger]:
+    """Per-task file loggers (MetaSchedule's own setup also prints to stdout; this does not)."""
+    log_dir.mkdir(parents=True, exist_ok=True)
+    fmt = logging.Formatter("%(asctime)s [%(levelname)s] %(message)s", "%Y-%m-%d %H:%M:%S")
+    loggers = []
+    for i, name in enumerate(names):
+        logger = logging.getLogger(f"gradrewrite.tvm.metaschedule.{log_dir.parent.name}.task{i}")
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
+        handler = logging.FileHandler(log_dir / f"task_{i:02d}_{name[:80]}.log")
+        handler.setFormatter(fmt)
+        logger.addHandler(handler)
+        loggers.append(logger)
+    return loggers
+
+
+class _Counter:
+    """Counts measured trials and reports progress after every batch."""
+
+    def __init__(self, chosen: list[Task], total: int, progress: Progress | None):
+        self.names = [t.name for t in chosen]
+        self.total = total
+        self.progress = progress
+        self.measured = 0
+        self.per_task = [0] * len(chosen)
+        self.best_us: list[float | None] = [None] * len(chosen)
+
+    def callback(self):
+        from tvm.ir.utils import derived_object
+        from tvm.s_tir.meta_schedule.measure_callback import PyMeasureCallback
+
+        counter = self
+
+        @derived_object
+        class _Report(PyMeasureCallback):
+            def apply(self, task_scheduler, task_id, measure_candidates, builder_results, runner_results):
+                counter.update(int(task_id), runner_results)
+
+        return _Report()
+
+    def update(self, task_id: int, runner_results) -> None:
+        n = len(runner_results)
+        self.measured += n
+        self.per_task[task_id] += n
+        for res in runner_results:
+            if res.error_msg is None and res.run_secs:
+                us = 1e6 * sum(float(s) for s in res.run_secs) / len(res.run_secs)
+                best = self.best_us[task_id]
+                self.best_us[task_id] = us if best is None else min(best, us)
+        best = self.best_us[task_id]
+        log.info("TVM tuning [%d/%d] task %d/%d %s: %d trials, best %s",
+                 self.measured, self.total, task_id + 1, len(self.names), self.names[task_id],
+                 self.per_task[task_id], f"{best:.1f} us" if best is not None else "n/a")
+        _emit(self.progress, {"event": "batch", "task": self.names[task_id], "task_index": task_id,
+                              "tasks": len(self.names), "task_trials": self.per_task[task_id],
+                              "best_us": best, "trials_done": self.measured, "trials": self.total})
+
+
+_BUILDER = None
+
+
+def in_process_builder():
+    """A MetaSchedule builder that compiles candidates in this process (see module doc)."""
+    global _BUILDER
+    if _BUILDER is not None:
+        return _BUILDER()
+    from tvm.ir.utils import derived_object
+    from tvm.s_tir.meta_schedule.builder import BuilderResult, PyBuilder
+
+    @derived_object
+    class InProcessBuilder(PyBuilder):
+        def build(self, build_inputs):
+            from tvm.s_tir.transform import RemoveWeightLayoutRewriteBlock
+            from tvm.tirx import build as tvm_build
+
+            results = []
+            for item in build_inputs:
+                tmp = None
+                try:
+                    mod = RemoveWeightLayoutRewriteBlock(skip_tensor_rewrite=True)(item.mod)
+                    rt_mod = tvm_build(mod, target=item.target)
+                    tmp = tempfile.mkdtemp(prefix="gradrewrite-ms-")
+                    path = os.path.join(tmp, "tvm_tmp_mod.tar")
+                    rt_mod.export_library(path)
+                    results.append(BuilderResult(path, None))
+                except Exception as exc:  # a bad candidate, not a failed tune
+                    if tmp:
+                        shutil.rmtree(tmp, ignore_errors=True)
+                    results.append(BuilderResult(None, f"{type(exc).__name__}: {exc}"))
+            return results
+
+    _BUILDER = InProcessBuilder
+    return _BUILDER()
+
+
+def build(mod, target, database):
+    """Compile ``mod`` applying ``database``'s schedules (dlight defaults for the rest on GPUs)."""
+    from tvm.s_tir import meta_schedule as ms
+
+    return ms.relax_integration.compile_relax(database, mod, target, None)
