@@ -85,7 +85,7 @@ def main(debug: bool) -> None:
 @_model_options
 @click.option("--passes", "-p", metavar="PIPELINE", help='Pass pipeline, e.g. "fold-bn,dce".')
 @click.option("--recipe", type=click.Path(path_type=str), help="TOML recipe with [[pass]] tables.")
-@click.option("--backend", "-b", default="torch", show_default=True, help="torch, ort or tvm.")
+@click.option("--backend", "-b", default="torch", show_default=True, help="torch, ort, tvm, or auto (build all, keep the fastest correct one).")
 @click.option("--target", type=click.Choice(["auto", "llvm", "cuda"]), default=None,
               help="TVM target (default auto: cuda when a GPU is present, else the host CPU).")
 @click.option("--tune-trials", type=int, default=None,
@@ -114,7 +114,8 @@ def compile_cmd(model, module, inputs, trust_pickle, passes, recipe, backend, ta
     from .backends.base import get_backend
 
     build_passes(pipeline_specs(passes, recipe))  # fail on typos before the slow capture
-    get_backend(backend)
+    if backend != "auto":
+        get_backend(backend)
     if Path(out).exists() and not force and (not Path(out).is_dir() or any(Path(out).iterdir())):
         from .errors import ConfigError
         raise ConfigError(f"output {out!r} already exists", "pass --force to replace it, or choose another -o")
@@ -135,6 +136,8 @@ def compile_cmd(model, module, inputs, trust_pickle, passes, recipe, backend, ta
         summary += " (lossy pipeline: error measured, not checked)"
     if lat:
         summary += f", {lat['median']:.3g} ms median latency"
+    if "auto" in r:
+        summary += f"; auto chose {r['auto']['chosen']}: {r['auto']['reason']}"
     click.echo(summary)
 
 
@@ -144,6 +147,9 @@ def _backend_options(backend: str, *, quiet: bool, **given) -> dict:
 
     per_backend = {"ort": ("opset", "external_data"), "tvm": ("target", "tune_trials", "tune_cache")}
     chosen = {k: v for k, v in given.items() if v is not None}
+    if backend == "auto":  # every flag goes to the backend it belongs to, and only there
+        return {name: _backend_options(name, quiet=quiet, **{k: v for k, v in chosen.items() if k in flags})
+                for name, flags in per_backend.items()}
     stray = sorted(set(chosen) - set(per_backend.get(backend, ())))
     if stray:
         flags = ", ".join("--" + k.replace("_", "-") for k in stray)

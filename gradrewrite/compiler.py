@@ -22,6 +22,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from . import auto_select
 from .backends.base import as_numpy, get_backend
 from .errors import ConfigError, GradrewriteError, VerificationError
 from .rewrite.graph import Graph
@@ -77,7 +78,10 @@ def compile_graph(graph: Graph, out: str | Path, options: CompileOptions | None 
         raise ConfigError(f"output {str(out)!r} already exists", "pass --force to replace it, or choose another -o")
     specs = pipeline_specs(opts.passes, opts.recipe)
     passes = build_passes(specs)              # typos fail before any work
-    backend = get_backend(opts.backend)
+    auto = opts.backend == auto_select.AUTO
+    if auto:
+        auto_select.split_options(opts.backend_options)
+    backend = None if auto else get_backend(opts.backend)
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
@@ -99,18 +103,26 @@ def compile_graph(graph: Graph, out: str | Path, options: CompileOptions | None 
             raise ConfigError(f"the graph still holds {kind} training rewrites, which no backend lowers",
                               f"train it first, then end the pipeline with the pass that bakes them "
                               f"(e.g. {'nm-finalize' if kind == 'nm-sparsity' else 'its finalize pass'})")
-        log(f"lowering with backend [bold]{backend.name}[/] …")
+        exact = all(getattr(p, "exact", True) for p in passes)
         t0 = time.perf_counter()
-        artifact = backend.compile(graph, tmp, options=opts.backend_options)
+        auto_table = None
+        if auto:  # build, verify and time every backend; the winner's files end up in tmp
+            chosen = auto_select.select(graph, original, tmp, opts, exact=exact, log=log)
+            backend, artifact, auto_table = chosen.backend, chosen.artifact, chosen.table
+        else:
+            log(f"lowering with backend [bold]{backend.name}[/] …")
+            artifact = backend.compile(graph, tmp, options=opts.backend_options)
         build_seconds = time.perf_counter() - t0
 
         # Files passes left for deployment (e.g. N:M masks) ship with every backend.
         for name, data in graph.meta.get("export_files", {}).items():
             (tmp / name).write_bytes(data)
             artifact.files.append(name)
-        runner = backend.load(tmp, {"files": artifact.files})
-        verification = _verify_artifact(runner, original, opts)
-        exact = all(getattr(p, "exact", True) for p in passes)
+        if auto:
+            runner, verification = chosen.runner, chosen.verification
+        else:
+            runner = backend.load(tmp, {"files": artifact.files})
+            verification = _verify_artifact(runner, original, opts)
         if exact and verification["relative_error"] > opts.rel_tol:
             raise VerificationError(
                 f"the {backend.name} artifact disagrees with the original model: relative error "
@@ -140,6 +152,8 @@ def compile_graph(graph: Graph, out: str | Path, options: CompileOptions | None 
             "sizes": {f: (tmp / f).stat().st_size for f in artifact.files},
             "export_metadata": graph.meta.get("export_metadata", {}),
         }
+        if auto_table is not None:
+            report["auto"] = auto_table
         _write_json(tmp / "report.json", report)
         _write_json(tmp / "manifest.json", _manifest(tmp, opts, specs, model_file, graph))
         _replace_dir(tmp, out)
@@ -187,7 +201,7 @@ def _manifest(tmp: Path, opts: CompileOptions, specs: list[PassSpec], model_file
     config = {"passes": [{"name": s.name, "options": s.options} for s in specs],
               "backend": opts.backend,
               # callables (progress hooks) are not configuration
-              "backend_options": {k: v for k, v in opts.backend_options.items() if not callable(v)},
+              "backend_options": _config_options(opts.backend_options),
               "inputs": [s.describe() for s in graph.inputs], "seed": opts.seed}
     versions = {}
     for pkg in ("gradrewrite", "torch", "onnx", "onnxruntime", "onnxruntime-gpu", "onnxscript",
@@ -209,6 +223,12 @@ def _manifest(tmp: Path, opts: CompileOptions, specs: list[PassSpec], model_file
         "outputs": {str(p.relative_to(tmp)): _file_hash(p)
                     for p in sorted(tmp.rglob("*")) if p.is_file() and p.name != "manifest.json"},
     }
+
+
+def _config_options(options: dict[str, Any]) -> dict[str, Any]:
+    """Backend options minus callables (progress hooks); auto nests them per backend."""
+    return {k: _config_options(v) if isinstance(v, dict) else v
+            for k, v in options.items() if not callable(v)}
 
 
 def _replace_dir(tmp: Path, out: Path) -> None:
