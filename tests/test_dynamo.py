@@ -8,6 +8,7 @@ import torch
 import torch.nn as nn
 
 import gradrewrite.dynamo  # noqa: F401  (registers the backend)
+from tests.small_models import Eig, Mlp
 
 
 class Cnn(nn.Module):
@@ -18,15 +19,6 @@ class Cnn(nn.Module):
 
     def forward(self, x):
         return self.fc(torch.relu(self.bn(self.conv(x))).mean((2, 3)))
-
-
-class Mlp(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.fc1, self.bn, self.fc2 = nn.Linear(16, 32), nn.BatchNorm1d(32), nn.Linear(32, 4)
-
-    def forward(self, x):
-        return self.fc2(torch.relu(self.bn(self.fc1(x))))
 
 
 class Branchy(nn.Module):
@@ -41,15 +33,6 @@ class Branchy(nn.Module):
         if h.sum() > 0:
             h = h * 2
         return self.b(h)
-
-
-class Eig(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.fc = nn.Linear(4, 4)
-
-    def forward(self, x):
-        return self.fc(torch.linalg.eigvals(x).real)
 
 
 def _warm(model, shape):
@@ -83,10 +66,6 @@ CASES = [("torch", {}), ("ort", {}), ("tvm", {"backend_options": {"tune_trials":
 
 @pytest.mark.parametrize("executor,extra", CASES, ids=[c[0] for c in CASES])
 def test_executors_match_eager(executor, extra, caplog):
-    if executor == "ort":
-        pytest.importorskip("onnxruntime")
-    if executor == "tvm":
-        pytest.importorskip("tvm")
     torch.manual_seed(0)
     opts = {"passes": "fold-bn,dce", "executor": executor, **extra}
     with caplog.at_level(logging.WARNING, logger="gradrewrite.dynamo"):
@@ -137,8 +116,6 @@ def test_fold_bn_really_runs(monkeypatch):
 
 @pytest.mark.parametrize("executor", ["torch", "ort"])
 def test_graph_break(executor, caplog, monkeypatch):
-    if executor == "ort":
-        pytest.importorskip("onnxruntime")
     seen = _spy_compile(monkeypatch)
     torch.manual_seed(0)
     model = Branchy().eval()
@@ -153,7 +130,6 @@ def test_graph_break(executor, caplog, monkeypatch):
 
 
 def test_unsupported_subgraph_falls_back_with_one_log_line(caplog):
-    pytest.importorskip("onnxruntime")
     torch.manual_seed(0)
     with caplog.at_level(logging.WARNING, logger="gradrewrite.dynamo"):
         _check(Eig().eval(), torch.randn(2, 4, 4), {"executor": "ort"})

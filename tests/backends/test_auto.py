@@ -9,31 +9,9 @@ import torch.nn as nn
 from click.testing import CliRunner
 
 import gradrewrite as gr
+from tests.small_models import Eig, Mlp
 from gradrewrite.cli import main
 from gradrewrite.errors import ConfigError
-
-pytest.importorskip("onnxruntime")
-pytest.importorskip("tvm")
-
-
-class Mlp(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.fc1, self.bn, self.fc2 = nn.Linear(16, 32), nn.BatchNorm1d(32), nn.Linear(32, 4)
-
-    def forward(self, x):
-        return self.fc2(torch.relu(self.bn(self.fc1(x))))
-
-
-class Eig(nn.Module):
-    """ONNX has no eigvals: the ort exporter fails, the others must carry on."""
-
-    def __init__(self):
-        super().__init__()
-        self.fc = nn.Linear(4, 4)
-
-    def forward(self, x):
-        return self.fc(torch.linalg.eigvals(x).real)
 
 
 def _tvm(tmp_path):
