@@ -5,7 +5,6 @@ import json
 
 import pytest
 import torch
-import torch.nn as nn
 from click.testing import CliRunner
 
 import gradrewrite as gr

@@ -7,7 +7,6 @@ import pytest
 import torch
 
 from gradrewrite.errors import GradrewriteError, PassError, VerificationError
-from gradrewrite.rewrite.capture import capture
 from gradrewrite.rewrite.pass_manager import DumpGraphs, Instrument, PassManager, VerifyEachPass
 from gradrewrite.rewrite.pipeline import build_passes, parse_pipeline
 from gradrewrite.rewrite.registry import PassResult, register_pass
