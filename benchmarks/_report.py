@@ -64,6 +64,18 @@ def write(name: str, data: dict[str, Any]) -> Path:
     return path
 
 
+def save_png(fig, name: str) -> str:
+    """Save a matplotlib figure as results/<name>.png and close it; returns the file name."""
+    import matplotlib.pyplot as plt
+
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    path = RESULTS / f"{name}.png"
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path.name
+
+
 def md_table(columns: list[str], rows: list[list[Any]]) -> str:
     def fmt(v: Any) -> str:
         if isinstance(v, float):

@@ -107,11 +107,7 @@ def _plot(records) -> str:
     ax.set_ylabel("batch-1 latency, ms (median, log scale)")
     ax.set_title("Example models: eager vs artifacts (2 threads)")
     ax.legend()
-    fig.tight_layout()
-    path = _report.RESULTS / "backends.png"
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path.name
+    return _report.save_png(fig, "backends")
 
 
 if __name__ == "__main__":

@@ -549,11 +549,7 @@ def _plot(acc, ratios) -> str:
     for row in range(2):
         axes[row, 0].set_ylabel("test accuracy, %\n(mean ± std over seeds)")
     axes[0, -1].legend(fontsize=8, loc="lower left")
-    fig.tight_layout()
-    path = _report.RESULTS / "nm_sparsity.png"
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path.name
+    return _report.save_png(fig, "nm_sparsity")
 
 
 if __name__ == "__main__":

@@ -72,6 +72,17 @@ def get_backend(name: str) -> Backend:
     return backend
 
 
+def reexport(graph: Graph):
+    """The rewritten graph as a fresh ExportedProgram, or a BackendError saying a pass
+    left it unexportable."""
+    try:
+        return graph.to_exported_program()
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise BackendError(f"torch.export could not re-export the rewritten graph: {first}",
+                           "run with --debug; the last pass produced an unexportable graph") from exc
+
+
 def as_numpy(outputs: Sequence[Any]) -> list[np.ndarray]:
     import torch
 

@@ -8,20 +8,14 @@ import numpy as np
 import torch
 from torch.utils import _pytree as pytree
 
-from ..errors import BackendError
 from ..rewrite.graph import Graph
-from .base import Backend, BackendArtifact, as_numpy, register_backend
+from .base import Backend, BackendArtifact, as_numpy, register_backend, reexport
 
 
 @register_backend("torch")
 class TorchBackend(Backend):
     def compile(self, graph: Graph, out_dir: Path, *, options: dict[str, Any]) -> BackendArtifact:
-        try:
-            ep = graph.to_exported_program()
-        except Exception as exc:
-            raise BackendError(f"torch.export could not re-export the rewritten graph: "
-                               f"{str(exc).strip().splitlines()[0]}",
-                               "run with --debug; the last pass produced an unexportable graph") from exc
+        ep = reexport(graph)
         torch.export.save(ep, str(out_dir / "model.pt2"))
         return BackendArtifact(["model.pt2"], "torch-eager-cpu", {"format": "torch.export"})
 

@@ -18,6 +18,7 @@ import torch.fx as fx
 
 from ...errors import BackendError
 from ...rewrite.graph import Graph, module_path, op_name
+from ..base import reexport
 from .normalize import normalize
 
 
@@ -63,12 +64,7 @@ def unsupported_message(missing: dict[str, list[fx.Node]]) -> str:
 
 
 def _exported(graph: Graph) -> torch.export.ExportedProgram:
-    try:
-        ep = graph.to_exported_program()
-    except Exception as exc:
-        raise BackendError(f"torch.export could not re-export the rewritten graph: "
-                           f"{str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}",
-                           "run with --debug; the last pass produced an unexportable graph") from exc
+    ep = reexport(graph)
     try:
         return ep.run_decompositions()
     except Exception as exc:
