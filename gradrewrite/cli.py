@@ -109,16 +109,14 @@ def compile_cmd(model, module, inputs, trust_pickle, passes, recipe, backend, ta
     MODEL is a torch.export .pt2 file, an .onnx file, a pickled .pt/.pth module (with
     --trust-pickle), or omitted with --module.
     """
-    from .compiler import CompileOptions, compile_graph, pipeline_specs
+    from .compiler import CompileOptions, check_out_free, compile_graph, pipeline_specs
     from .rewrite.pipeline import build_passes
     from .backends.base import get_backend
 
     build_passes(pipeline_specs(passes, recipe))  # fail on typos before the slow capture
     if backend != "auto":
         get_backend(backend)
-    if Path(out).exists() and not force and (not Path(out).is_dir() or any(Path(out).iterdir())):
-        from .errors import ConfigError
-        raise ConfigError(f"output {out!r} already exists", "pass --force to replace it, or choose another -o")
+    check_out_free(out, force)  # before the slow capture
     graph = _load(model, module, inputs, trust_pickle, seed)
     backend_options = _backend_options(backend, opset=opset, external_data=external_data, target=target,
                                        tune_trials=tune_trials, tune_cache=tune_cache, quiet=quiet)

@@ -19,7 +19,7 @@ from typing import Any, Callable, Iterable
 import torch
 import torch.fx as fx
 
-from .graph import OP_KINDS, Graph, copy_meta, op_kind, op_name
+from .graph import OP_KINDS, Graph, copy_meta
 
 Match = dict[str, Any]
 
@@ -199,8 +199,4 @@ def _erase_dead(g: fx.Graph, root: fx.Node) -> None:
         stack.extend(inputs)
 
 
-def describe_rule(rule: Rule) -> str:
-    return f"{rule.name}: {rule.doc or 'no description'}"
-
-
-__all__ = ["Op", "Var", "Weight", "Rule", "RuleStats", "apply_rules", "op_kind", "op_name"]
+__all__ = ["Match", "Op", "Pattern", "Rule", "RuleStats", "Var", "Weight", "apply_rules"]

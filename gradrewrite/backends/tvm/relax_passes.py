@@ -15,9 +15,25 @@ from __future__ import annotations
 from ...errors import BackendError
 
 
+def _function_pass(mutator_cls, name: str):
+    """A module pass that runs a Relax ``PyExprMutator`` over every Relax function."""
+    import tvm
+    from tvm import relax
+
+    @tvm.transform.module_pass(opt_level=0, name=name)
+    def apply(mod, _ctx):
+        rewriter = mutator_cls(mod)
+        for gv, func in mod.functions_items():
+            if isinstance(func, relax.Function):
+                rewriter.builder_.update_func(gv, rewriter.visit_expr(func))
+        return rewriter.builder_.get()
+
+    return apply
+
+
 def _fast_gelu_pass():
     import tvm
-    from tvm import relax, tirx, topi
+    from tvm import tirx, topi
     from tvm.relax.expr_functor import PyExprMutator, mutator
 
     @mutator
@@ -33,15 +49,7 @@ def _fast_gelu_pass():
                 return self.builder_.call_te(te_gelu, call.args[0], primfunc_name_hint="fast_gelu")
             return call
 
-    @tvm.transform.module_pass(opt_level=0, name="FastGelu")
-    def fast_gelu(mod, _ctx):
-        rewriter = _FastGelu(mod)
-        for gv, func in mod.functions_items():
-            if isinstance(func, relax.Function):
-                rewriter.builder_.update_func(gv, rewriter.visit_expr(func))
-        return rewriter.builder_.get()
-
-    return fast_gelu
+    return _function_pass(_FastGelu, "FastGelu")
 
 
 def _safe_take_pass():
@@ -64,15 +72,7 @@ def _safe_take_pass():
                                      None if axis is None else int(axis), mode="wrap")
             return call
 
-    @tvm.transform.module_pass(opt_level=0, name="SafeTake")
-    def safe_take(mod, _ctx):
-        rewriter = _SafeTake(mod)
-        for gv, func in mod.functions_items():
-            if isinstance(func, relax.Function):
-                rewriter.builder_.update_func(gv, rewriter.visit_expr(func))
-        return rewriter.builder_.get()
-
-    return safe_take
+    return _function_pass(_SafeTake, "SafeTake")
 
 
 def preprocess(mod, *, fold_batchnorm: bool = True, fast_math: bool = True):
