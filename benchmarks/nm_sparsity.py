@@ -19,7 +19,7 @@ channel) and the classifier head stay dense; the pass's skip list is recorded.
 
 Storage. Bits per weight from the pass report, the ONNX Runtime artifact size
 (``gr.compile(..., backend="ort")``: zeros stored densely) and the packed N:M size from
-``gradrewrite.passes.nm_sparsity.storage``.
+``gradrewrite.rewrite.nm_storage``.
 
 Speed. Not measured here: see the section text.
 
@@ -257,7 +257,7 @@ def run_method(base, data, method: str, n: int, m: int, exclude: str, steps: int
 def storage_rows(name: str, dense_graph, oneshot_graphs: dict[str, Any], tmp: Path):
     """ORT artifact sizes (dense vs N:M with stored zeros) and packed N:M sizes."""
     try:
-        from gradrewrite.passes.nm_sparsity.storage import pack_nm, packed_bytes, unpack_nm
+        from gradrewrite.rewrite.nm_storage import pack_nm, packed_bytes, unpack_nm
     except ImportError:
         pack_nm = None
 
@@ -291,7 +291,7 @@ def storage_rows(name: str, dense_graph, oneshot_graphs: dict[str, Any], tmp: Pa
                           "sparsified_dense_fp32_bytes": dense_layer_bytes, "packed_bytes": packed,
                           "sparsified_params": report["totals"]["sparsified_params"]}
         packed_txt = (f"{packed['fp32'] / 1024:.1f} / {packed['fp16'] / 1024:.1f} / "
-                      f"{packed['int8'] / 1024:.1f}" if packed else "storage.py not available")
+                      f"{packed['int8'] / 1024:.1f}" if packed else "nm_storage not available")
         whole = (f"{(size - dense_layer_bytes + packed['fp32']) / 1024:.1f}" if packed else "—")
         rows.append([name, ratio, f"{bits['fp32']:.3g} / {bits['fp16']:.3g} / {bits['int8']:.3g}",
                      f"{dense_size / 1024:.1f}", f"{size / 1024:.1f}",

@@ -13,7 +13,7 @@ import torch.nn as nn
 import gradrewrite as gr
 from gradrewrite.errors import ConfigError, GradrewriteError
 from gradrewrite.passes.nm_sparsity import NMSparsity
-from gradrewrite.passes.nm_sparsity.masks import check_nm, nm_mask
+from gradrewrite.rewrite.nm_masks import check_nm, nm_mask
 from gradrewrite.rewrite.graph import module_path
 from gradrewrite.rewrite.inspect import describe, render_table
 from gradrewrite.rewrite.pipeline import build_passes, parse_pipeline
@@ -479,7 +479,7 @@ def test_artifact_ships_exact_masks(tmp_path):
     """The artifact holds the masks themselves, not just zeros: they match the pass's masks."""
     import gradrewrite as gr
     from gradrewrite.passes.nm_sparsity import MASK_FILE, load_masks
-    from gradrewrite.passes.nm_sparsity.masks import check_nm
+    from gradrewrite.rewrite.nm_masks import check_nm
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(8, 16, 3), nn.ReLU(), nn.Flatten(), nn.Linear(16 * 4 * 4, 8)).eval()

@@ -8,8 +8,8 @@ import torch
 import torch.nn as nn
 
 import gradrewrite as gr
-from gradrewrite.passes.nm_sparsity.masks import check_nm, nm_mask, to_groups
-from gradrewrite.passes.nm_sparsity.storage import (
+from gradrewrite.rewrite.nm_masks import check_nm, nm_mask, to_groups
+from gradrewrite.rewrite.nm_storage import (
     bits_per_weight, layer_bits_per_weight, pack_nm, packed_bytes, unpack_nm,
 )
 

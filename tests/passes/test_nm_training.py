@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 
 import gradrewrite
-from gradrewrite.passes.nm_sparsity.masks import check_nm, nm_mask
+from gradrewrite.rewrite.nm_masks import check_nm, nm_mask
 from gradrewrite.passes.nm_sparsity.training import (
     LayerRef, MaskDecayFunction, NMTrainConfig, NMTrainer, SRSTEFunction, StraightThroughMask,
     default_schedule, finalize, insert_training_rewrites)

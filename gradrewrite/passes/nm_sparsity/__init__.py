@@ -11,9 +11,9 @@ Two ways to get there:
 Either way, each sparsified layer node is annotated (``sparsity``, ``density``, shown by
 ``gradrewrite inspect``), ``graph.meta["nm_sparsity"][param]`` keeps the mask, and a
 JSON summary goes to ``graph.meta["export_metadata"]["nm_sparsity"]`` (written into the
-artifact by the backends). Grouping follows ``masks.py``: linear groups run along input
+artifact by the backends). Grouping follows ``rewrite/nm_masks.py``: linear groups run along input
 features, conv groups along input channels at each kernel position. Compressed storage
-is in ``storage.py``; the GPU 2:4 path in ``semi_structured.py``.
+is in ``rewrite/nm_storage.py`` (shared with the backends); the GPU 2:4 path in ``semi_structured.py``.
 
 Eligible layers: conv1d/2d/3d (not transposed) and linear (``aten.linear``; ``addmm`` of
 a transposed weight in oneshot mode) whose weight is a stored weight used by that layer
@@ -35,8 +35,8 @@ from ...errors import ConfigError
 from ...rewrite.graph import Graph, module_path, op_name
 from ...rewrite.registry import PassContext, PassResult, register_pass
 from ...rewrite.selectors import Selector
-from .masks import index_bits, nm_mask
-from .storage import VALUE_DTYPES, layer_bits_per_weight
+from ...rewrite.nm_masks import index_bits, nm_mask
+from ...rewrite.nm_storage import VALUE_DTYPES, layer_bits_per_weight
 
 aten = torch.ops.aten
 

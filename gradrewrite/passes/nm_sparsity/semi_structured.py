@@ -34,7 +34,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 from ...rewrite.graph import Graph, module_path, tensor_meta
-from .masks import to_groups
+from ...rewrite.nm_masks import to_groups
 
 aten = torch.ops.aten
 

@@ -71,7 +71,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from ...rewrite.graph import copy_meta
-from .masks import KINDS, check_ratio, nm_mask, reduction_size
+from ...rewrite.nm_masks import KINDS, check_ratio, nm_mask, reduction_size
 
 log = logging.getLogger(__name__)
 

@@ -7,7 +7,7 @@ backends (the microcontroller C generator first) consume.
 
 Grouping
 --------
-The grouping is the contract of ``masks.py``: the weight is viewed as ``[rows, K]``
+The grouping is the contract of ``nm_masks.py``: the weight is viewed as ``[rows, K]``
 with the reduction dimension last (``masks.to_groups``):
 
 - linear ``W[out, in]``: ``rows = out``, ``K = in``; row r is output feature r.
@@ -63,7 +63,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .masks import check_ratio, from_groups, index_bits, nm_mask, to_groups
+from .nm_masks import check_ratio, from_groups, index_bits, nm_mask, to_groups
 
 VALUE_DTYPES: dict[str, tuple[torch.dtype, int]] = {
     "fp32": (torch.float32, 32),
