@@ -91,6 +91,7 @@ def _fix_for(prop: str) -> str:
         "eval-mode": "call model.eval() before exporting",
         "no-dropout": "call model.eval() before exporting",
         "inference-graph": "run this pass on an inference graph (without --train)",
+        "training-step": "compile with --train (capture_train_step) to get a training-step graph",
     }.get(prop, f"run a pass that ensures {prop!r} first")
 
 

@@ -84,3 +84,10 @@ def _inference_graph(graph: Graph) -> str | None:
     if graph.meta.get("training"):
         return "the graph is a training step (forward+backward+update)"
     return None
+
+
+@graph_property("training-step")
+def _training_step(graph: Graph) -> str | None:
+    if not graph.meta.get("train_step"):
+        return "it is not a training step (forward+loss+backward+update)"
+    return None
