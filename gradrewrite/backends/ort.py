@@ -18,6 +18,7 @@ import numpy as np
 from ..errors import BackendError
 from ..rewrite.graph import Graph
 from .base import Backend, BackendArtifact, register_backend
+from . import ort_quant  # ONNX translations of the quantized ops
 
 DEFAULT_OPSET = 18
 EXTERNAL_DATA_BYTES = 1 << 30
@@ -75,7 +76,8 @@ def export_onnx(graph: Graph, path: Path, *, opset: int = DEFAULT_OPSET,
         ep = graph.to_exported_program()
         with _quiet():
             program = torch.onnx.export(ep, (), dynamo=True, input_names=input_names,
-                                        opset_version=opset, verbose=False)
+                                        opset_version=opset, verbose=False,
+                                        custom_translation_table=ort_quant.translation_table())
             program.optimize()
             _add_metadata(program, graph.meta.get("export_metadata", {}))
             program.save(str(path), external_data=external_data)

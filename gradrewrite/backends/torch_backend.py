@@ -9,6 +9,7 @@ import torch
 from torch.utils import _pytree as pytree
 
 from ..rewrite.graph import Graph
+from ..rewrite import quant_ops  # noqa: F401  (quantized ops a saved graph may hold)
 from .base import Backend, BackendArtifact, as_numpy, register_backend, reexport
 
 

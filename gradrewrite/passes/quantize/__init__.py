@@ -1,0 +1,229 @@
+"""quantize: static int8 PTQ (QDQ) and weight-only low-bit with GWQ outlier retention.
+
+GRAPH CONTRACT (backends, including the microcontroller C backend, code against it):
+
+Static int8 (``mode=static``):
+- Activations: every quantized conv/linear reads its input through
+  ``quantized_decomposed.quantize_per_tensor.default(x, scale: float, zero_point: int,
+  -128, 127, torch.int8)`` followed by ``quantized_decomposed.dequantize_per_tensor
+  .default(q, scale, zero_point, -128, 127, torch.int8)``; its output (after a ReLU /
+  ReLU6 that is its only user, if any) gets the same pair. Scale and zero point are
+  Python scalars in the node args (per-tensor affine int8). An input that already is a
+  dequantize (the previous layer's output) is reused, not quantized twice.
+- Weights: int8 buffers ``<orig weight name>_int8`` (symmetric, [-127, 127]), fp32 1-D
+  scales ``<name>_scale`` and int64 zero zero points ``<name>_zero_point``, fed through
+  ``quantized_decomposed.dequantize_per_channel.default(w_int8, scales, zero_points,
+  0, -127, 127, torch.int8)`` into the float conv/linear. Bias stays fp32 (integer
+  backends compute round(b / (s_x * s_w[c])) into int32).
+
+Weight-only (``mode=weight-only``, linear layers): ``aten.linear`` becomes
+``gradrewrite::groupwise_linear(x, packed, scales, zeros, bias, outlier_values,
+outlier_cols, outlier_rowptr, bits, group, in_features)`` (``rewrite/quant_ops.py``):
+packed ``bits``-bit codes (uint8 ``[N, G, group*bits/8]``, MatMulNBits layout), fp16
+scales ``[N, G]``, packed zero points, and optionally the GWQ outliers as fp16 CSR
+(values, int32 cols, int32 rowptr); buffers are named ``<weight>_packed``,
+``_scales``, ``_zeros``, ``_outlier_values``, ``_outlier_cols``, ``_outlier_rowptr``.
+
+Both forms run in the torch backend (the ops dequantize: fake-quant) and export to
+ONNX: QuantizeLinear/DequantizeLinear (ONNX Runtime runs QLinearConv/QLinearMatMul) and
+com.microsoft.MatMulNBits plus a sparse term (``backends/ort_quant.py``).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ...errors import ConfigError, InputError
+from ...rewrite.calibration import normalise
+from ...rewrite.graph import Graph
+from ...rewrite.registry import PassContext, PassResult, register_pass
+from .error_report import layer_error
+from .int8_static import quantize_static
+from .layers import find_layers, layer_input, observe
+from .observers import OBSERVERS
+from .outliers import (AGGREGATIONS, CRITERIA, LOSSES, gradient_scores, hessian_scores, magnitude_scores,
+                       resolve_loss, top_k_mask)
+from .weight_only import BITS, quantize_groupwise, replace_linear, rtn_dequantized
+
+MODES = ("auto", "static", "weight-only")
+ERROR_SAMPLES = 4   # recorded inputs per layer for the error report
+
+
+@register_pass("quantize", requires=("inference-graph",))
+@dataclass(frozen=True)
+class Quantize:
+    """Quantize conv/linear: static int8 QDQ, or weight-only low-bit with fp16 GWQ outliers.
+
+    Outliers are chosen per layer by ``criterion`` (gradient | hessian | magnitude)."""
+
+    mode: str = field(default="auto", metadata={
+        "help": "static (int8 W8A8 QDQ) | weight-only | auto (static when bits=8 and no outliers)"})
+    bits: int = field(default=8, metadata={"help": "weight bits: 8 for static; 2, 3, 4, 8 weight-only"})
+    group: int = field(default=128, metadata={"help": "weight-only group size (power of two >= 16)"})
+    outliers: float = field(default=0.0, metadata={
+        "help": "fraction of each layer's weights kept in fp16 (GWQ uses 0.01)"})
+    criterion: str = field(default="gradient", metadata={"help": "outlier choice: gradient | hessian | magnitude"})
+    aggregation: str = field(default="abs", metadata={"help": "gradient aggregation over samples: abs | square"})
+    loss: Any = field(default="auto", metadata={
+        "help": "gradient loss: auto | causal-lm | mse (Python: a callable (outputs, inputs) -> scalar)"})
+    observer: str = field(default="minmax", metadata={"help": "static activation ranges: minmax | percentile | mse"})
+    percentile: float = field(default=99.99, metadata={"help": "percentile observer's cut (per side)"})
+    select: str = field(default="op:linear|conv", metadata={"help": "layers to quantize (selector)"})
+    exclude: str = field(default="", metadata={"help": "module-path globs to keep float, separated by |"})
+
+    exact = False   # lossy: VerifyEachPass measures the change and does not fail on it
+
+    def __post_init__(self) -> None:
+        for key, value, valid in (("mode", self.mode, MODES), ("criterion", self.criterion, CRITERIA),
+                                  ("aggregation", self.aggregation, AGGREGATIONS),
+                                  ("observer", self.observer, OBSERVERS)):
+            if value not in valid:
+                raise ConfigError(f"unknown {key} {value!r} for quantize", f"use one of {', '.join(valid)}")
+        if not callable(self.loss):
+            resolve_loss_name(self.loss)
+        if self.bits not in BITS:
+            raise ConfigError(f"bits={self.bits} is out of range", "use bits=2, 3, 4 or 8")
+        if self.group < 16 or self.group & (self.group - 1) or self.group > 4096:
+            raise ConfigError(f"group={self.group} is out of range",
+                              "use a power of two from 16 to 4096 (default 128)")
+        if not 0.0 <= self.outliers < 0.5:
+            raise ConfigError(f"outliers={self.outliers} is out of range",
+                              "give a fraction in [0, 0.5), e.g. outliers=0.01 for 1%")
+        if not 50.0 < self.percentile <= 100.0:
+            raise ConfigError(f"percentile={self.percentile} is out of range", "use e.g. 99.99")
+        if self.resolved_mode() == "static" and (self.bits != 8 or self.outliers):
+            raise ConfigError(f"static quantization is int8 without outliers (got bits={self.bits}, "
+                              f"outliers={self.outliers})", "use mode=weight-only for low-bit or outliers")
+
+    def resolved_mode(self) -> str:
+        if self.mode != "auto":
+            return self.mode
+        return "static" if self.bits == 8 and not self.outliers else "weight-only"
+
+    def run(self, graph: Graph, ctx: PassContext) -> PassResult:
+        samples = normalise(ctx.calibration, graph.inputs)
+        if self.resolved_mode() == "static":
+            return self._static(graph, ctx, samples)
+        return self._weight_only(graph, ctx, samples)
+
+    # ------------------------------------------------------------------ static int8
+    def _static(self, graph: Graph, ctx: PassContext, samples: list) -> PassResult:
+        if not samples:
+            raise InputError("static int8 quantization needs calibration data for its activation "
+                             "ranges", "pass --calib FILE.npz (or .pt; arrays = model inputs, first axis "
+                             "= samples), or PassContext(calibration=[...]) from Python")
+        layers, skipped = find_layers(graph, self.select, self.exclude, kinds=("conv", "linear"),
+                                      what="quantize")
+        records, pairs, fired = quantize_static(graph, layers, samples, observer=self.observer,
+                                         percentile=self.percentile, progress=ctx.progress,
+                                         keep_inputs=ERROR_SAMPLES)
+        errors = []
+        for rec in records:
+            errors.append({"path": rec["path"], "kind": rec["kind"], "shape": rec["shape"],
+                           "bits_per_weight": rec["bits_per_weight"], "outliers": 0,
+                           **layer_error([(yf, yq) for _, yf, yq in pairs[rec["path"]]])})
+        numel = [_numel(r["shape"]) for r in records]
+        report = {"mode": "static", "observer": self.observer, "calibration_samples": len(samples),
+                  "rewrites": fired, "layers": records, "skipped": skipped,
+                  "bits_per_weight": round(sum(r["bits_per_weight"] * n for r, n in zip(records, numel))
+                                           / max(1, sum(numel)), 4),
+                  "error_data": f"{len(samples)} calibration samples, first {ERROR_SAMPLES} per layer",
+                  "error_report": errors}
+        return PassResult(True, report)
+
+    # ------------------------------------------------------------------ weight-only
+    def _weight_only(self, graph: Graph, ctx: PassContext, samples: list) -> PassResult:
+        layers, skipped = find_layers(graph, self.select, self.exclude, kinds=("linear",),
+                                      what="quantize (weight-only)")
+        criterion = self.criterion if self.outliers > 0 else "none"
+        if criterion in ("gradient", "hessian") and not samples:
+            raise InputError(f"outlier criterion {criterion!r} needs calibration data",
+                             "pass --calib FILE.npz (or .pt), or use criterion=magnitude")
+        # inputs of every layer: E[x^2] per feature (hessian) and a few for the error report
+        data = samples or [graph.random_inputs(ctx.seed + 500 + i) for i in range(2)]
+        sq = {l.param: 0.0 for l in layers}
+        rows = {l.param: 0 for l in layers}
+        kept: dict[str, list[torch.Tensor]] = {l.param: [] for l in layers}
+        watch = {}
+        for l in layers:
+            def fn(v, key=l.param):
+                flat = v.detach().float().reshape(-1, v.shape[-1])
+                sq[key] = sq[key] + (flat * flat).sum(0)
+                rows[key] += flat.shape[0]
+                if len(kept[key]) < ERROR_SAMPLES:
+                    kept[key].append(v.detach().clone())
+            x = layer_input(l)
+            prev = watch.get(x)
+            watch[x] = (lambda v, a=prev, b=fn: (a(v), b(v))) if prev else fn
+        observe(graph, data, watch, ctx.progress, "observing layer inputs")
+
+        loss_used = None
+        if criterion == "gradient":
+            loss_used = resolve_loss(graph, self.loss)
+            scores = gradient_scores(graph, layers, samples, loss=loss_used,
+                                     aggregation=self.aggregation,
+                                     rtn=lambda w: rtn_dequantized(w, self.bits, self.group),
+                                     progress=ctx.progress)
+        elif criterion == "hessian":
+            scores = hessian_scores(graph, layers, {k: sq[k] / max(1, rows[k]) for k in sq})
+        elif criterion == "magnitude":
+            scores = magnitude_scores(graph, layers)
+        else:
+            scores = {}
+
+        records, errors, total_bits, total_numel = [], [], 0, 0
+        for l in layers:
+            w = graph.attr(l.weight_node).detach().float()
+            mask = top_k_mask(scores[l.param], self.outliers) if scores else None
+            q = quantize_groupwise(w, self.bits, self.group, mask)
+            w_q = q.dequantized()
+            bias = l.node.args[2] if len(l.node.args) > 2 else None
+            b = graph.attr(bias) if isinstance(bias, torch.fx.Node) else None
+            with torch.no_grad():
+                err = layer_error([(torch.nn.functional.linear(x.float(), w, b),
+                                    torch.nn.functional.linear(x.float(), w_q, b)) for x in kept[l.param]])
+            bits = q.storage_bits()
+            bpw = sum(bits.values()) / w.numel()
+            total_bits += sum(bits.values())
+            total_numel += w.numel()
+            replace_linear(graph, l, q)
+            records.append({"path": l.path, "weight": l.param, "shape": list(w.shape),
+                            "outliers": int(q.values.numel()), "bits_per_weight": round(bpw, 4),
+                            "storage_bits": bits})
+            errors.append({"path": l.path, "kind": "linear", "shape": list(w.shape),
+                           "bits_per_weight": round(bpw, 4), "outliers": int(q.values.numel()),
+                           **err})
+        graph.commit()
+        report = {"mode": "weight-only", "bits": self.bits, "group": self.group,
+                  "outliers": self.outliers, "criterion": criterion,
+                  "aggregation": self.aggregation if criterion == "gradient" else None,
+                  "loss": (loss_used if isinstance(loss_used, str) else
+                           "user callable" if loss_used is not None else None),
+                  "calibration_samples": len(samples),
+                  "bits_per_weight": round(total_bits / max(1, total_numel), 4),
+                  "bits_per_weight_note": "stored bits of codes, fp16 scales, packed zero points, "
+                                          "fp16 outlier values, int32 column indices and row pointers, "
+                                          "over the quantized layers' weights (biases stay fp32)",
+                  "layers": records, "skipped": skipped,
+                  "error_data": (f"{len(samples)} calibration samples, first {ERROR_SAMPLES} per layer"
+                                 if samples else "2 seeded random inputs (no calibration data given)"),
+                  "error_report": errors}
+        return PassResult(True, report)
+
+
+def resolve_loss_name(loss: Any) -> None:
+    if loss not in LOSSES:
+        raise ConfigError(f"unknown loss {loss!r} for quantize", f"use one of {', '.join(LOSSES)} "
+                          "(or, from Python, a callable (outputs, inputs) -> scalar)")
+
+
+def _numel(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= int(s)
+    return n
+
+
+__all__ = ["Quantize", "MODES"]

@@ -1,0 +1,172 @@
+"""Static int8 post-training quantization, lowered as QDQ (see the package docstring).
+
+Per layer: the input activation gets a quantize/dequantize pair with per-tensor affine
+parameters from an observer over the calibration data (reused when the input already
+comes from a dequantize, e.g. the previous quantized layer's output); the weight is
+stored as per-channel symmetric int8 fed through ``dequantize_per_channel``; the output
+(after a directly following ReLU/ReLU6, so the int8 kernel can fuse it) gets its own
+quantize/dequantize pair. Bias stays fp32.
+"""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+import torch.fx as fx
+
+from ...rewrite.graph import Graph, copy_meta
+from ...rewrite.quant_ops import DEQUANTIZE_PER_CHANNEL, DEQUANTIZE_PER_TENSOR, QUANTIZE_PER_TENSOR
+from .layers import QLayer, layer_input, observe
+from .observers import QMAX, QMIN, fake_quant, make_observer, qparams
+
+aten = torch.ops.aten
+W_QMAX = 127
+_ACTIVATIONS = (aten.relu.default, aten.relu_.default, aten.relu6.default, aten.hardtanh.default,
+                aten.hardtanh_.default)
+
+
+def quantize_weight(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-output-channel symmetric int8 over [-127, 127]: (int8 weight, fp32 scales)."""
+    flat = w.detach().float().reshape(w.shape[0], -1)
+    scale = flat.abs().amax(1) / W_QMAX
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    q = torch.clamp(torch.round(flat / scale[:, None]), -W_QMAX, W_QMAX).to(torch.int8)
+    return q.reshape(w.shape), scale.to(torch.float32)
+
+
+def dequantize_weight(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return q.float() * scale.reshape(-1, *([1] * (q.dim() - 1)))
+
+
+def fused_activation(layer: QLayer) -> fx.Node | None:
+    """A ReLU / ReLU6 that is the layer's only user (its output QDQ goes after it)."""
+    users = list(layer.node.users)
+    if len(users) == 1 and users[0].op == "call_function" and users[0].target in _ACTIVATIONS:
+        act = users[0]
+        if act.target in (aten.hardtanh.default, aten.hardtanh_.default) and tuple(act.args[1:3]) not in ((0.0, 6.0), (0, 6)):
+            return None
+        return act
+    return None
+
+
+def _meta_like(node: fx.Node, dtype: torch.dtype) -> torch.Tensor | None:
+    val = node.meta.get("val")
+    return torch.empty(tuple(val.shape), dtype=dtype, device="meta") if isinstance(val, torch.Tensor) else None
+
+
+def _insert_qdq(graph: Graph, value: fx.Node, scale: float, zp: int, provenance: fx.Node) -> fx.Node:
+    with graph.graph.inserting_after(value):
+        q = graph.graph.call_function(QUANTIZE_PER_TENSOR, (value, scale, zp, QMIN, QMAX, torch.int8))
+    with graph.graph.inserting_after(q):
+        dq = graph.graph.call_function(DEQUANTIZE_PER_TENSOR, (q, scale, zp, QMIN, QMAX, torch.int8))
+    for node, dtype in ((q, torch.int8), (dq, torch.float32)):
+        copy_meta(provenance, node)
+        node.meta["val"] = _meta_like(value, dtype)
+    return dq
+
+
+def resolve(graph: Graph, arg: Any) -> Any:
+    """A node argument as a value: get_attr -> its tensor; other constants as they are."""
+    if isinstance(arg, fx.Node):
+        return graph.attr(arg)
+    return arg
+
+
+def run_layer(graph: Graph, layer: QLayer, x: torch.Tensor, w: torch.Tensor,
+              act: fx.Node | None) -> torch.Tensor:
+    """The layer (and its fused activation) on a recorded input with weight ``w``."""
+    args = [resolve(graph, a) for a in layer.args_with(x, w)]
+    y = layer.node.target(*args, **layer.node.kwargs)
+    if act is not None:
+        y = act.target(y, *act.args[1:], **act.kwargs)
+    return y
+
+
+def quantize_static(graph: Graph, layers: Sequence[QLayer], samples: Sequence[tuple], *,
+                    observer: str, percentile: float, progress=None,
+                    keep_inputs: int = 4) -> tuple[list[dict], dict[str, list[tuple]], dict[str, int]]:
+    """Calibrate, then rewrite every layer in place. Returns per-layer records; per layer
+    path, (float input, float output, quantized output) triples for the error report; and
+    how often each rewrite fired."""
+    acts = {l.param: fused_activation(l) for l in layers}
+    observers: dict[fx.Node, Any] = {}
+    recorded: dict[str, list[torch.Tensor]] = {l.param: [] for l in layers}
+    watch = {}
+
+    def track(node: fx.Node, keep: str | None = None):
+        first = node not in observers
+        obs = observers.setdefault(node, make_observer(observer, percentile))
+
+        def fn(value, keep=keep):
+            if first:                           # one update per value, however many uses
+                obs.update(value)
+            if keep is not None and len(recorded[keep]) < keep_inputs:
+                recorded[keep].append(value.detach().clone())
+        prev = watch.get(node)
+        watch[node] = (lambda v, a=prev, b=fn: (a(v), b(v))) if prev else fn
+
+    inputs = {l.param: layer_input(l) for l in layers}   # before any rewrite
+    for l in layers:
+        track(inputs[l.param], keep=l.param)
+        track(acts[l.param] or l.node)
+    observe(graph, samples, watch, progress, "calibrating int8 observers")
+    ranges = {node: qparams(*obs.range()) for node, obs in observers.items()}
+
+    records, pairs = [], {}
+    fired = {"input-qdq": 0, "input-reused": 0, "weight-int8": 0, "output-qdq": 0}
+    for l in layers:
+        x_node, act = layer_input(l), acts[l.param]    # x_node: the input as rewritten so far
+        out_node = act or l.node
+        in_s, in_zp = ranges[inputs[l.param]]
+        out_s, out_zp = ranges[out_node]
+        w = graph.attr(l.weight_node)
+        q, scale = quantize_weight(w)
+        # reference outputs before the graph changes
+        w_dq = dequantize_weight(q, scale)
+        with torch.no_grad():
+            pairs[l.path] = [(x, run_layer(graph, l, x, w, act),
+                              fake_quant(run_layer(graph, l, fake_quant(x, in_s, in_zp), w_dq, act),
+                                         out_s, out_zp))
+                             for x in recorded[l.param]]
+
+        if x_node.op == "call_function" and x_node.target == DEQUANTIZE_PER_TENSOR:
+            x_dq = x_node                       # already quantized upstream
+            fired["input-reused"] += 1
+            in_s, in_zp = float(x_node.args[1]), int(x_node.args[2])
+        else:
+            existing = next((u for u in x_node.users if u.target == QUANTIZE_PER_TENSOR), None)
+            x_dq = next(iter(existing.users)) if existing is not None else \
+                _insert_qdq(graph, x_node, in_s, in_zp, l.node)
+            fired["input-reused" if existing is not None else "input-qdq"] += 1
+            in_s, in_zp = float(x_dq.args[1]), int(x_dq.args[2])
+        wq_node = graph.add_attr(f"{l.param}_int8", q, before=l.node, parameter=False)
+        s_node = graph.add_attr(f"{l.param}_scale", scale, before=l.node, parameter=False)
+        z_node = graph.add_attr(f"{l.param}_zero_point", torch.zeros(len(scale), dtype=torch.int64),
+                                before=l.node, parameter=False)
+        with graph.graph.inserting_before(l.node):
+            w_dq_node = graph.graph.call_function(
+                DEQUANTIZE_PER_CHANNEL, (wq_node, s_node, z_node, 0, -W_QMAX, W_QMAX, torch.int8))
+        copy_meta(l.node, w_dq_node)
+        w_dq_node.meta["val"] = _meta_like(l.weight_node, torch.float32)
+        l.node.args = l.args_with(x_dq, w_dq_node)
+        fired["weight-int8"] += 1
+        users = list(out_node.users)
+        dq = _insert_qdq(graph, out_node, out_s, out_zp, l.node)
+        for u in users:
+            u.replace_input_with(out_node, dq)
+        fired["output-qdq"] += 1
+        l.node.meta.setdefault("gradrewrite", {}).update({"quantized": "int8 static"})
+        numel, channels = w.numel(), len(scale)
+        records.append({
+            "path": l.path, "weight": l.param, "kind": l.kind, "shape": list(w.shape),
+            "input": {"scale": in_s, "zero_point": in_zp},
+            "output": {"scale": out_s, "zero_point": out_zp,
+                       "after": act.target.__name__.split(".")[0] if act is not None else None},
+            # stored: int8 codes, fp32 scale and int64 zero point per channel (bias not counted)
+            "bits_per_weight": round((8 * numel + (32 + 64) * channels) / numel, 4)})
+    graph.commit()
+    return records, pairs, fired
+
+
+__all__ = ["quantize_static", "quantize_weight", "dequantize_weight", "run_layer", "resolve",
+           "fused_activation"]

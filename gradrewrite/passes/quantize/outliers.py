@@ -1,0 +1,140 @@
+"""GWQ outlier selection: per-weight saliency scores, top-k per layer, CSR storage.
+
+Criteria (one option apart, same budget):
+
+- ``gradient`` (GWQ): the gradient of a loss on calibration data w.r.t. every quantized
+  weight, aggregated over samples as ``sum |g|`` (``abs``) or ``sum g^2`` (``square``).
+  The loss: next-token cross-entropy for a causal LM; else the user's loss callable;
+  else the squared distance between the model's outputs with round-to-nearest
+  quantized weights and the fp32 outputs, differentiated at the quantized weights
+  (at the fp32 weights that distance and its gradient are exactly 0).
+- ``hessian``: the diagonal-Hessian proxy of a layer's reconstruction loss,
+  ``w_ij^2 * E[x_j^2]`` (SpQR/OBQ-style saliency with H = E[x x^T] diagonal).
+- ``magnitude``: ``|w_ij|``.
+"""
+from __future__ import annotations
+
+import copy
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch.utils import _pytree as pytree
+
+from ...errors import ConfigError
+from ...rewrite.calibration import progress as iterate
+from ...rewrite.graph import Graph
+from .layers import QLayer
+
+CRITERIA = ("gradient", "hessian", "magnitude")
+AGGREGATIONS = ("abs", "square")
+LOSSES = ("auto", "causal-lm", "mse")
+
+
+def top_k_mask(score: torch.Tensor, fraction: float) -> torch.Tensor:
+    """Boolean mask of the ``round(fraction * numel)`` highest scores."""
+    k = int(round(fraction * score.numel()))
+    mask = torch.zeros(score.numel(), dtype=torch.bool)
+    if k > 0:
+        mask[torch.topk(score.reshape(-1).double(), k, sorted=False).indices] = True
+    return mask.reshape(score.shape)
+
+
+def to_csr(w: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The masked entries of a 2-D ``w`` as CSR: fp16 values, int32 cols, int32 rowptr."""
+    rows, cols = mask.nonzero(as_tuple=True)          # row-major: rows sorted, cols within
+    values = w.detach()[rows, cols].to(torch.float16)
+    rowptr = torch.zeros(w.shape[0] + 1, dtype=torch.int64)
+    rowptr[1:] = torch.bincount(rows, minlength=w.shape[0]).cumsum(0)
+    return values, cols.to(torch.int32), rowptr.to(torch.int32)
+
+
+def magnitude_scores(graph: Graph, layers: Sequence[QLayer]) -> dict[str, torch.Tensor]:
+    return {l.param: graph.attr(l.weight_node).detach().float().abs() for l in layers}
+
+
+def hessian_scores(graph: Graph, layers: Sequence[QLayer],
+                   sq_inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``w^2 * E[x^2]`` per weight, from per-input-feature mean squared activations."""
+    return {l.param: graph.attr(l.weight_node).detach().float() ** 2 * sq_inputs[l.param][None, :]
+            for l in layers}
+
+
+def resolve_loss(graph: Graph, loss: Any) -> str | Callable:
+    """``auto`` -> ``causal-lm`` for a model mapping integer ids [B, T] to logits [B, T, V],
+    else ``mse``."""
+    if callable(loss):
+        return loss
+    if loss not in LOSSES:
+        raise ConfigError(f"unknown loss {loss!r} for quantize", f"use one of {', '.join(LOSSES)} "
+                          "(or, from Python, a callable (outputs, inputs) -> scalar)")
+    if loss != "auto":
+        if loss == "causal-lm" and _lm_input(graph) is None:
+            raise ConfigError("loss='causal-lm' needs a model mapping integer ids [B, T] to logits "
+                              "[B, T, V]", "use loss=mse or loss=auto")
+        return loss
+    return "causal-lm" if _lm_input(graph) is not None else "mse"
+
+
+def _lm_input(graph: Graph) -> int | None:
+    outputs = [n for n in graph.nodes if n.op == "output"]
+    first = pytree.tree_leaves(outputs[0].args[0])[0] if outputs else None
+    val = getattr(first, "meta", {}).get("val")
+    if not isinstance(val, torch.Tensor) or val.dim() != 3:
+        return None
+    for i, spec in enumerate(graph.inputs):
+        if not spec.dtype.is_floating_point and len(spec.shape) == 2 \
+                and tuple(spec.shape) == tuple(int(s) for s in val.shape[:2]):
+            return i
+    return None
+
+
+def causal_lm_loss(outputs: Sequence[torch.Tensor], inputs: Sequence[torch.Tensor], ids_index: int):
+    logits, ids = outputs[0], inputs[ids_index]
+    return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
+                           ids[:, 1:].reshape(-1))
+
+
+def gradient_scores(graph: Graph, layers: Sequence[QLayer], samples: Sequence[tuple], *,
+                    loss: str | Callable, aggregation: str,
+                    rtn: Callable[[torch.Tensor], torch.Tensor],
+                    progress=None) -> dict[str, torch.Tensor]:
+    """Aggregated gradients of the loss w.r.t. each layer's weight over ``samples``.
+
+    ``rtn`` maps a weight to its round-to-nearest dequantized form (for ``mse``)."""
+    gm = copy.deepcopy(graph.gm)
+    for p in gm.parameters():
+        p.requires_grad_(False)
+    params: dict[str, torch.nn.Parameter] = {}
+    for l in layers:
+        owner_path, _, leaf = l.param.rpartition(".")
+        owner = gm.get_submodule(owner_path) if owner_path else gm
+        value = getattr(owner, leaf).detach().float().clone()
+        if loss == "mse":
+            value = rtn(value)
+        owner._parameters.pop(leaf, None)
+        owner._buffers.pop(leaf, None)
+        params[l.param] = torch.nn.Parameter(value)
+        owner.register_parameter(leaf, params[l.param])
+    ids_index = _lm_input(graph) if loss == "causal-lm" else None
+    acc = {k: torch.zeros_like(p) for k, p in params.items()}
+    for sample in iterate(progress, f"gradients ({loss if isinstance(loss, str) else 'user loss'})",
+                          samples):
+        with torch.enable_grad():
+            out = [t for t in pytree.tree_leaves(gm(*sample)) if isinstance(t, torch.Tensor)]
+            if loss == "causal-lm":
+                value = causal_lm_loss(out, sample, ids_index)
+            elif loss == "mse":
+                ref = graph(*sample)
+                value = sum(F.mse_loss(o.float(), r.float(), reduction="sum") for o, r in zip(out, ref))
+            else:
+                value = loss(out, sample)
+            grads = torch.autograd.grad(value, list(params.values()), allow_unused=True)
+        for key, g in zip(params, grads):
+            if g is not None:
+                acc[key] += g.abs() if aggregation == "abs" else g * g
+    return acc
+
+
+__all__ = ["CRITERIA", "AGGREGATIONS", "LOSSES", "top_k_mask", "to_csr", "magnitude_scores",
+           "hessian_scores", "gradient_scores", "resolve_loss"]

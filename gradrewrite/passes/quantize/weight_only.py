@@ -1,0 +1,99 @@
+"""Weight-only group-wise asymmetric low-bit quantization with fp16 CSR outliers."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from ...rewrite.graph import Graph, copy_meta
+from ...rewrite.quant_ops import GROUPWISE_LINEAR, groupwise_weight, pack_bits
+from .layers import QLayer
+from .outliers import to_csr
+
+BITS = (2, 3, 4, 8)
+
+
+@dataclass
+class GroupwiseWeight:
+    packed: torch.Tensor     # uint8 [N, G, group*bits/8]
+    scales: torch.Tensor     # fp16 [N, G]
+    zeros: torch.Tensor      # uint8 [N, ceil(G*bits/8)]
+    values: torch.Tensor     # fp16 [nnz]
+    cols: torch.Tensor       # int32 [nnz]
+    rowptr: torch.Tensor     # int32 [N + 1]
+    bits: int
+    group: int
+    in_features: int
+
+    def dequantized(self) -> torch.Tensor:
+        """fp32 [N, K]: low-bit weights with the outliers added back."""
+        vals = self.values if self.values.numel() else None
+        return groupwise_weight(self.packed, self.scales, self.zeros, vals, self.cols, self.rowptr,
+                                self.bits, self.group, self.in_features)
+
+    def storage_bits(self) -> dict[str, int]:
+        """Bits actually stored, by part (bias, if any, is not part of the weight)."""
+        nnz = self.values.numel()
+        return {"codes": self.packed.numel() * 8, "scales": self.scales.numel() * 16,
+                "zero_points": self.zeros.numel() * 8, "outlier_values": nnz * 16,
+                "outlier_indices": nnz * 32 + (self.rowptr.numel() * 32 if nnz else 0)}
+
+
+def quantize_groupwise(w: torch.Tensor, bits: int, group: int,
+                       outliers: torch.Tensor | None = None) -> GroupwiseWeight:
+    """Asymmetric ``bits``-bit codes per group of ``group`` input features; entries in
+    ``outliers`` (bool mask) are kept as fp16 CSR and left out of the group ranges."""
+    w = w.detach().float()
+    n, k = w.shape
+    qmax = (1 << bits) - 1
+    n_groups = math.ceil(k / group)
+    pad = n_groups * group - k
+    keep = outliers if outliers is not None else torch.zeros_like(w, dtype=torch.bool)
+    wp = torch.nn.functional.pad(w, (0, pad)).reshape(n, n_groups, group)
+    kp = torch.nn.functional.pad(keep, (0, pad)).reshape(n, n_groups, group)
+    # ranges over the non-outlier weights, widened to contain 0 so the zero point is a code
+    lo = torch.where(kp, torch.inf, wp).amin(-1).clamp(max=0)
+    hi = torch.where(kp, -torch.inf, wp).amax(-1).clamp(min=0)
+    scale = ((hi - lo) / qmax).clamp(min=1e-7)
+    # stored in fp16, rounded up (the step never shrinks, so codes stay within 0..qmax and
+    # every weight is within half a step of its dequantized value)
+    scale16 = (scale * (1 + 2 ** -10)).to(torch.float16)
+    s = scale16.float()                                   # quantize with the stored scale
+    zero = torch.clamp(torch.round(-lo / s), 0, qmax)
+    codes = torch.clamp(torch.round(wp / s[..., None]) + zero[..., None], 0, qmax)
+    codes = torch.where(kp, zero[..., None].expand_as(codes), codes)   # outliers dequantize to 0
+    values, cols, rowptr = to_csr(w, keep)
+    return GroupwiseWeight(pack_bits(codes, bits), scale16, pack_bits(zero, bits),
+                           values, cols, rowptr, bits, group, k)
+
+
+def rtn_dequantized(w: torch.Tensor, bits: int, group: int) -> torch.Tensor:
+    """Round-to-nearest (no outliers) and back: the fp32 weight RTN would leave."""
+    return quantize_groupwise(w, bits, group).dequantized()
+
+
+def replace_linear(graph: Graph, layer: QLayer, q: GroupwiseWeight) -> None:
+    """``linear(x, W, b)`` -> ``groupwise_linear(x, packed, scales, zeros, b, outliers…)``."""
+    node = layer.node
+    add = lambda suffix, value: graph.add_attr(f"{layer.param}_{suffix}", value, before=node,
+                                               parameter=False)
+    packed, scales, zeros = add("packed", q.packed), add("scales", q.scales), add("zeros", q.zeros)
+    if q.values.numel():
+        vals, cols, rowptr = (add("outlier_values", q.values), add("outlier_cols", q.cols),
+                              add("outlier_rowptr", q.rowptr))
+    else:
+        vals = cols = rowptr = None
+    bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+    with graph.graph.inserting_before(node):
+        new = graph.graph.call_function(GROUPWISE_LINEAR, (
+            node.args[0], packed, scales, zeros, bias, vals, cols, rowptr, q.bits, q.group,
+            q.in_features))
+    copy_meta(node, new, keep_val=True)
+    new.meta.setdefault("gradrewrite", {}).update(
+        {"quantized": f"{q.bits}-bit g{q.group}", "outliers": int(q.values.numel())})
+    node.replace_all_uses_with(new)
+    graph.graph.erase_node(node)
+
+
+__all__ = ["BITS", "GroupwiseWeight", "quantize_groupwise", "rtn_dequantized", "replace_linear"]
