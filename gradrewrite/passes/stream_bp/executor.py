@@ -1,0 +1,367 @@
+"""Run a training step as StreamBP: store layer boundaries, then backward chunk by chunk.
+
+1. Capture the model's forward (ids [, attention mask] -> logits) with torch.export,
+   classify every op against the sequence axis and refuse a model whose gradient path
+   mixes tokens non-causally, naming the op.
+2. Forward, segment by segment without autograd, keeping only the values that cross a
+   segment boundary (the residual stream between layers).
+3. Epilogue (final norm, LM head, loss) chunk by chunk over ``logits_chunk`` rows: the
+   loss is the token sum divided by the exact normaliser (valid shifted labels).
+4. Layers in reverse, ``chunk`` rows at a time: recompute rows [s, e) (keys/values
+   0:e), backward at once with the output gradient's rows, free. Parameter gradients
+   accumulate in ``.grad``; the input boundary accumulates its gradient for the layer
+   below.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import nn
+
+from ...errors import InputError, PassError
+from ...rewrite.graph import Graph, module_path, op_name
+from . import chunk_program
+from .chunk_program import ChunkProgram
+from .partition import Segment, gradient_nodes, partition
+from .seq_axis import CAUSAL, GLOBAL, OPAQUE, SDPA, sdpa_args, shape_of, track
+
+IGNORE_INDEX = -100
+
+
+class LogitsOf(nn.Module):
+    """Calls a causal LM with (input_ids [, attention_mask]) and returns its logits tensor."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+        self.keywords = hasattr(model, "config")  # a transformers model
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None):
+        if self.keywords:
+            out = self.model(input_ids=input_ids, attention_mask=attention_mask)
+        else:
+            out = self.model(input_ids) if attention_mask is None else self.model(input_ids, attention_mask)
+        return out.logits if hasattr(out, "logits") else out
+
+
+@dataclass
+class SegmentPrograms:
+    """A segment's chunk program, and the program computing the keys/values its causal
+    attentions read (all rows 0:e per chunk: computed once per layer, not per chunk)."""
+
+    main: ChunkProgram
+    kv: ChunkProgram | None
+    stash: list[fx.Node]
+
+
+def stashed_keys_values(seg: Segment, infos: dict) -> list[fx.Node]:
+    out: list[fx.Node] = []
+    members = set(seg.nodes)
+    for node in seg.nodes:
+        if node.target is SDPA and infos[node].kind == CAUSAL:
+            a = sdpa_args(node)
+            out += [t for t in (a["key"], a["value"]) if t in members and t not in out]
+    return out
+
+
+@dataclass
+class Plan:
+    """Everything derived from one capture (one input shape)."""
+
+    graph: Graph
+    T: int
+    segments: list[Segment]
+    programs: list[SegmentPrograms]
+    seq_axis: dict[fx.Node, int]
+    kinds: dict[str, int] = field(default_factory=dict)
+
+    def report(self) -> dict[str, Any]:
+        return {"segments": [s.name for s in self.segments], "seq_len": self.T,
+                "op_kinds": self.kinds}
+
+
+def capture(wrapper: LogitsOf, inputs: dict[str, torch.Tensor], chunk: int,
+            fixed_inputs: bool = False) -> Plan:
+    """``fixed_inputs``: every call uses these mask values (an all-ones mask the API
+    made up), so a mask found to be exactly causal may be replaced by ``is_causal``."""
+    args = tuple(inputs.values())
+    try:
+        ep = torch.export.export(wrapper, args, strict=False)
+    except Exception as exc:  # export failures are the model's, not ours
+        raise InputError(f"stream-bp: torch.export could not capture the model: "
+                         f"{str(exc).splitlines()[0]}",
+                         "the model must be exportable with torch.export") from None
+    graph = Graph.from_exported_program(ep, args, source=type(wrapper.model).__name__)
+    return analyse(graph, wrapper, chunk, drop_causal_masks=fixed_inputs)
+
+
+def _where(node: fx.Node, strip: str) -> str:
+    """A node's module path as the user names it (without the capture wrapper's prefix)."""
+    path = module_path(node)
+    if strip and (path == strip or path.startswith(strip + ".")):
+        path = path[len(strip) + 1:]
+    return path or "<root>"
+
+
+def trainable_targets(gm: fx.GraphModule, live: nn.Module) -> set[str]:
+    params = dict(live.named_parameters(remove_duplicate=False))
+    return {str(n.target) for n in gm.graph.nodes
+            if n.op == "get_attr" and str(n.target) in params and params[str(n.target)].requires_grad}
+
+
+def analyse(graph: Graph, live: nn.Module, chunk: int, trainable: set[str] | None = None,
+            drop_causal_masks: bool = False) -> Plan:
+    """Classify, partition and build chunk programs; raise naming the op that blocks it.
+
+    ``trainable``: get_attr targets that get gradients (default: the parameters of
+    ``live`` with ``requires_grad``)."""
+    gm = graph.gm
+    strip = "model" if isinstance(live, LogitsOf) else ""
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    seq_inputs = {n.name: 1 for n in placeholders if shape_of(n) is not None and len(shape_of(n)) == 2
+                  and not n.meta["val"].dtype.is_floating_point}
+    if not seq_inputs:
+        raise PassError("stream-bp: the model has no token input (an integer batch x seq tensor)",
+                        "stream-bp applies to causal language models taking token ids")
+    axes_of, infos, T = track(gm, seq_inputs)
+    trainable = trainable_targets(gm, live) if trainable is None else trainable
+    grad = gradient_nodes(gm, trainable)
+    output = next(n for n in gm.graph.nodes if n.op == "output").args[0]
+    output = output[0] if isinstance(output, (list, tuple)) else output
+    kinds: dict[str, int] = {}
+    for node in gm.graph.nodes:
+        if node in grad and node.op == "call_function":
+            info = infos[node]
+            kinds[info.kind] = kinds.get(info.kind, 0) + 1
+            if info.kind in (GLOBAL, OPAQUE):
+                where = _where(node, strip)
+                raise PassError(f"stream-bp: {op_name(node)} at {where} {info.reason or 'mixes tokens'}",
+                                "stream-bp needs ops that are token-wise or causal along the sequence")
+    out_axes = axes_of.get(output) or {}
+    if len(out_axes) != 1 or list(out_axes.values())[0] != (1, 1):
+        raise PassError("stream-bp: the model output has no single sequence axis",
+                        "the model must return logits shaped batch x seq x vocab")
+    segments = partition(gm, grad, output)
+    if output not in segments[-1].outputs:
+        raise PassError("stream-bp: the logits are not computed after the last layer",
+                        "the model must end with its LM head")
+    exact = _check_masks(gm, grad, infos, axes_of, T, chunk, graph, strip)
+    if drop_causal_masks and exact:
+        _use_is_causal(gm, exact)
+        axes_of, infos, T = track(gm, seq_inputs)
+    for seg in segments:
+        if strip and seg.name.startswith(strip + "."):
+            seg.name = seg.name[len(strip) + 1:]
+    seq_axis: dict[fx.Node, int] = {}
+    programs = []
+
+    def rows_of(nodes: list[fx.Node]) -> list[tuple[fx.Node, dict]]:
+        outs = []
+        for o in nodes:
+            ax = axes_of.get(o) or {}
+            if len(ax) != 1 or list(ax.values())[0] != (1, 1):
+                raise PassError(f"stream-bp: {op_name(o)} at {_where(o, strip)} crosses a layer "
+                                "boundary without a single sequence axis",
+                                "layers must pass batch x seq x hidden tensors")
+            seq_axis[o] = next(iter(ax))
+            outs.append((o, {seq_axis[o]: ("s", "e")}))
+        return outs
+
+    for seg in segments:
+        stash = stashed_keys_values(seg, infos)
+        main = chunk_program.build(gm, seg.inputs + stash, rows_of(seg.outputs), trainable,
+                                   infos, axes_of, T)
+        kv = chunk_program.build(gm, seg.inputs, rows_of(stash), trainable, infos, axes_of, T) \
+            if stash else None
+        programs.append(SegmentPrograms(main, kv, stash))
+    return Plan(graph, T, segments, programs, seq_axis, kinds)
+
+
+def _use_is_causal(gm: fx.GraphModule, masks: set[fx.Node]) -> None:
+    """SDPA with a mask equal to the causal one -> ``is_causal=True`` and no mask, so
+    chunks run the mask-free kernel and the mask is never built."""
+    for node in gm.graph.nodes:
+        if node.target is SDPA and sdpa_args(node)["attn_mask"] in masks:
+            a = sdpa_args(node)
+            node.args = (a["query"], a["key"], a["value"])
+            node.kwargs = {"is_causal": True, **({"scale": a["scale"]} if a["scale"] is not None else {}),
+                           **({"enable_gqa": True} if a["enable_gqa"] else {})}
+    gm.graph.eliminate_dead_code()
+
+
+def _check_masks(gm, grad, infos, axes_of, T, chunk, graph, strip) -> set[fx.Node]:
+    """An attention with an explicit mask is causal only if the mask says so: check its
+    values on the captured inputs, a block of query rows at a time. Returns the masks
+    that are exactly the causal mask on these inputs."""
+    seen: set[fx.Node] = set()
+    exact: set[fx.Node] = set()
+    for node in gm.graph.nodes:
+        if node.target is not SDPA or node not in grad or infos[node].kind != CAUSAL:
+            continue
+        a = sdpa_args(node)
+        mask = a["attn_mask"]
+        if a["is_causal"] or mask in seen:
+            continue
+        seen.add(mask)
+        rank = len(shape_of(mask))
+        ax = axes_of.get(mask) or {}
+        where = _where(node, strip)
+        if rank - 2 not in ax or rank - 1 not in ax:
+            raise PassError(f"stream-bp: {op_name(node)} at {where} is non-causal attention "
+                            "(its mask does not order queries and keys)",
+                            "stream-bp applies to causal (decoder) attention only")
+        probe = chunk_program.build(gm, [], [(mask, {rank - 2: ("s", "e"), rank - 1: ("0", "T")})],
+                                    set(), infos, axes_of, T)
+        user = [graph.example_inputs[[p.name for p in gm.graph.nodes if p.op == "placeholder"].index(n)]
+                for n in probe.user_inputs]
+        is_exact = True
+        for s in range(0, T, chunk):
+            e = min(T, s + chunk)
+            with torch.no_grad():
+                (m,) = probe(s, e, [], user, [])
+            allowed = m if m.dtype == torch.bool else m > float("-inf")
+            later = torch.arange(T)[None, :] > torch.arange(s, e)[:, None]
+            if (allowed & later).any():
+                raise PassError(f"stream-bp: {op_name(node)} at {where} is non-causal attention "
+                                "(its mask lets a token see later tokens)",
+                                "stream-bp applies to causal (decoder) attention only")
+            is_exact = is_exact and bool((allowed | later).all())
+        if is_exact:
+            exact.add(mask)
+    return exact
+
+
+def shifted_labels(labels: torch.Tensor) -> torch.Tensor:
+    """labels[:, t+1] at position t; the last position predicts nothing."""
+    out = torch.full_like(labels, IGNORE_INDEX)
+    out[:, :-1] = labels[:, 1:]
+    return out
+
+
+def _upcast(logits: torch.Tensor) -> torch.Tensor:
+    """Cross entropy in at least fp32 (half-precision logits lose the normaliser)."""
+    return logits if logits.dtype in (torch.float32, torch.float64) else logits.float()
+
+
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Reference loss: mean next-token cross entropy over valid shifted labels."""
+    target = shifted_labels(labels)
+    count = (target != IGNORE_INDEX).sum().clamp(min=1)
+    loss = F.cross_entropy(_upcast(logits.reshape(-1, logits.shape[-1])), target.reshape(-1),
+                           ignore_index=IGNORE_INDEX, reduction="sum")
+    return loss / count
+
+
+def _rows(value: torch.Tensor, axis: int, rng: tuple[str, str], s: int, e: int) -> torch.Tensor:
+    start = 0 if rng[0] == "0" else s
+    end = e if rng[1] == "e" else value.shape[axis]
+    return value.narrow(axis, start, end - start)
+
+
+class _Runner:
+    """Calls chunk programs with live inputs; gradient buffers for boundary values."""
+
+    def __init__(self, plan: Plan, live: nn.Module, inputs: dict[str, torch.Tensor]):
+        self.plan, self.inputs = plan, inputs
+        self.params = dict(live.named_parameters(remove_duplicate=False))
+        self.values: dict[fx.Node, torch.Tensor] = {}   # full values, no autograd
+        self.grads: dict[fx.Node, torch.Tensor] = {}    # full gradient buffers
+
+    def call(self, prog: ChunkProgram, s: int, e: int, track: bool) -> tuple[tuple, list]:
+        """Run rows [s, e); with ``track``, boundary rows become leaves whose gradients
+        are added to the buffers by :meth:`collect`."""
+        leaves = []
+        args = []
+        for b, rng in zip(prog.boundary, prog.boundary_ranges):
+            x = _rows(self.values[b], self.plan.seq_axis[b], rng, s, e)
+            if track:
+                x = x.detach().requires_grad_()
+                leaves.append((b, rng, x))
+            args.append(x)
+        outs = prog(s, e, args, [self.inputs[n] for n in prog.user_inputs],
+                    [self.params[p] for p in prog.params])
+        return outs, leaves
+
+    def collect(self, leaves: list, s: int, e: int) -> None:
+        for b, rng, x in leaves:
+            if x.grad is None:
+                continue
+            if b not in self.grads:
+                self.grads[b] = torch.zeros_like(self.values[b])
+            _rows(self.grads[b], self.plan.seq_axis[b], rng, s, e).add_(x.grad)
+
+    def stash(self, seg_progs: SegmentPrograms) -> None:
+        """Keys/values of every row, once per layer; a copy when they are views of a
+        larger tensor (a fused qkv projection), so the rest of it can be freed."""
+        if seg_progs.kv is None:
+            return
+        with torch.no_grad():
+            for node, v in zip(seg_progs.stash, self.call(seg_progs.kv, 0, self.plan.T, False)[0]):
+                if v.untyped_storage().nbytes() > v.numel() * v.element_size():
+                    v = v.clone()
+                self.values[node] = v
+
+    def full(self, seg_progs: SegmentPrograms) -> tuple:
+        self.stash(seg_progs)
+        with torch.no_grad():
+            return self.call(seg_progs.main, 0, self.plan.T, False)[0]
+
+    def backward_chunks(self, prog: ChunkProgram, outputs: list[fx.Node], chunk: int) -> None:
+        T = self.plan.T
+        out_grads = [self.grads.pop(o, None) for o in outputs]
+        for s in range(0, T, chunk):
+            e = min(T, s + chunk)
+            outs, leaves = self.call(prog, s, e, True)
+            pairs = [(y, g.narrow(self.plan.seq_axis[o], s, e - s))
+                     for y, g, o in zip(outs, out_grads, outputs) if g is not None and y.requires_grad]
+            if pairs:
+                torch.autograd.backward([p[0] for p in pairs], [p[1] for p in pairs])
+            self.collect(leaves, s, e)
+            del outs, leaves, pairs
+
+
+def run_step(plan: Plan, live: nn.Module, inputs: dict[str, torch.Tensor], labels: torch.Tensor,
+             chunk: int, logits_chunk: int, normalizer: float | torch.Tensor) -> torch.Tensor:
+    """Forward + chunked backward; gradients accumulate in the live parameters' ``.grad``."""
+    T = plan.T
+    target = shifted_labels(labels)
+    run = _Runner(plan, live, inputs)
+    for seg, progs in zip(plan.segments[:-1], plan.programs[:-1]):
+        for o, v in zip(seg.outputs, run.full(progs)):
+            run.values[o] = v
+        for node in progs.stash:
+            run.values.pop(node, None)  # recomputed when this layer's backward runs
+    total = torch.zeros((), dtype=torch.float64)
+    head = plan.programs[-1].main
+    for s in range(0, T, logits_chunk):
+        e = min(T, s + logits_chunk)
+        (logits,), leaves = run.call(head, s, e, True)
+        part = F.cross_entropy(_upcast(logits.reshape(-1, logits.shape[-1])),
+                               target[:, s:e].reshape(-1), ignore_index=IGNORE_INDEX,
+                               reduction="sum") / normalizer
+        if part.requires_grad:
+            part.backward()
+        run.collect(leaves, s, e)
+        total += part.detach().double()
+        del logits, part, leaves
+    for seg, progs in zip(reversed(plan.segments[:-1]), reversed(plan.programs[:-1])):
+        run.stash(progs)
+        run.backward_chunks(progs.main, seg.outputs, chunk)
+        for node in seg.outputs:
+            run.values.pop(node, None)
+        if progs.kv is not None:
+            for node in progs.stash:
+                run.values.pop(node)
+            run.backward_chunks(progs.kv, progs.stash, chunk)
+    return total
+
+
+def default_chunk(T: int, chunk: int | None, n_chunks: int | None) -> int:
+    if chunk is not None:
+        return max(1, int(chunk))
+    return max(1, math.ceil(T / (n_chunks or 4)))
