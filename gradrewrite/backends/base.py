@@ -53,7 +53,7 @@ def register_backend(name: str):
 
 
 def _load_builtin() -> None:
-    from . import ort, torch_backend, tvm  # noqa: F401  (registration side effect)
+    from . import mcu, ort, torch_backend, tvm  # noqa: F401  (registration side effect)
 
 
 def backend_names() -> list[str]:
