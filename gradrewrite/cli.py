@@ -86,8 +86,9 @@ def main(debug: bool) -> None:
 @click.option("--passes", "-p", metavar="PIPELINE", help='Pass pipeline, e.g. "fold-bn,dce".')
 @click.option("--recipe", type=click.Path(path_type=str), help="TOML recipe with [[pass]] tables.")
 @click.option("--backend", "-b", default="torch", show_default=True, help="torch, ort, tvm, or auto (build all, keep the fastest correct one).")
-@click.option("--target", type=click.Choice(["auto", "llvm", "cuda"]), default=None,
-              help="TVM target (default auto: cuda when a GPU is present, else the host CPU).")
+@click.option("--target", type=click.Choice(["auto", "llvm", "cuda", "cortex-m4", "cortex-m7", "host"]), default=None,
+              help="TVM target (default auto: cuda when a GPU is present, else the host CPU); "
+                   "mcu target: cortex-m4, cortex-m7 or host.")
 @click.option("--tune-trials", type=int, default=None,
               help="TVM MetaSchedule trials (default 64 for --backend tvm; 0 = untuned, 30-60x slower on CPU).")
 @click.option("--tune-cache", type=click.Path(path_type=str), default=None,
@@ -95,15 +96,31 @@ def main(debug: bool) -> None:
 @click.option("--opset", type=int, default=None, help="ONNX opset for --backend ort (default 18).")
 @click.option("--external-data/--no-external-data", default=None,
               help="Store ONNX weights in model.onnx.data (default: only above 1 GiB).")
+@click.option("--ram-kb", type=int, default=None, help="mcu: SRAM budget in KB the firmware must link within (default 320).")
+@click.option("--flash-kb", type=int, default=None, help="mcu: flash budget in KB (default 1024).")
 @click.option("-o", "--out", required=True, type=click.Path(path_type=str), help="Artifact directory to write.")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
 @click.option("--seed", default=0, show_default=True, help="Seed for verification inputs.")
 @click.option("--verify-inputs", default=3, show_default=True, help="Random inputs compared against the original.")
 @click.option("--dump-graphs", is_flag=True, help="Write the graph after every pass to OUT/graphs/.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress output.")
+@click.option("--calib", type=click.Path(path_type=str), default=None,
+              help="Calibration inputs for passes that need data (quantize): .npz (arrays = model inputs "
+                   "in order or by name, first axis = samples) or .pt (loaded with weights_only=True).")
+@click.option("--train", is_flag=True, help="Compile one training step (forward, loss, backward, SGD update).")
+@click.option("--loss", "loss_name", type=click.Choice(["cross_entropy", "mse"]), default="cross_entropy",
+              show_default=True, help="--train: the loss.")
+@click.option("--optimizer", type=click.Choice(["sgd"]), default="sgd", show_default=True, help="--train: optimizer.")
+@click.option("--lr", type=float, default=0.01, show_default=True, help="--train: learning rate.")
+@click.option("--momentum", type=float, default=0.0, show_default=True, help="--train: SGD momentum.")
+@click.option("--label", "label_spec", metavar="SPEC", default=None,
+              help="--train: labels input spec (default: int64 class ids for cross_entropy, the output's "
+                   "shape for mse), e.g. 8:int64:10.")
 @_friendly
 def compile_cmd(model, module, inputs, trust_pickle, passes, recipe, backend, target, tune_trials, tune_cache,
-                opset, external_data, out, force, seed, verify_inputs, dump_graphs, quiet):
+                opset, external_data, ram_kb, flash_kb, out, force, seed, verify_inputs, dump_graphs, quiet,
+                calib=None, train=False, loss_name="cross_entropy", optimizer="sgd", lr=0.01, momentum=0.0,
+                label_spec=None):
     """Capture MODEL, run passes, lower it with a backend and write the artifact to OUT.
 
     MODEL is a torch.export .pt2 file, an .onnx file, a pickled .pt/.pth module (with
@@ -118,11 +135,21 @@ def compile_cmd(model, module, inputs, trust_pickle, passes, recipe, backend, ta
         get_backend(backend)
     check_out_free(out, force)  # before the slow capture
     graph = _load(model, module, inputs, trust_pickle, seed)
+    calibration = _calibration(calib, graph)
+    if train:  # inference passes before the first training pass (fold-bn) run before capture
+        graph, before, passes = _before_training(graph, passes, recipe, seed)
+        recipe = None
+        graph = _train_step(graph, loss_name, optimizer, lr, momentum, label_spec, seed)
+        graph.meta["train_step"]["captured_after"] = [sp.text() for sp in before]
+    elif label_spec:
+        from .errors import ConfigError
+        raise ConfigError("--label applies only with --train", "add --train or drop --label")
     backend_options = _backend_options(backend, opset=opset, external_data=external_data, target=target,
-                                       tune_trials=tune_trials, tune_cache=tune_cache, quiet=quiet)
+                                       tune_trials=tune_trials, tune_cache=tune_cache, ram_kb=ram_kb,
+                                       flash_kb=flash_kb, quiet=quiet)
     opts = CompileOptions(passes=passes, recipe=recipe, backend=backend, seed=seed,
                           verify_inputs=verify_inputs, dump_graphs=dump_graphs, force=force,
-                          backend_options=backend_options)
+                          backend_options=backend_options, calibration=calibration)
     art = compile_graph(graph, out, opts, model_file=model, console=None if quiet else err_console)
     r = art.report
     v = r["verification"]
@@ -132,11 +159,53 @@ def compile_cmd(model, module, inputs, trust_pickle, passes, recipe, backend, ta
                f"over {v['inputs_compared']} inputs")
     if not v.get("checked", True):
         summary += " (lossy pipeline: error measured, not checked)"
-    if lat:
+    if "median" in lat:
         summary += f", {lat['median']:.3g} ms median latency"
+    runtime = r.get("mcu", {}).get("runtime", {})
+    if "instructions" in runtime:
+        summary += (f", {runtime['instructions'] / 1e6:.3g} M instructions per inference "
+                    f"(QEMU, not cycles), stack {runtime['stack_peak_bytes']} B")
     if "auto" in r:
         summary += f"; auto chose {r['auto']['chosen']}: {r['auto']['reason']}"
     click.echo(summary)
+
+
+def _calibration(path, graph):
+    """--calib FILE -> calibration samples for the graph's inputs (None without the flag)."""
+    if not path:
+        return None
+    from .rewrite.calibration import load_calibration
+
+    return load_calibration(path, graph.inputs)
+
+
+def _before_training(graph, passes, recipe, seed):
+    """Run the pipeline's leading inference passes (those not needing a training step,
+    e.g. fold-bn) on the inference graph; return it and the rest of the pipeline."""
+    from .compiler import pipeline_specs, run_pipeline
+    from .rewrite.pipeline import build_passes
+
+    specs = pipeline_specs(passes, recipe)
+    built = build_passes(specs)
+    n = next((i for i, p in enumerate(built) if "training-step" in getattr(p, "requires", ())), len(specs))
+    if n:
+        run_pipeline(graph, specs[:n], seed=seed)
+    return graph, specs[:n], specs[n:]
+
+
+def _train_step(graph, loss_name, optimizer, lr, momentum, label_spec, seed):
+    """The inference graph -> one training-step graph; labels are an extra input."""
+    import torch
+
+    from .rewrite.capture import parse_input_spec
+    from .rewrite.train_step import capture_train_step, default_labels
+
+    out = graph(*graph.example_inputs)[0]
+    spec = parse_input_spec(label_spec, len(graph.inputs)) if label_spec else default_labels(loss_name, out)
+    labels = spec.random(torch.Generator().manual_seed(seed))
+    with err_console.status("capturing the training step …"):
+        return capture_train_step(graph, loss_name, (*graph.example_inputs, labels), optimizer=optimizer,
+                                  lr=lr, momentum=momentum)
 
 
 def _backend_options(backend: str, *, quiet: bool, **given) -> dict:
@@ -144,6 +213,8 @@ def _backend_options(backend: str, *, quiet: bool, **given) -> dict:
     from .errors import ConfigError
 
     per_backend = {"ort": ("opset", "external_data"), "tvm": ("target", "tune_trials", "tune_cache")}
+    if backend == "mcu":  # not an auto candidate, so its flags are routed only when named
+        per_backend["mcu"] = ("target", "ram_kb", "flash_kb")
     chosen = {k: v for k, v in given.items() if v is not None}
     if backend == "auto":  # every flag goes to the backend it belongs to, and only there
         return {name: _backend_options(name, quiet=quiet, **{k: v for k, v in chosen.items() if k in flags})
@@ -186,8 +257,11 @@ def _tvm_progress(event: dict) -> None:
 @click.option("--seed", default=0, show_default=True)
 @click.option("-o", "--output", default="outputs.npz", show_default=True, type=click.Path(path_type=str),
               help="Where to write the outputs (.npz, keys output_0, output_1, …).")
+@click.option("--compare", is_flag=True,
+              help="mcu artifacts: check the outputs against the reference (int8: bit-exact against the "
+                   "integer reference; fp32: within rounding of the torch backend).")
 @_friendly
-def run_cmd(artifact, inputs, use_random, seed, output):
+def run_cmd(artifact, inputs, use_random, seed, output, compare):
     """Run a compiled ARTIFACT directory and write its outputs."""
     import numpy as np
 
@@ -195,6 +269,10 @@ def run_cmd(artifact, inputs, use_random, seed, output):
     from .errors import InputError
 
     art = Artifact(artifact)
+    if compare and art.backend != "mcu":
+        from .errors import ConfigError
+        raise ConfigError(f"--compare checks mcu artifacts; {artifact!r} is a {art.backend} artifact",
+                          "drop --compare (compile already verified it against the original model)")
     if use_random == bool(inputs):
         raise InputError("give the inputs with --input FILE.npy (one per input) or pass --random",
                          "see `gradrewrite run --help`")
@@ -208,15 +286,22 @@ def run_cmd(artifact, inputs, use_random, seed, output):
         arrays = []
         for path in inputs:
             arrays.extend(_read_arrays(Path(path)))
-    outputs = art(*arrays)
     out = Path(output)
     if out.suffix != ".npz":
         raise InputError(f"output file {output!r} must end in .npz", "e.g. -o outputs.npz")
+    outputs = art(*arrays)
+    checked = None
+    if compare:  # before writing: a failed check leaves no outputs behind
+        from .backends.mcu.reference import compare as mcu_compare
+        checked = mcu_compare(art.path / "mcu", arrays, outputs)
     tmp = out.with_name(f".{out.name}.tmp.npz")
     np.savez(tmp, **{f"output_{i}": o for i, o in enumerate(outputs)})
     tmp.replace(out)
     for i, o in enumerate(outputs):
         click.echo(f"output_{i}: {'x'.join(map(str, o.shape))} {o.dtype}")
+    if checked is not None:
+        click.echo(f"compare: ok ({checked['mode']}; max abs error {checked['max_abs_error']:.3g}, "
+                   f"relative {checked['relative_error']:.3g})")
     click.echo(f"wrote {output}")
 
 
@@ -247,8 +332,13 @@ def _read_arrays(path: Path):
 @click.option("--diff", "show_diff", is_flag=True, help="Compare the graph before and after the passes.")
 @click.option("--weights", is_flag=True, help="List weights as their own rows/nodes (table, dot).")
 @click.option("-o", "--output", type=click.Path(path_type=str), help="Write to a file instead of stdout.")
+@click.option("--calib", type=click.Path(path_type=str), default=None,
+              help="Calibration inputs for the passes (.npz or .pt, as for compile).")
+@click.option("--train", is_flag=True, help="Inspect the training step (cross-entropy, SGD) and its memory plan.")
+@click.option("--lr", type=float, default=0.01, show_default=True, help="--train: learning rate.")
 @_friendly
-def inspect_cmd(model, module, inputs, trust_pickle, passes, recipe, fmt, show_diff, weights, output):
+def inspect_cmd(model, module, inputs, trust_pickle, passes, recipe, fmt, show_diff, weights, output,
+                calib=None, train=False, lr=0.01):
     """Show MODEL's graph (optionally after passes, with a diff) as a table, dot, JSON or HTML."""
     from .compiler import pipeline_specs, run_pipeline
     from .errors import ConfigError
@@ -260,11 +350,25 @@ def inspect_cmd(model, module, inputs, trust_pickle, passes, recipe, fmt, show_d
     if show_diff and not specs:
         raise ConfigError("--diff needs --passes or --recipe", "name the pipeline to compare against")
     before = _load(model, module, inputs, trust_pickle)
+    if train:
+        before = _train_step(before, "cross_entropy", "sgd", lr, 0.0, None, 0)
     after = None
+    error_tables: list[str] = []
     if specs:
+        from .passes.quantize.error_report import error_tables as quant_error_tables
+        from .rewrite.registry import PassContext
+
         after = before.clone()
-        run_pipeline(after, specs, verify=True)
+        ctx = PassContext(calibration=_calibration(calib, before))
+        error_tables = quant_error_tables(run_pipeline(after, specs, verify=True, ctx=ctx).reports())
     title = Path(model).name if model else (module or "model")
+    if train and fmt == "table":  # the static memory plan of the (rewritten) training step
+        from .rewrite.memory_plan import memory_report
+
+        mem = memory_report(after or before)
+        click.echo("memory plan: " + ", ".join(
+            f"{k.removesuffix('_bytes')} {v / 1024:.1f} KB" for k, v in mem.items() if k.endswith("_bytes")),
+            err=True)
     if fmt == "svg":
         text = gi.render_svg(gi.render("dot", before, after, show_diff=show_diff, title=title,
                                        weights=weights))
@@ -272,6 +376,8 @@ def inspect_cmd(model, module, inputs, trust_pickle, passes, recipe, fmt, show_d
             raise ConfigError("--format svg needs graphviz's `dot`", "apt-get install graphviz, or use --format html")
     else:
         text = gi.render(fmt, before, after, show_diff=show_diff, title=title, weights=weights)
+    if fmt == "table" and error_tables:  # quantize's per-layer error report follows the graph
+        text = "\n\n".join([text.rstrip("\n"), *error_tables])
     if output:
         out = Path(output)
         tmp = out.with_name(f".{out.name}.tmp")
@@ -282,8 +388,39 @@ def inspect_cmd(model, module, inputs, trust_pickle, passes, recipe, fmt, show_d
         desc_after = gi.describe(after or before, title=title)
         changes = gi.diff(gi.describe(before, title=title), desc_after) if show_diff else None
         gi.print_table(desc_after, out_console, changes, weights=weights)
+        for table in error_tables:
+            click.echo("\n" + table)
     else:
         click.echo(text)
+
+
+@main.command("check")
+@click.argument("model", required=False, type=click.Path(dir_okay=True, path_type=str))
+@_model_options
+@click.option("--passes", "-p", metavar="PIPELINE", help="Check the graph after this pipeline.")
+@click.option("--recipe", type=click.Path(path_type=str))
+@click.option("--target", type=click.Choice(["cortex-m4", "cortex-m7", "host"]), default="cortex-m4",
+              show_default=True, help="mcu target to check against.")
+@_friendly
+def check_cmd(model, module, inputs, trust_pickle, passes, recipe, target):
+    """List every op of MODEL the mcu backend cannot generate (exit 1 if any), before building."""
+    from .backends.mcu.check import check_graph
+    from .compiler import pipeline_specs, run_pipeline
+    from .rewrite.pipeline import build_passes
+
+    specs = pipeline_specs(passes, recipe)
+    build_passes(specs)
+    graph = _load(model, module, inputs, trust_pickle)
+    if specs:
+        run_pipeline(graph, specs, verify=True)
+    problems = check_graph(graph, target)
+    for p in problems:
+        click.echo(p.line())
+    if problems:
+        click.echo(f"{len(problems)} op(s) cannot be generated for {target}; rewrite them with a pass "
+                   "or export the model without them", err=True)
+        sys.exit(1)
+    click.echo(f"all {graph.node_count()} ops can be generated for {target}")
 
 
 @main.command("passes")

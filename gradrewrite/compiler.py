@@ -47,6 +47,7 @@ class CompileOptions:
     latency_runs: int = 20
     backend_options: dict[str, Any] = field(default_factory=dict)
     force: bool = False
+    calibration: Any = None  # samples for passes that observe data (see rewrite/calibration.py)
 
 
 def pipeline_specs(passes: str | Sequence[PassSpec] | None, recipe: str | Path | None) -> list[PassSpec]:
@@ -102,7 +103,12 @@ def compile_graph(graph: Graph, out: str | Path, options: CompileOptions | None 
         if console is not None:
             from .rewrite.pass_manager import Progress
             instruments.append(Progress(console))
-        result = PassManager(passes, instruments).run(graph, PassContext(seed=opts.seed))
+        progress = None
+        if console is not None and opts.calibration is not None:
+            from .rewrite.calibration import ConsoleProgress
+            progress = ConsoleProgress(console)
+        result = PassManager(passes, instruments).run(
+            graph, PassContext(seed=opts.seed, calibration=opts.calibration, progress=progress))
 
         if graph.meta.get("pending_training"):
             kind = graph.meta["pending_training"]
@@ -128,13 +134,19 @@ def compile_graph(graph: Graph, out: str | Path, options: CompileOptions | None 
             runner, verification = chosen.runner, chosen.verification
         else:
             runner = backend.load(tmp, {"files": artifact.files})
-            verification = _verify_artifact(runner, original, opts)
+            # a training step's passes change what it returns (the trained parameters):
+            # its artifact is checked against the rewritten step itself
+            verification = _verify_artifact(runner, graph if graph.meta.get("train_step") else original,
+                                            opts)
         if exact and verification["relative_error"] > opts.rel_tol:
             raise VerificationError(
                 f"the {backend.name} artifact disagrees with the original model: relative error "
                 f"{verification['relative_error']:.3g} > {opts.rel_tol:g}",
                 "check the backend's op support; --backend torch gives the reference")
-        latency = _latency(runner, original, opts.latency_runs)
+        # an emulator's wall time says nothing about the device: such backends report
+        # their own measure (the mcu backend: instructions per inference under QEMU)
+        skip = artifact.info.get("no_wall_latency")
+        latency = {"skipped": skip} if skip else _latency(runner, original, opts.latency_runs)
 
         (tmp / "graph_before.txt").write_text(original.text())
         (tmp / "graph_after.txt").write_text(graph.text())
@@ -160,6 +172,14 @@ def compile_graph(graph: Graph, out: str | Path, options: CompileOptions | None 
         }
         if auto_table is not None:
             report["auto"] = auto_table
+        if "mcu" in report["artifact"]:  # the mcu backend's arena/flash facts: their own section
+            report["mcu"] = report["artifact"].pop("mcu")
+        if graph.meta.get("train_step"):  # the training step's static memory plan
+            from .rewrite.memory_plan import memory_report
+            report["train_step"] = {k: graph.meta["train_step"][k]
+                                    for k in ("optimizer", "loss_fn", "outputs", "captured_after")
+                                    if k in graph.meta["train_step"]}
+            report["memory_plan"] = memory_report(graph)
         _write_json(tmp / "report.json", report)
         _write_json(tmp / "manifest.json", _manifest(tmp, opts, specs, model_file, graph))
         _replace_dir(tmp, out)
