@@ -31,14 +31,11 @@ import json
 import subprocess
 import sys
 import time
-import weakref
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
 from torch.utils.checkpoint import checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -47,34 +44,10 @@ sys.path.insert(0, str(ROOT))
 from benchmarks import _report  # noqa: E402
 from examples.models import tiny_gpt  # noqa: E402
 from gradrewrite.passes.stream_bp import StreamBP, causal_lm_loss  # noqa: E402
+from gradrewrite.passes.stream_bp.live_bytes import LiveBytes  # noqa: E402
 
 MiB = 2 ** 20
 ANCHOR = "StreamBP paper: 2.8-5.5x the sequence length of gradient checkpointing at comparable time"
-
-
-class LiveBytes(TorchDispatchMode):
-    """Deterministic peak of live tensor storage bytes created inside the mode."""
-
-    def __init__(self):
-        super().__init__()
-        self.live = self.peak = 0
-        self.sizes: dict[int, int] = {}
-
-    def _free(self, key: int) -> None:
-        self.live -= self.sizes.pop(key)
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in tree_leaves(out):
-            if isinstance(t, torch.Tensor) and not t.is_meta:
-                st = t.untyped_storage()
-                key = st.data_ptr()
-                if key and key not in self.sizes:
-                    self.sizes[key] = st.nbytes()
-                    self.live += st.nbytes()
-                    self.peak = max(self.peak, self.live)
-                    weakref.finalize(st, self._free, key)
-        return out
 
 
 class Checkpointed(nn.Module):

@@ -108,8 +108,8 @@ def main(debug: bool) -> None:
               help="Calibration inputs for passes that need data (quantize): .npz (arrays = model inputs "
                    "in order or by name, first axis = samples) or .pt (loaded with weights_only=True).")
 @click.option("--train", is_flag=True, help="Compile one training step (forward, loss, backward, SGD update).")
-@click.option("--loss", "loss_name", type=click.Choice(["cross_entropy", "mse"]), default="cross_entropy",
-              show_default=True, help="--train: the loss.")
+@click.option("--loss", "loss_name", type=click.Choice(["cross_entropy", "mse", "causal_lm"]), default="cross_entropy",
+              show_default=True, help="--train: the loss (causal_lm: next-token cross entropy, with -p stream-bp).")
 @click.option("--optimizer", type=click.Choice(["sgd"]), default="sgd", show_default=True, help="--train: optimizer.")
 @click.option("--lr", type=float, default=0.01, show_default=True, help="--train: learning rate.")
 @click.option("--momentum", type=float, default=0.0, show_default=True, help="--train: SGD momentum.")
@@ -136,6 +136,9 @@ def compile_cmd(model, module, inputs, trust_pickle, passes, recipe, backend, ta
     check_out_free(out, force)  # before the slow capture
     graph = _load(model, module, inputs, trust_pickle, seed)
     calibration = _calibration(calib, graph)
+    if train and (loss_name == "causal_lm" or any(s.name == "stream-bp" for s in pipeline_specs(passes, recipe))):
+        return _stream_bp_train(graph, out, pipeline_specs(passes, recipe), loss_name, backend, label_spec,
+                                seed, force, model, quiet)
     if train:  # inference passes before the first training pass (fold-bn) run before capture
         graph, before, passes = _before_training(graph, passes, recipe, seed)
         recipe = None
@@ -168,6 +171,19 @@ def compile_cmd(model, module, inputs, trust_pickle, passes, recipe, backend, ta
     if "auto" in r:
         summary += f"; auto chose {r['auto']['chosen']}: {r['auto']['reason']}"
     click.echo(summary)
+
+
+def _stream_bp_train(graph, out, specs, loss_name, backend, label_spec, seed, force, model, quiet):
+    """--train with stream-bp (--loss causal_lm): a StreamBP training-step artifact."""
+    from .passes.stream_bp.train_artifact import compile_train
+
+    art = compile_train(graph, out, specs, loss=loss_name, backend=backend, label_spec=label_spec, seed=seed,
+                        force=force, model_file=model, log=None if quiet else err_console.log)
+    s = art.report["stream_bp"]
+    check, mem = s["gradient_check"], s["gradient_check"]["peak_live_bytes"]
+    click.echo(f"wrote {out}: StreamBP training step, {s['layers']} layers, chunk {s['chunk']} (logits "
+               f"{s['logits_chunk']}); gradients vs autograd: max relative error "
+               f"{check['max_relative_error']:.3g}; peak live bytes {mem['autograd']} -> {mem['stream_bp']}")
 
 
 def _calibration(path, graph):
@@ -260,8 +276,10 @@ def _tvm_progress(event: dict) -> None:
 @click.option("--compare", is_flag=True,
               help="mcu artifacts: check the outputs against the reference (int8: bit-exact against the "
                    "integer reference; fp32: within rounding of the torch backend).")
+@click.option("--labels", "labels_path", type=click.Path(path_type=str), default=None,
+              help="stream-bp training artifacts: a .npy of label ids shaped like the input (default: the input).")
 @_friendly
-def run_cmd(artifact, inputs, use_random, seed, output, compare):
+def run_cmd(artifact, inputs, use_random, seed, output, compare, labels_path=None):
     """Run a compiled ARTIFACT directory and write its outputs."""
     import numpy as np
 
@@ -289,7 +307,7 @@ def run_cmd(artifact, inputs, use_random, seed, output, compare):
     out = Path(output)
     if out.suffix != ".npz":
         raise InputError(f"output file {output!r} must end in .npz", "e.g. -o outputs.npz")
-    outputs = art(*arrays)
+    outputs = art(*arrays, **({"labels": _read_arrays(Path(labels_path))[0]} if labels_path else {}))
     checked = None
     if compare:  # before writing: a failed check leaves no outputs behind
         from .backends.mcu.reference import compare as mcu_compare

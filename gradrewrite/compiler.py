@@ -319,7 +319,11 @@ class Artifact:
                 if name in self.report["artifact"]["files"] and _file_hash(self.path / name) != digest:
                     raise GradrewriteError(f"artifact file {name!r} changed since it was compiled",
                                            "compile it again")
-            self._runner = get_backend(self.backend).load(self.path, self.report["artifact"])
+            if "stream_bp" in self.report:  # a StreamBP training step, run here (backends import no pass)
+                from .passes.stream_bp.train_artifact import load_step
+                self._runner = load_step(self.path, self.report)
+            else:
+                self._runner = get_backend(self.backend).load(self.path, self.report["artifact"])
         return self._runner
 
     def check_inputs(self, inputs: Sequence[np.ndarray]) -> None:
@@ -335,10 +339,15 @@ class Artifact:
                     f"compiled for {'x'.join(map(str, spec['shape']))}:{spec['dtype']}",
                     "pass an array of that shape and dtype, or compile again with --input")
 
-    def __call__(self, *inputs: Any) -> list[np.ndarray]:
+    def __call__(self, *inputs: Any, labels: Any = None) -> list[np.ndarray]:
         arrays = [x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x) for x in inputs]
         self.check_inputs(arrays)
-        return as_numpy(self._run()(*arrays))
+        if labels is None:
+            return as_numpy(self._run()(*arrays))
+        if "stream_bp" not in self.report:
+            raise ConfigError("--labels applies to stream-bp training artifacts only",
+                              "drop --labels (a --train artifact takes its labels as its last --input)")
+        return as_numpy(self._run()(*arrays, labels=np.asarray(labels)))
 
     def __repr__(self) -> str:
         return f"Artifact({str(self.path)!r}, backend={self.backend!r})"

@@ -12,7 +12,8 @@ Modules: ``seq_axis`` (op kinds, sequence-axis tracking), ``partition`` (layers)
 ``api`` (:class:`StreamBP` for training loops). The registered pass checks that a
 captured forward graph can be chunked (naming the op that prevents it) and records the
 chunking config in ``graph.meta["stream_bp"]`` and the report; the chunked training
-step itself runs through :class:`StreamBP` (``compile --train`` is not wired yet).
+step itself runs through :class:`StreamBP`, in a training loop or as the artifact of
+``compile --train --loss causal_lm -p stream-bp(...)`` (``train_artifact``).
 """
 from __future__ import annotations
 
@@ -43,10 +44,10 @@ class StreamBPPass:
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         if graph.meta.get("train_step") or graph.meta.get("training"):
-            raise PassError("stream-bp does not rewrite a captured training-step graph "
-                            "(compile --train) yet",
-                            "run it at training time with gradrewrite.passes.stream_bp.StreamBP "
-                            "(see examples/stream_bp_train.py)")
+            raise PassError("stream-bp does not rewrite a captured training-step graph: it "
+                            "builds its own chunked step from the forward",
+                            "compile with --train --loss causal_lm, or call "
+                            "gradrewrite.passes.stream_bp.StreamBP in a training loop")
         trainable = {name for name, p in graph.gm.named_parameters(remove_duplicate=False)
                      if p.dtype.is_floating_point}
         plan = analyse(graph, graph.gm, self.chunk, trainable)

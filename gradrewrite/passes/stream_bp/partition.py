@@ -66,6 +66,16 @@ def partition(gm: fx.GraphModule, grad: set[fx.Node], output: fx.Node) -> list[S
     else:
         pat = None
     n_layers = len(layer_ids)
+    # Ops without a module path (views, attention, residual adds of a re-exported
+    # program) that feed the last layer's own ops belong to it, not to the epilogue.
+    last = layer_ids[-1] if layer_ids else None
+    feeds_last: set[fx.Node] = set()
+    for node in reversed(calls):
+        for user in node.users:
+            m = pat.match(module_path(user)) if pat else None
+            if user in feeds_last or (m and m.group(1) == last):
+                feeds_last.add(node)
+                break
     seg_of: dict[fx.Node, int] = {}
     for node in calls:
         inputs = [seg_of[i] for i in node.all_input_nodes if i in seg_of]
@@ -78,7 +88,7 @@ def partition(gm: fx.GraphModule, grad: set[fx.Node], output: fx.Node) -> list[S
                                 "computed by a later layer",
                                 "layers must run in order; stream-bp cannot chunk this model")
         else:
-            seg = n_layers + 1 if latest == n_layers and n_layers else latest
+            seg = n_layers + 1 if latest == n_layers and n_layers and node not in feeds_last else latest
         seg_of[node] = seg
     if output not in seg_of:
         raise PassError("stream-bp: the model output does not depend on any trained parameter",

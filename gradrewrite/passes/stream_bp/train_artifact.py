@@ -1,0 +1,198 @@
+"""``compile --train --loss causal_lm -p stream-bp(...)``: a StreamBP training-step artifact.
+
+Compile runs the pipeline's passes before ``stream-bp`` on the inference graph, lets
+``stream-bp`` analyse it (layers, op kinds; it names the op that blocks chunking),
+saves the forward as ``model.pt2`` with the chunking config in ``stream_bp.json``, then
+loads that file back and checks on the example batch that the chunked step's gradients
+equal plain autograd (``report.json["stream_bp"]["gradient_check"]``), and measures the
+deterministic peak of live tensor bytes of both steps.
+
+The artifact runs one training step: ``gradrewrite run OUT --input ids.npy
+[--labels labels.npy]`` (labels default to the ids; ``-100`` is ignored) writes
+``output_0`` = the loss (mean next-token cross entropy over valid shifted labels) and
+``output_1...`` = the gradients of the trained parameters, in the order of
+``report.json["stream_bp"]["outputs"]``. Gradients rather than updated weights: the
+step is exact backprop, the optimizer is the caller's.
+
+The runner lives here (the compiler layer calls it); no backend imports a pass.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from ...errors import ConfigError, InputError, VerificationError
+from ...rewrite.graph import Graph
+from ...rewrite.pipeline import PassSpec
+from .api import StreamBP
+from .executor import IGNORE_INDEX, causal_lm_loss
+from .live_bytes import LiveBytes
+
+PASS = "stream-bp"
+LOSS = "causal_lm"
+CONFIG = "stream_bp.json"
+MODEL = "model.pt2"
+TOLERANCE = {torch.float32: 1e-5, torch.float64: 1e-10}
+
+
+def check_request(specs: Sequence[PassSpec], loss: str, backend: str, label_spec: str | None) -> int:
+    """Refuse what this path cannot do, before any work; returns stream-bp's index."""
+    names = [s.name for s in specs]
+    if PASS not in names:
+        raise ConfigError(f"--loss {LOSS} needs the {PASS} pass (the chunked training step computes it)",
+                          f"add -p \"{PASS}(chunk=1024)\", or use --loss cross_entropy/mse")
+    if loss != LOSS:
+        raise ConfigError(f"{PASS} trains causal language models with --loss {LOSS}, not --loss {loss}",
+                          f"pass --loss {LOSS} (next-token cross entropy), or drop {PASS} for --loss {loss}")
+    at = names.index(PASS)
+    if at != len(names) - 1:
+        raise ConfigError(f"{PASS} must be the last pass of a --train pipeline (found "
+                          f"{', '.join(names[at + 1:])} after it)", f"move {PASS} to the end")
+    if backend != "torch":
+        raise ConfigError(f"{PASS} training artifacts run on --backend torch, not {backend}",
+                          "drop --backend or pass --backend torch")
+    if label_spec:
+        raise ConfigError(f"--label does not apply to --loss {LOSS}: labels default to the input ids",
+                          "give labels at run time: gradrewrite run OUT --input ids.npy --labels labels.npy")
+    return at
+
+
+def _token_input(graph: Graph):
+    if len(graph.inputs) != 1 or graph.inputs[0].dtype.is_floating_point or len(graph.inputs[0].shape) != 2:
+        got = ", ".join(f"{'x'.join(map(str, s.shape))}:{str(s.dtype).removeprefix('torch.')}"
+                        for s in graph.inputs)
+        raise InputError(f"--loss {LOSS} needs a model taking one integer batch x seq tensor of token "
+                         f"ids, this one takes {got}", "pass e.g. --input 1x64:int64:VOCAB")
+    return graph.inputs[0]
+
+
+def compile_train(graph: Graph, out: str | Path, specs: Sequence[PassSpec], *, loss: str = LOSS,
+                  backend: str = "torch", label_spec: str | None = None, seed: int = 0,
+                  force: bool = False, model_file: str | Path | None = None, log=None) -> Any:
+    """Write the StreamBP training-step artifact to ``out``; returns the ``Artifact``."""
+    from ...compiler import (Artifact, CompileOptions, _manifest, _replace_dir, _write_json,
+                             check_out_free, run_pipeline)
+    from ...backends.base import reexport
+
+    log = log or (lambda *a, **k: None)
+    at = check_request(specs, loss, backend, label_spec)
+    spec = _token_input(graph)
+    check_out_free(out, force)
+    out = Path(out)
+    original_nodes = graph.node_count()
+    if at:
+        run_pipeline(graph, list(specs[:at]), seed=seed)  # inference passes first (fold-bn, dce)
+    result = run_pipeline(graph, list(specs[at:]), seed=seed, verify=False)  # analysis only
+    analysis = result.reports()[-1]
+    cfg = graph.meta["stream_bp"]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        log("stream-bp: saving the forward, checking chunked gradients against autograd …")
+        torch.export.save(reexport(graph), str(tmp / MODEL))
+        ids = graph.example_inputs[0]
+        module = torch.export.load(str(tmp / MODEL)).module()
+        check = gradient_check(module, ids, cfg["chunk"], cfg["logits_chunk"])
+        tol = TOLERANCE.get(check.pop("dtype"), 1e-5)
+        if check["max_relative_error"] > tol:
+            raise VerificationError(f"stream-bp gradients differ from autograd: relative error "
+                                    f"{check['max_relative_error']:.3g} > {tol:g}",
+                                    "this is a stream-bp bug; train with plain backprop meanwhile")
+        outputs = ["loss"] + [f"grad:{n}" for n in check.pop("trained")]
+        config = {**cfg, "loss": LOSS, "ignore_index": IGNORE_INDEX, "outputs": outputs}
+        _write_json(tmp / CONFIG, config)
+        files = [MODEL, CONFIG]
+        inputs = [{"name": spec.name, "shape": list(spec.shape),
+                   "dtype": str(spec.dtype).removeprefix("torch."), "high": spec.high}]
+        report = {
+            "format_version": 1, "source": graph.source, "backend": "torch",
+            "target": "torch-eager-cpu", "inputs": inputs, "passes": result.reports(),
+            "nodes": {"before": original_nodes, "after": graph.node_count()},
+            "artifact": {"files": files, "format": "torch.export + stream_bp.json"},
+            "sizes": {f: (tmp / f).stat().st_size for f in files},
+            "stream_bp": {**config, "layers": analysis["report"].get("layers"),
+                          "chunks_per_layer": analysis["report"].get("chunks_per_layer"),
+                          "op_kinds": analysis["report"].get("op_kinds"),
+                          "segments": analysis["report"].get("segments"),
+                          "labels": "--labels FILE.npy (int64, same shape as the ids; default: the ids)",
+                          "gradient_check": {**check, "tolerance": tol,
+                                             "note": "on the example batch; peak live bytes count tensors "
+                                                     "a step creates (activations, gradients), not the "
+                                                     "weights; stream-bp saves memory at long sequences"}},
+        }
+        _write_json(tmp / "report.json", report)
+        opts = CompileOptions(passes=list(specs), backend="torch", seed=seed)
+        _write_json(tmp / "manifest.json", _manifest(tmp, opts, list(specs), model_file, graph))
+        _replace_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return Artifact(out)
+
+
+def _trained(module: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
+    return [(n, p) for n, p in module.named_parameters() if p.requires_grad and p.dtype.is_floating_point]
+
+
+def gradient_check(module: torch.nn.Module, ids: torch.Tensor, chunk: int, logits_chunk: int) -> dict:
+    """Plain autograd vs the StreamBP step on one batch (labels = ids): the worst
+    per-parameter relative error ||g - g_ref|| / ||g_ref||, the loss of both, and the
+    peak live tensor bytes of each step (capture excluded)."""
+    module.zero_grad(set_to_none=True)
+    with LiveBytes() as plain_mem:
+        ref_loss = causal_lm_loss(module(ids), ids)
+        ref_loss.backward()
+    ref = {n: p.grad.clone() for n, p in _trained(module) if p.grad is not None}
+    module.zero_grad(set_to_none=True)
+    sbp = StreamBP(module, chunk=chunk, logits_chunk=logits_chunk)
+    sbp.plan(ids)
+    with LiveBytes() as stream_mem:
+        loss = sbp.backward(ids)
+    worst, worst_at = 0.0, None
+    for n, g in ref.items():
+        p = dict(module.named_parameters())[n]
+        got = p.grad if p.grad is not None else torch.zeros_like(g)
+        err = ((got - g).norm() / g.norm().clamp(min=1e-30)).item()
+        if err >= worst:
+            worst, worst_at = err, n
+    module.zero_grad(set_to_none=True)
+    return {"max_relative_error": worst, "worst_parameter": worst_at,
+            "loss_autograd": ref_loss.item(), "loss_stream_bp": loss.item(),
+            "batch": list(ids.shape), "trained": list(ref),
+            "peak_live_bytes": {"autograd": plain_mem.peak, "stream_bp": stream_mem.peak},
+            "dtype": next(iter(module.parameters())).dtype}
+
+
+class StepRunner:
+    """Loads ``model.pt2`` + ``stream_bp.json``; each call is one StreamBP step."""
+
+    def __init__(self, path: Path):
+        self.config = json.loads((path / CONFIG).read_text())
+        self.module = torch.export.load(str(path / MODEL)).module()
+        self.sbp = StreamBP(self.module, chunk=self.config["chunk"], logits_chunk=self.config["logits_chunk"])
+        self.params = dict(self.module.named_parameters())
+
+    def __call__(self, ids: np.ndarray, labels: np.ndarray | None = None) -> list[np.ndarray]:
+        ids_t = torch.as_tensor(np.asarray(ids))
+        lab = ids_t if labels is None else torch.as_tensor(np.asarray(labels))
+        if lab.shape != ids_t.shape or lab.dtype.is_floating_point:
+            raise InputError(f"labels are shaped {tuple(lab.shape)} {str(lab.dtype).removeprefix('torch.')}, "
+                             f"they must be integer token ids shaped like the input {tuple(ids_t.shape)}",
+                             "save them with numpy.save as int64 (-100 = ignored)")
+        self.module.zero_grad(set_to_none=True)
+        loss = self.sbp.backward(ids_t, labels=lab.to(torch.int64))
+        outs = [loss.to(next(iter(self.params.values())).dtype)]  # accumulated in fp64
+        for name in self.config["outputs"][1:]:
+            p = self.params[name.removeprefix("grad:")]
+            outs.append(p.grad if p.grad is not None else torch.zeros_like(p))
+        return [o.detach().numpy() for o in outs]
+
+
+def load_step(path: str | Path, report: dict) -> StepRunner:
+    return StepRunner(Path(path))
