@@ -44,7 +44,7 @@ sys.path.insert(0, str(ROOT))
 from benchmarks import _report  # noqa: E402
 from examples.models import tiny_gpt  # noqa: E402
 from gradrewrite.passes.stream_bp import StreamBP, causal_lm_loss  # noqa: E402
-from gradrewrite.passes.stream_bp.live_bytes import LiveBytes  # noqa: E402
+from gradrewrite.rewrite.live_bytes import LiveBytes  # noqa: E402
 
 MiB = 2 ** 20
 ANCHOR = "StreamBP paper: 2.8-5.5x the sequence length of gradient checkpointing at comparable time"

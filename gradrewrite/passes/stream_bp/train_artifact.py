@@ -32,7 +32,7 @@ from ...rewrite.graph import Graph
 from ...rewrite.pipeline import PassSpec
 from .api import StreamBP
 from .executor import IGNORE_INDEX, causal_lm_loss
-from .live_bytes import LiveBytes
+from ...rewrite.live_bytes import LiveBytes
 
 PASS = "stream-bp"
 LOSS = "causal_lm"
