@@ -48,6 +48,11 @@ class McuBackend(Backend):
             get_target(target)  # raises with the valid names
         ram_kb = options.get("ram_kb") or DEFAULT_RAM_KB
         flash_kb = options.get("flash_kb") or DEFAULT_FLASH_KB
+        if graph.meta.get("train_step"):  # model_train_step beside model_run (train_host.py)
+            from .train_host import compile_train
+            facts = compile_train(graph, out_dir / PROJECT, target=target)
+            files = sorted(str(p.relative_to(out_dir)) for p in (out_dir / PROJECT).rglob("*") if p.is_file())
+            return BackendArtifact(files, f"mcu-{target}", {"mcu": facts})
         try:
             program = lower(graph, sparse=options.get("sparse", True))
         except Unsupported as exc:
@@ -83,7 +88,11 @@ class McuBackend(Backend):
         if not meta_path.is_file():
             raise BackendError(f"{str(out_dir)!r} has no mcu project (mcu/model.json)",
                                "compile the model with --backend mcu")
-        return make_runner(project, json.loads(meta_path.read_text()))
+        meta = json.loads(meta_path.read_text())
+        if meta.get("train_step"):
+            from .train_host import make_train_runner
+            return make_train_runner(project, meta)
+        return make_runner(project, meta)
 
 
 # fp32 kernels whose results equal ATen's CPU kernels bit for bit: one IEEE operation

@@ -1,0 +1,47 @@
+/* gradrewrite mcu backend: fp32 backward kernels and the in-place SGD update for
+   on-device training. Layouts are PyTorch's (NCHW, OIHW weights, row-major). */
+#ifndef GR_TRAIN_H
+#define GR_TRAIN_H
+#include <stdint.h>
+#include "gr_kernels.h"
+
+/* conv2d input gradient: gx[n,c,h,w] = sum over (oc,kh,kw) of gy * w (overwrites gx). */
+void gr_conv2d_bwd_input_f32(const gr_conv_shape *s, const float *gy, const float *w, float *gx);
+/* the same, adding into gx (a weight split in trained and frozen filters: two calls) */
+void gr_conv2d_bwd_input_acc_f32(const gr_conv_shape *s, const float *gy, const float *w, float *gx);
+/* conv2d weight gradient of the first k output channels (k = s->oc for all);
+   gy holds k channels per image (row stride k*oh*ow); gw is k x (c/groups) x kh x kw. */
+void gr_conv2d_bwd_weight_f32(const gr_conv_shape *s, int32_t k, const float *gy, const float *x, float *gw);
+/* bias gradient: gb[c] = sum over n,h,w of gy[n,c,h,w] (c < k, gy with k channels). */
+void gr_conv2d_bwd_bias_f32(int32_t n, int32_t k, int32_t hw, const float *gy, float *gb);
+/* linear y = x w^T + b, x: rows x kin, w: nout x kin. */
+void gr_linear_bwd_input_f32(const float *gy, const float *w, float *gx, int32_t rows, int32_t kin, int32_t nout);
+void gr_linear_bwd_weight_f32(const float *gy, const float *x, float *gw, int32_t rows, int32_t kin, int32_t nout);
+void gr_linear_bwd_bias_f32(const float *gy, float *gb, int32_t rows, int32_t nout);
+/* relu: gx = gy where y > threshold else 0 (aten.threshold_backward); hardtanh/relu6:
+   gx = gy where lo < x < hi else 0 (aten.hardtanh_backward). */
+void gr_threshold_bwd_f32(const float *gy, const float *y, float threshold, float *gx, int32_t n);
+void gr_hardtanh_bwd_f32(const float *gy, const float *x, float lo, float hi, float *gx, int32_t n);
+/* max pooling that also records, per output, the argmax's flat index in its h*w plane
+   (torch's indices: first maximum in scan order, NaN wins), and its backward. */
+void gr_max_pool2d_idx_f32(const gr_pool_shape *s, const float *x, float *y, int64_t *idx);
+void gr_max_pool2d_bwd_f32(const float *gy, const int64_t *idx, float *gx, int32_t nc, int32_t hw, int32_t ohw);
+/* pooling backward (gx overwritten) */
+void gr_avg_pool2d_bwd_f32(const gr_pool_shape *s, const float *gy, float *gx);
+void gr_adaptive_avg_pool2d_bwd_f32(const float *gy, float *gx, int32_t nc, int32_t h, int32_t w,
+                                    int32_t oh, int32_t ow);
+/* add backward with a broadcast operand: sum gy over the broadcast (outer, inner) axes. */
+void gr_add_bwd_reduce_f32(const float *gy, float *gb, int32_t outer, int32_t mid, int32_t inner);
+/* cross-entropy over log-probabilities (aten.nll_loss_forward/backward, mean reduction,
+   no class weights, ignore_index honoured) and log-softmax backward. */
+void gr_nll_loss_f32(const float *logp, const int64_t *target, float *loss, float *total_weight,
+                     int32_t n, int32_t c, int64_t ignore_index, int32_t mean);
+void gr_nll_loss_bwd_f32(const float *gloss, const int64_t *target, const float *total_weight, float *gx,
+                         int32_t n, int32_t c, int64_t ignore_index, int32_t mean);
+void gr_log_softmax_bwd_f32(const float *gy, const float *logp, float *gx, int32_t rows, int32_t cols);
+/* fused softmax cross-entropy: loss = mean_i(-log softmax(x_i)[t_i]) and, when gx is not
+   NULL, gx = (softmax(x) - onehot(t)) / n. */
+void gr_softmax_xent_f32(const float *x, const int64_t *target, float *loss, float *gx, int32_t n, int32_t c);
+/* SGD in place: p -= lr * g */
+void gr_sgd_f32(float *p, const float *g, float lr, int32_t n);
+#endif
