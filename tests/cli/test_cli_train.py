@@ -20,6 +20,8 @@ def test_compile_train_sparse_update_writes_memory_plan(tmp_path):
     assert mem["sram_bytes"] == mem["arena_bytes"] + mem["trained_weights_bytes"] + mem["inputs_bytes"]
     # fold-bn ran on the inference graph before capture: the folded convs now have biases
     assert report["train_step"]["captured_after"] == ["fold-bn"]
+    # checked against the rewritten step, even though sparse-update changes what moves
+    assert report["verification"]["checked"] is True
     assert [p["name"] for p in report["passes"]] == ["sparse-update"]
     outputs = report["train_step"]["outputs"]
     assert outputs[0] == "loss" and set(outputs[1:]) == {"conv.0.bias", "fc.weight", "fc.bias"}
