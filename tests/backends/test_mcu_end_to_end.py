@@ -14,8 +14,17 @@ import torch
 from tests.backends.test_mcu_firmware import need_tools
 from tests.cli.conftest import assert_user_error, run_cli
 
-ROOT = Path(__file__).resolve().parents[2]
-SMALL_CNN = ROOT / "examples" / "models" / "small_cnn.pt2"
+
+
+@pytest.fixture(scope="module")
+def small_cnn_pt2(tmp_path_factory) -> Path:
+    """small_cnn.pt2 as examples/make_models.py writes it (examples/models/ is not in git)."""
+    from examples.models import small_cnn
+
+    model, inputs = small_cnn()
+    path = tmp_path_factory.mktemp("models") / "small_cnn.pt2"
+    torch.export.save(torch.export.export(model.eval(), inputs), str(path))
+    return path
 
 
 def _input(tmp_path: Path, seed: int = 0) -> tuple[Path, np.ndarray]:
@@ -25,16 +34,16 @@ def _input(tmp_path: Path, seed: int = 0) -> tuple[Path, np.ndarray]:
     return path, x
 
 
-def _eager(x: np.ndarray) -> np.ndarray:
-    module = torch.export.load(str(SMALL_CNN)).module()
+def _eager(pt2: Path, x: np.ndarray) -> np.ndarray:
+    module = torch.export.load(str(pt2)).module()
     with torch.no_grad():
         return module(torch.from_numpy(x)).numpy()
 
 
-def test_fp32_cortex_m4_compile_run_compare(tmp_path):
+def test_fp32_cortex_m4_compile_run_compare(tmp_path, small_cnn_pt2):
     need_tools("cortex-m4")
     out = tmp_path / "out"
-    run_cli("compile", SMALL_CNN, "-p", "fold-bn", "--backend", "mcu", "--target", "cortex-m4",
+    run_cli("compile", small_cnn_pt2, "-p", "fold-bn", "--backend", "mcu", "--target", "cortex-m4",
             "-o", out, "-q", check=True)
     project = out / "mcu"
     assert (project / "firmware.elf").stat().st_size > 0 and (project / "firmware.bin").stat().st_size > 0
@@ -55,16 +64,16 @@ def test_fp32_cortex_m4_compile_run_compare(tmp_path):
     proc = run_cli("run", out, "--input", xpath, "--compare", "-o", tmp_path / "y.npz", check=True)
     assert "compare: ok (fp32, within rounding of the torch reference" in proc.stdout
     y = np.load(tmp_path / "y.npz")["output_0"]
-    ref = _eager(x)
+    ref = _eager(small_cnn_pt2, x)
     assert np.linalg.norm(y - ref) <= 1e-5 * np.linalg.norm(ref)
 
 
-def test_int8_cortex_m7_bit_exact(tmp_path):
+def test_int8_cortex_m7_bit_exact(tmp_path, small_cnn_pt2):
     need_tools("cortex-m7")
     calib = tmp_path / "calib.npz"
     np.savez(calib, x=np.random.default_rng(1).standard_normal((8, 1, 3, 32, 32)).astype(np.float32))
     out = tmp_path / "out"
-    run_cli("compile", SMALL_CNN, "-p", "fold-bn,quantize(mode=static)", "--calib", calib, "--backend", "mcu",
+    run_cli("compile", small_cnn_pt2, "-p", "fold-bn,quantize(mode=static)", "--calib", calib, "--backend", "mcu",
             "--target", "cortex-m7", "-o", out, "-q", check=True)
     facts = json.loads((out / "mcu" / "model.json").read_text())
     assert facts["int8_layers"] > 0 and facts["firmware"]["target"] == "cortex-m7"
@@ -72,14 +81,14 @@ def test_int8_cortex_m7_bit_exact(tmp_path):
     proc = run_cli("run", out, "--input", xpath, "--compare", "-o", tmp_path / "y.npz", check=True)
     assert "compare: ok (int8, bit-exact against the integer reference; max abs error 0," in proc.stdout
     y = np.load(tmp_path / "y.npz")["output_0"]
-    ref = _eager(x)   # quantization error, not a bug: a few percent of the logits' scale
+    ref = _eager(small_cnn_pt2, x)   # quantization error, not a bug: a few percent of the logits' scale
     assert np.linalg.norm(y - ref) <= 0.1 * np.linalg.norm(ref)
 
 
-def test_over_sram_budget_fails_to_link_and_writes_nothing(tmp_path):
+def test_over_sram_budget_fails_to_link_and_writes_nothing(tmp_path, small_cnn_pt2):
     need_tools("cortex-m4")
     out = tmp_path / "out"
-    proc = run_cli("compile", SMALL_CNN, "-p", "fold-bn", "--backend", "mcu", "--target", "cortex-m4",
+    proc = run_cli("compile", small_cnn_pt2, "-p", "fold-bn", "--backend", "mcu", "--target", "cortex-m4",
                    "--ram-kb", "16", "-o", out, "-q")
     line = assert_user_error(proc, "does not fit cortex-m4: it exceeds SRAM by", "budget 16 KB",
                              "the activation arena alone is", "raise --ram-kb")
@@ -99,11 +108,11 @@ def test_mcu_flags_are_routed_to_mcu_only():
         _backend_options("tvm", quiet=True, ram_kb=64)
 
 
-def test_compare_needs_an_mcu_artifact(tmp_path):
+def test_compare_needs_an_mcu_artifact(tmp_path, small_cnn_pt2):
     import gradrewrite as gr
 
     out = tmp_path / "t"
-    gr.compile(gr.load(SMALL_CNN), out, latency_runs=0, verify_inputs=1)
+    gr.compile(gr.load(small_cnn_pt2), out, latency_runs=0, verify_inputs=1)
     xpath, _ = _input(tmp_path)
     proc = run_cli("run", out, "--input", xpath, "--compare", "-o", tmp_path / "y.npz")
     assert_user_error(proc, "--compare checks mcu artifacts", "is a torch artifact")
