@@ -3,7 +3,42 @@
  * bias (bias_q = round(b / (s_x * s_w[c]))), and a fixed-point requantization
  * multiplier + shift per output channel. */
 #include <math.h>
+#include <string.h>
 #include "gr_kernels.h"
+
+/* the MAC loops live in small functions of their own: inlined into their callers, gcc
+ * runs out of registers and spills the accumulators inside the loop */
+#if defined(__GNUC__)
+#define GR_NOINLINE __attribute__((noinline))
+#else
+#define GR_NOINLINE
+#endif
+
+#if defined(__ARM_FEATURE_DSP)
+/* Cortex-M4/M7 DSP extension: SXTB16 sign-extends bytes 0 and 2 (1 and 3 after a
+ * rotate by 8) into two halfwords, SMLAD does two 16x16 multiply-accumulates, SMLABB /
+ * SMLABT / SMLATB / SMLATT one with a chosen halfword of each operand. */
+#include <arm_acle.h>
+#define SMLABB(a, b, c) __smlabb((a), (b), (c))
+#define SMLABT(a, b, c) __smlabt((a), (b), (c))
+#define SMLATB(a, b, c) __smlatb((a), (b), (c))
+#define SMLATT(a, b, c) __smlatt((a), (b), (c))
+
+/* bytes 1 and 3 sign-extended into two halfwords: SXTB16 with its operand rotated by 8
+ * (gcc 12's arm_acle.h has no __ror, and gcc does not fold a C rotate into SXTB16) */
+static inline int32_t sxtb16_ror8(uint32_t v) {
+    int32_t r;
+    __asm__("sxtb16 %0, %1, ror #8" : "=r"(r) : "r"(v));
+    return r;
+}
+
+/* four int8 as one word; Cortex-M4/M7 load unaligned words in one instruction */
+static inline uint32_t load4(const int8_t *p) {
+    uint32_t v;
+    memcpy(&v, p, 4);
+    return v;
+}
+#endif
 
 void gr_quantize_f32_i8(const float *x, int8_t *y, int32_t n, float inv_scale, int32_t zp) {
     int32_t i;
@@ -24,48 +59,137 @@ int32_t gr_requantize(int32_t acc, int32_t mult, int32_t shift) {
     return (int32_t)(prod >> total);  /* arithmetic shift: floor, so ties round up */
 }
 
-static int8_t saturate(int32_t v, const gr_quant_params *q) {
-    v += q->out_zp;
-    v = v < q->act_min ? q->act_min : (v > q->act_max ? q->act_max : v);
-    return (int8_t)v;
+/* gr_requantize (same value) plus the output zero point and clamp, with every constant
+ * passed in: callers hoist them out of their pixel loops (int8 stores may alias *q, so
+ * reading q there would reload it after every store) */
+static inline int8_t requant_s8(int32_t acc, int32_t mult, int32_t total, int32_t ozp, int32_t lo, int32_t hi) {
+    int64_t prod = (int64_t)acc * mult + ((int64_t)1 << (total - 1));
+    /* the low word of prod >> total; for total >= 32 that is the high word shifted */
+    int32_t r = (total >= 32 ? (int32_t)(prod >> 32) >> (total - 32) : (int32_t)(prod >> total)) + ozp;
+    return (int8_t)(r < lo ? lo : (r > hi ? hi : r));
 }
 
-/* 1x1, no padding, one group: a dot product over channels per output pixel */
+/* requantization constants of one output channel */
+typedef struct {
+    int32_t base, mult, total, ozp, lo, hi;
+} channel_out;
+
+/* pointwise conv, stride 1: one output channel's pixels 0 .. count - 1 (a multiple of 4),
+ * four neighbouring pixels at a time; returns how many it wrote */
+static GR_NOINLINE int32_t pointwise_rows_s8(const int8_t *xn, const int8_t *wo, int32_t cin, int32_t hw,
+                                             int32_t count, const channel_out *co, int8_t *yo) {
+    const int32_t mult = co->mult, total = co->total, ozp = co->ozp, lo = co->lo, hi = co->hi;
+    int32_t p;
+    for (p = 0; p + 3 < count; p += 4) {
+        const int8_t *xp = xn + p;
+        int32_t a0 = co->base, a1 = a0, a2 = a0, a3 = a0, c = 0;
+#if defined(__ARM_FEATURE_DSP)
+        /* four channels of four pixels per step: one word holds a channel's four
+         * pixels; its even / odd halfwords meet the weights' halfwords in SMLAxy */
+        for (; c + 3 < cin; c += 4, xp += 4 * hw) {
+            uint32_t wv = load4(wo + c);
+            int32_t w02 = __sxtb16(wv), w13 = sxtb16_ror8(wv);
+            uint32_t xv = load4(xp);
+            int32_t e = __sxtb16(xv), d = sxtb16_ror8(xv);   /* (p0, p2), (p1, p3) */
+            a0 = SMLABB(w02, e, a0); a2 = SMLABT(w02, e, a2);
+            a1 = SMLABB(w02, d, a1); a3 = SMLABT(w02, d, a3);
+            xv = load4(xp + hw);
+            e = __sxtb16(xv); d = sxtb16_ror8(xv);
+            a0 = SMLABB(w13, e, a0); a2 = SMLABT(w13, e, a2);
+            a1 = SMLABB(w13, d, a1); a3 = SMLABT(w13, d, a3);
+            xv = load4(xp + 2 * hw);
+            e = __sxtb16(xv); d = sxtb16_ror8(xv);
+            a0 = SMLATB(w02, e, a0); a2 = SMLATT(w02, e, a2);
+            a1 = SMLATB(w02, d, a1); a3 = SMLATT(w02, d, a3);
+            xv = load4(xp + 3 * hw);
+            e = __sxtb16(xv); d = sxtb16_ror8(xv);
+            a0 = SMLATB(w13, e, a0); a2 = SMLATT(w13, e, a2);
+            a1 = SMLATB(w13, d, a1); a3 = SMLATT(w13, d, a3);
+        }
+#endif
+        for (; c < cin; c++, xp += hw) {
+            int32_t wv = wo[c];
+            a0 += wv * xp[0]; a1 += wv * xp[1]; a2 += wv * xp[2]; a3 += wv * xp[3];
+        }
+        yo[p] = requant_s8(a0, mult, total, ozp, lo, hi);
+        yo[p + 1] = requant_s8(a1, mult, total, ozp, lo, hi);
+        yo[p + 2] = requant_s8(a2, mult, total, ozp, lo, hi);
+        yo[p + 3] = requant_s8(a3, mult, total, ozp, lo, hi);
+    }
+    return p;
+}
+
+/* 1x1, no padding, one group: a dot product over channels per output pixel.
+ * sum_c w*(x - zp) = sum_c w*x - zp * sum_c w: the zero point leaves the loop */
 static void pointwise_s8(const gr_conv_shape *s, const gr_quant_params *q, const int8_t *x,
                          const int8_t *w, const int32_t *bias, int8_t *y) {
-    int32_t hw = s->h * s->w, n, o, c, zp = q->in_zp;
+    const int32_t ozp = q->out_zp, lo = q->act_min, hi = q->act_max;
+    int32_t hw = s->h * s->w, ohw = s->oh * s->ow, n, o, c, zp = q->in_zp;
     for (n = 0; n < s->n; n++) {
         const int8_t *xn = x + (size_t)n * s->c * hw;
         for (o = 0; o < s->oc; o++) {
             const int8_t *wo = w + (size_t)o * s->c;
-            int8_t *yo = y + ((size_t)n * s->oc + o) * s->oh * s->ow;
+            int8_t *yo = y + ((size_t)n * s->oc + o) * ohw;
+            const int32_t mult = q->mult[o], total = 31 - q->shift[o];
             int32_t wsum = 0;
-            /* sum_c w*(x - zp) = sum_c w*x - zp * sum_c w: the zero point leaves the loop */
             for (c = 0; c < s->c; c++) wsum += wo[c];
             int32_t base = (bias ? bias[o] : 0) - zp * wsum, p = 0;
             if (s->sh == 1 && s->sw == 1) {
                 /* stride 1: output pixel p reads input pixel p; four pixels share each weight load */
-                for (; p + 3 < hw; p += 4) {
-                    int32_t a0 = base, a1 = base, a2 = base, a3 = base;
-                    const int8_t *xp = xn + p;
-                    for (c = 0; c < s->c; c++, xp += hw) {
-                        int32_t wv = wo[c];
-                        a0 += wv * xp[0]; a1 += wv * xp[1]; a2 += wv * xp[2]; a3 += wv * xp[3];
-                    }
-                    yo[p] = saturate(gr_requantize(a0, q->mult[o], q->shift[o]), q);
-                    yo[p + 1] = saturate(gr_requantize(a1, q->mult[o], q->shift[o]), q);
-                    yo[p + 2] = saturate(gr_requantize(a2, q->mult[o], q->shift[o]), q);
-                    yo[p + 3] = saturate(gr_requantize(a3, q->mult[o], q->shift[o]), q);
-                }
+                channel_out co;
+                co.base = base; co.mult = mult; co.total = total; co.ozp = ozp; co.lo = lo; co.hi = hi;
+                p = pointwise_rows_s8(xn, wo, s->c, hw, hw, &co, yo);
             }
-            for (; p < s->oh * s->ow; p++) {
+            for (; p < ohw; p++) {
                 int32_t oy = p / s->ow, ox = p % s->ow;
                 const int8_t *xp = xn + (size_t)oy * s->sh * s->w + (size_t)ox * s->sw;
                 int32_t acc = base;
                 for (c = 0; c < s->c; c++) acc += (int32_t)wo[c] * (int32_t)xp[(size_t)c * hw];
-                yo[p] = saturate(gr_requantize(acc, q->mult[o], q->shift[o]), q);
+                yo[p] = requant_s8(acc, mult, total, ozp, lo, hi);
             }
         }
+    }
+}
+
+/* `count` depthwise 3x3 outputs of one row whose windows lie inside the input; r0 is the
+ * first window's top-left input, sw the horizontal stride, W the input row length */
+static GR_NOINLINE void depthwise3x3_row_s8(const int8_t *r0, int32_t W, int32_t sw, const int8_t *wc,
+                                            int32_t count, const channel_out *co, int8_t *yr) {
+    const int32_t base = co->base, mult = co->mult, total = co->total;
+    const int32_t ozp = co->ozp, lo = co->lo, hi = co->hi;
+    int32_t i = 0;
+#if defined(__ARM_FEATURE_DSP)
+    if (sw == 1) {
+        /* two outputs per step: one word holds a row's four inputs x0..x3; SMLAD takes the
+         * (w0, w1) pair against (x0, x1) and (x1, x2), SMLABT w2 against x2 and x3 */
+        const int32_t w01 = (int32_t)(((uint32_t)wc[0] & 0xffffu) | ((uint32_t)wc[1] << 16));
+        const int32_t w34 = (int32_t)(((uint32_t)wc[3] & 0xffffu) | ((uint32_t)wc[4] << 16));
+        const int32_t w67 = (int32_t)(((uint32_t)wc[6] & 0xffffu) | ((uint32_t)wc[7] << 16));
+        const int32_t w2 = wc[2], w5 = wc[5], w8 = wc[8];
+        for (; i + 1 < count; i += 2, r0 += 2) {
+            int32_t a0 = base, a1 = base, e, d;
+            uint32_t v;
+#define DW_ROW(ROW, WP, WS)                                                                 \
+            v = load4(r0 + (ROW)); e = __sxtb16(v); d = sxtb16_ror8(v);                      \
+            a0 = __smlad(WP, (int32_t)(((uint32_t)e & 0xffffu) | ((uint32_t)d << 16)), a0);   \
+            a1 = __smlad(WP, (int32_t)(((uint32_t)d & 0xffffu) | ((uint32_t)e & 0xffff0000u)), a1); \
+            a0 = SMLABT(WS, e, a0); a1 = SMLABT(WS, d, a1);
+            DW_ROW(0, w01, w2)
+            DW_ROW(W, w34, w5)
+            DW_ROW(2 * W, w67, w8)
+#undef DW_ROW
+            yr[i] = requant_s8(a0, mult, total, ozp, lo, hi);
+            yr[i + 1] = requant_s8(a1, mult, total, ozp, lo, hi);
+        }
+    }
+#endif
+    for (; i < count; i++, r0 += sw) {
+        const int8_t *r1 = r0 + W, *r2 = r1 + W;
+        int32_t a = base;
+        a += wc[0] * r0[0]; a += wc[1] * r0[1]; a += wc[2] * r0[2];
+        a += wc[3] * r1[0]; a += wc[4] * r1[1]; a += wc[5] * r1[2];
+        a += wc[6] * r2[0]; a += wc[7] * r2[1]; a += wc[8] * r2[2];
+        yr[i] = requant_s8(a, mult, total, ozp, lo, hi);
     }
 }
 
@@ -73,6 +197,7 @@ static void pointwise_s8(const gr_conv_shape *s, const gr_quant_params *q, const
  * in registers), border outputs skip the padded taps (real value 0) */
 static void depthwise3x3_s8(const gr_conv_shape *s, const gr_quant_params *q, const int8_t *x,
                             const int8_t *w, const int32_t *bias, int8_t *y) {
+    const int32_t ozp = q->out_zp, lo = q->act_min, hi = q->act_max;
     int32_t n, c, oy, ox, ky, kx, zp = q->in_zp;
     for (n = 0; n < s->n; n++) for (c = 0; c < s->c; c++) {
         const int8_t *xc = x + ((size_t)n * s->c + c) * s->h * s->w;
@@ -82,10 +207,22 @@ static void depthwise3x3_s8(const gr_conv_shape *s, const gr_quant_params *q, co
         const int32_t w6 = wc[6], w7 = wc[7], w8 = wc[8], b0 = bias ? bias[c] : 0;
         const int32_t full = b0 - zp * (w0 + w1 + w2 + w3 + w4 + w5 + w6 + w7 + w8);
         const int32_t mult = q->mult[c], shift = q->shift[c];
+        /* outputs whose window lies inside the input columns: ox in [ox_a, ox_b) */
+        int32_t ox_a = (s->pw + s->sw - 1) / s->sw, ox_b = s->w - 3 + s->pw < 0 ? 0 : (s->w - 3 + s->pw) / s->sw + 1;
+        channel_out co;
+        if (ox_b > s->ow) ox_b = s->ow;
+        if (ox_a > ox_b) ox_a = ox_b;
+        co.base = full; co.mult = mult; co.total = 31 - shift; co.ozp = ozp; co.lo = lo; co.hi = hi;
         for (oy = 0; oy < s->oh; oy++) {
             int32_t iy0 = oy * s->sh - s->ph, rows_in = iy0 >= 0 && iy0 + 2 < s->h;
             for (ox = 0; ox < s->ow; ox++) {
                 int32_t ix0 = ox * s->sw - s->pw, acc;
+                if (rows_in && ox == ox_a && ox_b > ox_a) {
+                    depthwise3x3_row_s8(xc + (size_t)iy0 * s->w + ix0, s->w, s->sw, wc, ox_b - ox_a, &co,
+                                        yc + oy * s->ow + ox);
+                    ox = ox_b - 1;
+                    continue;
+                }
                 if (rows_in && ix0 >= 0 && ix0 + 2 < s->w) {
                     const int8_t *r0 = xc + (size_t)iy0 * s->w + ix0, *r1 = r0 + s->w, *r2 = r1 + s->w;
                     acc = full + w0 * r0[0] + w1 * r0[1] + w2 * r0[2] + w3 * r1[0] + w4 * r1[1] + w5 * r1[2]
@@ -102,7 +239,117 @@ static void depthwise3x3_s8(const gr_conv_shape *s, const gr_quant_params *q, co
                         }
                     }
                 }
-                yc[oy * s->ow + ox] = saturate(gr_requantize(acc, mult, shift), q);
+                yc[oy * s->ow + ox] = requant_s8(acc, mult, 31 - shift, ozp, lo, hi);
+            }
+        }
+    }
+}
+
+/* four neighbouring outputs of a 3x3 conv whose windows are all inside the input
+ * columns: out k reads input columns k * sw + 0..2 of nky rows of every channel */
+#define BLOCK3X3_ROW(SW)                                                                    \
+    do {                                                                                    \
+        int32_t w0 = wr[0], w1 = wr[1], w2 = wr[2], v;                                      \
+        v = xr[0]; a0 += w0 * v;                                                            \
+        v = xr[1]; a0 += w1 * v;                                                            \
+        v = xr[2]; a0 += w2 * v;                                                            \
+        v = xr[SW]; a1 += w0 * v;                                                           \
+        v = xr[SW + 1]; a1 += w1 * v;                                                       \
+        v = xr[SW + 2]; a1 += w2 * v;                                                       \
+        v = xr[2 * SW]; a2 += w0 * v;                                                       \
+        v = xr[2 * SW + 1]; a2 += w1 * v;                                                   \
+        v = xr[2 * SW + 2]; a2 += w2 * v;                                                   \
+        v = xr[3 * SW]; a3 += w0 * v;                                                       \
+        v = xr[3 * SW + 1]; a3 += w1 * v;                                                   \
+        v = xr[3 * SW + 2]; a3 += w2 * v;                                                   \
+    } while (0)
+
+/* nblk blocks of four neighbouring outputs along a row, requantized into yr */
+#define BLOCK3X3_FN(NAME, SW)                                                               \
+static GR_NOINLINE void NAME(const int8_t *xc0, const int8_t *wc0, int32_t cin, int32_t nky, \
+                             int32_t row, int32_t plane, int32_t nblk, const channel_out *co, \
+                             int8_t *yr) {                                                  \
+    const int32_t mult = co->mult, total = co->total, ozp = co->ozp, lo = co->lo, hi = co->hi; \
+    int32_t blk, c, ky;                                                                     \
+    for (blk = 0; blk < nblk; blk++, xc0 += 4 * (SW), yr += 4) {                            \
+        const int8_t *xc = xc0, *wc = wc0;                                                  \
+        int32_t a0 = co->base, a1 = a0, a2 = a0, a3 = a0;                                   \
+        for (c = 0; c < cin; c++, xc += plane, wc += 9) {                                   \
+            const int8_t *xr = xc, *wr = wc;                                                \
+            for (ky = 0; ky < nky; ky++, xr += row, wr += 3) BLOCK3X3_ROW(SW);               \
+        }                                                                                   \
+        yr[0] = requant_s8(a0, mult, total, ozp, lo, hi);                                   \
+        yr[1] = requant_s8(a1, mult, total, ozp, lo, hi);                                   \
+        yr[2] = requant_s8(a2, mult, total, ozp, lo, hi);                                   \
+        yr[3] = requant_s8(a3, mult, total, ozp, lo, hi);                                   \
+    }                                                                                       \
+}
+BLOCK3X3_FN(block3x3_s1, 1)
+BLOCK3X3_FN(block3x3_s2, 2)
+
+/* one output of a 3x3 conv over the window columns kx0..kx0 + nkx - 1 (the rest padded) */
+static GR_NOINLINE int32_t single3x3_s8(const int8_t *xc, const int8_t *wc, int32_t cin, int32_t nky,
+                                        int32_t row, int32_t plane, int32_t kx0, int32_t nkx, int32_t a) {
+    int32_t c, ky, kx;
+    xc += kx0; wc += kx0;
+    for (c = 0; c < cin; c++, xc += plane, wc += 9) {
+        const int8_t *xr = xc, *wr = wc;
+        if (nkx == 3)
+            for (ky = 0; ky < nky; ky++, xr += row, wr += 3) { a += wr[0] * xr[0]; a += wr[1] * xr[1]; a += wr[2] * xr[2]; }
+        else if (nkx == 2)
+            for (ky = 0; ky < nky; ky++, xr += row, wr += 3) { a += wr[0] * xr[0]; a += wr[1] * xr[1]; }
+        else
+            for (ky = 0; ky < nky; ky++, xr += row, wr += 3) for (kx = 0; kx < nkx; kx++) a += wr[kx] * xr[kx];
+    }
+    return a;
+}
+
+/* 3x3, dilation 1, horizontal stride 1 or 2, any groups. The zero point leaves the MAC
+ * loops: sum w*(x - zp) over the taps inside the input = sum w*x - zp * (sum of those taps'
+ * weights), from per-tap weight sums; padded taps (real value 0) are skipped. */
+static void conv3x3_s8(const gr_conv_shape *s, const gr_quant_params *q, const int8_t *x,
+                       const int8_t *w, const int32_t *bias, int8_t *y) {
+    const int32_t ozp = q->out_zp, lo = q->act_min, hi = q->act_max;
+    int32_t cin_g = s->c / s->groups, cout_g = s->oc / s->groups, plane = s->h * s->w;
+    int32_t n, o, oy, ox, c, ky, kx, zp = q->in_zp, sw = s->sw, W = s->w;
+    for (n = 0; n < s->n; n++) for (o = 0; o < s->oc; o++) {
+        const int8_t *wo = w + (size_t)o * cin_g * 9;
+        const int8_t *xg = x + ((size_t)n * s->c + (size_t)(o / cout_g) * cin_g) * plane;
+        int8_t *yo = y + ((size_t)n * s->oc + o) * s->oh * s->ow;
+        const int32_t b = bias ? bias[o] : 0, mult = q->mult[o], total = 31 - q->shift[o];
+        int32_t tap[9] = {0, 0, 0, 0, 0, 0, 0, 0, 0};
+        for (c = 0; c < cin_g; c++) for (ky = 0; ky < 9; ky++) tap[ky] += wo[c * 9 + ky];
+        for (oy = 0; oy < s->oh; oy++) {
+            int32_t iy0 = oy * s->sh - s->ph, ky0 = iy0 < 0 ? -iy0 : 0, ky1 = s->h - iy0 < 3 ? s->h - iy0 : 3;
+            int32_t full = 0;
+            if (ky0 > 3) ky0 = 3;
+            if (ky1 < ky0) ky1 = ky0;
+            for (ky = ky0; ky < ky1; ky++) full += tap[ky * 3] + tap[ky * 3 + 1] + tap[ky * 3 + 2];
+            full = b - zp * full;
+            for (ox = 0; ox < s->ow; ox++) {
+                int32_t ix0 = ox * sw - s->pw;
+                const int8_t *xc = xg + (ptrdiff_t)(iy0 + ky0) * W + ix0, *wc = wo + ky0 * 3;
+                if (ix0 >= 0 && (sw == 1 || sw == 2)) {
+                    /* a run of 4-output blocks whose windows are all inside the input columns */
+                    int32_t nblk = 0;
+                    while (ox + 4 * nblk + 3 < s->ow && ix0 + 4 * nblk * sw + 3 * sw + 2 < W) nblk++;
+                    if (nblk > 0) {
+                        channel_out co;
+                        co.base = full; co.mult = mult; co.total = total; co.ozp = ozp; co.lo = lo; co.hi = hi;
+                        if (sw == 1) block3x3_s1(xc, wc, cin_g, ky1 - ky0, W, plane, nblk, &co, yo + oy * s->ow + ox);
+                        else block3x3_s2(xc, wc, cin_g, ky1 - ky0, W, plane, nblk, &co, yo + oy * s->ow + ox);
+                        ox += 4 * nblk - 1;
+                        continue;
+                    }
+                }
+                {
+                    int32_t kx0 = ix0 < 0 ? -ix0 : 0, kx1 = W - ix0 < 3 ? W - ix0 : 3, a = b;
+                    if (kx0 > 3) kx0 = 3;
+                    if (kx1 < kx0) kx1 = kx0;
+                    for (ky = ky0; ky < ky1; ky++) for (kx = kx0; kx < kx1; kx++) a -= zp * tap[ky * 3 + kx];
+                    a = single3x3_s8(xc, wc, cin_g, ky1 - ky0, W, plane, kx0, kx1 - kx0, a);
+                    yo[oy * s->ow + ox] = requant_s8(a, mult, total, ozp, lo, hi);
+                }
             }
         }
     }
@@ -110,6 +357,7 @@ static void depthwise3x3_s8(const gr_conv_shape *s, const gr_quant_params *q, co
 
 void gr_conv2d_s8(const gr_conv_shape *s, const gr_quant_params *q, const int8_t *x,
                   const int8_t *w, const int32_t *bias, int8_t *y) {
+    const int32_t ozp = q->out_zp, lo = q->act_min, hi = q->act_max;
     int32_t cin_g = s->c / s->groups, cout_g = s->oc / s->groups;
     int32_t n, o, oy, ox, c, ky, kx, zp = q->in_zp;
     if (s->groups == s->c && s->oc == s->c && s->kh == 3 && s->kw == 3 && s->dh == 1 && s->dw == 1) {
@@ -118,6 +366,10 @@ void gr_conv2d_s8(const gr_conv_shape *s, const gr_quant_params *q, const int8_t
     }
     if (s->kh == 1 && s->kw == 1 && s->ph == 0 && s->pw == 0 && s->groups == 1 && s->dh == 1 && s->dw == 1) {
         pointwise_s8(s, q, x, w, bias, y);
+        return;
+    }
+    if (s->kh == 3 && s->kw == 3 && s->dh == 1 && s->dw == 1) {
+        conv3x3_s8(s, q, x, w, bias, y);
         return;
     }
     for (n = 0; n < s->n; n++) {
@@ -152,10 +404,10 @@ void gr_conv2d_s8(const gr_conv_shape *s, const gr_quant_params *q, const int8_t
                                 a3 += w0 * x3 + w1 * x4 + w2 * x5;
                             }
                         }
-                        yo[oy * s->ow + ox] = saturate(gr_requantize(a0, q->mult[o], q->shift[o]), q);
-                        yo[oy * s->ow + ox + 1] = saturate(gr_requantize(a1, q->mult[o], q->shift[o]), q);
-                        yo[oy * s->ow + ox + 2] = saturate(gr_requantize(a2, q->mult[o], q->shift[o]), q);
-                        yo[oy * s->ow + ox + 3] = saturate(gr_requantize(a3, q->mult[o], q->shift[o]), q);
+                        yo[oy * s->ow + ox] = requant_s8(a0, q->mult[o], 31 - q->shift[o], ozp, lo, hi);
+                        yo[oy * s->ow + ox + 1] = requant_s8(a1, q->mult[o], 31 - q->shift[o], ozp, lo, hi);
+                        yo[oy * s->ow + ox + 2] = requant_s8(a2, q->mult[o], 31 - q->shift[o], ozp, lo, hi);
+                        yo[oy * s->ow + ox + 3] = requant_s8(a3, q->mult[o], 31 - q->shift[o], ozp, lo, hi);
                         ox += 3;
                         continue;
                     }
@@ -170,7 +422,7 @@ void gr_conv2d_s8(const gr_conv_shape *s, const gr_quant_params *q, const int8_t
                                      + (int32_t)wr[2] * ((int32_t)xr[2] - zp);
                             }
                         }
-                        yo[oy * s->ow + ox] = saturate(gr_requantize(acc, q->mult[o], q->shift[o]), q);
+                        yo[oy * s->ow + ox] = requant_s8(acc, q->mult[o], 31 - q->shift[o], ozp, lo, hi);
                         continue;
                     }
                     for (c = 0; c < cin_g; c++) {
@@ -182,23 +434,78 @@ void gr_conv2d_s8(const gr_conv_shape *s, const gr_quant_params *q, const int8_t
                             for (kx = kx0; kx < kx1; kx++) acc += (int32_t)wr[kx] * ((int32_t)xr[kx * s->dw] - zp);
                         }
                     }
-                    yo[oy * s->ow + ox] = saturate(gr_requantize(acc, q->mult[o], q->shift[o]), q);
+                    yo[oy * s->ow + ox] = requant_s8(acc, q->mult[o], 31 - q->shift[o], ozp, lo, hi);
                 }
             }
         }
     }
 }
 
+/* y[i, j] for rows i..i+1 (two_rows) and columns j, j+1: x rows and w rows are both
+ * contiguous along k, so one word holds four k of either; SMLAD pairs k and k + 2 */
+#if defined(__ARM_FEATURE_DSP)
+static void linear_block_s8(const int8_t *x0, const int8_t *x1, int32_t two_rows, const int8_t *w0,
+                            const int8_t *w1, int32_t k, int32_t *acc) {
+    int32_t a00 = acc[0], a01 = acc[1], a10 = acc[2], a11 = acc[3], t = 0;
+    for (; t + 3 < k; t += 4) {
+        uint32_t wv0 = load4(w0 + t), wv1 = load4(w1 + t), xv = load4(x0 + t);
+        int32_t we0 = __sxtb16(wv0), wd0 = sxtb16_ror8(wv0);
+        int32_t we1 = __sxtb16(wv1), wd1 = sxtb16_ror8(wv1);
+        int32_t xe = __sxtb16(xv), xd = sxtb16_ror8(xv);
+        a00 = __smlad(xe, we0, a00); a00 = __smlad(xd, wd0, a00);
+        a01 = __smlad(xe, we1, a01); a01 = __smlad(xd, wd1, a01);
+        if (two_rows) {
+            xv = load4(x1 + t);
+            xe = __sxtb16(xv); xd = sxtb16_ror8(xv);
+            a10 = __smlad(xe, we0, a10); a10 = __smlad(xd, wd0, a10);
+            a11 = __smlad(xe, we1, a11); a11 = __smlad(xd, wd1, a11);
+        }
+    }
+    for (; t < k; t++) {
+        a00 += w0[t] * x0[t]; a01 += w1[t] * x0[t];
+        if (two_rows) { a10 += w0[t] * x1[t]; a11 += w1[t] * x1[t]; }
+    }
+    acc[0] = a00; acc[1] = a01; acc[2] = a10; acc[3] = a11;
+}
+#endif
+
 void gr_linear_s8(const gr_quant_params *q, const int8_t *x, const int8_t *w,
                   const int32_t *bias, int8_t *y, int32_t m, int32_t k, int32_t n) {
-    int32_t i, j, t, zp = q->in_zp;
-    for (i = 0; i < m; i++) {
-        const int8_t *xi = x + (size_t)i * k;
-        for (j = 0; j < n; j++) {
-            const int8_t *wj = w + (size_t)j * k;
-            int32_t acc = bias ? bias[j] : 0;
-            for (t = 0; t < k; t++) acc += (int32_t)wj[t] * ((int32_t)xi[t] - zp);
-            y[(size_t)i * n + j] = saturate(gr_requantize(acc, q->mult[j], q->shift[j]), q);
+    const int32_t ozp = q->out_zp, lo = q->act_min, hi = q->act_max;
+    int32_t i, j = 0, t, zp = q->in_zp;
+#if defined(__ARM_FEATURE_DSP)
+    /* two output columns at a time; sum w*(x - zp) = sum w*x - zp * sum w */
+    for (; j + 1 < n; j += 2) {
+        const int8_t *w0 = w + (size_t)j * k, *w1 = w0 + k;
+        int32_t s0 = 0, s1 = 0;
+        for (t = 0; t < k; t++) { s0 += w0[t]; s1 += w1[t]; }
+        const int32_t b0 = (bias ? bias[j] : 0) - zp * s0, b1 = (bias ? bias[j + 1] : 0) - zp * s1;
+        const int32_t m0 = q->mult[j], t0 = 31 - q->shift[j], m1 = q->mult[j + 1], t1 = 31 - q->shift[j + 1];
+        for (i = 0; i < m; i += 2) {
+            const int8_t *x0 = x + (size_t)i * k;
+            int32_t two = i + 1 < m, acc[4];
+            acc[0] = b0; acc[1] = b1; acc[2] = b0; acc[3] = b1;
+            linear_block_s8(x0, x0 + k, two, w0, w1, k, acc);
+            y[(size_t)i * n + j] = requant_s8(acc[0], m0, t0, ozp, lo, hi);
+            y[(size_t)i * n + j + 1] = requant_s8(acc[1], m1, t1, ozp, lo, hi);
+            if (two) {
+                y[(size_t)(i + 1) * n + j] = requant_s8(acc[2], m0, t0, ozp, lo, hi);
+                y[(size_t)(i + 1) * n + j + 1] = requant_s8(acc[3], m1, t1, ozp, lo, hi);
+            }
+        }
+    }
+#endif
+    for (; j < n; j++) {
+        const int8_t *wj = w + (size_t)j * k;
+        const int32_t mult = q->mult[j], total = 31 - q->shift[j];
+        int32_t wsum = 0;
+        for (t = 0; t < k; t++) wsum += wj[t];
+        const int32_t base = (bias ? bias[j] : 0) - zp * wsum;
+        for (i = 0; i < m; i++) {
+            const int8_t *xi = x + (size_t)i * k;
+            int32_t acc = base;
+            for (t = 0; t < k; t++) acc += (int32_t)wj[t] * (int32_t)xi[t];
+            y[(size_t)i * n + j] = requant_s8(acc, mult, total, ozp, lo, hi);
         }
     }
 }
