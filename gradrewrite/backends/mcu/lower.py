@@ -69,7 +69,7 @@ class Lowerer:
         self.steps: list[Step] = []
         self.consts: list[Buf] = []
         self.arena: list[Buf] = []
-        self.kernel_files: set[str] = {"gr_kernels.h", "gr_tensor.c"}  # outputs are copied out
+        self.kernel_files: set[str] = {"gr_kernels.h", "gr_dsp.h", "gr_tensor.c"}  # outputs are copied out
         self.unsupported: list[tuple[str, str, str]] = []
         self._const_cache: dict[fx.Node, torch.Tensor] = {}
         self._const_val: dict[Any, Val] = {}

@@ -8,17 +8,7 @@
 /* Cortex-M4/M7 DSP extension (as in gr_int8.c): one word holds four neighbouring int8
  * inputs; SXTB16 sign-extends bytes 0 and 2, with the operand rotated by 8 bytes 1 and 3 */
 #include <arm_acle.h>
-static inline int32_t sxtb16_ror8(uint32_t v) {
-    int32_t r;
-    __asm__("sxtb16 %0, %1, ror #8" : "=r"(r) : "r"(v));
-    return r;
-}
-
-static inline uint32_t load4(const int8_t *p) {
-    uint32_t v;
-    memcpy(&v, p, 4);
-    return v;
-}
+#include "gr_dsp.h"
 #endif
 
 static int32_t nm_index(const uint8_t *stream, int32_t bits, int32_t i) {
