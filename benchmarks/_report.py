@@ -55,12 +55,28 @@ def interleaved_medians(fns: dict[str, Callable[[], Any]], *, runs: int = 50,
                 "p90_ms": sorted(v)[(9 * len(v)) // 10], "runs": len(v)} for k, v in samples.items()}
 
 
-def write(name: str, data: dict[str, Any]) -> Path:
-    RESULTS.mkdir(parents=True, exist_ok=True)
+def write(name: str, data: dict[str, Any], *, folder: Path = RESULTS) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
     data = {"name": name, "generated": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "machine": machine(), **data}
-    path = RESULTS / f"{name}.json"
+    path = folder / f"{name}.json"
     path.write_text(json.dumps(data, indent=2, default=str) + "\n")
+    return path
+
+
+QUICK = RESULTS / "tmp"   # gitignored: smoke runs land here
+
+
+def publish(name: str, data: dict[str, Any], *, quick: bool = False) -> Path:
+    """Write a run's results and rebuild BENCHMARKS.md; a ``--quick`` smoke run goes to
+    results/tmp/<name>_quick.json instead and never replaces the published numbers."""
+    if quick:
+        path = write(f"{name}_quick", data, folder=QUICK)
+        print(f"quick run: wrote {path}; BENCHMARKS.md untouched")
+        return path
+    write(name, data)
+    path = regenerate()
+    print(f"wrote {path}")
     return path
 
 

@@ -85,9 +85,8 @@ def main() -> None:
          "columns": ["model", "compute nodes", "capture", "passes", "build torch", "build ort"],
          "rows": rows_cost},
     ]
-    _report.write("backends", {"title": "Core pipeline: compile cost and backend latency",
-                               "runs": args.runs, "models": records, "sections": sections})
-    print(f"wrote {_report.regenerate()}")
+    _report.publish("backends", {"title": "Core pipeline: compile cost and backend latency",
+                                 "runs": args.runs, "models": records, "sections": sections})
 
 
 def _plot(records) -> str:

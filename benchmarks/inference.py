@@ -30,7 +30,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import argparse  # noqa: E402
-import json  # noqa: E402
 import shutil  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
@@ -45,7 +44,7 @@ from benchmarks import _report  # noqa: E402
 from examples import models  # noqa: E402
 
 THREADS = 2
-TMP = _report.RESULTS / "tmp"
+TMP = _report.QUICK
 TVM_CACHE = TMP / "tvm_cache"
 SLOW_MS = 400.0          # candidates slower than this per call are timed apart, with few runs
 SLOW_RUNS = 5
@@ -430,13 +429,8 @@ def main() -> None:
             "runs": args.runs, "batches": batches, "trials": trials, "large_trials": large_trials,
             "threads": THREADS, "gpu": False, "total_seconds": total_s, "skipped": skipped,
             "descriptions": DESCR, "records": records, "sections": sections}
-    if args.quick:
-        p = TMP / "inference_quick.json"
-        p.write_text(json.dumps({"name": "inference_quick", "machine": m, **data}, indent=2, default=str))
-        print(f"quick run: wrote {p} and {out_dir / png} ({total_s:.0f} s); BENCHMARKS.md untouched")
-        return
-    _report.write("inference", data)
-    print(f"total {total_s:.0f} s; wrote {_report.regenerate()}")
+    print(f"total {total_s:.0f} s")
+    _report.publish("inference", data, quick=args.quick)
 
 
 if __name__ == "__main__":

@@ -300,8 +300,7 @@ def main() -> None:
             "budget": {"ram_kb": DEFAULT_RAM_KB, "flash_kb": DEFAULT_FLASH_KB},
             "total_seconds": round(time.perf_counter() - t_start, 1),
             "rows": rows, "sections": sections(rows, args.quick)}
-    print(_report.write("mcu", data))
-    print(_report.regenerate())
+    _report.publish("mcu", data)
 
 
 if __name__ == "__main__":

@@ -44,7 +44,7 @@ from gradrewrite.compiler import run_pipeline  # noqa: E402
 from gradrewrite.rewrite.capture import capture  # noqa: E402
 from gradrewrite.rewrite.registry import PassContext  # noqa: E402
 
-CACHE = _report.RESULTS / "tmp"
+CACHE = _report.QUICK  # gitignored: trained weights, quick runs
 N_LAYER = 2
 HELD_OUT_MODULES = ["json", "csv", "string", "textwrap", "shutil", "pathlib", "heapq", "bisect",
                     "statistics", "fractions", "decimal", "calendar", "difflib", "zipfile", "tarfile"]
@@ -420,14 +420,7 @@ def main() -> None:
     data = {"title": "Quantization: GWQ outliers vs RTN / magnitude / Hessian, int8 QDQ on ORT",
             "quick": args.quick, "minilm": minilm, "gpt": gpt, "ort": ortr, "verdicts": verdicts,
             "seconds": round(time.perf_counter() - t0, 1), "sections": sections}
-    if args.quick:  # a smoke test: never replaces the published results
-        CACHE.mkdir(parents=True, exist_ok=True)
-        out = CACHE / "quantization_quick.json"
-        out.write_text(json.dumps(data, indent=2, default=str) + "\n")
-        print(f"wrote {out}")
-        return
-    _report.write("quantization", data)
-    print(f"wrote {_report.regenerate()}")
+    _report.publish("quantization", data, quick=args.quick)
 
 
 if __name__ == "__main__":

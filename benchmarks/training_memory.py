@@ -101,14 +101,11 @@ def main(quick: bool) -> None:
               "quick": quick, "resolution": res, "scheme": SCHEME,
               "configs": data, "pytorch_peak_bytes": torch_peak, "accuracy": acc,
               "seconds": round(time.time() - t0, 1), "sections": sections}
-    if quick:  # a smoke run never replaces the published results
-        print(_report.md_table(sections[0]["columns"], rows))
-        return
-    result["png"] = _plot(data, curves)
-    sections[0]["image"] = result["png"]
-    _report.write("training_memory", result)
+    if not quick:  # a smoke run's results go to results/tmp, so it draws no figure
+        result["png"] = _plot(data, curves)
+        sections[0]["image"] = result["png"]
     print(_report.md_table(sections[0]["columns"], rows))
-    print("wrote", _report.regenerate())
+    _report.publish("training_memory", result, quick=quick)
 
 
 def _live_curve(g) -> list[int]:
