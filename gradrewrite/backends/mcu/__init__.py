@@ -24,6 +24,7 @@ import numpy as np
 from ...errors import BackendError, VerificationError
 from ...rewrite.graph import Graph
 from ..base import Backend, BackendArtifact, register_backend
+from .reference import INT8_REL_TOL  # one tolerance for compile and `run --compare`
 from .targets import DEFAULT_FLASH_KB, DEFAULT_RAM_KB, TARGETS, get_target
 
 PROJECT = "mcu"
@@ -105,7 +106,6 @@ EXACT_FP32_KERNELS = frozenset({
     "gr_quantize_f32_i8", "gr_dequantize_i8_f32", "gr_copy_nd", "gr_embedding_f32",
     "gr_max_pool2d_f32", "gr_binary_f32", "gr_binary_scalar_f32", "gr_adaptive_avg_pool2d_f32",
 })
-INT8_REL_TOL = 0.05   # inexact programs: relative L2 error vs the integer reference
 
 
 def _check_int8(graph: Graph, project: Path, facts: dict[str, Any], n_inputs: int = 2) -> dict[str, Any]:
