@@ -49,9 +49,10 @@ def model_h(tp: TrainProgram, arena_bytes: int, weight_bytes: int) -> str:
         "/* One SGD training step on a batch: forward, cross-entropy loss (written to *loss),",
         "   the pruned backward and the in-place update of the trained parameters. */",
         "int model_train_step(const void *input, const void *label, float lr, float *loss);",
-        "/* The trained parameters (SRAM), in the training graph's order. */",
-        "extern float *const model_trained_params[];",
-        "extern const int32_t model_trained_numel[];",
+        "/* The trained parameters (SRAM), in the training graph's order: their storage",
+        "   (float32, or int8 weights / int32 biases of int8 layers) and its size in bytes. */",
+        "extern void *const model_trained_params[];",
+        "extern const int32_t model_trained_bytes[];",
         "extern const char *const model_trained_names[];", "", "#endif", ""])
 
 
@@ -65,8 +66,8 @@ def model_c(tp: TrainProgram, offsets: dict[str, int], source: str) -> str:
             lines.append(f"#define {b.name.upper()}_OFF {offsets[b.name]}")
     lines += ["", "static uint8_t arena[MODEL_ARENA_BYTES] __attribute__((aligned(16)));", ""]
     names = ", ".join(b.name for b in tp.trained)
-    lines += [f"float *const model_trained_params[] = {{{names}}};",
-              f"const int32_t model_trained_numel[] = {c_ints(b.nbytes // 4 for b in tp.trained)};",
+    lines += [f"void *const model_trained_params[] = {{{names}}};",
+              f"const int32_t model_trained_bytes[] = {c_ints(b.nbytes for b in tp.trained)};",
               "const char *const model_trained_names[] = {" + ", ".join(f'"{b.path}"' for b in tp.trained) + "};",
               ""]
 
@@ -131,7 +132,8 @@ def write_train_project(tp: TrainProgram, project: Path, *, source: str = "<mode
              "trained_bytes": sum(b.nbytes for b in tp.trained),
              "frozen_bytes": weight_bytes - sum(b.nbytes for b in tp.trained),
              # rows: a partially trained parameter keeps only its first rows in SRAM
-             "trained": [{"path": b.path, "shape": list(b.shape), "rows": b.rows} for b in tp.trained],
+             "trained": [{"path": b.path, "shape": list(b.shape), "rows": b.rows, "dtype": DTYPE_NAMES[b.dtype],
+                          "bytes": b.nbytes} for b in tp.trained],
              "frozen": tp.frozen,
              "input": {"shape": list(prog.inputs[0].shape), "dtype": DTYPE_NAMES[prog.inputs[0].dtype]},
              "labels": {"shape": list(prog.inputs[1].shape), "dtype": DTYPE_NAMES[prog.inputs[1].dtype]},

@@ -67,15 +67,25 @@ def run_train_host(project: str | Path, x: np.ndarray, labels: np.ndarray, steps
         if proc.returncode:
             raise BackendError(f"the training harness failed: {proc.stderr.strip()[:300]}",
                                "check the input and label shapes against model.h")
-        out = np.fromfile(t / "out.bin", np.float32)
-    losses, offset, params = out[:steps], steps, {}
+        raw = (t / "out.bin").read_bytes()
+    return decode_train_output(facts, raw, steps)
+
+
+def decode_train_output(facts: dict[str, Any], raw: bytes, steps: int) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """The harness's output: ``steps`` float32 losses, then each trained parameter's
+    bytes in its storage dtype (a partially trained one: its trained rows only)."""
+    losses = np.frombuffer(raw, np.float32, count=steps).copy() if len(raw) >= 4 * steps else None
+    offset, params = 4 * steps, {}
     for p in facts["trained"]:
         shape = [p["rows"], *p["shape"][1:]] if p.get("rows") is not None else p["shape"]
+        dtype = np.dtype(p.get("dtype", "float32"))
         n = int(np.prod(shape, dtype=np.int64))
-        params[p["path"]] = out[offset:offset + n].reshape(shape)
-        offset += n
-    if offset != out.size:
-        raise BackendError(f"the training harness wrote {out.size} floats, expected {offset}",
+        if losses is None or offset + n * dtype.itemsize > len(raw):
+            break
+        params[p["path"]] = np.frombuffer(raw, dtype, count=n, offset=offset).reshape(shape).copy()
+        offset += n * dtype.itemsize
+    if losses is None or offset != len(raw):
+        raise BackendError(f"the training harness wrote {len(raw)} bytes, expected {offset}",
                            "this is a code generator bug; report it")
     return losses, params
 

@@ -1,6 +1,6 @@
 /* Host harness for a generated training step: train_host INPUT LABEL STEPS LR OUT
    runs STEPS calls of model_train_step on one batch and writes to OUT the loss of
-   every step (float32), then every trained parameter (float32, model order). */
+   every step (float32), then the bytes of every trained parameter (model order). */
 #include <stdio.h>
 #include <stdlib.h>
 #include "model.h"
@@ -31,7 +31,7 @@ int main(int argc, char **argv) {
         fwrite(&loss, sizeof loss, 1, out);
     }
     for (int p = 0; p < MODEL_NUM_TRAINED; p++)
-        fwrite(model_trained_params[p], sizeof(float), (size_t)model_trained_numel[p], out);
+        fwrite(model_trained_params[p], 1, (size_t)model_trained_bytes[p], out);
     fclose(out);
     return 0;
 }
