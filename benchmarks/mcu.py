@@ -41,7 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import gradrewrite as gr  # noqa: E402
 from benchmarks import _report  # noqa: E402
 from examples.models import mobilenet_v2, small_cnn, tiny_gpt  # noqa: E402
-from gradrewrite.backends.mcu import firmware, qemu, reference  # noqa: E402
+from gradrewrite.backends.mcu import firmware, pack_inputs, qemu, reference  # noqa: E402
 from gradrewrite.errors import GradrewriteError  # noqa: E402
 from gradrewrite.backends.mcu.targets import BOARD_FLASH_KB, BOARD_RAM_KB, DEFAULT_FLASH_KB, DEFAULT_RAM_KB  # noqa: E402
 
@@ -62,9 +62,13 @@ def models(quick: bool) -> dict[str, Any]:
 VARIANTS = {
     "fp32": "fold-bn",
     "int8": "fold-bn,quantize(mode=static)",
+    "int8, not streamed": "fold-bn,quantize(mode=static)",
     "int8 + 2:4": "fold-bn,nm-sparsity(n=2,m=4),quantize(mode=static)",
     "int8 + 1:8": "fold-bn,nm-sparsity(n=1,m=8),quantize(mode=static)",
 }
+# backend options per variant: "not streamed" turns off the in-place depthwise convs and the
+# streamed expand + depthwise pairs, to measure what they save side by side in one run
+VARIANT_OPTIONS = {"int8, not streamed": {"stream": False}}
 
 
 def calibration(example: tuple, n: int = 16) -> list[tuple]:
@@ -79,11 +83,6 @@ def calibration(example: tuple, n: int = 16) -> list[tuple]:
                 sample.append(torch.randint(0, int(x.max()) + 1, x.shape, generator=gen, dtype=x.dtype))
         samples.append(tuple(sample))
     return samples
-
-
-def pack(arrays, specs) -> bytes:
-    return b"".join(np.ascontiguousarray(np.asarray(a), dtype=NP[s["dtype"]]).tobytes()
-                    for a, s in zip(arrays, specs))
 
 
 def unpack(raw: bytes, specs) -> list[np.ndarray]:
@@ -102,7 +101,8 @@ def measure(name: str, factory, variant: str, pipeline: str, count: bool, work: 
     out = work / f"{len(list(work.iterdir()))}"
     t0 = time.perf_counter()
     try:
-        gr.compile(graph, out, passes=pipeline, backend="mcu", backend_options={"target": "host"},
+        gr.compile(graph, out, passes=pipeline, backend="mcu",
+                   backend_options={"target": "host", **VARIANT_OPTIONS.get(variant, {})},
                          calibration=calibration(example) if "quantize" in pipeline else None,
                          verify_inputs=1, latency_runs=0)
         project = out / "mcu"
@@ -113,7 +113,7 @@ def measure(name: str, factory, variant: str, pipeline: str, count: bool, work: 
         return row
     row["build_s"] = round(time.perf_counter() - t0, 1)
     facts = json.loads((project / "model.json").read_text())   # the code generator's facts
-    data = pack([x.numpy() for x in example], facts["inputs"])
+    data = pack_inputs([x.numpy() for x in example], facts["inputs"])  # int8 inputs: quantized here
     raw, stats = qemu.run_firmware(fw.elf, data, TARGET, count_instructions=count, per_symbol=count)
     host_raw = firmware.run_host(project / firmware.HOST_EXE, data)
     with torch.no_grad():
@@ -182,6 +182,12 @@ def sections(rows: list[dict[str, Any]], quick: bool) -> list[dict[str, Any]]:
     by = {(r["model"], r["variant"]): r for r in done}
     for model in dict.fromkeys(r["model"] for r in done):
         fp, i8 = by.get((model, "fp32")), by.get((model, "int8"))
+        flat = by.get((model, "int8, not streamed"))
+        if i8 and flat:
+            ratios.append([model, "int8 vs int8, not streamed", f"{flat['flash_bytes'] / i8['flash_bytes']:.2f}x",
+                           f"{flat['sram_measured_bytes'] / i8['sram_measured_bytes']:.2f}x",
+                           (f"{flat['instructions'] / i8['instructions']:.2f}x"
+                            if i8.get("instructions") and flat.get("instructions") else "-")])
         for v in ("int8", "int8 + 2:4", "int8 + 1:8"):
             r = by.get((model, v))
             if not (r and fp):
@@ -214,10 +220,15 @@ def sections(rows: list[dict[str, Any]], quick: bool) -> list[dict[str, Any]]:
             "between int8 layers are compared by relative error, libm rounding differs). "
             "'change vs fp32 model': relative L2 change of the output against the unquantized, unpruned PyTorch model; N:M here is one-shot magnitude "
             "pruning without fine-tuning, so it changes the outputs a lot (accuracy after sparse "
-            "training: see the N:M section). 'SRAM measured' includes the harness's input and output "
-            "buffers, fp32 in every variant here (the int8 graphs quantize inside): 108 KB for a "
-            "3x96x96 image, 192 KB for 3x128x128, 128 KB for the transformer's 64x512 logits; a "
-            "deployment that feeds int8 pixels or writes into the arena needs less.")
+            "training: see the N:M section). The model input lives in the arena (the harness reads "
+            "the input file straight into `model_input_buffer()`), and an int8 graph whose input "
+            "only feeds a quantize takes int8 pixels (the host quantizes them, as torch does); "
+            "'SRAM measured' still includes the harness's output buffer (the transformer's 64x512 "
+            "fp32 logits: 128 KB). 'int8, not streamed': the int8 build without the two int8 memory "
+            "rewrites (a depthwise conv written over its dying input through a one-plane scratch; a "
+            "pointwise expand conv and the depthwise conv after it computed one expanded channel at "
+            "a time, so the expanded tensor is never stored). N:M-packed expand convs are not "
+            "streamed yet.")
     if quick:
         text += " `--quick`: MobileNetV2 128x128 left out, instructions counted for the small CNN only."
     out = [{"heading": "Flash, SRAM and instructions per inference", "text": text,
@@ -239,7 +250,7 @@ def sections(rows: list[dict[str, Any]], quick: bool) -> list[dict[str, Any]]:
         out.append({"heading": "Rows not measured",
                     "text": "Configurations the backend could not build in this run, with the reason.",
                     "columns": ["model", "variant", "reason"], "rows": missing})
-    if done:
+    if done and not quick:  # save_png writes the published results/mcu.png
         out[0]["image"] = _plot(done)
     return out
 
@@ -300,7 +311,7 @@ def main() -> None:
             "budget": {"ram_kb": DEFAULT_RAM_KB, "flash_kb": DEFAULT_FLASH_KB},
             "total_seconds": round(time.perf_counter() - t_start, 1),
             "rows": rows, "sections": sections(rows, args.quick)}
-    _report.publish("mcu", data)
+    _report.publish("mcu", data, quick=args.quick)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,9 @@
 
 The arena is planned with ``rewrite/memory_plan.py`` (greedy by size, 16-byte
 alignment, in-place reuse for elementwise kernels whose input dies there). Inputs and
-outputs are packed: every input's bytes concatenated in order, likewise outputs.
+outputs are packed: every input's bytes concatenated in order, likewise outputs. The
+packed input is an arena buffer too (``model_input_buffer()``), live from the first
+step to its last reader, so its bytes are reused afterwards.
 """
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from ...rewrite.memory_plan import Buffer, MemoryPlan, peak_live_bytes, plan_buffers
-from .program import CTYPES, ITEMSIZE, Buf, Program, Val, c_ints, contiguous_strides
+from .program import CTYPES, ITEMSIZE, Buf, Program, Val, c_float, c_ints, contiguous_strides
 
 ALIGN = 16
 DTYPE_NAMES = {"f32": "float32", "i8": "int8", "i32": "int32", "i64": "int64", "u8": "uint8"}
@@ -37,8 +39,19 @@ class ArenaPlan:
                 "inplace_reuses": self.plan.as_dict()["inplace_reuses"]}
 
 
-def arena_buffers(prog: Program) -> list[Buffer]:
-    """Lifetimes in step indices; outputs live to the final copy (step len(steps))."""
+INPUT_BUFFER = "<model input>"   # the packed model input, planned in the arena (no C name: no clash)
+
+
+def input_bufs(prog: Program) -> list[Buf]:
+    """The buffers of the packed input: model inputs read through ``in_bytes`` (a training
+    step's labels come through their own pointer)."""
+    return [v.buf for v in prog.inputs if v.buf.kind == "input" and v.buf.expr() == Buf.expr(v.buf)]
+
+
+def arena_buffers(prog: Program, inputs: list[Buf] | None = None) -> list[Buffer]:
+    """Lifetimes in step indices; outputs live to the final copy (step len(steps)). The
+    packed input (``inputs``' bytes, copied in before step 0) lives from step 0 to its
+    last reader."""
     first: dict[int, int] = {}
     last: dict[int, int] = {}
     for i, step in enumerate(prog.steps):
@@ -51,6 +64,10 @@ def arena_buffers(prog: Program) -> list[Buffer]:
     for v in prog.outputs:
         last[id(v.buf)] = end
     buffers = []
+    inputs = input_bufs(prog) if inputs is None else inputs
+    in_bytes = sum(b.nbytes for b in inputs)
+    if in_bytes:
+        buffers.append(Buffer(INPUT_BUFFER, in_bytes, 0, max([0] + [last.get(id(b), 0) for b in inputs])))
     for b in prog.arena:
         if id(b) not in first:
             continue  # never written (check mode placeholders)
@@ -59,8 +76,8 @@ def arena_buffers(prog: Program) -> list[Buffer]:
     return buffers
 
 
-def plan_arena(prog: Program, strategy: str = "greedy-by-size") -> ArenaPlan:
-    buffers = arena_buffers(prog)
+def plan_arena(prog: Program, strategy: str = "greedy-by-size", inputs: list[Buf] | None = None) -> ArenaPlan:
+    buffers = arena_buffers(prog, inputs)
     plan = plan_buffers(buffers, strategy=strategy, alignment=ALIGN)
     plan.check()
     naive = sum(-(-b.size // ALIGN) * ALIGN for b in buffers)
@@ -75,7 +92,7 @@ def plan_arena(prog: Program, strategy: str = "greedy-by-size") -> ArenaPlan:
     return ArenaPlan(plan, naive, peak_live_bytes(buffers), two)
 
 
-def _io_macros(prefix: str, vals: list[Val]) -> list[str]:
+def _io_macros(prefix: str, vals: list[Val], quant: list[dict | None] | None = None) -> list[str]:
     lines, offset = [], 0
     for i, v in enumerate(vals):
         lines += [f"#define MODEL_{prefix}{i}_SHAPE {c_ints(v.shape)}",
@@ -83,8 +100,36 @@ def _io_macros(prefix: str, vals: list[Val]) -> list[str]:
                   f'#define MODEL_{prefix}{i}_DTYPE "{DTYPE_NAMES[v.dtype]}"',
                   f"#define MODEL_{prefix}{i}_OFFSET {offset}",
                   f"#define MODEL_{prefix}{i}_BYTES {v.nbytes}"]
+        q = (quant or [None] * len(vals))[i]
+        if q:  # the caller quantizes: q = clamp(round(x / scale) + zero_point, -128, 127)
+            lines += [f"#define MODEL_{prefix}{i}_SCALE {c_float(q['scale'])}",
+                      f"#define MODEL_{prefix}{i}_ZERO_POINT {q['zero_point']}"]
         offset += v.nbytes
     return lines
+
+
+def input_arena_c(offsets: dict[str, int]) -> list[str]:
+    """The arena, ``model_input_buffer`` and the offset of the packed input in the arena."""
+    off = offsets.get(INPUT_BUFFER, 0)
+    return [f"#define MODEL_INPUT_ARENA_OFFSET {off}", "",
+            "static uint8_t arena[MODEL_ARENA_BYTES] __attribute__((aligned(16)));", "",
+            "void *model_input_buffer(void) { return arena + MODEL_INPUT_ARENA_OFFSET; }", ""]
+
+
+def copy_input_c(src: str) -> list[str]:
+    """Point ``in_bytes`` at the input's arena slot, copying the caller's bytes there."""
+    return ["    const uint8_t *in_bytes = arena + MODEL_INPUT_ARENA_OFFSET;",
+            f"    if ({src} != NULL && (const void *){src} != (const void *)in_bytes)",
+            f"        memcpy(arena + MODEL_INPUT_ARENA_OFFSET, {src}, MODEL_INPUT_BYTES);"]
+
+
+INPUT_BUFFER_H = [
+    "/* The packed input lives in the arena (it is planned like any tensor, and the arena's",
+    "   bytes are reused once the model has read it). A harness may write the input straight",
+    "   into model_input_buffer() (MODEL_INPUT_BYTES bytes) and pass that pointer as `in`;",
+    "   any other `in` is copied there first. Its contents are clobbered by a run. */",
+    "#define MODEL_INPUT_IN_ARENA 1",
+    "void *model_input_buffer(void);"]
 
 
 def model_h(prog: Program, arena: ArenaPlan, weight_bytes: int) -> str:
@@ -101,7 +146,8 @@ def model_h(prog: Program, arena: ArenaPlan, weight_bytes: int) -> str:
         f"#define MODEL_OUTPUT_BYTES {out_bytes}",
         f"#define MODEL_ARENA_BYTES {max(ALIGN, arena.plan.arena_bytes)}",
         f"#define MODEL_WEIGHT_BYTES {weight_bytes}",
-        *_io_macros("INPUT", prog.inputs), *_io_macros("OUTPUT", prog.outputs), "",
+        *_io_macros("INPUT", prog.inputs, prog.notes.get("input_quantize")),
+        *_io_macros("OUTPUT", prog.outputs), "", *INPUT_BUFFER_H, "",
         "/* Runs one inference: reads MODEL_INPUT_BYTES from in, writes MODEL_OUTPUT_BYTES",
         "   to out. Returns 0 on success. Not reentrant (one static arena). */",
         "int model_run(const void *in, void *out);", "", "#endif", ""])
@@ -109,14 +155,14 @@ def model_h(prog: Program, arena: ArenaPlan, weight_bytes: int) -> str:
 
 def model_c(prog: Program, arena: ArenaPlan, source: str) -> str:
     lines = ["/* Generated by gradrewrite (mcu backend) from " + source.replace("*/", "* /") + ". */",
-             "#include <math.h>", "#include <stdint.h>", "#include <stddef.h>", '#include "model.h"',
-             '#include "weights.h"', '#include "kernels/gr_kernels.h"', ""]
+             "#include <math.h>", "#include <stdint.h>", "#include <stddef.h>", "#include <string.h>",
+             '#include "model.h"', '#include "weights.h"', '#include "kernels/gr_kernels.h"', ""]
     for b in prog.arena:
         if b.name in arena.plan.offsets:
             lines.append(f"#define {b.name.upper()}_OFF {arena.plan.offsets[b.name]}")
-    lines += ["", "static uint8_t arena[MODEL_ARENA_BYTES] __attribute__((aligned(16)));", "",
+    lines += [*input_arena_c(arena.plan.offsets),
               "int model_run(const void *in, void *out) {",
-              "    const uint8_t *in_bytes = (const uint8_t *)in;",
+              *copy_input_c("in"),
               "    uint8_t *out_bytes = (uint8_t *)out;",
               "    (void)in_bytes; (void)out_bytes; (void)arena;"]
     for i, step in enumerate(prog.steps):
@@ -187,7 +233,10 @@ def write_project(prog: Program, project: Path, *, source: str = "<model>") -> d
         "int8_layers": prog.notes.get("int8_layers", 0),
         "nm_layers": prog.notes.get("nm_layers", 0),
         "kernel_files": sorted(prog.kernel_files),
-        "inputs": [{"shape": list(v.shape), "dtype": DTYPE_NAMES[v.dtype], "bytes": v.nbytes} for v in prog.inputs],
+        "inputs": [{"shape": list(v.shape), "dtype": DTYPE_NAMES[v.dtype], "bytes": v.nbytes,
+                    **({"quantize": q} if q else {})}
+                   for v, q in zip(prog.inputs, prog.notes.get("input_quantize") or [None] * len(prog.inputs))],
+        "input_in_arena": True,
         "outputs": [{"shape": list(v.shape), "dtype": DTYPE_NAMES[v.dtype], "bytes": v.nbytes}
                     for v in prog.outputs],
         "ops": [{"op": s.op, "path": s.path, "kernel": s.kernel, "macs": s.macs,

@@ -61,10 +61,18 @@ def _pair(v) -> tuple[int, int]:
 
 
 class Lowerer:
-    def __init__(self, graph: Graph, *, collect: bool = False, sparse: bool = True):
+    def __init__(self, graph: Graph, *, collect: bool = False, sparse: bool = True,
+                 quantized_inputs: bool = False, stream: bool = True):
         self.graph = graph
         self.collect = collect
         self.sparse = sparse
+        # a float input whose only readers quantize it to int8: the C API takes the int8 tensor
+        self.quantized_inputs = quantized_inputs
+        # int8 depthwise convs in place of a dying input; pointwise expand + depthwise streamed
+        self.stream = stream
+        self.input_quant: list[dict | None] = []
+        self._dw_inplace: list[tuple[Step, Val, Val, str]] = []
+        self._fused: dict[fx.Node, Val] = {}   # depthwise head -> output its streamed expand wrote
         self.vals: dict[fx.Node, Any] = {}
         self.steps: list[Step] = []
         self.consts: list[Buf] = []
@@ -213,19 +221,51 @@ class Lowerer:
                         raise Unsupported(f"input {node.name}: {exc}") from None
                     self.unsupported.append(("input", node.name, str(exc)))
                     dt = "f32"
+                quant = self._input_quantize(node) if self.quantized_inputs else None
+                if quant is not None:
+                    dt = "i8"
                 shape = tuple(int(s) for s in val.shape)
                 buf = Buf(_ident(node.name), "input", numel(shape) * ITEMSIZE[dt], dt, offset=offset)
                 offset += buf.nbytes
                 self.vals[node] = Val(buf, shape, contiguous_strides(shape))
                 inputs.append(self.vals[node])
+                self.input_quant.append(quant)
+                if quant is not None:  # the caller quantized it: its quantize nodes are the input
+                    for user in node.users:
+                        self.vals[user] = self.vals[node]
+                        self.skip.add(user)
             elif node.op == "output":
                 outs = [a for a in torch.utils._pytree.tree_leaves(node.args[0]) if isinstance(a, fx.Node)]
                 outputs = [self._output(a) for a in outs]
             elif node.op == "call_function" and node not in self.skip and not self.is_const(node):
                 self._lower(node)
         self.current = None
+        self._depthwise_in_place(outputs)
         return Program(inputs, outputs, self.steps, self.consts, self.arena, self.kernel_files,
-                       {"int8_layers": len(self.qlayers), "nm_layers": self.nm_layers})
+                       {"int8_layers": len(self.qlayers), "nm_layers": self.nm_layers,
+                        "input_quantize": self.input_quant})
+
+    @staticmethod
+    def _input_quantize(node: fx.Node) -> dict | None:
+        """(scale, zero point) when every reader of float input ``node`` is the same int8
+        quantize_per_tensor, else None."""
+        val = node.meta.get("val")
+        if not isinstance(val, torch.Tensor) or val.dtype != torch.float32 or not node.users:
+            return None
+        params = set()
+        for user in node.users:
+            if user.op != "call_function" or user.target != QUANTIZE_PER_TENSOR or user.args[0] is not node \
+                    or user.kwargs or len(user.args) != 6:
+                return None
+            scale, zp, qmin, qmax, dtype = user.args[1:6]
+            if dtype != torch.int8 or (int(qmin), int(qmax)) != (-128, 127) \
+                    or any(isinstance(a, fx.Node) for a in (scale, zp)):
+                return None
+            params.add((float(scale), int(zp)))
+        if len(params) != 1:
+            return None
+        scale, zp = params.pop()
+        return {"scale": scale, "zero_point": zp, "from_dtype": "float32"}
 
     def _output(self, node: fx.Node) -> Val:
         v = self.val(node) if node in self.vals or self.is_const(node) else None
@@ -235,7 +275,9 @@ class Lowerer:
 
     def _lower(self, node: fx.Node) -> None:
         try:
-            if node in self.qlayers:
+            if node in self._fused:  # computed by its streamed expand conv
+                result = self._fused.pop(node)
+            elif node in self.qlayers:
                 result = self._qlayer(self.qlayers[node])
             else:
                 handler = HANDLERS.get(node.target)
@@ -261,8 +303,12 @@ class Lowerer:
         return None
 
     # ----------------------------------------------------------------- int8
-    def _qlayer(self, ql: int8.QLayer) -> Val:
+    def _qlayer(self, ql: int8.QLayer) -> Val | None:
         x = self.contig(self.val(ql.x))
+        dw = self._stream_partner(ql) if self.stream else None
+        if dw is not None and x.dtype == "i8":
+            self._fused[dw.head] = self._expand_depthwise(ql, dw, x)
+            return None  # the expanded tensor is never stored; only `dw` read it
         self.kernel_files.add("gr_int8.c")  # gr_requantize, also used by the N:M kernels
         if x.dtype != "i8":
             raise Unsupported("int8 layer input is not int8")
@@ -284,6 +330,73 @@ class Lowerer:
                       f"  gr_max_pool2d_s8(&s, {src.ptr()}, {y.out()}); }}", [src], [y],
                       op="int8 " + op_name(pool))
         return y
+
+    def _stream_partner(self, ql: int8.QLayer) -> int8.QLayer | None:
+        """The depthwise 3x3 layer that is the only reader of pointwise expand ``ql``'s
+        output, when both are plain (dense, no pooling) int8 convs, else None."""
+        if not (ql.kind == "conv" and not ql.post and tuple(ql.weight.shape[2:]) == (1, 1)
+                and ql.conv["stride"] == (1, 1) and ql.conv["padding"] == (0, 0) and ql.conv["groups"] == 1):
+            return None
+        users = list(ql.head.users)
+        if len(users) != 1 or users[0].target != DEQUANTIZE_PER_TENSOR or len(users[0].users) != 1:
+            return None
+        layer = next(iter(users[0].users))
+        dw = next((q for q in self.qlayers.values() if q.layer is layer), None)
+        if dw is None or dw.x is not ql.head or dw.post or not _depthwise3x3(dw):
+            return None
+        if self.sparse and (nm.detect(ql.weight, "conv") or nm.detect(dw.weight, "conv")):
+            return None
+        return dw
+
+    def _expand_depthwise(self, pw: int8.QLayer, dw: int8.QLayer, x: Val) -> Val:
+        """One ``gr_pw_dw_s8`` step for ``dw(pw(x))`` through a one-plane scratch."""
+        mid_shape, out_shape = _shape(pw.head), _shape(dw.head)
+        y = self.new(out_shape, "i8", name=dw.head.name)
+        plane = self.new((mid_shape[2] * mid_shape[3],), "i8", name=dw.head.name + "_plane")
+        parts, macs, reads = [], 0, [x]
+        for tag, ql, xs, ys in (("p", pw, x.shape, mid_shape), ("d", dw, mid_shape, out_shape)):
+            name = _ident(module_path(ql.layer) or ql.layer.name)
+            consts = [self.add_const(name + suffix, arr, dt) for suffix, arr, dt in
+                      (("_mult", ql.mult, "i32"), ("_shift", ql.shift, "i32"), ("_bias_q", ql.bias_q, "i32"),
+                       ("_w", ql.weight.numpy().reshape(-1), "i8"))]
+            mult, shift, bias, wv = consts
+            s, m = self._conv_shape(xs, tuple(ql.weight.shape), ys, ql.conv)
+            macs += m
+            parts.append(s.replace("gr_conv_shape s =", f"gr_conv_shape {tag}s =") +
+                         f" static const gr_quant_params {tag}q = {{{ql.in_zp}, {ql.out_zp}, {ql.act_min}, "
+                         f"{ql.act_max}, {mult.name}, {shift.name}}};")
+            parts.append((wv.name, bias.name))
+        (ps, (pwn, pbn), ds, (dwn, dbn)) = parts
+        self.current = dw.layer
+        op = "int8 expand+depthwise " + "+".join(op_name(n) for n in (pw.layer, pw.act, dw.layer, dw.act)
+                                                  if n is not None)
+        code = (f"{{ {ps}\n  {ds}\n  gr_pw_dw_s8(&ps, &pq, {x.ptr()}, {pwn}, {pbn}, &ds, &dq, {dwn}, {dbn}, "
+                f"{y.out()}, {plane.out()}); }}")
+        self.emit("gr_pw_dw_s8", "gr_int8.c", code, reads, [y, plane], macs, op=op)
+        return y
+
+    def _depthwise_in_place(self, outputs: list[Val]) -> None:
+        """Depthwise convs whose int8 input dies at their step write over it (the planner
+        then gives the output the input's start); the kernel goes through a one-plane scratch."""
+        if not self._dw_inplace:
+            return
+        last: dict[int, int] = {}
+        for i, st in enumerate(self.steps):
+            for b in st.reads + st.writes:
+                last[id(b)] = i
+        for v in outputs:
+            last[id(v.buf)] = len(self.steps)
+        index = {id(st): i for i, st in enumerate(self.steps)}
+        for step, x, y, code in self._dw_inplace:
+            if x.buf.kind != "arena" or x.offset or not x.is_contiguous() or x.nbytes != x.buf.nbytes \
+                    or last.get(id(x.buf)) != index[id(step)] or y.buf.nbytes > x.buf.nbytes:
+                continue
+            plane = self.new((y.shape[2] * y.shape[3],), "i8", name=y.buf.name + "_plane")
+            y.buf.inplace_of = x.buf
+            step.code = code.replace("@PLANE@", plane.out())
+            step.kernel = "gr_depthwise_inplace_s8"
+            step.op += " in place"
+            step.writes.append(plane.buf)
 
     def _qadd(self, ql: int8.QLayer, a: Val, y: Val) -> None:
         b = self.contig(self.val(ql.x2))
@@ -324,7 +437,10 @@ class Lowerer:
                 wv = self.add_const(name + "_w", w.numpy().reshape(-1), "i8")
                 code = (f"{{ {s} {qp}\n  gr_conv2d_s8(&s, &q, {x.ptr()}, {wv.name}, {bias.name}, "
                         f"{y.out()}); }}")
-                self.emit("gr_conv2d_s8", "gr_int8.c", code, [x], [y], macs, op=op)
+                step = self.emit("gr_conv2d_s8", "gr_int8.c", code, [x], [y], macs, op=op)
+                if self.stream and _depthwise3x3(ql):  # in place if x dies here (known at the end)
+                    self._dw_inplace.append((step, x, y, f"{{ {s} {qp}\n  gr_depthwise_inplace_s8(&s, &q, "
+                                                         f"{x.ptr()}, {wv.name}, {bias.name}, {y.out()}, @PLANE@); }}"))
         else:
             k, n_out = int(w.shape[1]), int(w.shape[0])
             rows = x.numel // k
@@ -656,6 +772,14 @@ def _batch_norm(lw: Lowerer, node: fx.Node) -> Any:
     return (y, None, None) if node.target != aten.batch_norm.default else y
 
 
+def _depthwise3x3(ql: int8.QLayer) -> bool:
+    """A depthwise 3x3 conv with dilation 1 (the int8 kernels' per-channel fast path)."""
+    c, w = ql.conv, ql.weight
+    return ql.kind == "conv" and c is not None and w.dim() == 4 and tuple(w.shape[1:]) == (1, 3, 3) \
+        and c["groups"] == int(w.shape[0]) and c["dilation"] == (1, 1) \
+        and int(ql.x.meta["val"].shape[1]) == c["groups"]
+
+
 def _pool_shape(x: Val, ys, k, s, p, d, cip=1, div=0) -> str:
     return (f"static const gr_pool_shape s = {{{x.shape[0] * x.shape[1]}, {x.shape[2]}, {x.shape[3]}, "
             f"{ys[2]}, {ys[3]}, {k[0]}, {k[1]}, {s[0]}, {s[1]}, {p[0]}, {p[1]}, {d[0]}, {d[1]}, {cip}, {div}}};")
@@ -985,10 +1109,11 @@ def _dequantize(lw: Lowerer, node: fx.Node) -> Val:
     return y
 
 
-def lower(graph: Graph, *, sparse: bool = True) -> Program:
+def lower(graph: Graph, *, sparse: bool = True, stream: bool = True) -> Program:
     """The graph as a kernel call sequence; raises ``Unsupported`` at the first op it
-    cannot generate (``unsupported_ops`` lists them all)."""
-    return Lowerer(graph, sparse=sparse).run()
+    cannot generate (``unsupported_ops`` lists them all). ``stream``: int8 depthwise convs
+    in place and pointwise expand + depthwise pairs streamed channel by channel."""
+    return Lowerer(graph, sparse=sparse, quantized_inputs=True, stream=stream).run()
 
 
 def unsupported_ops(graph: Graph) -> list[tuple[str, str, str]]:

@@ -180,54 +180,102 @@ static GR_NOINLINE void depthwise3x3_row_s8(const int8_t *r0, int32_t W, int32_t
     }
 }
 
-/* depthwise 3x3, dilation 1: interior outputs use sum w*x - zp * sum w (nine weights
- * in registers), border outputs skip the padded taps (real value 0) */
-static void depthwise3x3_s8(const gr_conv_shape *s, const gr_quant_params *q, const int8_t *x,
-                            const int8_t *w, const int32_t *bias, int8_t *y) {
-    const int32_t ozp = q->out_zp, lo = q->act_min, hi = q->act_max;
-    int32_t n, c, oy, ox, ky, kx, zp = q->in_zp;
-    for (n = 0; n < s->n; n++) for (c = 0; c < s->c; c++) {
-        const int8_t *xc = x + ((size_t)n * s->c + c) * s->h * s->w;
-        const int8_t *wc = w + (size_t)c * 9;
-        int8_t *yc = y + ((size_t)n * s->oc + c) * s->oh * s->ow;
-        const int32_t w0 = wc[0], w1 = wc[1], w2 = wc[2], w3 = wc[3], w4 = wc[4], w5 = wc[5];
-        const int32_t w6 = wc[6], w7 = wc[7], w8 = wc[8], b0 = bias ? bias[c] : 0;
-        const int32_t full = b0 - zp * (w0 + w1 + w2 + w3 + w4 + w5 + w6 + w7 + w8);
-        const int32_t mult = q->mult[c], shift = q->shift[c];
-        /* outputs whose window lies inside the input columns: ox in [ox_a, ox_b) */
-        int32_t ox_a = (s->pw + s->sw - 1) / s->sw, ox_b = s->w - 3 + s->pw < 0 ? 0 : (s->w - 3 + s->pw) / s->sw + 1;
-        channel_out co;
-        if (ox_b > s->ow) ox_b = s->ow;
-        if (ox_a > ox_b) ox_a = ox_b;
-        co.base = full; co.mult = mult; co.total = 31 - shift; co.ozp = ozp; co.lo = lo; co.hi = hi;
-        for (oy = 0; oy < s->oh; oy++) {
-            int32_t iy0 = oy * s->sh - s->ph, rows_in = iy0 >= 0 && iy0 + 2 < s->h;
-            for (ox = 0; ox < s->ow; ox++) {
-                int32_t ix0 = ox * s->sw - s->pw, acc;
-                if (rows_in && ox == ox_a && ox_b > ox_a) {
-                    depthwise3x3_row_s8(xc + (size_t)iy0 * s->w + ix0, s->w, s->sw, wc, ox_b - ox_a, &co,
-                                        yc + oy * s->ow + ox);
-                    ox = ox_b - 1;
-                    continue;
-                }
-                if (rows_in && ix0 >= 0 && ix0 + 2 < s->w) {
-                    const int8_t *r0 = xc + (size_t)iy0 * s->w + ix0, *r1 = r0 + s->w, *r2 = r1 + s->w;
-                    acc = full + w0 * r0[0] + w1 * r0[1] + w2 * r0[2] + w3 * r1[0] + w4 * r1[1] + w5 * r1[2]
-                        + w6 * r2[0] + w7 * r2[1] + w8 * r2[2];
-                } else {
-                    acc = b0;
-                    for (ky = 0; ky < 3; ky++) {
-                        int32_t iy = iy0 + ky;
-                        if (iy < 0 || iy >= s->h) continue;
-                        for (kx = 0; kx < 3; kx++) {
-                            int32_t ix = ix0 + kx;
-                            if (ix >= 0 && ix < s->w)
-                                acc += (int32_t)wc[ky * 3 + kx] * ((int32_t)xc[(size_t)iy * s->w + ix] - zp);
-                        }
+/* one channel of a depthwise 3x3, dilation 1: interior outputs use sum w*x - zp * sum w
+ * (nine weights in registers), border outputs skip the padded taps (real value 0) */
+static void depthwise3x3_channel_s8(const gr_conv_shape *s, const int8_t *xc, const int8_t *wc, int32_t b0,
+                                    int32_t zp, int32_t mult, int32_t shift, int32_t ozp, int32_t lo,
+                                    int32_t hi, int8_t *yc) {
+    int32_t oy, ox, ky, kx;
+    const int32_t w0 = wc[0], w1 = wc[1], w2 = wc[2], w3 = wc[3], w4 = wc[4], w5 = wc[5];
+    const int32_t w6 = wc[6], w7 = wc[7], w8 = wc[8];
+    const int32_t full = b0 - zp * (w0 + w1 + w2 + w3 + w4 + w5 + w6 + w7 + w8);
+    /* outputs whose window lies inside the input columns: ox in [ox_a, ox_b) */
+    int32_t ox_a = (s->pw + s->sw - 1) / s->sw, ox_b = s->w - 3 + s->pw < 0 ? 0 : (s->w - 3 + s->pw) / s->sw + 1;
+    channel_out co;
+    if (ox_b > s->ow) ox_b = s->ow;
+    if (ox_a > ox_b) ox_a = ox_b;
+    co.base = full; co.mult = mult; co.total = 31 - shift; co.ozp = ozp; co.lo = lo; co.hi = hi;
+    for (oy = 0; oy < s->oh; oy++) {
+        int32_t iy0 = oy * s->sh - s->ph, rows_in = iy0 >= 0 && iy0 + 2 < s->h;
+        for (ox = 0; ox < s->ow; ox++) {
+            int32_t ix0 = ox * s->sw - s->pw, acc;
+            if (rows_in && ox == ox_a && ox_b > ox_a) {
+                depthwise3x3_row_s8(xc + (size_t)iy0 * s->w + ix0, s->w, s->sw, wc, ox_b - ox_a, &co,
+                                    yc + oy * s->ow + ox);
+                ox = ox_b - 1;
+                continue;
+            }
+            if (rows_in && ix0 >= 0 && ix0 + 2 < s->w) {
+                const int8_t *r0 = xc + (size_t)iy0 * s->w + ix0, *r1 = r0 + s->w, *r2 = r1 + s->w;
+                acc = full + w0 * r0[0] + w1 * r0[1] + w2 * r0[2] + w3 * r1[0] + w4 * r1[1] + w5 * r1[2]
+                    + w6 * r2[0] + w7 * r2[1] + w8 * r2[2];
+            } else {
+                acc = b0;
+                for (ky = 0; ky < 3; ky++) {
+                    int32_t iy = iy0 + ky;
+                    if (iy < 0 || iy >= s->h) continue;
+                    for (kx = 0; kx < 3; kx++) {
+                        int32_t ix = ix0 + kx;
+                        if (ix >= 0 && ix < s->w)
+                            acc += (int32_t)wc[ky * 3 + kx] * ((int32_t)xc[(size_t)iy * s->w + ix] - zp);
                     }
                 }
-                yc[oy * s->ow + ox] = requant_s8(acc, mult, 31 - shift, ozp, lo, hi);
             }
+            yc[oy * s->ow + ox] = requant_s8(acc, mult, 31 - shift, ozp, lo, hi);
+        }
+    }
+}
+
+static void depthwise3x3_s8(const gr_conv_shape *s, const gr_quant_params *q, const int8_t *x,
+                            const int8_t *w, const int32_t *bias, int8_t *y) {
+    int32_t n, c;
+    for (n = 0; n < s->n; n++) for (c = 0; c < s->c; c++)
+        depthwise3x3_channel_s8(s, x + ((size_t)n * s->c + c) * s->h * s->w, w + (size_t)c * 9,
+                                bias ? bias[c] : 0, q->in_zp, q->mult[c], q->shift[c], q->out_zp,
+                                q->act_min, q->act_max, y + ((size_t)n * s->oc + c) * s->oh * s->ow);
+}
+
+/* Channel c's output plane goes to `plane` first, then to its place in y. With y at x's
+ * start (the planner's in-place reuse) that place ends at byte (c + 1) * oh * ow <=
+ * (c + 1) * h * w, so it only covers input planes 0 .. c, which are read already. */
+void gr_depthwise_inplace_s8(const gr_conv_shape *s, const gr_quant_params *q, const int8_t *x,
+                             const int8_t *w, const int32_t *bias, int8_t *y, int8_t *plane) {
+    const int32_t ohw = s->oh * s->ow;
+    int32_t n, c;
+    for (n = 0; n < s->n; n++) for (c = 0; c < s->c; c++) {
+        size_t p = (size_t)n * s->c + c;
+        depthwise3x3_channel_s8(s, x + p * s->h * s->w, w + (size_t)c * 9, bias ? bias[c] : 0, q->in_zp,
+                                q->mult[c], q->shift[c], q->out_zp, q->act_min, q->act_max, plane);
+        memcpy(y + p * ohw, plane, (size_t)ohw);
+    }
+}
+
+/* A pointwise (1x1, stride 1) expand conv followed by a depthwise 3x3, one expanded
+ * channel at a time: channel c of the expand goes to `plane` (h * w bytes), the
+ * depthwise reads it from there, so the expanded tensor never exists. Same integer
+ * arithmetic as the two kernels one after the other. */
+void gr_pw_dw_s8(const gr_conv_shape *ps, const gr_quant_params *pq, const int8_t *x, const int8_t *pw,
+                 const int32_t *pb, const gr_conv_shape *ds, const gr_quant_params *dq, const int8_t *dw,
+                 const int32_t *db, int8_t *y, int8_t *plane) {
+    const int32_t hw = ps->h * ps->w, cin = ps->c, zp = pq->in_zp;
+    int32_t n, o, c, p;
+    for (n = 0; n < ps->n; n++) {
+        const int8_t *xn = x + (size_t)n * cin * hw;
+        for (o = 0; o < ps->oc; o++) {
+            const int8_t *wo = pw + (size_t)o * cin;
+            int32_t wsum = 0;
+            channel_out co;
+            for (c = 0; c < cin; c++) wsum += wo[c];
+            co.base = (pb ? pb[o] : 0) - zp * wsum; co.mult = pq->mult[o]; co.total = 31 - pq->shift[o];
+            co.ozp = pq->out_zp; co.lo = pq->act_min; co.hi = pq->act_max;
+            for (p = pointwise_rows_s8(xn, wo, cin, hw, hw, &co, plane); p < hw; p++) {
+                int32_t acc = co.base;
+                for (c = 0; c < cin; c++) acc += (int32_t)wo[c] * (int32_t)xn[(size_t)c * hw + p];
+                plane[p] = requant_s8(acc, co.mult, co.total, co.ozp, co.lo, co.hi);
+            }
+            depthwise3x3_channel_s8(ds, plane, dw + (size_t)o * 9, db ? db[o] : 0, dq->in_zp, dq->mult[o],
+                                    dq->shift[o], dq->out_zp, dq->act_min, dq->act_max,
+                                    y + ((size_t)n * ds->oc + o) * ds->oh * ds->ow);
         }
     }
 }

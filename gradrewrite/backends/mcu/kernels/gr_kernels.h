@@ -86,6 +86,15 @@ typedef struct {
 } gr_quant_params;
 void gr_conv2d_s8(const gr_conv_shape *s, const gr_quant_params *q, const int8_t *x,
                   const int8_t *w, const int32_t *bias, int8_t *y);
+/* depthwise 3x3 (dilation 1) whose output may start at its input's first byte (y == x):
+ * each output plane goes through `plane` (oh * ow bytes, apart from x and y) */
+void gr_depthwise_inplace_s8(const gr_conv_shape *s, const gr_quant_params *q, const int8_t *x,
+                             const int8_t *w, const int32_t *bias, int8_t *y, int8_t *plane);
+/* 1x1 stride-1 expand conv (ps, pq) then depthwise 3x3 (ds, dq), streamed one expanded
+ * channel at a time through `plane` (h * w bytes): the expanded tensor is never stored */
+void gr_pw_dw_s8(const gr_conv_shape *ps, const gr_quant_params *pq, const int8_t *x, const int8_t *pw,
+                 const int32_t *pb, const gr_conv_shape *ds, const gr_quant_params *dq, const int8_t *dw,
+                 const int32_t *db, int8_t *y, int8_t *plane);
 void gr_linear_s8(const gr_quant_params *q, const int8_t *x, const int8_t *w,
                   const int32_t *bias, int8_t *y, int32_t m, int32_t k, int32_t n);
 

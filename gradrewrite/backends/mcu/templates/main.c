@@ -1,4 +1,5 @@
-/* Harness around the generated model: read MODEL_INPUT_BYTES from a file, call
+/* Harness around the generated model: read MODEL_INPUT_BYTES from a file (into the
+ * model's arena when model.h says MODEL_INPUT_IN_ARENA), call
  * model_run once, write MODEL_OUTPUT_BYTES to a file, print what was measured.
  *
  *   host:      ./model [input.bin [output.bin]]
@@ -16,7 +17,13 @@
 #include "gr_stack.h"
 #endif
 
-static uint8_t input[MODEL_INPUT_BYTES] __attribute__((aligned(16)));
+#ifdef MODEL_INPUT_IN_ARENA
+/* the input file goes straight into the model's arena: no input array of our own */
+#define INPUT_BUFFER ((uint8_t *)model_input_buffer())
+#else
+static uint8_t input_storage[MODEL_INPUT_BYTES] __attribute__((aligned(16)));
+#define INPUT_BUFFER input_storage
+#endif
 static uint8_t output[MODEL_OUTPUT_BYTES] __attribute__((aligned(16)));
 
 /* The instruction counter brackets model_run between these two calls: they must
@@ -32,12 +39,12 @@ static int read_input(const char *path)
         printf("gr: error: cannot open input file %s\n", path);
         return 0;
     }
-    size_t got = fread(input, 1, sizeof input, f);
+    size_t got = fread(INPUT_BUFFER, 1, MODEL_INPUT_BYTES, f);
     int extra = fgetc(f);
     fclose(f);
-    if (got != sizeof input || extra != EOF) {
+    if (got != MODEL_INPUT_BYTES || extra != EOF) {
         printf("gr: error: input file %s must hold exactly %lu bytes\n", path,
-               (unsigned long)sizeof input);
+               (unsigned long)MODEL_INPUT_BYTES);
         return 0;
     }
     return 1;
@@ -67,7 +74,7 @@ int main(int argc, char **argv)
     gr_stack_paint();
 #endif
     gr_mark_begin();
-    int rc = model_run(input, output);
+    int rc = model_run(INPUT_BUFFER, output);
     gr_mark_end();
 #ifdef GR_BAREMETAL
     size_t model_stack = gr_stack_used() - base;
