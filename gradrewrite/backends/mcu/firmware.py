@@ -8,7 +8,11 @@ linker script template whose RAM/flash lengths are the budget) — and runs ``ma
 - ``build_host(project_dir)`` -> ``project_dir/model_host``, run with ``run_host``;
 - ``build_firmware(project_dir, target)`` -> ``firmware.elf`` / ``firmware.bin`` in the
   project dir and their section sizes; a model over budget fails at link time and
-  the linker's "region overflowed" becomes one line saying by how much.
+  the linker's "region overflowed" becomes one line saying by how much;
+- ``build_train_firmware(project_dir, target, harness)`` -> the same inference image
+  and a second one, ``train.elf`` / ``train.bin``, linked from the same objects with
+  the training harness (``templates/train_main.c``) in place of ``main.c``: two
+  images because both harnesses define ``main``. Both must fit the budget.
 
 Objects are built in a temporary directory, so the project dir only gains the build
 files and the products. Running the firmware under QEMU is ``qemu.run_firmware``.
@@ -31,6 +35,10 @@ STACK_BYTES = 8192   # reserved inside the SRAM budget; the harness reports the 
 HEAP_BYTES = 4096    # newlib stdio buffers of the harness (it measures ~2.5 KB)
 HOST_EXE = "model_host"
 ELF, BIN = "firmware.elf", "firmware.bin"
+TRAIN_ELF, TRAIN_BIN = "train.elf", "train.bin"
+# No FMA contraction: the int8 training reference rounds every multiply and add on its own
+# (-std=c99 already implies it for gcc; spelled out so a flag change cannot undo it).
+NO_CONTRACT = "-ffp-contract=off"
 BUILD_TIMEOUT_S = 600
 TEMPLATES = Path(__file__).parent / "templates"
 HARNESS_FILES = ("main.c", "startup_mps2.c", "gr_stack.h", "mps2.ld.in")
@@ -196,22 +204,29 @@ def check_harness_exit(code: int, output: str, where: str) -> None:
 
 
 # ------------------------------------------------------------------ firmware
+def _prepare_firmware(project_dir: str | Path, target: str, what: str, products: tuple[str, ...],
+                      **budget: int) -> Path:
+    """Checks before a Cortex-M build, the build files, and no stale ``products`` (a
+    failed build must not leave an older image behind)."""
+    project = Path(project_dir)
+    if get_target(target).is_host:
+        raise BackendError(f"{what} needs a Cortex-M target; the host target uses build_host",
+                           f"pick one of: {', '.join(t for t in TARGETS if not TARGETS[t].is_host)}")
+    check_budget(budget["ram_kb"], budget["flash_kb"])
+    _check_project(project)
+    _require_tools(target)
+    write_build_files(project, target=target, **budget)
+    for name in products:
+        (project / name).unlink(missing_ok=True)
+    return project
+
+
 def build_firmware(project_dir: str | Path, target: str, *, ram_kb: int = DEFAULT_RAM_KB,
                    flash_kb: int = DEFAULT_FLASH_KB, stack_bytes: int = STACK_BYTES,
                    heap_bytes: int = HEAP_BYTES) -> FirmwareInfo:
     """Cross-compile and link for ``target`` within the budget; writes firmware.elf/.bin."""
-    project = Path(project_dir)
-    tgt = get_target(target)
-    if tgt.is_host:
-        raise BackendError("build_firmware needs a Cortex-M target; the host target uses build_host",
-                           f"pick one of: {', '.join(t for t in TARGETS if not TARGETS[t].is_host)}")
-    check_budget(ram_kb, flash_kb)
-    _check_project(project)
-    _require_tools(target)
-    write_build_files(project, target=target, ram_kb=ram_kb, flash_kb=flash_kb,
-                      stack_bytes=stack_bytes, heap_bytes=heap_bytes)
-    for name in (ELF, BIN):  # a failed build must not leave an older image behind
-        (project / name).unlink(missing_ok=True)
+    project = _prepare_firmware(project_dir, target, "build_firmware", (ELF, BIN), ram_kb=ram_kb,
+                                flash_kb=flash_kb, stack_bytes=stack_bytes, heap_bytes=heap_bytes)
     with tempfile.TemporaryDirectory(prefix="gr-mcu-fw-") as build:
         build = Path(build)
         proc = _make(project, build, target, {})
@@ -236,7 +251,8 @@ def _overflows(text: str) -> dict[str, int]:
     return over
 
 
-def _budget_error(over: dict[str, int], project: Path, target: str, ram_kb: int, flash_kb: int) -> BackendError:
+def _budget_error(over: dict[str, int], project: Path, target: str, ram_kb: int, flash_kb: int, *,
+                  what: str = "the model", hint: str | None = None) -> BackendError:
     parts = []
     if "RAM" in over:
         arena = model_macro(project, "MODEL_ARENA_BYTES")
@@ -245,8 +261,8 @@ def _budget_error(over: dict[str, int], project: Path, target: str, ram_kb: int,
                      f"and harness heap {_kb(HEAP_BYTES)} included{arena_txt})")
     if "FLASH" in over:
         parts.append(f"flash by {_kb(over['FLASH'])} (budget {flash_kb} KB)")
-    return BackendError(f"the model does not fit {target}: it exceeds " + " and ".join(parts),
-                        "raise --ram-kb / --flash-kb if the device has more, or shrink the model "
+    return BackendError(f"{what} does not fit {target}: it exceeds " + " and ".join(parts),
+                        hint or "raise --ram-kb / --flash-kb if the device has more, or shrink the model "
                         "(int8 quantization, N:M sparsity, a smaller input or width)")
 
 
@@ -277,15 +293,52 @@ def section_sizes(elf: Path) -> dict[str, int]:
 
 
 def _firmware_info(project: Path, target: str, ram_kb: int, flash_kb: int, stack_bytes: int,
-                   heap_bytes: int) -> FirmwareInfo:
-    s = section_sizes(project / ELF)
+                   heap_bytes: int, *, elf: str = ELF, bin_name: str = BIN) -> FirmwareInfo:
+    s = section_sizes(project / elf)
     get = s.get
     flash = get(".text", 0) + get(".rodata", 0) + get(".ARM.exidx", 0) + get(".data", 0)
     sram = get(".data", 0) + get(".bss", 0) + get(".heap", 0) + get(".stack", 0)
-    return FirmwareInfo(target=target, elf=project / ELF, bin=project / BIN, sections=s,
+    return FirmwareInfo(target=target, elf=project / elf, bin=project / bin_name, sections=s,
                         flash_bytes=flash, sram_bytes=sram, ram_budget_bytes=ram_kb * 1024,
                         flash_budget_bytes=flash_kb * 1024, stack_reserve_bytes=get(".stack", stack_bytes),
                         heap_reserve_bytes=heap_bytes,
                         arena_bytes=model_macro(project, "MODEL_ARENA_BYTES"),
                         notes={"flash": ".text + .rodata + .ARM.exidx + .data",
                                "sram": ".data + .bss (arena, harness input/output buffers) + heap + stack reserve"})
+
+
+# ------------------------------------------------------------------ training firmware
+TRAIN_BUDGET_HINT = ("raise --ram-kb / --flash-kb if the device has more, or train fewer parameters "
+                     "(a sparser sparse-update scheme keeps more weights in flash and needs less SRAM)")
+
+
+def build_train_firmware(project_dir: str | Path, target: str, harness: str, *, ram_kb: int = DEFAULT_RAM_KB,
+                         flash_kb: int = DEFAULT_FLASH_KB, stack_bytes: int = STACK_BYTES,
+                         heap_bytes: int = HEAP_BYTES) -> tuple[FirmwareInfo, FirmwareInfo]:
+    """Link a training project twice within the budget: ``firmware.elf`` (main.c around
+    model_run) and ``train.elf`` (``harness``, a path relative to the project, around
+    model_train_step); the objects are compiled once. Returns (inference, training) info."""
+    project = _prepare_firmware(project_dir, target, "build_train_firmware", (ELF, BIN, TRAIN_ELF, TRAIN_BIN),
+                                ram_kb=ram_kb, flash_kb=flash_kb, stack_bytes=stack_bytes, heap_bytes=heap_bytes)
+    # The Makefile's SRCS with the training harness for main.c (a command-line SRCS
+    # replaces the Makefile's, so the startup code is listed too).
+    train_srcs = [*sorted(p.name for p in project.glob("*.c")),
+                  *sorted(f"kernels/{p.name}" for p in (project / "kernels").glob("*.c")),
+                  harness, "harness/startup_mps2.c"]
+    images = ((ELF, BIN, {}), (TRAIN_ELF, TRAIN_BIN, {"SRCS": " ".join(train_srcs)}))
+    with tempfile.TemporaryDirectory(prefix="gr-mcu-fw-") as build:
+        build = Path(build)
+        for elf, bin_name, extra in images:
+            proc = _make(project, build, target, {"EXTRA_CFLAGS": NO_CONTRACT, **extra})
+            if proc.returncode != 0:
+                over = _overflows(proc.stderr + proc.stdout)
+                if over:
+                    # both images hold the trained parameters and the step's one arena
+                    raise _budget_error(over, project, target, ram_kb, flash_kb, what="the training step",
+                                        hint=TRAIN_BUDGET_HINT)
+                raise _compile_error(proc, target)
+            shutil.copy2(build / ELF, project / elf)
+            shutil.copy2(build / BIN, project / bin_name)
+            (build / ELF).unlink()  # the next image links afresh
+    return tuple(_firmware_info(project, target, ram_kb, flash_kb, stack_bytes, heap_bytes, elf=elf,
+                                bin_name=bin_name) for elf, bin_name, _ in images)

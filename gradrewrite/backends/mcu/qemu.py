@@ -181,7 +181,8 @@ def _count_window(log) -> tuple[Counter, list[list]]:
                     block_pc, block_n = None, 0
                 continue
             sym = line[line.rindex(b"] ") + 2:].strip().decode(errors="replace")
-            kind = {MARK_BEGIN: _BEGIN, MARK_END: _END, "model_run": _OWN, "main": _OWN}.get(sym, _CALLEE)
+            kind = {MARK_BEGIN: _BEGIN, MARK_END: _END, "model_run": _OWN, "model_train_step": _OWN,
+                    "main": _OWN}.get(sym, _CALLEE)
             e = seen[line] = (tb_len.get(line.split(b"/", 2)[1]), kind, sym)
         if state != 1:
             if state == 0 and e[1] == _BEGIN:
