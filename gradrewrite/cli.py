@@ -140,7 +140,7 @@ def compile_cmd(model, module, inputs, trust_pickle, passes, recipe, backend, ta
         return _stream_bp_train(graph, out, pipeline_specs(passes, recipe), loss_name, backend, label_spec,
                                 seed, force, model, quiet)
     if train:  # inference passes before the first training pass (fold-bn) run before capture
-        graph, before, passes = _before_training(graph, passes, recipe, seed)
+        graph, before, passes = _before_training(graph, passes, recipe, seed, calibration)
         recipe = None
         graph = _train_step(graph, loss_name, optimizer, lr, momentum, label_spec, seed)
         graph.meta["train_step"]["captured_after"] = [sp.text() for sp in before]
@@ -195,7 +195,7 @@ def _calibration(path, graph):
     return load_calibration(path, graph.inputs)
 
 
-def _before_training(graph, passes, recipe, seed):
+def _before_training(graph, passes, recipe, seed, calibration=None):
     """Run the pipeline's leading inference passes (those not needing a training step,
     e.g. fold-bn) on the inference graph; return it and the rest of the pipeline."""
     from .compiler import pipeline_specs, run_pipeline
@@ -204,8 +204,9 @@ def _before_training(graph, passes, recipe, seed):
     specs = pipeline_specs(passes, recipe)
     built = build_passes(specs)
     n = next((i for i, p in enumerate(built) if "training-step" in getattr(p, "requires", ())), len(specs))
-    if n:
-        run_pipeline(graph, specs[:n], seed=seed)
+    if n:  # e.g. quantize(mode=static), calibrated on --calib
+        from .rewrite.registry import PassContext
+        run_pipeline(graph, specs[:n], seed=seed, ctx=PassContext(seed=seed, calibration=calibration))
     return graph, specs[:n], specs[n:]
 
 
@@ -216,6 +217,10 @@ def _train_step(graph, loss_name, optimizer, lr, momentum, label_spec, seed):
     from .rewrite.capture import parse_input_spec
     from .rewrite.train_step import capture_train_step, default_labels
 
+    from .rewrite.quant_ops import DEQUANTIZE_PER_CHANNEL
+    if any(n.target == DEQUANTIZE_PER_CHANNEL for n in graph.gm.graph.nodes):  # static int8: train the integers
+        from .passes.qas import trainable_int8
+        graph = trainable_int8(graph)
     out = graph(*graph.example_inputs)[0]
     spec = parse_input_spec(label_spec, len(graph.inputs)) if label_spec else default_labels(loss_name, out)
     labels = spec.random(torch.Generator().manual_seed(seed))
@@ -278,15 +283,28 @@ def _tvm_progress(event: dict) -> None:
                    "integer reference; fp32: within rounding of the torch backend).")
 @click.option("--labels", "labels_path", type=click.Path(path_type=str), default=None,
               help="stream-bp training artifacts: a .npy of label ids shaped like the input (default: the input).")
+@click.option("--train", "train_path", type=click.Path(path_type=str), default=None,
+              help="mcu training-step artifacts: train on this .npz (x: inputs, y: int labels), batches in order, "
+                   "cycling; on the host build or the firmware under QEMU, per the compiled target.")
+@click.option("--steps", type=int, default=None, help="--train: training steps (default: one pass over the data).")
+@click.option("--lr", type=float, default=None, help="--train: learning rate (default: the compiled one).")
+@click.option("--save-weights", type=click.Path(path_type=str), default=None,
+              help="--train: write every trained parameter (whole, float32) to a .safetensors or .pt file.")
 @_friendly
-def run_cmd(artifact, inputs, use_random, seed, output, compare, labels_path=None):
-    """Run a compiled ARTIFACT directory and write its outputs."""
+def run_cmd(artifact, inputs, use_random, seed, output, compare, labels_path=None, train_path=None, steps=None,
+            lr=None, save_weights=None):
+    """Run a compiled ARTIFACT directory and write its outputs (or, with --train, train it)."""
     import numpy as np
 
     from .compiler import Artifact
     from .errors import InputError
 
     art = Artifact(artifact)
+    if train_path is not None or steps is not None or lr is not None or save_weights is not None:
+        if inputs or use_random or compare or labels_path:
+            raise InputError("--train runs training steps; it takes no --input, --random, --compare or --labels",
+                             "drop them, or drop --train to run inference")
+        return _run_train(art, train_path, steps, lr, save_weights)
     if compare and art.backend != "mcu":
         from .errors import ConfigError
         raise ConfigError(f"--compare checks mcu artifacts; {artifact!r} is a {art.backend} artifact",
@@ -321,6 +339,40 @@ def run_cmd(artifact, inputs, use_random, seed, output, compare, labels_path=Non
         click.echo(f"compare: ok ({checked['mode']}; max abs error {checked['max_abs_error']:.3g}, "
                    f"relative {checked['relative_error']:.3g})")
     click.echo(f"wrote {output}")
+
+
+def _run_train(art, train_path, steps, lr, save_weights) -> None:
+    """`run --train`: SGD steps of an mcu training-step artifact over a data set."""
+    import json
+
+    from .backends.mcu import train_run
+    from .errors import ConfigError
+
+    if train_path is None:
+        raise ConfigError("--steps, --lr and --save-weights go with --train DATA.npz", "add --train DATA.npz")
+    facts_path = art.path / "mcu" / "model.json"
+    facts = json.loads(facts_path.read_text()) if art.backend == "mcu" and facts_path.is_file() else {}
+    if not facts.get("train_step"):
+        raise ConfigError(f"{str(art.path)!r} is not an mcu training-step artifact",
+                          "compile one with `gradrewrite compile MODEL --train --backend mcu`")
+    x, y = train_run.load_dataset(train_path, facts)
+    batch = facts["input"]["shape"][0]
+    steps = steps if steps is not None else len(x) // batch
+    lr = lr if lr is not None else float(facts["lr"])
+    train_run.check_run_options(steps, lr, save_weights)
+    target = facts.get("target", "host")
+    click.echo(f"training {len(facts['trained'])} parameters for {steps} steps on {len(x) // batch} batches of "
+               f"{batch} ({'host build' if target == 'host' else target + ' firmware under QEMU'}), lr {lr:g}")
+    run = train_run.run_training(art.path / "mcu", facts, x, y, steps, lr, target=target,
+                                 progress=lambda i, n, loss: click.echo(f"step {i}/{n} loss {loss:.6g}"))
+    losses = run.losses
+    k = max(1, min(10, len(losses) // 4))   # means over a few steps: one batch's loss is noisy
+    click.echo(f"done: {steps} steps, mean loss of the first {k} {float(losses[:k].mean()):.6g}, of the last {k} "
+               f"{float(losses[-k:].mean()):.6g}; {sum(p['bytes'] for p in facts['trained'])} bytes trained")
+    if save_weights:
+        weights = train_run.whole_parameters(art.path / "mcu", facts, run.params)
+        train_run.save_weights(save_weights, weights)
+        click.echo(f"wrote {save_weights} ({len(weights)} parameters)")
 
 
 def _read_arrays(path: Path):

@@ -50,12 +50,22 @@ def _scale_of(graph: Graph, weight: fx.Node) -> fx.Node | None:
 @register_pass("qas", requires=("training-step",))
 @dataclass(frozen=True)
 class QAS:
-    """Quantization-Aware Scaling: gradients of int8-stored weights/biases times s^-2."""
+    """Quantization-Aware Scaling: gradients of int8-stored weights/biases times s^-2.
 
+    ``rounding`` (nearest | stochastic) and ``seed`` say how a device that stores the
+    integers rounds each update (the mcu backend's int8 training step; the torch graph
+    itself keeps the unrounded update)."""
+
+    rounding: str = "nearest"
+    seed: int = 0
     exact = False
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
+        if self.rounding not in ("nearest", "stochastic"):
+            raise ConfigError(f"qas rounding {self.rounding!r} is not nearest or stochastic",
+                              "use qas(rounding=nearest) or qas(rounding=stochastic)")
         ts = graph.meta["train_step"]
+        ts["qas"] = {"rounding": self.rounding, "seed": int(self.seed)}
         nodes = {n.name: n for n in graph.graph.nodes}
         attrs = {str(n.target): n for n in graph.graph.nodes if n.op == "get_attr"}
         scaled = {}
@@ -88,8 +98,12 @@ class QAS:
                               "and keep some of them trained")
         rebuild_outputs(graph)
         dead_code(graph)
+        report = {"scaled_params": scaled, "rounding": self.rounding}
+        if ts.get("sparse_update", {}).get("reorder"):  # the new updates too: right after their gradients
+            from .sparse_update.reorder import reorder_updates
+            report["reordered_ops"] = reorder_updates(graph)
         graph.commit()
-        return PassResult(True, {"scaled_params": scaled})
+        return PassResult(True, report)
 
 
 # ---------------------------------------------------------------- int8-stored weights

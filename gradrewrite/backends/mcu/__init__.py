@@ -10,7 +10,12 @@ under QEMU for Cortex-M targets.
 
 Options: ``target`` (host, cortex-m4, cortex-m7; default host), ``ram_kb``,
 ``flash_kb`` (the budget, default 320 / 1024), ``sparse`` (pack N:M weights, default
-True).
+True), ``stream`` (int8 depthwise convs over their dying input, pointwise expand +
+depthwise pairs computed one channel at a time; default True).
+
+A float input whose only readers quantize it to int8 (one scale and zero point) is
+taken as int8 by the C API (model.json ``inputs[i].quantize``); ``make_runner`` and
+``pack_inputs`` quantize float arrays for it on the host, as torch does.
 """
 from __future__ import annotations
 
@@ -51,11 +56,23 @@ class McuBackend(Backend):
         flash_kb = options.get("flash_kb") or DEFAULT_FLASH_KB
         if graph.meta.get("train_step"):  # model_train_step beside model_run (train_host.py)
             from .train_host import compile_train
-            facts = compile_train(graph, out_dir / PROJECT, target=target)
+            facts = compile_train(graph, out_dir / PROJECT, target=target, ram_kb=ram_kb, flash_kb=flash_kb,
+                                  measure=options.get("measure", True))
+            info: dict[str, Any] = {"mcu": facts}
+            if facts.get("int8"):  # bit for bit against the integer reference of the step
+                from .train_reference import check_int8_step
+                facts["int8_check"] = check_int8_step(graph, out_dir / PROJECT, facts)
+                (out_dir / PROJECT / "model.json").write_text(json.dumps(facts, indent=2, default=str) + "\n")
+                # against the torch step, which keeps its update unrounded and its forward in
+                # fake-quantized floats, an int8 step agrees only to int8 resolution
+                info["rel_tol"] = INT8_REL_TOL
+            if not get_target(target).is_host:
+                info["no_wall_latency"] = ("the host build's time is not device time; see "
+                                           "mcu.runtime.instructions_per_step (instructions per training step)")
             files = sorted(str(p.relative_to(out_dir)) for p in (out_dir / PROJECT).rglob("*") if p.is_file())
-            return BackendArtifact(files, f"mcu-{target}", {"mcu": facts})
+            return BackendArtifact(files, f"mcu-{target}", info)
         try:
-            program = lower(graph, sparse=options.get("sparse", True))
+            program = lower(graph, sparse=options.get("sparse", True), stream=options.get("stream", True))
         except Unsupported as exc:
             raise BackendError(f"the mcu backend cannot generate {exc}",
                                f"run `gradrewrite check MODEL --target {target}` to list every "
@@ -72,8 +89,7 @@ class McuBackend(Backend):
             facts["firmware"] = info.as_dict()
             if options.get("measure", True):  # stack painting + exact instruction counts
                 from .qemu import measure
-                sample = b"".join(np.ascontiguousarray(t.numpy()).tobytes()
-                                  for t in graph.random_inputs(7))
+                sample = pack_inputs([t.numpy() for t in graph.random_inputs(7)], facts["inputs"])
                 facts["runtime"] = measure(project, target, sample, ops=facts["ops"])
         (project / "model.json").write_text(json.dumps(facts, indent=2, default=str) + "\n")
         files = sorted(str(p.relative_to(out_dir)) for p in project.rglob("*") if p.is_file())
@@ -141,6 +157,30 @@ def _check_int8(graph: Graph, project: Path, facts: dict[str, Any], n_inputs: in
     return result
 
 
+def quantize_input(x: np.ndarray, quant: dict[str, Any]) -> np.ndarray:
+    """A float input as the int8 tensor the C API takes: torch's own int8
+    ``quantize_per_tensor`` (the node the code generator took out of the program)."""
+    import torch
+    import torch.ao.quantization.fx._decomposed  # noqa: F401  (registers the op)
+
+    t = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+    return torch.ops.quantized_decomposed.quantize_per_tensor(
+        t, float(quant["scale"]), int(quant["zero_point"]), -128, 127, torch.int8).numpy()
+
+
+def pack_inputs(inputs, specs: list[dict[str, Any]]) -> bytes:
+    """The packed input bytes of ``model_run``: each array in its spec's dtype; an input
+    the C API takes quantized (spec "quantize") is quantized here unless already int8."""
+    parts = []
+    for x, spec in zip(inputs, specs):
+        x = np.asarray(x)
+        q = spec.get("quantize")
+        if q and x.dtype != np.int8:
+            x = quantize_input(x, q)
+        parts.append(np.ascontiguousarray(x, dtype=NP_DTYPES[spec["dtype"]]).tobytes())
+    return b"".join(parts)
+
+
 def make_runner(project: Path, meta: dict[str, Any], *, target: str | None = None):
     """A runner ``(*arrays) -> [arrays]`` over the built project: the host executable, or
     the firmware under QEMU (``target`` overrides the compiled one, e.g. "host")."""
@@ -153,8 +193,7 @@ def make_runner(project: Path, meta: dict[str, Any], *, target: str | None = Non
         if len(inputs) != len(ins):
             raise BackendError(f"the model takes {len(ins)} inputs, got {len(inputs)}",
                                "pass one --input per model input")
-        data = b"".join(np.ascontiguousarray(np.asarray(x), dtype=NP_DTYPES[s["dtype"]]).tobytes()
-                        for x, s in zip(inputs, ins))
+        data = pack_inputs(inputs, ins)
         if get_target(target).is_host:
             raw = firmware.run_host(project / firmware.HOST_EXE, data)
         else:

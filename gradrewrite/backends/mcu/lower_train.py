@@ -23,9 +23,13 @@ import torch
 import torch.fx as fx
 
 from ...rewrite.graph import Graph, module_path, op_name
+from ...rewrite.quant_ops import DEQUANTIZE_PER_TENSOR
 from . import int8
-from .lower import HANDLERS, Lowerer, Unsupported, _float_in, _shape, _val_meta
+from . import lower_train_s8 as s8
+from .lower import HANDLERS, Lowerer, Unsupported, _float_in, _ident, _shape, _val_meta
 from .program import Buf, Program, Val, c_float, contiguous_strides, numel
+from .train_int8 import (device_form, is_int8_step, linear_bwd_input, linear_bwd_weight, mask_bits,
+                         masked_grad, ste_s8)
 
 aten = torch.ops.aten
 TRAIN_FILE = "gr_train.c"
@@ -39,6 +43,9 @@ class TrainedBuf(Buf):
     shape: tuple[int, ...] = ()         # the whole parameter's shape
     rows: int | None = None             # partial channels: only the first rows live here
     frozen_rows: Buf | None = None      # ... and the rest in this const (flash) array
+    # int8 steps: the torch parameter = stored value * to_param_scale[row] (int32 biases
+    # of int8 layers are stored in units of s_x * s_w); None: stored as the parameter
+    to_param_scale: np.ndarray | None = None
 
 
 @dataclass(eq=False)
@@ -71,6 +78,10 @@ class TrainProgram:
     trained: list[TrainedBuf]    # in the graph's parameter order
     frozen: list[str] = field(default_factory=list)
     lr: float = 0.0              # the graph's learning rate (model_train_step takes its own)
+    int8: bool = False           # an int8 step (QAS integer updates)
+    rounding: str = "nearest"    # int8 updates: nearest | stochastic (xorshift32 from seed)
+    seed: int = 0
+    graph: Graph | None = None   # the graph lowered (an int8 step's device form)
 
 
 class TrainLowerer(Lowerer):
@@ -81,8 +92,19 @@ class TrainLowerer(Lowerer):
         if ts["optimizer"].get("momentum"):
             raise Unsupported("SGD with momentum (the mcu training step implements plain SGD)")
         self.ts = ts
+        self.int8 = is_int8_step(graph)
+        if self.int8:  # the integers the device keeps (train_int8.py)
+            graph = device_form(graph)
+        qas = ts.get("qas") or {}
+        self.rounding, self.seed = qas.get("rounding", "nearest"), int(qas.get("seed", 0))
         self.trained_attrs = {info["attr"]: path for path, info in ts["params"].items() if info.get("trained")}
-        super().__init__(graph, sparse=False)
+        self._intercept: dict[str, Buf] = {}      # int8 layer const name -> its weight / bias buffer
+        self._split_q: dict[str, tuple] = {}      # int8 layer name -> (rows, trained Val, rest Val)
+        self._int_store: dict[str, tuple] = {}    # trained attr -> (dtype, per-row QAS factor of the storage)
+        self.logits_val: Val | None = None
+        self._raw_views = False                   # slicing an int8 activation keeps it int8
+        # an int8 step takes its input as int8 (the runners quantize it on the host)
+        super().__init__(graph, sparse=False, quantized_inputs=self.int8)
         self.trained: dict[str, TrainedBuf] = {}
         self.forward_steps: int | None = None
         self.logits_node: fx.Node | None = None
@@ -97,10 +119,130 @@ class TrainLowerer(Lowerer):
 
     def _dead_after_patterns(self) -> set[fx.Node]:
         skip = super()._dead_after_patterns()
-        for n in self.graph.gm.graph.nodes:  # mul(g, lr) folded into the SGD kernel
-            if _sgd_parts(n) is not None:
-                skip.add(n.args[1])
+        for n in self.graph.gm.graph.nodes:  # mul(g, lr) (and QAS factors) folded into the SGD kernel
+            chain = _update_chain(n)
+            if chain is not None:
+                skip.update(chain[3])
         return skip
+
+    # ------------------------------------------------------------ int8 steps
+    def add_const(self, name: str, array: np.ndarray, dtype: str) -> Buf:
+        buf = self._intercept.get(name)
+        return buf if buf is not None else super().add_const(name, array, dtype)
+
+    def val(self, node: Any) -> Val:
+        v = super().val(node)
+        if isinstance(v, Val) and isinstance(v.buf, s8.DqBuf) and not self._raw_views:  # a reader that needs floats
+            return s8.materialize(self, v)
+        return v
+
+    def _int8_buffers(self) -> None:
+        """The int8 layers' weights (int8) and biases (int32): SRAM arrays when trained (a
+        partially trained weight split), flash otherwise; the forward kernels get them
+        through add_const, the backward and the updates through vals."""
+        wmap = self.graph.meta.get("int8_train", {}).get("weights", {})
+        attrs = {str(n.target): n for n in self.graph.gm.graph.nodes if n.op == "get_attr"}
+        for ql in self.qlayers.values():
+            if ql.kind not in ("conv", "linear"):
+                continue
+            name = _ident(module_path(ql.layer) or ql.layer.name)
+            wq_attr = wmap.get(str(ql.layer.args[1].args[0].target))
+            x_scale = float(ql.x.args[1])
+            w = ql.weight.numpy()
+            shape = tuple(w.shape)
+            flat = w.reshape(shape[0], -1)
+            path = self.trained_attrs.get(wq_attr)
+            if path is None:
+                buf = Lowerer.add_const(self, name + "_w", w.reshape(-1).copy(), "i8")
+                val = Val(buf, shape, contiguous_strides(shape))
+                parts = ((0, val),)
+            else:
+                rows = self.ts["params"][path].get("rows")
+                rows = rows if rows is not None and rows < shape[0] else None
+                n_tr = rows or shape[0]
+                buf = TrainedBuf(self._unique("p_" + wq_attr), "const", n_tr * flat.shape[1], "i8",
+                                 data=flat[:n_tr].reshape(-1).copy(), path=path, shape=shape, rows=rows)
+                self.trained[wq_attr] = buf
+                tshape = (n_tr, *shape[1:])
+                tval = Val(buf, tshape, contiguous_strides(tshape))
+                parts = ((0, tval),)
+                if rows is not None:
+                    rest = Lowerer.add_const(self, wq_attr + "_frozen_rows", flat[rows:].reshape(-1).copy(), "i8")
+                    buf.frozen_rows = rest
+                    rshape = (shape[0] - rows, *shape[1:])
+                    rval = Val(rest, rshape, contiguous_strides(rshape))
+                    parts = ((0, tval), (rows, rval))
+                    self._split_q[name] = (rows, tval, rval)
+                    split = SplitBuf(self._unique("split_" + wq_attr), "split", flat.size, "i8",
+                                     trained=tval, rest=rval, rows=rows)
+                    val = Val(split, shape, contiguous_strides(shape))
+                else:
+                    val = tval
+                self._int_store[wq_attr] = ("i8", np.ones(shape[0]))  # the chain already holds s * s^-2
+            self._intercept[name + "_w"] = val.buf if not isinstance(val.buf, SplitBuf) else val.buf.trained.buf
+            if wq_attr in attrs:
+                self.vals[attrs[wq_attr]] = val
+                scale = Lowerer.add_const(self, name + "_wscale", ql.w_scales.astype(np.float32), "f32")
+                self._scaled[wq_attr] = s8.ScaledS8(self._unique(name + "_ws8"), "scaled", 0, "f32",
+                                                    parts=parts, scale=scale, channels=shape[0])
+            b_node = ql.layer.args[2] if len(ql.layer.args) > 2 else None
+            bpath = self.trained_attrs.get(str(b_node.target)) if isinstance(b_node, fx.Node) else None
+            if bpath is not None:
+                sb = x_scale * ql.w_scales
+                bbuf = TrainedBuf(self._unique("p_" + str(b_node.target)), "const", ql.bias_q.nbytes, "i32",
+                                  data=ql.bias_q.copy(), path=bpath, shape=tuple(ql.bias_q.shape),
+                                  to_param_scale=sb)
+                self.trained[str(b_node.target)] = bbuf
+                self._intercept[name + "_bias_q"] = bbuf
+                self.vals[b_node] = Val(bbuf, bbuf.shape, (1,))
+                self._int_store[str(b_node.target)] = ("i32", 1.0 / sb)
+
+    def _qmac(self, ql: int8.QLayer, x: Val, y: Val, out_shape: tuple[int, ...]) -> None:
+        name = _ident(module_path(ql.layer) or ql.layer.name)
+        if name not in self._split_q:
+            return super()._qmac(ql, x, y, out_shape)
+        rows, tval, rval = self._split_q[name]
+        mult = Lowerer.add_const(self, name + "_mult", ql.mult, "i32")
+        shift = Lowerer.add_const(self, name + "_shift", ql.shift, "i32")
+        bias = self.add_const(name + "_bias_q", ql.bias_q, "i32")
+        op = "int8 " + op_name(ql.layer) + ("+" + op_name(ql.act) if ql.act is not None else "") + " (split weight)"
+        self.current = ql.layer
+        code = []
+        if ql.kind == "linear":
+            k, n_out = int(ql.weight.shape[1]), int(ql.weight.shape[0])
+            n_rows = x.numel // k
+            for o0, part in ((0, tval), (rows, rval)):
+                m = part.shape[0]
+                code.append(f"{{ static const gr_quant_params q = {{{ql.in_zp}, {ql.out_zp}, {ql.act_min}, "
+                            f"{ql.act_max}, {mult.name} + {o0}, {shift.name} + {o0}}};")
+                for r in range(n_rows):
+                    xr = Val(x.buf, (k,), (1,), x.offset + r * k)
+                    yr = Val(y.buf, (m,), (1,), y.offset + r * n_out + o0)
+                    code.append(f"  gr_linear_s8(&q, {xr.ptr()}, {part.ptr()}, {bias.name} + {o0}, {yr.out()}, "
+                                f"1, {k}, {m});")
+                code.append("}")
+            self.emit("gr_linear_s8", "gr_int8.c", "\n".join(code), [x, tval, rval], [y],
+                      n_rows * k * n_out, op=op)
+            return
+        n, cin, h, w_ = x.shape
+        oc, oh, ow = out_shape[1:]
+        dw = ql.conv["groups"] > 1
+        if dw and ql.conv["groups"] != cin:
+            raise Unsupported("a partially trained grouped (not depthwise) int8 convolution")
+        macs = 0
+        for o0, part in ((0, tval), (rows, rval)):
+            k = part.shape[0]
+            ic0, ic, groups = (o0, k, k) if dw else (0, cin, 1)
+            s, m = self._conv_shape((1, ic, h, w_), part.shape, (1, k, oh, ow), {**ql.conv, "groups": groups})
+            macs += m * n
+            code.append(f"{{ {s} static const gr_quant_params q = {{{ql.in_zp}, {ql.out_zp}, {ql.act_min}, "
+                        f"{ql.act_max}, {mult.name} + {o0}, {shift.name} + {o0}}};")
+            for i in range(n):
+                xi = Val(x.buf, (ic, h, w_), (h * w_, w_, 1), x.offset + (i * cin + ic0) * h * w_)
+                yi = Val(y.buf, (k, oh, ow), (oh * ow, ow, 1), y.offset + (i * oc + o0) * oh * ow)
+                code.append(f"  gr_conv2d_s8(&s, &q, {xi.ptr()}, {part.ptr()}, {bias.name} + {o0}, {yi.out()});")
+            code.append("}")
+        self.emit("gr_conv2d_s8", "gr_int8.c", "\n".join(code), [x, tval, rval], [y], macs, op=op)
 
     def _check_update_order(self) -> None:
         """An in-place update must come after every other read of its parameter."""
@@ -115,8 +257,11 @@ class TrainLowerer(Lowerer):
                     raise Unsupported(f"{attr} is read by {reader.name} after its in-place update")
 
     def run(self) -> Program:
+        self._scaled: dict[str, s8.ScaledS8] = {}
+        if self.int8:
+            self._int8_buffers()
         for node in self.graph.gm.graph.nodes:
-            if node.op == "get_attr" and node.target in self.trained_attrs:
+            if node.op == "get_attr" and node.target in self.trained_attrs and node.target not in self.trained:
                 t = self.graph.attr(node).detach().float().contiguous()
                 path = self.trained_attrs[node.target]
                 shape = tuple(t.shape)
@@ -149,9 +294,13 @@ class TrainLowerer(Lowerer):
             v.buf = LabelBuf(v.buf.name, "input", v.buf.nbytes, v.buf.dtype, offset=0)
         role = node.meta.get("custom", {}).get("train_role")
         if self.forward_steps is None and role in ("loss", "backward"):
-            self.forward_steps = len(self.steps)
             self.logits_node = next(iter(self.graph.gm.graph.find_nodes(
                 op="call_function", target=aten._log_softmax.default)), None)
+            if self.logits_node is not None:  # model_run's output: float logits, written in the forward
+                self.current = self.logits_node
+                self.logits_val = self.val(self.logits_node.args[0])
+                self.vals[self.logits_node.args[0]] = self.logits_val  # one float copy
+            self.forward_steps = len(self.steps)
         handler = TRAIN_HANDLERS.get(node.target)
         if handler is None:
             return super()._lower(node)
@@ -175,8 +324,10 @@ def _readers(node: fx.Node) -> list[fx.Node]:
     return out
 
 
-def _sgd_parts(node: fx.Node) -> tuple[fx.Node, fx.Node] | None:
-    """``sub(w, mul(g, lr))`` that writes a parameter -> (w, g)."""
+def _update_chain(node: fx.Node) -> tuple | None:
+    """``sub(w, mul(mul(...mul(g, c1)..., ck), lr))`` that writes a parameter ->
+    (w, g, [c1..ck constant factor nodes], [the muls], lr); plain SGD has no factors,
+    QAS on an int8 weight has two (the chain rule's s and QAS's s^-2)."""
     if node.op != "call_function" or node.target != aten.sub.Tensor:
         return None
     if not node.meta.get("custom", {}).get("writes"):
@@ -185,7 +336,29 @@ def _sgd_parts(node: fx.Node) -> tuple[fx.Node, fx.Node] | None:
     if not (isinstance(scaled, fx.Node) and scaled.target == aten.mul.Tensor and len(scaled.users) == 1
             and isinstance(scaled.args[0], fx.Node) and not isinstance(scaled.args[1], fx.Node)):
         return None
-    return w, scaled.args[0]
+    muls, factors, g = [scaled], [], scaled.args[0]
+    while g.target == aten.mul.Tensor and len(g.users) == 1 and isinstance(g.args[1], fx.Node) \
+            and g.args[1].op == "get_attr" and isinstance(g.args[0], fx.Node):
+        factors.append(g.args[1])
+        muls.append(g)
+        g = g.args[0]
+    return w, g, factors, muls, float(scaled.args[1])
+
+
+def update_factor(graph: Graph, factors: list[fx.Node], storage: np.ndarray, rows: int) -> np.ndarray:
+    """The per-row float32 factor f of an integer update (delta = lr * (g * f[row])): the
+    chain's constant factors times the storage's, multiplied in float64."""
+    f = np.asarray(storage, np.float64).reshape(-1)[:rows].copy()
+    for node in factors:
+        t = graph.attr(node).detach().double().reshape(-1).numpy()
+        f *= t[0] if t.size == 1 else t[:rows]
+    return f.astype(np.float32)
+
+
+def _param_attr(node: Any) -> str | None:
+    while isinstance(node, fx.Node) and node.target == aten.slice.Tensor:
+        node = node.args[0]
+    return str(node.target) if isinstance(node, fx.Node) and node.op == "get_attr" else None
 
 
 TRAIN_HANDLERS: dict[Any, Any] = {}
@@ -276,6 +449,12 @@ def _conv_split(lw: TrainLowerer, node: fx.Node, x: Val, split: SplitBuf, b: Val
 @train_handles(aten.slice.Tensor)
 def _slice(lw: TrainLowerer, node: fx.Node) -> Val:
     """Leading rows of a split parameter are its trained part."""
+    if s8.dq_of(lw, node.args[0]) is not None:
+        lw._raw_views = True
+        try:
+            return HANDLERS[node.target](lw, node)
+        finally:
+            lw._raw_views = False
     v = lw.val(node.args[0])
     if not isinstance(v.buf, SplitBuf):
         return HANDLERS[node.target](lw, node)
@@ -383,6 +562,9 @@ def _log_softmax_bwd(lw: TrainLowerer, node: fx.Node) -> Val:
 # ------------------------------------------------------------------ backward
 @train_handles(aten.threshold_backward.default)
 def _threshold_bwd(lw: TrainLowerer, node: fx.Node) -> Val:
+    d = s8.dq_of(lw, node.args[1])
+    if d is not None:
+        return s8.act_bwd(lw, node, d)
     g, y = _float_in(lw, node.args[0]), _float_in(lw, node.args[1])
     gx = lw.new(g.shape, "f32", inplace_of=g)
     _emit(lw, "gr_threshold_bwd_f32", f"gr_threshold_bwd_f32({g.ptr()}, {y.ptr()}, {c_float(float(node.args[2]))}, "
@@ -392,6 +574,9 @@ def _threshold_bwd(lw: TrainLowerer, node: fx.Node) -> Val:
 
 @train_handles(aten.hardtanh_backward.default)
 def _hardtanh_bwd(lw: TrainLowerer, node: fx.Node) -> Val:
+    d = s8.dq_of(lw, node.args[1])
+    if d is not None:
+        return s8.act_bwd(lw, node, d)
     g, x = _float_in(lw, node.args[0]), _float_in(lw, node.args[1])
     gx = lw.new(g.shape, "f32", inplace_of=g)
     _emit(lw, "gr_hardtanh_bwd_f32", f"gr_hardtanh_bwd_f32({g.ptr()}, {x.ptr()}, {c_float(float(node.args[2]))}, "
@@ -409,6 +594,8 @@ def _conv_bwd(lw: TrainLowerer, node: fx.Node) -> tuple:
     c = {"stride": tuple(a[4]), "padding": tuple(a[5]), "dilation": tuple(a[6]), "groups": int(a[9])}
     mask = list(a[10])
     gy = _float_in(lw, a[0])
+    if s8.scaled_of(lw, a[2]) is not None or s8.dq_of(lw, a[1]) is not None:
+        return s8.conv_bwd(lw, node, c, mask, gy)
     xs = tuple(_val_meta(a[1]).shape)
     ws = tuple(_val_meta(a[2]).shape)
     k = gy.shape[1]
@@ -521,20 +708,26 @@ def _adaptive_avg_bwd(lw: TrainLowerer, node: fx.Node) -> Val:
 # ------------------------------------------------------------------ update
 @train_handles(aten.sub.Tensor)
 def _sub(lw: TrainLowerer, node: fx.Node) -> Val:
-    parts = _sgd_parts(node)
-    if parts is None:
+    chain = _update_chain(node)
+    if chain is None:
         if node.meta.get("custom", {}).get("writes"):
-            raise Unsupported("an in-place update that is not plain SGD (w - lr * g)")
+            raise Unsupported("an in-place update that is not SGD (w - lr * g)")
         return HANDLERS[node.target](lw, node)
-    w_node, g_node = parts
-    lr_graph = float(node.args[1].args[1])
+    w_node, g_node, factors, _, lr_graph = chain
     if abs(lr_graph - float(lw.ts["optimizer"]["lr"])) > 1e-12 * max(1.0, abs(lr_graph)):
-        raise Unsupported("the update is scaled by more than the learning rate (QAS is int8 only)")
+        raise Unsupported("the update is scaled by a constant other than the learning rate")
     w, g = _prefix(lw.val(w_node)), lw.contig(lw.val(g_node))
     if not isinstance(w.buf, TrainedBuf):
         raise Unsupported("the update writes a parameter that is not trained")
     if g.numel != w.numel:
         raise Unsupported("gradient and parameter sizes differ")
+    store = lw._int_store.get(_param_attr(w_node) or "")
+    if store is not None:  # an int8 weight / int32 bias: QAS, rounding, saturation
+        rows = w.shape[0] if w.shape else 1
+        s8.sgd_int(lw, w, g, update_factor(lw.graph, factors, store[1], rows), store[0], rows)
+        return w
+    if factors:
+        raise Unsupported("the update is scaled by more than the learning rate (QAS needs an int8 weight)")
     _emit(lw, "gr_sgd_f32", f"gr_sgd_f32({w.out()}, {g.ptr()}, lr, {w.numel});", [w, g], [w])
     return w
 
@@ -551,17 +744,53 @@ def _slice_scatter(lw: TrainLowerer, node: fx.Node) -> Val:
     return base
 
 
+# ------------------------------------------------------------------ int8 steps (lower_train_s8.py)
+@train_handles(DEQUANTIZE_PER_TENSOR)
+def _dq(lw: TrainLowerer, node: fx.Node) -> Val:
+    if not lw.int8:
+        return HANDLERS[node.target](lw, node)
+    return s8.dequantize_marker(lw, node)
+
+
+@train_handles(aten.mul.Tensor)
+def _mul(lw: TrainLowerer, node: fx.Node) -> Val:
+    a = node.args[0]
+    if lw.int8 and isinstance(a, fx.Node) and a.op == "get_attr" and str(a.target) in lw._scaled:
+        buf = lw._scaled[str(a.target)]
+        shape = _shape(node)
+        return Val(buf, shape, contiguous_strides(shape))
+    return HANDLERS[node.target](lw, node)
+
+
+# the device form's own ops (train_int8.py)
+TRAIN_HANDLERS.update({ste_s8: s8.ste, mask_bits: s8.mask_bits, masked_grad: s8.masked_grad,
+                       linear_bwd_input: s8.linear_bwd_input, linear_bwd_weight: s8.linear_bwd_weight})
+
+
+@train_handles(aten._log_softmax.default)
+def _log_softmax(lw: TrainLowerer, node: fx.Node) -> Val:
+    """The training step's log-softmax: gr_expf / gr_logf (reproducible by the reference)."""
+    x = _float_in(lw, node.args[0])
+    if int(node.args[1]) % len(x.shape) != len(x.shape) - 1 or node.args[2]:
+        raise Unsupported("log-softmax over a dimension other than the last")
+    cols = x.shape[-1]
+    y = lw.new(x.shape, "f32")
+    _emit(lw, "gr_log_softmax_tr_f32", f"gr_log_softmax_tr_f32({x.ptr()}, {y.out()}, {x.numel // cols}, {cols});",
+          [x], [y])
+    return y
+
+
 def lower_train(graph: Graph) -> TrainProgram:
     """The training step as kernel calls; raises ``Unsupported`` at the first op it cannot generate."""
     lw = TrainLowerer(graph)
     prog = lw.run()
     loss_name = lw.ts["loss"]
-    out_node = next(n for n in graph.gm.graph.nodes if n.op == "output")
+    out_node = next(n for n in lw.graph.gm.graph.nodes if n.op == "output")
     loss_node = next(n for n in out_node.args[0] if isinstance(n, fx.Node) and n.name == loss_name)
     if lw.forward_steps is None or lw.logits_node is None:
         raise Unsupported("the training step has no log-softmax cross-entropy loss (use --loss cross_entropy)")
-    logits = lw.vals[lw.logits_node.args[0]]
+    logits = lw.logits_val if lw.logits_val is not None else lw.vals[lw.logits_node.args[0]]
     prog.outputs = [lw.vals[loss_node]]
     frozen = [p for p, info in lw.ts["params"].items() if not info.get("trained")]
     return TrainProgram(prog, lw.forward_steps, logits, list(lw.trained.values()), frozen,
-                        float(lw.ts["optimizer"]["lr"]))
+                        float(lw.ts["optimizer"]["lr"]), lw.int8, lw.rounding, lw.seed, lw.graph)

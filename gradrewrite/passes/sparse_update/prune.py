@@ -95,6 +95,25 @@ def _linear_partial(graph: Graph, layer: Layer, grad: fx.Node, rows: int) -> fx.
     return gw
 
 
+def _partial(graph: Graph, layer: Layer, grad: fx.Node, rows: int) -> fx.Node:
+    """The partial-channel weight gradient; through ``mul(g, s)`` when the parameter is an
+    int8-stored weight (``w = w_q * s``: its gradient is the float one times s)."""
+    if grad.target == aten.mul.Tensor and isinstance(grad.args[1], fx.Node) and grad.args[1].op == "get_attr":
+        inner = _partial(graph, layer, grad.args[0], rows)
+        scale = graph.attr(grad.args[1])
+        if scale.dim() == 0 or scale.shape[0] == 1:
+            s_node = grad.args[1]
+        else:
+            s_node = graph.add_attr(f"{grad.args[1].target}_rows{rows}", scale[:rows].clone(), before=inner.next,
+                                    parameter=False)
+        with graph.graph.inserting_after(s_node if s_node.op == "get_attr" and s_node is not grad.args[1]
+                                         else inner):
+            out = _call(graph, aten.mul.Tensor, (inner, s_node), _meta(tuple(inner.meta["val"].shape),
+                                                                        inner.meta["val"].dtype), grad)
+        return out
+    return (_conv_partial if layer.kind == "conv" else _linear_partial)(graph, layer, grad, rows)
+
+
 def apply_scheme(graph: Graph, chosen: dict[str, int | None], layers: list[Layer]) -> dict:
     """Keep only ``chosen`` parameters trained (rows: partial channels); prune the rest."""
     ts = graph.meta["train_step"]
@@ -119,7 +138,7 @@ def apply_scheme(graph: Graph, chosen: dict[str, int | None], layers: list[Layer
             continue
         layer = by_weight[path]
         grad = nodes[info["grad"]]
-        new_grad = (_conv_partial if layer.kind == "conv" else _linear_partial)(graph, layer, grad, rows)
+        new_grad = _partial(graph, layer, grad, rows)
         new_grad._rename(f"{path.replace('.', '_')}_grad_rows{rows}")
         new_grad.meta["param"] = path
         emit_update(graph, path, new_grad, rows=rows)

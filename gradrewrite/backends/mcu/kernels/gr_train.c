@@ -36,30 +36,44 @@ void gr_conv2d_bwd_input_acc_f32(const gr_conv_shape *s, const float *gy, const 
         }
 }
 
-void gr_conv2d_bwd_weight_f32(const gr_conv_shape *s, int32_t k, const float *gy, const float *x, float *gw) {
-    const int32_t cpg = s->c / s->groups, opg = s->oc / s->groups;
-    for (int32_t oc = 0; oc < k; oc++) {
-        const int32_t g = oc / opg;
-        for (int32_t ic = 0; ic < cpg; ic++)
-            for (int32_t ky = 0; ky < s->kh; ky++)
-                for (int32_t kx = 0; kx < s->kw; kx++) {
-                    float acc = 0.0f;
-                    for (int32_t n = 0; n < s->n; n++) {
-                        const float *gyp = gy + ((size_t)n * k + oc) * s->oh * s->ow;
-                        const float *xp = x + ((size_t)n * s->c + g * cpg + ic) * s->h * s->w;
-                        for (int32_t oy = 0; oy < s->oh; oy++) {
-                            const int32_t iy = oy * s->sh - s->ph + ky * s->dh;
-                            if (iy < 0 || iy >= s->h) continue;
-                            for (int32_t ox = 0; ox < s->ow; ox++) {
-                                const int32_t ix = ox * s->sw - s->pw + kx * s->dw;
-                                if (ix < 0 || ix >= s->w) continue;
-                                acc += gyp[oy * s->ow + ox] * xp[iy * s->w + ix];
-                            }
-                        }
-                    }
-                    gw[(((size_t)oc * cpg + ic) * s->kh + ky) * s->kw + kx] = acc;
-                }
+/* The weight-gradient loop: per weight, images, then oy, ox in order (the int8 reference
+   mirrors this order); LOAD(i) reads the input element at flat index i of its plane. */
+#define GR_CONV_BWD_WEIGHT(LOAD)                                                              \
+    const int32_t cpg = s->c / s->groups, opg = s->oc / s->groups;                            \
+    for (int32_t oc = 0; oc < k; oc++) {                                                      \
+        const int32_t g = oc / opg;                                                           \
+        for (int32_t ic = 0; ic < cpg; ic++)                                                  \
+            for (int32_t ky = 0; ky < s->kh; ky++)                                            \
+                for (int32_t kx = 0; kx < s->kw; kx++) {                                      \
+                    float acc = 0.0f;                                                         \
+                    for (int32_t n = 0; n < s->n; n++) {                                      \
+                        const float *gyp = gy + ((size_t)n * k + oc) * s->oh * s->ow;         \
+                        const size_t plane = ((size_t)n * s->c + g * cpg + ic) * s->h * s->w; \
+                        for (int32_t oy = 0; oy < s->oh; oy++) {                              \
+                            const int32_t iy = oy * s->sh - s->ph + ky * s->dh;               \
+                            if (iy < 0 || iy >= s->h) continue;                               \
+                            for (int32_t ox = 0; ox < s->ow; ox++) {                          \
+                                const int32_t ix = ox * s->sw - s->pw + kx * s->dw;           \
+                                if (ix < 0 || ix >= s->w) continue;                           \
+                                acc += gyp[oy * s->ow + ox] * LOAD(plane + (size_t)iy * s->w + ix); \
+                            }                                                                 \
+                        }                                                                     \
+                    }                                                                         \
+                    gw[(((size_t)oc * cpg + ic) * s->kh + ky) * s->kw + kx] = acc;            \
+                }                                                                             \
     }
+
+void gr_conv2d_bwd_weight_f32(const gr_conv_shape *s, int32_t k, const float *gy, const float *x, float *gw) {
+#define GR_LOAD_F32(i) x[i]
+    GR_CONV_BWD_WEIGHT(GR_LOAD_F32)
+#undef GR_LOAD_F32
+}
+
+void gr_conv2d_bwd_weight_xs8_f32(const gr_conv_shape *s, int32_t k, const float *gy, const int8_t *x,
+                                  float xs, int32_t xz, float *gw) {
+#define GR_LOAD_S8(i) (((float)x[i] - (float)xz) * xs)
+    GR_CONV_BWD_WEIGHT(GR_LOAD_S8)
+#undef GR_LOAD_S8
 }
 
 void gr_conv2d_bwd_bias_f32(int32_t n, int32_t k, int32_t hw, const float *gy, float *gb) {
@@ -210,8 +224,49 @@ void gr_log_softmax_bwd_f32(const float *gy, const float *logp, float *gx, int32
         const float *g = gy + (size_t)r * cols, *l = logp + (size_t)r * cols;
         float sum = 0.0f;
         for (int32_t j = 0; j < cols; j++) sum += g[j];
-        for (int32_t j = 0; j < cols; j++) gx[(size_t)r * cols + j] = g[j] - expf(l[j]) * sum;
+        for (int32_t j = 0; j < cols; j++) gx[(size_t)r * cols + j] = g[j] - gr_expf(l[j]) * sum;
     }
+}
+
+void gr_log_softmax_tr_f32(const float *x, float *y, int32_t rows, int32_t cols) {
+    for (int32_t r = 0; r < rows; r++) {
+        const float *xr = x + (size_t)r * cols;
+        float mx = xr[0], sum = 0.0f;
+        for (int32_t j = 1; j < cols; j++) mx = xr[j] > mx ? xr[j] : mx;
+        for (int32_t j = 0; j < cols; j++) sum += gr_expf(xr[j] - mx);
+        const float lse = gr_logf(sum);
+        for (int32_t j = 0; j < cols; j++) y[(size_t)r * cols + j] = (xr[j] - mx) - lse;
+    }
+}
+
+/* exp and log from float operations only (no libm), so that a numpy mirror of the
+   same operations (backends/mcu/train_reference.py) gives the same bits. */
+float gr_expf(float x) {
+    if (x > 88.0f) return INFINITY;
+    if (x < -87.0f) return 0.0f;     /* below the smallest normal float: flushed */
+    const float k = floorf(x * 0x1.715476p+0f + 0.5f);             /* round(x / ln 2) */
+    const float r = (x - k * 0x1.62e4p-1f) - k * 0x1.7f7d1cp-20f;  /* ln 2 = hi + lo, k * hi exact */
+    float p = 0x1.6c16c2p-10f;                                    /* Taylor to r^6 on |r| <= ln2/2 */
+    p = p * r + 0x1.111112p-7f;
+    p = p * r + 0x1.555556p-5f;
+    p = p * r + 0x1.555556p-3f;
+    p = p * r + 0.5f;
+    p = p * r + 1.0f;
+    p = p * r + 1.0f;
+    return ldexpf(p, (int)k);
+}
+
+float gr_logf(float x) {
+    int e;
+    float m = frexpf(x, &e);                  /* x = m 2^e, m in [0.5, 1) */
+    if (m < 0x1.6a09e6p-1f) { m = m * 2.0f; e -= 1; }
+    const float f = m - 1.0f, s = f / (2.0f + f), z = s * s;   /* log(1+f) = 2 atanh(s) */
+    float p = 0x1.c71c72p-3f;
+    p = p * z + 0x1.24924ap-2f;
+    p = p * z + 0x1.99999ap-2f;
+    p = p * z + 0x1.555556p-1f;
+    p = p * z + 2.0f;
+    return (float)e * 0x1.62e4p-1f + ((float)e * 0x1.7f7d1cp-20f + s * p);
 }
 
 void gr_softmax_xent_f32(const float *x, const int64_t *target, float *loss, float *gx, int32_t n, int32_t c) {

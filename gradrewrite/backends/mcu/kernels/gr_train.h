@@ -39,9 +39,52 @@ void gr_nll_loss_f32(const float *logp, const int64_t *target, float *loss, floa
 void gr_nll_loss_bwd_f32(const float *gloss, const int64_t *target, const float *total_weight, float *gx,
                          int32_t n, int32_t c, int64_t ignore_index, int32_t mean);
 void gr_log_softmax_bwd_f32(const float *gy, const float *logp, float *gx, int32_t rows, int32_t cols);
+/* log-softmax over rows (the training step's forward), with gr_expf / gr_logf */
+void gr_log_softmax_tr_f32(const float *x, float *y, int32_t rows, int32_t cols);
+/* expf / logf from float arithmetic only: bit-reproducible by the Python reference
+   (a few ulp from libm; x < -87 gives 0) */
+float gr_expf(float x);
+float gr_logf(float x);
 /* fused softmax cross-entropy: loss = mean_i(-log softmax(x_i)[t_i]) and, when gx is not
    NULL, gx = (softmax(x) - onehot(t)) / n. */
 void gr_softmax_xent_f32(const float *x, const int64_t *target, float *loss, float *gx, int32_t n, int32_t c);
 /* SGD in place: p -= lr * g */
 void gr_sgd_f32(float *p, const float *g, float lr, int32_t n);
+
+/* ---- int8 training (gr_train_s8.c): fp32 gradients, int8 saved activations
+   dq(q) = ((float)q - (float)zp) * s, int8 weights w * ws[oc] (per output channel). */
+/* conv input gradient through int8 weights, as a gather: gx[n,c,iy,ix] = sum over the
+   output channels oc in [o0, o1) of c's group, then ky, kx, of gy * ((float)w * ws[oc]);
+   w holds filters o0..o1-1. accumulate: add to gx instead of overwriting (channels of
+   other groups are left alone). */
+void gr_conv2d_bwd_input_ws8_f32(const gr_conv_shape *s, const float *gy, const int8_t *w, const float *ws,
+                                 int32_t o0, int32_t o1, int32_t accumulate, float *gx);
+/* conv weight gradient of the first k filters from the int8 input x (scale xs, zero point xz) */
+void gr_conv2d_bwd_weight_xs8_f32(const gr_conv_shape *s, int32_t k, const float *gy, const int8_t *x,
+                                  float xs, int32_t xz, float *gw);
+/* linear y = x w^T: gx[r,i] (+)= sum over o in [o0, o1) of gy[r,o] * ((float)w[o-o0,i] * ws[o]) */
+void gr_linear_bwd_input_ws8_f32(const float *gy, const int8_t *w, const float *ws, int32_t o0, int32_t o1,
+                                 int32_t accumulate, float *gx, int32_t rows, int32_t kin, int32_t nout);
+/* gw[o,i] = sum over r of gy[r,o] * dq(x[r,i]), o < k (gy row stride nout) */
+void gr_linear_bwd_weight_xs8_f32(const float *gy, const int8_t *x, float xs, int32_t xz, float *gw,
+                                  int32_t rows, int32_t kin, int32_t nout, int32_t k);
+/* straight-through estimator of an int8 quantizer: gx = gy where qmin < q < qmax, else 0 */
+void gr_ste_s8_f32(const float *gy, const int8_t *q, int32_t qmin, int32_t qmax, float *gx, int32_t n);
+/* relu / hardtanh backward from the int8 output: gx = gy where dq(q) > t (resp. lo < dq(q) < hi) */
+void gr_threshold_bwd_s8_f32(const float *gy, const int8_t *q, float s, int32_t zp, float t, float *gx, int32_t n);
+void gr_hardtanh_bwd_s8_f32(const float *gy, const int8_t *q, float s, int32_t zp, float lo, float hi,
+                            float *gx, int32_t n);
+/* the gradient mask of an int8 output as bits (set where qmin < q < qmax and lo < dq(q) < hi),
+   computed in the forward, and its use: gx = g where the bit is set, else 0 (gx may be g) */
+void gr_mask_bits_s8(const int8_t *q, int32_t n, int32_t qmin, int32_t qmax, float s, int32_t zp, float lo,
+                     float hi, uint8_t *bits);
+void gr_masked_grad_f32(const float *g, const uint8_t *bits, int32_t n, float *gx);
+/* Integer SGD with QAS: per row r (output channel) of cols values, delta = lr * (g * f[r])
+   (f = the QAS factor: 1/s for weights stored as w * s), then w += floor(-delta + u)
+   saturated to [lo, hi], with u = 0.5 (round to nearest, ties up) or, when rng is not
+   NULL, a uniform [0, 1) draw of the xorshift32 state *rng (stochastic rounding). */
+void gr_sgd_s8(int8_t *w, const float *g, const float *f, float lr, int32_t rows, int32_t cols,
+               int32_t lo, int32_t hi, uint32_t *rng);
+void gr_sgd_s32(int32_t *w, const float *g, const float *f, float lr, int32_t rows, int32_t cols,
+                uint32_t *rng);
 #endif

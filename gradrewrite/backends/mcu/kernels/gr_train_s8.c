@@ -1,0 +1,133 @@
+/* int8 training kernels (see gr_train.h): fp32 gradients through int8 weights and
+   int8 saved activations, and the integer SGD update with QAS. Every reduction runs in
+   one fixed sequential order; backends/mcu/train_reference.py mirrors these loops
+   operation for operation, which is what makes the int8 step checkable bit for bit.
+   (The int8-input weight gradient shares gr_train.c's loop: gr_conv2d_bwd_weight_xs8_f32.) */
+#include <math.h>
+#include <string.h>
+#include "gr_train.h"
+
+#define GR_DQ(q, zp, s) (((float)(q) - (float)(zp)) * (s))
+
+void gr_conv2d_bwd_input_ws8_f32(const gr_conv_shape *s, const float *gy, const int8_t *w, const float *ws,
+                                 int32_t o0, int32_t o1, int32_t accumulate, float *gx) {
+    const int32_t cpg = s->c / s->groups, opg = s->oc / s->groups, khw = s->kh * s->kw;
+    for (int32_t n = 0; n < s->n; n++)
+        for (int32_t c = 0; c < s->c; c++) {
+            const int32_t g = c / cpg, ic = c % cpg;
+            const int32_t lo = g * opg > o0 ? g * opg : o0, hi = (g + 1) * opg < o1 ? (g + 1) * opg : o1;
+            if (accumulate && lo >= hi) continue;
+            float *gxp = gx + ((size_t)n * s->c + c) * s->h * s->w;
+            for (int32_t iy = 0; iy < s->h; iy++)
+                for (int32_t ix = 0; ix < s->w; ix++) {
+                    float acc = accumulate ? gxp[iy * s->w + ix] : 0.0f;
+                    for (int32_t oc = lo; oc < hi; oc++) {
+                        const float *gyp = gy + ((size_t)n * s->oc + oc) * s->oh * s->ow;
+                        const int8_t *wp = w + ((size_t)(oc - o0) * cpg + ic) * khw;
+                        for (int32_t ky = 0; ky < s->kh; ky++) {
+                            const int32_t ty = iy + s->ph - ky * s->dh;
+                            if (ty < 0 || ty % s->sh) continue;
+                            const int32_t oy = ty / s->sh;
+                            if (oy >= s->oh) continue;
+                            for (int32_t kx = 0; kx < s->kw; kx++) {
+                                const int32_t tx = ix + s->pw - kx * s->dw;
+                                if (tx < 0 || tx % s->sw) continue;
+                                const int32_t ox = tx / s->sw;
+                                if (ox >= s->ow) continue;
+                                acc += gyp[oy * s->ow + ox] * ((float)wp[ky * s->kw + kx] * ws[oc]);
+                            }
+                        }
+                    }
+                    gxp[iy * s->w + ix] = acc;
+                }
+        }
+}
+
+void gr_linear_bwd_input_ws8_f32(const float *gy, const int8_t *w, const float *ws, int32_t o0, int32_t o1,
+                                 int32_t accumulate, float *gx, int32_t rows, int32_t kin, int32_t nout) {
+    for (int32_t r = 0; r < rows; r++)
+        for (int32_t i = 0; i < kin; i++) {
+            float acc = accumulate ? gx[(size_t)r * kin + i] : 0.0f;
+            for (int32_t o = o0; o < o1; o++)
+                acc += gy[(size_t)r * nout + o] * ((float)w[(size_t)(o - o0) * kin + i] * ws[o]);
+            gx[(size_t)r * kin + i] = acc;
+        }
+}
+
+void gr_linear_bwd_weight_xs8_f32(const float *gy, const int8_t *x, float xs, int32_t xz, float *gw,
+                                  int32_t rows, int32_t kin, int32_t nout, int32_t k) {
+    for (int32_t o = 0; o < k; o++)
+        for (int32_t i = 0; i < kin; i++) {
+            float acc = 0.0f;
+            for (int32_t r = 0; r < rows; r++)
+                acc += gy[(size_t)r * nout + o] * GR_DQ(x[(size_t)r * kin + i], xz, xs);
+            gw[(size_t)o * kin + i] = acc;
+        }
+}
+
+void gr_ste_s8_f32(const float *gy, const int8_t *q, int32_t qmin, int32_t qmax, float *gx, int32_t n) {
+    for (int32_t i = 0; i < n; i++) gx[i] = (q[i] > qmin && q[i] < qmax) ? gy[i] : 0.0f;
+}
+
+void gr_threshold_bwd_s8_f32(const float *gy, const int8_t *q, float s, int32_t zp, float t, float *gx, int32_t n) {
+    for (int32_t i = 0; i < n; i++) gx[i] = GR_DQ(q[i], zp, s) <= t ? 0.0f : gy[i];
+}
+
+void gr_hardtanh_bwd_s8_f32(const float *gy, const int8_t *q, float s, int32_t zp, float lo, float hi,
+                            float *gx, int32_t n) {
+    for (int32_t i = 0; i < n; i++) {
+        const float v = GR_DQ(q[i], zp, s);
+        gx[i] = (v <= lo || v >= hi) ? 0.0f : gy[i];
+    }
+}
+
+void gr_mask_bits_s8(const int8_t *q, int32_t n, int32_t qmin, int32_t qmax, float s, int32_t zp, float lo,
+                     float hi, uint8_t *bits) {
+    memset(bits, 0, (size_t)(n + 7) / 8);
+    for (int32_t i = 0; i < n; i++) {
+        const float v = GR_DQ(q[i], zp, s);
+        if (q[i] > qmin && q[i] < qmax && v > lo && v < hi) bits[i >> 3] |= (uint8_t)(1u << (i & 7));
+    }
+}
+
+void gr_masked_grad_f32(const float *g, const uint8_t *bits, int32_t n, float *gx) {
+    for (int32_t i = 0; i < n; i++) gx[i] = (bits[i >> 3] >> (i & 7)) & 1u ? g[i] : 0.0f;
+}
+
+/* the rounding offset: 0.5 (nearest) or 24 random bits as a float in [0, 1) */
+static float gr_round_offset(uint32_t *rng) {
+    if (!rng) return 0.5f;
+    uint32_t x = *rng;
+    x ^= x << 13; x ^= x >> 17; x ^= x << 5;
+    *rng = x;
+    return (float)(x >> 8) * 0x1p-24f;
+}
+
+/* floor(-delta + u) as an integer, saturated well outside any int8/int32 range */
+static int64_t gr_round_step(float delta, uint32_t *rng) {
+    const float v = floorf(-delta + gr_round_offset(rng));
+    if (v != v) return 0;
+    if (v > 4294967296.0f) return INT64_C(4294967296);
+    if (v < -4294967296.0f) return -INT64_C(4294967296);
+    return (int64_t)v;
+}
+
+void gr_sgd_s8(int8_t *w, const float *g, const float *f, float lr, int32_t rows, int32_t cols,
+               int32_t lo, int32_t hi, uint32_t *rng) {
+    for (int32_t r = 0; r < rows; r++)
+        for (int32_t j = 0; j < cols; j++) {
+            const size_t i = (size_t)r * cols + j;
+            const int64_t v = (int64_t)w[i] + gr_round_step(lr * (g[i] * f[r]), rng);
+            w[i] = (int8_t)(v < lo ? lo : (v > hi ? hi : v));
+        }
+}
+
+void gr_sgd_s32(int32_t *w, const float *g, const float *f, float lr, int32_t rows, int32_t cols,
+                uint32_t *rng) {
+    for (int32_t r = 0; r < rows; r++)
+        for (int32_t j = 0; j < cols; j++) {
+            const size_t i = (size_t)r * cols + j;
+            const int64_t v = (int64_t)w[i] + gr_round_step(lr * (g[i] * f[r]), rng);
+            w[i] = (int32_t)(v < INT32_MIN ? INT32_MIN : (v > INT32_MAX ? INT32_MAX : v));
+        }
+}

@@ -1,0 +1,147 @@
+"""int8 on-device training step (mcu backend): generated C vs the integer reference.
+
+A model is quantized (static int8), made trainable (``passes.qas.trainable_int8``),
+captured as one training step, pruned by sparse-update and scaled by qas. The C step
+keeps int8 weights, int32 biases and int8 activations, computes fp32 gradients and
+applies integer updates (QAS factor, rounding, saturation). ``train_reference`` is the
+specification of that computation; after several steps every trained parameter must
+equal it bit for bit, and so must every loss. Against the torch step (which keeps the
+update unrounded and computes fake-quantized floats) the device's parameter change must
+point the same way: cosine > 0.8 (observed 0.90-1.0: the device's relu/relu6 masks come
+from int8 outputs, its layers requantize in integers; a wrong gradient gives ~0 or less).
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from examples.models import small_cnn
+from gradrewrite.backends.mcu.lower import Unsupported
+from gradrewrite.backends.mcu.train_host import build_train_host, run_train_host, write_train
+from gradrewrite.backends.mcu.train_int8 import device_form
+from gradrewrite.backends.mcu.train_reference import gr_expf, gr_logf, reference_steps
+from gradrewrite.compiler import run_pipeline
+from gradrewrite.passes.qas import trainable_int8
+from gradrewrite.rewrite.capture import capture
+from gradrewrite.rewrite.registry import PassContext
+from gradrewrite.rewrite.train_step import capture_train_step
+
+LR = 0.05
+STEPS = 3
+
+
+class MobileBlock(torch.nn.Module):
+    """Depthwise (stride 2) and grouped convs, relu6, a residual add, average pooling
+    and a two-layer head: what the int8 backward must carry gradients through."""
+
+    def __init__(self):
+        super().__init__()
+        nn = torch.nn
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.dw = nn.Conv2d(8, 8, 3, stride=2, padding=1, groups=8)
+        self.pw = nn.Conv2d(8, 8, 1)
+        self.grp = nn.Conv2d(8, 12, 3, padding=1, groups=4)
+        self.hidden = nn.Linear(12, 16)
+        self.head = nn.Linear(16, 5)
+
+    def forward(self, x):
+        x = torch.nn.functional.relu6(self.stem(x))
+        x = torch.nn.functional.relu6(self.dw(x))
+        x = x + self.pw(x)
+        x = torch.relu(self.grp(x))
+        x = torch.nn.functional.adaptive_avg_pool2d(x, 1).flatten(1)
+        return self.head(torch.relu(self.hidden(x)))
+
+
+def int8_step(model, x, y, scheme, qas="qas", lr=LR):
+    torch.manual_seed(0)
+    g = capture(model.eval(), (x,))
+    if any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules()):
+        run_pipeline(g, "fold-bn", verify=False)
+    gen = torch.Generator().manual_seed(5)
+    calib = [(torch.randn(x.shape, generator=gen),) for _ in range(4)]
+    run_pipeline(g, "quantize(mode=static)", verify=False, ctx=PassContext(calibration=calib))
+    step = capture_train_step(trainable_int8(g), "cross_entropy", (x, y), lr=lr)
+    run_pipeline(step, scheme, verify=False)
+    run_pipeline(step, qas, verify=False)
+    return step
+
+
+def mobile_batch():
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(2, 3, 12, 12, generator=g), torch.tensor([0, 4])
+
+
+def cnn_batch():
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(4, 3, 32, 32, generator=g), torch.tensor([1, 3, 5, 7])
+
+
+CASES = {
+    # small_cnn: the head and half of the last conv's filters (max pooling stops the backward)
+    "cnn_partial": (lambda: small_cnn()[0], cnn_batch, "sparse-update(bias_last=2,weights='-1:1,-2:1/2')",
+                    "qas"),
+    # input gradients through int8 pointwise / depthwise / grouped weights, partial depthwise
+    "mobile_deep": (MobileBlock, mobile_batch, "sparse-update(bias_last=4,weights='-1:1,-2:1/2,grp:1,dw:1/2')",
+                    "qas"),
+    "mobile_stochastic": (MobileBlock, mobile_batch, "sparse-update(bias_last=3,weights='-1:1,pw:1/4')",
+                          "qas(rounding=stochastic,seed=3)"),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_int8_step_is_bit_exact(case, tmp_path):
+    make, data, scheme, qas = CASES[case]
+    x, y = data()
+    step = int8_step(make(), x, y, scheme, qas)
+    facts = write_train(step.clone(), tmp_path / "mcu")
+    assert facts["int8"] and {p["dtype"] for p in facts["trained"]} <= {"int8", "int32"}
+    build_train_host(tmp_path / "mcu")
+    losses, got = run_train_host(tmp_path / "mcu", x.numpy(), y.numpy(), STEPS, LR)
+    qas_opts = step.meta["train_step"]["qas"]
+    ref_losses, ref = reference_steps(device_form(step), x.numpy(), y.numpy(), STEPS, LR,
+                                      rounding=qas_opts["rounding"], seed=qas_opts["seed"])
+    assert np.array_equal(losses, ref_losses), (losses, ref_losses)
+    assert set(got) == set(ref)
+    for path, value in got.items():
+        assert value.dtype == ref[path].dtype
+        diff = int(np.count_nonzero(value != ref[path]))
+        assert diff == 0, f"{path}: {diff} of {value.size} values differ from the integer reference"
+    assert losses[-1] < losses[0]
+
+
+def test_int8_update_follows_the_torch_step(tmp_path):
+    """One step: the device's parameter change against the (unrounded, fake-quant) torch
+    step's, at a learning rate where updates span several int8 steps (smaller ones round
+    to nothing under nearest rounding: that is what stochastic rounding is for)."""
+    x, y = mobile_batch()
+    lr = 2.0
+    step = int8_step(MobileBlock(), x, y, "sparse-update(bias_last=4,weights='-1:1,-2:1,grp:1')", lr=lr)
+    facts = write_train(step.clone(), tmp_path / "mcu")
+    build_train_host(tmp_path / "mcu")
+    loss, got = run_train_host(tmp_path / "mcu", x.numpy(), y.numpy(), 1, lr)
+    outs = dict(zip(step.meta["train_step"]["outputs"], step(x, y)))
+    assert abs(float(loss[0]) - float(outs[step.meta["train_step"]["loss"]])) < 0.05
+    for p in facts["trained"]:
+        attr = step.meta["train_step"]["params"][p["path"]]["attr"]
+        before = step.attr(attr).detach().double().numpy()
+        scale = np.asarray(p.get("to_param_scale", np.ones(before.shape[0]))).reshape(-1, *[1] * (before.ndim - 1))
+        dev = got[p["path"]].astype(np.float64) * scale - before
+        ref = outs[p["path"]].detach().double().numpy() - before
+        cos = (dev * ref).sum() / (np.linalg.norm(dev) * np.linalg.norm(ref) + 1e-30)
+        assert cos > 0.8, f"{p['path']}: cosine {cos:.3f} between device and torch updates"
+
+
+def test_expf_logf_mirror_are_accurate():
+    x = np.linspace(-80, 80, 20001, dtype=np.float32)
+    assert np.max(np.abs(gr_expf(x) / np.exp(x.astype(np.float64)) - 1)) < 1e-6
+    v = np.exp(np.linspace(-20, 20, 20001)).astype(np.float32)
+    assert np.max(np.abs(gr_logf(v) - np.log(v.astype(np.float64)))) < 2e-6
+
+
+def test_backward_through_int8_max_pooling_is_refused(tmp_path):
+    x, y = cnn_batch()
+    step = int8_step(small_cnn()[0], x, y, "sparse-update(bias_last=5,weights='-1:1,-3:1')")
+    with pytest.raises(Unsupported, match="max pooling"):
+        write_train(step, tmp_path / "mcu")
