@@ -89,7 +89,9 @@ class QAS:
             g2.meta["custom"] = {"train_role": "backward"}
             g2.meta["param"] = path
             g2._rename(f"{path.replace('.', '_')}_grad_qas")
-            emit_update(graph, path, g2, rows=rows)
+            # the integers stay integers: rounded (nearest) and saturated, as the device stores them
+            emit_update(graph, path, g2, rows=rows,
+                        saturate=(-(2 ** 31), 2 ** 31 - 1) if path.endswith("bias_q") else (-127, 127))
             scaled[path] = {"scale_min": float(s.min()), "scale_max": float(s.max())}
         if not scaled:
             raise ConfigError("qas found no trained int8-stored weight (a parameter used as "

@@ -346,11 +346,14 @@ def _int_high(t: torch.Tensor) -> int | None:
     return int(t.max().item()) + 1 if t.numel() else 2
 
 
-def emit_update(graph: Graph, path: str, grad: fx.Node, *, rows: int | None = None) -> fx.Node:
+def emit_update(graph: Graph, path: str, grad: fx.Node, *, rows: int | None = None,
+                saturate: tuple[int, int] | None = None) -> fx.Node:
     """Append the optimizer update of parameter ``path`` from gradient node ``grad``.
 
     ``rows``: the gradient covers only the first ``rows`` output channels (partial-
     channel update); the rest of the parameter is carried over unchanged.
+    ``saturate``: the parameter holds integers in this range (an int8-stored weight):
+    the update is rounded to the nearest integer and clamped, as the device stores it.
     """
     ts = graph.meta["train_step"]
     opt = ts["optimizer"]
@@ -396,6 +399,8 @@ def emit_update(graph: Graph, path: str, grad: fx.Node, *, rows: int | None = No
         scaled = call(aten.mul.Tensor, (step, opt["lr"]), gval)
         new = call(aten.sub.Tensor, (w, scaled), gval)
         new.meta["custom"]["writes"] = info["attr"]  # in place into the parameter
+        if saturate is not None:
+            new = call(aten.clamp.default, (call(aten.round.default, (new,), gval), *saturate), gval)
         if rows is not None:
             new = call(aten.slice_scatter.default, (weight, new, 0, 0, rows), pval)
     new._rename(f"{_safe(path)}_new")

@@ -145,3 +145,38 @@ def test_backward_through_int8_max_pooling_is_refused(tmp_path):
     step = int8_step(small_cnn()[0], x, y, "sparse-update(bias_last=5,weights='-1:1,-3:1')")
     with pytest.raises(Unsupported, match="max pooling"):
         write_train(step, tmp_path / "mcu")
+
+
+def test_cli_int8_training_on_digits(tmp_path):
+    """`compile --train` with quantize + qas through the CLI (calibrated on --calib), then
+    `run --train` on scikit-learn digits: the int8 classifier head learns (the mean loss of
+    the last 10 of 40 steps is below the first 10's); the report carries the bit-exact
+    check against the integer reference."""
+    import json
+    from pathlib import Path
+
+    from sklearn.datasets import load_digits
+
+    from tests.cli.conftest import run_cli
+
+    root = Path(__file__).resolve().parents[2]
+    d = load_digits()
+    x = (d.images / 16.0).astype(np.float32)[:, None]
+    np.savez(tmp_path / "calib.npz", x=x[1000:1064])
+    np.savez(tmp_path / "data.npz", x=x[:640], y=d.target[:640].astype(np.int64))
+    out = tmp_path / "art"
+    run_cli("compile", "--module", "tests.backends.test_mcu_train_firmware:digits_net", "--train", "--lr", "0.5",
+            "--calib", tmp_path / "calib.npz", "-p",
+            "quantize(mode=static),sparse-update(bias_last=1,weights='-1:1'),qas(rounding=stochastic,seed=2)",
+            "--backend", "mcu", "--target", "host", "-o", out, "-q", cwd=root, check=True)
+    facts = json.loads((out / "mcu" / "model.json").read_text())
+    assert facts["int8"] and facts["int8_check"]["bit_exact"] and facts["input"]["dtype"] == "int8"
+    assert {p["dtype"] for p in facts["trained"]} == {"int8", "int32"}
+    proc = run_cli("run", out, "--train", tmp_path / "data.npz", "--steps", "40",
+                   "--save-weights", tmp_path / "w.safetensors", cwd=root, check=True)
+    import re
+    losses = np.array([float(v) for v in re.findall(r"^step \d+/40 loss (\S+)$", proc.stdout, flags=re.M)])
+    assert len(losses) == 40 and losses[-10:].mean() < losses[:10].mean() - 0.05, losses
+    from safetensors.numpy import load_file
+    w = load_file(tmp_path / "w.safetensors")
+    assert w["fc.weight_q"].shape == (10, 128) and np.array_equal(w["fc.weight_q"], np.round(w["fc.weight_q"]))

@@ -45,8 +45,12 @@ def test_qas_scales_gradients_by_inverse_square_scale():
         s = buffers[what.replace("_q", "_scale")].double()
         s = s.reshape(s.shape[0], *[1] * (grads[what].dim() - 1))
         expected = params[what].detach().double() - 0.1 * grads[what].double() * s ** -2
-        # G~ = G * s^-2, then SGD; compared in units of the stored integer grid
-        assert torch.allclose(new.double(), expected, rtol=1e-5, atol=1e-3), what
+        lim = 2 ** 31 - 1 if what.endswith("bias_q") else 127
+        expected = expected.round().clamp(-lim if lim == 127 else -(2 ** 31), lim)
+        # G~ = G * s^-2, then SGD, rounded and saturated on the stored integer grid; a
+        # value within float rounding of a .5 tie may land one step away
+        assert (new.double() - expected).abs().max() <= 1 and \
+            (new.double() != expected).double().mean() < 0.02, what
 
 
 def _train(graph, x, y, steps, int8):
@@ -113,7 +117,7 @@ def test_qas_on_the_quantize_pass_int8_graph():
     new = dict(zip(step.meta["train_step"]["outputs"], step(x[:8], y[:8])))
     for name in ("conv.weight_q", "fc.weight_q"):
         s = t.attr(name.replace("_q", "_qscale"))
-        expected = params[name].detach() - 0.05 * grads[name] * s ** -2
-        assert torch.allclose(new[name], expected, rtol=1e-5, atol=1e-3), name
+        expected = (params[name].detach() - 0.05 * grads[name] * s ** -2).round().clamp(-127, 127)
+        assert (new[name] - expected).abs().max() <= 1 and (new[name] != expected).float().mean() < 0.02, name
     expected_bias = params["fc.bias"].detach() - 0.05 * grads["fc.bias"]   # fp32 bias: no QAS
     assert torch.allclose(new["fc.bias"], expected_bias, rtol=1e-5, atol=1e-6)

@@ -732,6 +732,18 @@ def _sub(lw: TrainLowerer, node: fx.Node) -> Val:
     return w
 
 
+@train_handles(aten.round.default, aten.clamp.default)
+def _saturate(lw: TrainLowerer, node: fx.Node) -> Val:
+    """round/clamp after an integer update: the update kernel already rounds and saturates."""
+    v = lw.vals.get(node.args[0]) if isinstance(node.args[0], fx.Node) else None
+    if node.meta.get("custom", {}).get("train_role") == "update" and isinstance(v, Val) \
+            and isinstance(v.buf, TrainedBuf) and v.buf.dtype in ("i8", "i32"):
+        return v
+    if node.target not in HANDLERS:
+        raise Unsupported("no C kernel for this op")
+    return HANDLERS[node.target](lw, node)
+
+
 @train_handles(aten.slice_scatter.default)
 def _slice_scatter(lw: TrainLowerer, node: fx.Node) -> Val:
     """The partial-channel update already wrote the first rows in place."""

@@ -10,8 +10,9 @@ It runs the step's device form (``train_int8.device_form``) with
 - exp/log as ``gr_expf`` / ``gr_logf``, the same float32 operations;
 - elementwise ops and data movement through torch (one IEEE operation per element:
   the same bits);
-- the integer updates: delta = lr * (g * f[row]), w += floor(-delta + u), saturated,
-  with u = 0.5 or the xorshift32 stream of ``gr_sgd_s8`` / ``gr_sgd_s32``.
+- the integer updates: delta = lr * (g * f[row]), w += rint(-delta) (ties to even) or
+  floor(-delta + u) with u from the xorshift32 stream of ``gr_sgd_s8`` / ``gr_sgd_s32``,
+  saturated.
 
 ``reference_steps`` returns the loss of each step and the trained parameters in their
 storage form (int8 / int32 / float32), comparable with what the device reads back.
@@ -207,14 +208,12 @@ def lin_bwd_weight(g: np.ndarray, x: np.ndarray) -> np.ndarray:
 
 # ------------------------------------------------------------------ integer updates
 class Rounding:
-    """u of w += floor(-delta + u): 0.5, or gr_sgd_*'s xorshift32 draws in C order."""
+    """Stochastic rounding's u (w += floor(-delta + u)): gr_sgd_*'s xorshift32 draws in C order."""
 
     def __init__(self, mode: str, seed: int):
         self.mode, self.state = mode, rng_seed(seed)
 
     def offsets(self, n: int) -> np.ndarray:
-        if self.mode != "stochastic":
-            return np.full(n, 0.5, F32)
         out, x = np.empty(n, F32), self.state
         for i in range(n):
             x ^= (x << 13) & 0xFFFFFFFF
@@ -230,7 +229,10 @@ def int_update(w: np.ndarray, g: np.ndarray, f: np.ndarray, lr: float, lo: int, 
     rows = w.shape[0]
     gg = g.reshape(rows, -1).astype(F32)
     delta = F32(lr) * (gg * f.reshape(rows, 1))
-    v = np.floor(-delta.reshape(-1) + rnd.offsets(delta.size)).astype(np.float64)
+    if rnd.mode == "stochastic":
+        v = np.floor(-delta.reshape(-1) + rnd.offsets(delta.size)).astype(np.float64)
+    else:  # nearbyintf: ties to even
+        v = np.rint(-delta.reshape(-1)).astype(np.float64)
     v = np.where(np.isnan(v), 0, np.clip(v, -2.0 ** 32, 2.0 ** 32)).astype(np.int64)
     return np.clip(w.reshape(-1).astype(np.int64) + v, lo, hi).astype(w.dtype).reshape(w.shape)
 

@@ -80,9 +80,10 @@ void gr_mask_bits_s8(const int8_t *q, int32_t n, int32_t qmin, int32_t qmax, flo
                      float hi, uint8_t *bits);
 void gr_masked_grad_f32(const float *g, const uint8_t *bits, int32_t n, float *gx);
 /* Integer SGD with QAS: per row r (output channel) of cols values, delta = lr * (g * f[r])
-   (f = the QAS factor: 1/s for weights stored as w * s), then w += floor(-delta + u)
-   saturated to [lo, hi], with u = 0.5 (round to nearest, ties up) or, when rng is not
-   NULL, a uniform [0, 1) draw of the xorshift32 state *rng (stochastic rounding). */
+   (f = the QAS factor: 1/s for weights stored as w * s), then w += round(-delta)
+   saturated to [lo, hi]: to nearest, ties to even (torch.round's), or, when rng is not
+   NULL, floor(-delta + u) with u a uniform [0, 1) draw of the xorshift32 state *rng
+   (stochastic rounding). */
 void gr_sgd_s8(int8_t *w, const float *g, const float *f, float lr, int32_t rows, int32_t cols,
                int32_t lo, int32_t hi, uint32_t *rng);
 void gr_sgd_s32(int32_t *w, const float *g, const float *f, float lr, int32_t rows, int32_t cols,

@@ -11,35 +11,52 @@
 
 void gr_conv2d_bwd_input_ws8_f32(const gr_conv_shape *s, const float *gy, const int8_t *w, const float *ws,
                                  int32_t o0, int32_t o1, int32_t accumulate, float *gx) {
+    /* Scatter per (oc, ky, kx): each input element gets at most one term from each, so
+       its terms are added in (oc, ky, kx) order, the order the reference sums in. */
     const int32_t cpg = s->c / s->groups, opg = s->oc / s->groups, khw = s->kh * s->kw;
+    const size_t hw = (size_t)s->h * s->w, ohw = (size_t)s->oh * s->ow;
+    const int pointwise = khw == 1 && s->sh == 1 && s->sw == 1 && s->ph == 0 && s->pw == 0;
     for (int32_t n = 0; n < s->n; n++)
         for (int32_t c = 0; c < s->c; c++) {
             const int32_t g = c / cpg, ic = c % cpg;
             const int32_t lo = g * opg > o0 ? g * opg : o0, hi = (g + 1) * opg < o1 ? (g + 1) * opg : o1;
-            if (accumulate && lo >= hi) continue;
-            float *gxp = gx + ((size_t)n * s->c + c) * s->h * s->w;
-            for (int32_t iy = 0; iy < s->h; iy++)
-                for (int32_t ix = 0; ix < s->w; ix++) {
-                    float acc = accumulate ? gxp[iy * s->w + ix] : 0.0f;
-                    for (int32_t oc = lo; oc < hi; oc++) {
-                        const float *gyp = gy + ((size_t)n * s->oc + oc) * s->oh * s->ow;
-                        const int8_t *wp = w + ((size_t)(oc - o0) * cpg + ic) * khw;
-                        for (int32_t ky = 0; ky < s->kh; ky++) {
-                            const int32_t ty = iy + s->ph - ky * s->dh;
-                            if (ty < 0 || ty % s->sh) continue;
-                            const int32_t oy = ty / s->sh;
-                            if (oy >= s->oh) continue;
-                            for (int32_t kx = 0; kx < s->kw; kx++) {
-                                const int32_t tx = ix + s->pw - kx * s->dw;
-                                if (tx < 0 || tx % s->sw) continue;
-                                const int32_t ox = tx / s->sw;
-                                if (ox >= s->ow) continue;
-                                acc += gyp[oy * s->ow + ox] * ((float)wp[ky * s->kw + kx] * ws[oc]);
+            float *gxp = gx + ((size_t)n * s->c + c) * hw;
+            if (!accumulate) memset(gxp, 0, sizeof(float) * hw);
+            int32_t oc = lo;
+            if (pointwise)  /* four output channels per pass: the same order per element */
+                for (; oc + 4 <= hi; oc += 4) {
+                    const int8_t *wp = w + (size_t)(oc - o0) * cpg + ic;
+                    const float w0 = (float)wp[0] * ws[oc], w1 = (float)wp[cpg] * ws[oc + 1];
+                    const float w2 = (float)wp[2 * cpg] * ws[oc + 2], w3 = (float)wp[3 * cpg] * ws[oc + 3];
+                    const float *g0 = gy + ((size_t)n * s->oc + oc) * ohw;
+                    const float *g1 = g0 + ohw, *g2 = g1 + ohw, *g3 = g2 + ohw;
+                    for (size_t p = 0; p < hw; p++) {
+                        float v = gxp[p];
+                        v += g0[p] * w0;
+                        v += g1[p] * w1;
+                        v += g2[p] * w2;
+                        v += g3[p] * w3;
+                        gxp[p] = v;
+                    }
+                }
+            for (; oc < hi; oc++) {
+                const float *gyp = gy + ((size_t)n * s->oc + oc) * ohw;
+                const int8_t *wp = w + ((size_t)(oc - o0) * cpg + ic) * khw;
+                for (int32_t ky = 0; ky < s->kh; ky++)
+                    for (int32_t kx = 0; kx < s->kw; kx++) {
+                        const float wv = (float)wp[ky * s->kw + kx] * ws[oc];
+                        for (int32_t oy = 0; oy < s->oh; oy++) {
+                            const int32_t iy = oy * s->sh - s->ph + ky * s->dh;
+                            if (iy < 0 || iy >= s->h) continue;
+                            const float *gyr = gyp + (size_t)oy * s->ow;
+                            float *gxr = gxp + (size_t)iy * s->w;
+                            for (int32_t ox = 0; ox < s->ow; ox++) {
+                                const int32_t ix = ox * s->sw - s->pw + kx * s->dw;
+                                if (ix >= 0 && ix < s->w) gxr[ix] += gyr[ox] * wv;
                             }
                         }
                     }
-                    gxp[iy * s->w + ix] = acc;
-                }
+            }
         }
 }
 
@@ -94,18 +111,18 @@ void gr_masked_grad_f32(const float *g, const uint8_t *bits, int32_t n, float *g
     for (int32_t i = 0; i < n; i++) gx[i] = (bits[i >> 3] >> (i & 7)) & 1u ? g[i] : 0.0f;
 }
 
-/* the rounding offset: 0.5 (nearest) or 24 random bits as a float in [0, 1) */
+/* 24 random bits as a float in [0, 1) */
 static float gr_round_offset(uint32_t *rng) {
-    if (!rng) return 0.5f;
     uint32_t x = *rng;
     x ^= x << 13; x ^= x >> 17; x ^= x << 5;
     *rng = x;
     return (float)(x >> 8) * 0x1p-24f;
 }
 
-/* floor(-delta + u) as an integer, saturated well outside any int8/int32 range */
+/* -delta rounded (nearest, ties to even as torch.round; or floor(-delta + u) with u
+   uniform in [0, 1): stochastic) as an integer, saturated well outside int8/int32 */
 static int64_t gr_round_step(float delta, uint32_t *rng) {
-    const float v = floorf(-delta + gr_round_offset(rng));
+    const float v = rng ? floorf(-delta + gr_round_offset(rng)) : nearbyintf(-delta);
     if (v != v) return 0;
     if (v > 4294967296.0f) return INT64_C(4294967296);
     if (v < -4294967296.0f) return -INT64_C(4294967296);
