@@ -7,6 +7,12 @@ using them) -> ``normalize`` (pre-import rewrites for patterns TVM 0.27 miscompi
 folded into convolutions, fast math) -> MetaSchedule tuning
 (optional, cached) -> ``compile_relax`` -> ``model.so`` + ``tvm_meta.json``.
 
+Quantized graphs: static int8 conv/linear/add chains (``quantize(mode=static)``) become
+integer ops before export (``int8_ops``) and int8 x int8 -> int32 Relax compute with
+integer requantization at import (``int8_relax``), bit-exact against the mcu backend's
+integer reference; weight-only ``groupwise_linear`` layers are dequantized at import into
+fp32 weights. ``tvm_meta.json`` / the report's ``quantized`` entry counts both.
+
 Options (``backend_options``):
 
 ``target``         ``"auto"`` (CUDA when TVM sees a GPU, else the host CPU), ``"llvm"``, ``"cuda"``
@@ -153,12 +159,15 @@ class TvmBackend(Backend):
             "cache_key": tuned.key if tuned else None,
             "tuning": tuned.info() if tuned else None,
             "normalized": imported.normalized,
+            "quantized": imported.quantized,
             "fold_batchnorm": bool(opts["fold_batchnorm"]),
             "fast_math": bool(opts["fast_math"]),
         }
         (out_dir / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
         info = {k: meta[k] for k in ("tvm_version", "target", "mcpu", "num_cores", "tune_trials", "cache_key",
                                      "tuning", "normalized", "fold_batchnorm", "fast_math")}
+        if imported.quantized:
+            info["quantized"] = imported.quantized
         info.update({"aten_ops_imported": imported.aten_ops, "import_seconds": round(import_s, 3),
                      "build_seconds": round(build_s, 3)})
         if not opts["tune_trials"]:

@@ -19,6 +19,8 @@ import torch.fx as fx
 from ...errors import BackendError
 from ...rewrite.graph import Graph, module_path, op_name
 from ..base import reexport
+from .int8_ops import lower_int8
+from .int8_relax import converters
 from .normalize import normalize
 
 
@@ -28,6 +30,9 @@ class Imported:
     ep: torch.export.ExportedProgram       # the decomposed, normalised program
     normalized: dict[str, int] = field(default_factory=dict)
     aten_ops: int = 0
+    # quantized graphs: {"int8_layers": {"int8-conv": n, ...}, "fp32_weights": {op: n}} (layers
+    # lowered to integer compute; quantized layers that run in fp32 with dequantized weights)
+    quantized: dict[str, dict[str, int]] = field(default_factory=dict)
 
 
 class _ConvertError(Exception):
@@ -77,9 +82,11 @@ def import_graph(graph: Graph) -> Imported:
     """Lower ``graph`` to a Relax module; all user errors come out as one ``BackendError``."""
     from tvm.relax.frontend.torch.exported_program_translator import ExportedProgramImporter
 
+    graph, int8_layers = lower_int8(graph)   # static int8 chains -> integer ops (int8_ops.py)
     ep = _exported(graph)
     importer = ExportedProgramImporter()
-    missing = unsupported_ops(ep, importer.convert_map)
+    custom, fp32_weights = converters(ep)       # quantized ops -> Relax (int8_relax.py)
+    missing = unsupported_ops(ep, {**importer.convert_map, **custom})
     if missing:
         raise BackendError(unsupported_message(missing),
                            "rewrite those layers with a pass (or a custom op the importer knows), "
@@ -87,15 +94,17 @@ def import_graph(graph: Graph) -> Imported:
     fired = normalize(ep)
     # Name the node when a converter fails (TVM's own errors do not).
     used = {converter_key(n) for n in ep.graph.nodes if n.op == "call_function"}
-    for key in used:
+    custom = {key: _attributed(fn) for key, fn in custom.items() if key in used}
+    for key in used - set(custom):
         importer.convert_map[key] = _attributed(importer.convert_map[key])
     try:
         if _internal_api_ok(importer):
-            mod = importer.from_exported_program(ep, False, True, False, None)
+            mod = importer.from_exported_program(ep, False, True, False, custom or None)
         else:  # the internal signature moved: the public entry point (errors name no node)
             from tvm.relax.frontend.torch import from_exported_program
 
-            mod = from_exported_program(ep, unwrap_unit_return_tuple=True, run_ep_decomposition=False)
+            mod = from_exported_program(ep, unwrap_unit_return_tuple=True, run_ep_decomposition=False,
+                                        custom_convert_map=custom or None)
     except _ConvertError as err:
         node = err.node
         first = str(err.exc).strip().splitlines()
@@ -109,7 +118,9 @@ def import_graph(graph: Graph) -> Imported:
         raise BackendError(f"TVM's importer failed: {type(exc).__name__}: {first[-1] if first else ''}",
                            "use --backend ort / torch, or run with --debug for the traceback") from exc
     ops = sum(1 for n in ep.graph.nodes if n.op == "call_function")
-    return Imported(mod=mod, ep=ep, normalized=fired, aten_ops=ops)
+    quantized = {"int8_layers": int8_layers, "fp32_weights": dict(sorted(fp32_weights.items()))} \
+        if int8_layers or fp32_weights else {}
+    return Imported(mod=mod, ep=ep, normalized=fired, aten_ops=ops, quantized=quantized)
 
 
 def _internal_api_ok(importer) -> bool:
