@@ -7,7 +7,7 @@ untuned and MetaSchedule-tuned), and the fp32 graph (`fold-bn,dce`) to ORT and T
 (untuned and tuned with the same budget). Every candidate is timed round-robin in this
 one process with 2 threads everywhere. Numerics: each int8 artifact against the torch
 backend's fake-quant result (relative L2 error) and the TVM int8 outputs against
-`backends.mcu.int8.integer_reference` (count of output values that differ: 0 = bit-exact),
+`rewrite.int8_layers.integer_reference` (count of output values that differ: 0 = bit-exact),
 and ORT's int8 outputs too.
 Tuning starts from an empty database each run (``benchmarks/results/tmp/tvm_cache_int8``), so
 a ``tuned N`` build carries exactly N trials (a larger budget tunes only the difference).
@@ -37,7 +37,7 @@ import gradrewrite as gr  # noqa: E402
 from benchmarks import _report  # noqa: E402
 from benchmarks.inference import _ort_runner, _first_line  # noqa: E402
 from examples import models  # noqa: E402
-from gradrewrite.backends.mcu import int8  # noqa: E402
+from gradrewrite.rewrite import int8_layers as int8  # noqa: E402
 from gradrewrite.backends.mcu.reference import INT8_REL_TOL  # noqa: E402
 from gradrewrite.rewrite.registry import PassContext  # noqa: E402
 

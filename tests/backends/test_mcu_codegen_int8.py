@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from examples.models import small_cnn
-from gradrewrite.backends.mcu import int8
+from gradrewrite.rewrite import int8_layers as int8
 from gradrewrite.backends.mcu.check import check_graph
 from gradrewrite.backends.mcu.lower import lower
 from gradrewrite.compiler import run_pipeline

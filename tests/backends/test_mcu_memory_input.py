@@ -11,7 +11,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from examples.models import small_cnn
-from gradrewrite.backends.mcu import int8, make_runner, quantize_input
+from gradrewrite.backends.mcu import make_runner, quantize_input
+from gradrewrite.rewrite import int8_layers as int8
 from gradrewrite.backends.mcu.codegen import INPUT_BUFFER, plan_arena, write_project
 from gradrewrite.backends.mcu.firmware import build_host
 from gradrewrite.backends.mcu.lower import lower

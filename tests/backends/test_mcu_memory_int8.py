@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from examples.models import mobilenet_v2
-from gradrewrite.backends.mcu import int8
+from gradrewrite.rewrite import int8_layers as int8
 from gradrewrite.backends.mcu.codegen import plan_arena
 from gradrewrite.backends.mcu.lower import Lowerer, lower
 from gradrewrite.compiler import CompileOptions, compile_graph

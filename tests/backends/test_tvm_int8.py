@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import gradrewrite as gr
-from gradrewrite.backends.mcu import int8
+from gradrewrite.rewrite import int8_layers as int8
 from gradrewrite.backends.mcu.reference import INT8_REL_TOL
 from gradrewrite.backends.tvm.int8_ops import INT8_OPS, lower_int8
 from gradrewrite.compiler import CompileOptions, compile_graph

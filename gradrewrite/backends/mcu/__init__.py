@@ -129,7 +129,7 @@ def _check_int8(graph: Graph, project: Path, facts: dict[str, Any], n_inputs: in
     measures them against the float model), on the host build: bit for bit when every
     fp32 kernel between the int8 layers is exact, else within INT8_REL_TOL (a kernel
     bug gives O(1) errors, rounding flips give far less)."""
-    from . import int8
+    from ...rewrite import int8_layers as int8
 
     inexact = sorted({op["kernel"] for op in facts["ops"] if not op["kernel"].endswith("_s8")
                       and op["kernel"] not in EXACT_FP32_KERNELS

@@ -20,7 +20,8 @@ import torch.fx as fx
 
 from ...rewrite.graph import Graph, module_path, op_name
 from ...rewrite.quant_ops import DEQUANTIZE_PER_CHANNEL, DEQUANTIZE_PER_TENSOR, QUANTIZE_PER_TENSOR
-from . import int8, nm
+from ...rewrite import int8_layers as int8
+from . import nm
 from .program import (ITEMSIZE, TORCH_DTYPES, Buf, Program, Step, Val, c_float, c_ints,
                       contiguous_strides, numel)
 

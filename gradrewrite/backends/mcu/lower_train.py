@@ -24,7 +24,7 @@ import torch.fx as fx
 
 from ...rewrite.graph import Graph, module_path, op_name
 from ...rewrite.quant_ops import DEQUANTIZE_PER_TENSOR
-from . import int8
+from ...rewrite import int8_layers as int8
 from . import lower_train_s8 as s8
 from .lower import HANDLERS, Lowerer, Unsupported, _float_in, _ident, _shape, _val_meta
 from .program import Buf, Program, Val, c_float, contiguous_strides, numel

@@ -52,7 +52,7 @@ def load_reference(project_dir: str | Path) -> Graph:
 
 def reference_outputs(graph: Graph, inputs: Sequence[np.ndarray]) -> tuple[list[np.ndarray], bool]:
     """(reference outputs, whether the int8 integer reference was used)."""
-    from . import int8
+    from ...rewrite import int8_layers as int8
 
     tensors = [torch.from_numpy(np.array(x)) for x in inputs]  # a writable copy
     is_int8 = bool(int8.find(graph))

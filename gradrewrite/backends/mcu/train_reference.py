@@ -29,7 +29,7 @@ import torch.fx as fx
 
 from ...rewrite.graph import Graph
 from ...rewrite.quant_ops import DEQUANTIZE_PER_TENSOR
-from . import int8
+from ...rewrite import int8_layers as int8
 from .codegen_train import rng_seed
 from .lower import _ident
 from .lower_train import _param_attr, _update_chain, update_factor

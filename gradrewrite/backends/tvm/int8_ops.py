@@ -1,7 +1,7 @@
 """Integer layer ops the tvm backend lowers static int8 chains into before import.
 
 ``lower_int8`` replaces every ``quantize(act(layer(dequant(xq), dequant_per_channel(wq),
-b)))`` chain that ``backends.mcu.int8.match`` recognises (conv, linear, residual add,
+b)))`` chain that ``rewrite.int8_layers.match`` recognises (conv, linear, residual add,
 with their fused ReLU/ReLU6 clamp and trailing max pools) by one of three ops on int8
 tensors. Their arguments carry the integer parameters the matcher derived (int32 bias
 ``round(b / (s_x s_w))``, per-channel multiplier and shift, zero points, clamp bounds),
@@ -26,7 +26,7 @@ import torch.fx as fx
 
 from ...rewrite.graph import Graph, copy_meta
 from ...rewrite.quant_ops import QUANTIZE_PER_TENSOR
-from ..mcu import int8 as qmatch
+from ...rewrite import int8_layers as qmatch
 
 aten = torch.ops.aten
 

@@ -6,7 +6,7 @@
   is handled without widening the int8 operand: the input is padded with ``in_zp`` (the
   real value 0) and ``in_zp * sum(w)`` per output channel is folded into the bias, since
   ``sum w (x - zp) = sum w x - zp sum w``. The result is bit-exact against
-  ``backends.mcu.int8.integer_reference``.
+  ``rewrite.int8_layers.integer_reference``.
 * ``gradrewrite::tvm_int8_add``: TFLite's int8 add in int64.
 * ``quantized_decomposed`` quantize / dequantize (per tensor): float arithmetic in the
   order PyTorch's reference uses (``round(x * (1/s)) + zp``, round half to even), so the
@@ -116,7 +116,7 @@ class _Converters:
     def int8_add(self, node: fx.Node, importer) -> Any:
         from tvm import relax
 
-        from ..mcu.int8 import ADD_SHIFT
+        from ...rewrite.int8_layers import ADD_SHIFT
 
         op, bb = relax.op, importer.block_builder
         a, b = importer.env[node.args[0]], importer.env[node.args[1]]

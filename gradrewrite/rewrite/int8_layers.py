@@ -8,8 +8,9 @@ TFLite / CMSIS-NN semantics: int32 accumulation of ``wq * (xq - zx)``, bias
 ``mult * 2^(shift-31) ~= s_x * s_w[c] / s_y`` (CMSIS-NN's single-rounding requantize).
 
 ``integer_reference`` runs a graph with every such chain computed by that integer
-arithmetic in numpy/torch (everything else as the fake-quant torch graph): the C code
-must match it bit for bit.
+arithmetic in numpy/torch (everything else as the fake-quant torch graph): the mcu
+backend's C code and the tvm backend's int8 Relax lowering both match it bit for bit
+(which is why it lives here, shared by the backends, rather than in either).
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ import numpy as np
 import torch
 import torch.fx as fx
 
-from ...rewrite.quant_ops import DEQUANTIZE_PER_CHANNEL, DEQUANTIZE_PER_TENSOR, QUANTIZE_PER_TENSOR
+from .quant_ops import DEQUANTIZE_PER_CHANNEL, DEQUANTIZE_PER_TENSOR, QUANTIZE_PER_TENSOR
 
 aten = torch.ops.aten
 
