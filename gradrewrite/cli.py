@@ -420,7 +420,9 @@ def inspect_cmd(model, module, inputs, trust_pickle, passes, recipe, fmt, show_d
     if show_diff and not specs:
         raise ConfigError("--diff needs --passes or --recipe", "name the pipeline to compare against")
     before = _load(model, module, inputs, trust_pickle)
-    if train:
+    calibration = _calibration(calib, before)  # samples of the model's inputs (not the labels)
+    if train:  # as compile --train: inference passes (fold-bn, quantize) before the capture
+        before, _, specs = _before_training(before, specs, None, 0, calibration)
         before = _train_step(before, "cross_entropy", "sgd", lr, 0.0, None, 0)
     after = None
     error_tables: list[str] = []
@@ -429,7 +431,7 @@ def inspect_cmd(model, module, inputs, trust_pickle, passes, recipe, fmt, show_d
         from .rewrite.registry import PassContext
 
         after = before.clone()
-        ctx = PassContext(calibration=_calibration(calib, before))
+        ctx = PassContext(calibration=calibration)
         error_tables = quant_error_tables(run_pipeline(after, specs, verify=True, ctx=ctx).reports())
     title = Path(model).name if model else (module or "model")
     if train and fmt == "table":  # the static memory plan of the (rewritten) training step
