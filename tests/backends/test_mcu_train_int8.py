@@ -180,3 +180,21 @@ def test_cli_int8_training_on_digits(tmp_path):
     from safetensors.numpy import load_file
     w = load_file(tmp_path / "w.safetensors")
     assert w["fc.weight_q"].shape == (10, 128) and np.array_equal(w["fc.weight_q"], np.round(w["fc.weight_q"]))
+
+
+class GeluNet(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.fc = torch.nn.Linear(8, 5)
+
+    def forward(self, x):
+        x = torch.nn.functional.gelu(self.conv(x))
+        return self.fc(torch.nn.functional.adaptive_avg_pool2d(x, 1).flatten(1))
+
+
+def test_ops_without_an_integer_reference_are_refused(tmp_path):
+    x, y = mobile_batch()
+    step = int8_step(GeluNet(), x, y, "sparse-update(bias_last=2,weights='-1:1')")
+    with pytest.raises(Unsupported, match="gelu at <root>|gelu"):
+        write_train(step, tmp_path / "mcu")

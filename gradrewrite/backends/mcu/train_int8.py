@@ -165,7 +165,45 @@ def device_form(step: Graph) -> Graph:
     _bit_masks(g)
     graph.eliminate_dead_code()
     g.commit()
+    _check_ops(g)
     return g
+
+
+# what an int8 step may hold besides its int8 layers: ops whose C kernels are exact per
+# element (or data movement), or whose summation order train_reference.py mirrors
+_EXACT_OPS = {
+    aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.permute.default, aten.t.default,
+    aten.expand.default, aten.slice.Tensor, aten.flatten.using_ints, aten.squeeze.dims, aten.unsqueeze.default,
+    aten.clone.default, aten.alias.default, aten.detach.default, aten.transpose.int, aten.select.int,
+    aten.cat.default,
+    aten.relu.default, aten.hardtanh.default, aten.clamp.default, aten.round.default,
+    aten.add.Tensor, aten.sub.Tensor, aten.mul.Tensor, aten.div.Scalar, aten.div.Tensor, aten.mul.Scalar,
+    aten.mean.dim, aten.sum.dim_IntList, aten.max_pool2d.default, aten.ones_like.default,
+    aten._log_softmax.default, aten.nll_loss_forward.default, aten.nll_loss_backward.default,
+    aten._log_softmax_backward_data.default, aten.threshold_backward.default, aten.hardtanh_backward.default,
+    aten.convolution_backward.default, aten.slice_scatter.default, operator.getitem,
+    QUANTIZE_PER_TENSOR, DEQUANTIZE_PER_TENSOR, DEQUANTIZE_PER_CHANNEL,
+    ste_s8, mask_bits, masked_grad, linear_bwd_input, linear_bwd_weight,
+}
+
+
+def _check_ops(g: Graph) -> None:
+    """Refuse, naming the op, what the int8 step cannot compute bit for bit against its
+    reference (a float conv or matmul, layer norm, softmax inside the model ...)."""
+    from ...rewrite.graph import module_path, op_name
+    from ...rewrite.int8_layers import find
+
+    layers = find(g)
+    inside = {n for ql in layers.values() for n in (ql.layer, ql.act, *ql.post) if n is not None}
+    for n in g.gm.graph.nodes:
+        if n.op != "call_function" or n in inside or n.target in _EXACT_OPS:
+            continue
+        if n.target in (aten.convolution.default, aten.linear.default, aten.addmm.default):
+            what = "a float conv/linear layer (every conv/linear of an int8 step must be int8)"
+        else:
+            what = "this op"
+        raise Unsupported(f"int8 training step: {op_name(n)} at {module_path(n) or '<root>'} is {what}, "
+                          "which has no bit-exact integer reference; quantize it, or train in fp32")
 
 
 def _bit_masks(g: Graph) -> None:
