@@ -20,7 +20,6 @@ storage form (int8 / int32 / float32), comparable with what the device reads bac
 from __future__ import annotations
 
 import dataclasses
-import operator
 from typing import Any
 
 import numpy as np
@@ -28,13 +27,10 @@ import torch
 import torch.fx as fx
 
 from ...rewrite.graph import Graph
-from ...rewrite.quant_ops import DEQUANTIZE_PER_TENSOR
 from ...rewrite import int8_layers as int8
 from .codegen_train import rng_seed
-from .lower import _ident
 from .lower_train import _param_attr, _update_chain, update_factor
-from .train_int8 import linear_bwd_input, linear_bwd_weight, scaled_weight
-from ...rewrite.graph import module_path
+from .train_int8 import linear_bwd_input, linear_bwd_weight
 
 aten = torch.ops.aten
 F32 = np.float32
@@ -283,7 +279,6 @@ def reference_steps(dgraph: Graph, x: np.ndarray, labels: np.ndarray, steps: int
 
 
 def _one_step(dgraph, layers, state, store, trained, x, labels, lr, rnd) -> float:
-    qd = {n for n in dgraph.gm.graph.nodes if n.target == DEQUANTIZE_PER_TENSOR}
     loss_name = dgraph.meta["train_step"]["loss"]
     env: dict[fx.Node, Any] = {}
     loss = None
@@ -301,10 +296,8 @@ def _one_step(dgraph, layers, state, store, trained, x, labels, lr, rnd) -> floa
             continue
         if n.op == "get_attr":
             t = str(n.target)
-            if t in state and t not in store or (t in store and store[t][0] == -127):
-                env[n] = torch.from_numpy(state[t].astype(F32))
-            else:
-                env[n] = dgraph.attr(n).detach()
+            int32_bias = t in store and store[t][0] != -127  # the graph's float bias; its int32 goes to the layer
+            env[n] = torch.from_numpy(state[t].astype(F32)) if t in state and not int32_bias else dgraph.attr(n).detach()
             continue
         if n.op == "output":
             break
