@@ -198,3 +198,20 @@ def test_ops_without_an_integer_reference_are_refused(tmp_path):
     step = int8_step(GeluNet(), x, y, "sparse-update(bias_last=2,weights='-1:1')")
     with pytest.raises(Unsupported, match="gelu at <root>|gelu"):
         write_train(step, tmp_path / "mcu")
+
+
+def test_int8_step_on_cortex_m4_equals_the_host_bits(tmp_path):
+    """train.elf under QEMU (arm-none-eabi-gcc, hard-float Cortex-M4) and the host build
+    (x86 cc) run the same int8 steps to the same bits: no FMA contraction, no libm."""
+    from gradrewrite.backends.mcu.train_host import compile_train
+    from gradrewrite.backends.mcu.train_run import run_training
+
+    x, y = mobile_batch()
+    step = int8_step(MobileBlock(), x, y, "sparse-update(bias_last=4,weights='-1:1,-2:1/2,grp:1,dw:1/2')",
+                     "qas(rounding=stochastic,seed=3)")
+    facts = compile_train(step, tmp_path / "mcu", target="cortex-m4", measure=False)
+    host = run_training(tmp_path / "mcu", facts, x.numpy(), y.numpy(), 3, LR, target="host")
+    m4 = run_training(tmp_path / "mcu", facts, x.numpy(), y.numpy(), 3, LR, target="cortex-m4")
+    assert np.array_equal(host.losses, m4.losses)
+    for p in host.params:
+        assert np.array_equal(host.params[p], m4.params[p]), p
