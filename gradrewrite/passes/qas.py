@@ -96,8 +96,9 @@ class QAS:
         if not scaled:
             raise ConfigError("qas found no trained int8-stored weight (a parameter used as "
                               "weight * per-channel scale)",
-                              "quantize the weights first (gradrewrite.passes.qas.int8_weights) "
-                              "and keep some of them trained")
+                              "quantize before the training passes, e.g. -p \"fold-bn,quantize(mode=static),"
+                              "sparse-update(...),qas\" --calib FILE (from Python: "
+                              "gradrewrite.passes.qas.int8_weights), and keep some int8 weights trained")
         rebuild_outputs(graph)
         dead_code(graph)
         report = {"scaled_params": scaled, "rounding": self.rounding}
