@@ -361,7 +361,8 @@ def _run_train(art, train_path, steps, lr, save_weights) -> None:
     lr = lr if lr is not None else float(facts["lr"])
     train_run.check_run_options(steps, lr, save_weights)
     target = facts.get("target", "host")
-    click.echo(f"training {len(facts['trained'])} parameters for {steps} steps on {len(x) // batch} batches of "
+    n_params = sum(not p.get("optimizer_state") for p in facts["trained"])
+    click.echo(f"training {n_params} parameters for {steps} steps on {len(x) // batch} batches of "
                f"{batch} ({'host build' if target == 'host' else target + ' firmware under QEMU'}), lr {lr:g}")
     run = train_run.run_training(art.path / "mcu", facts, x, y, steps, lr, target=target,
                                  progress=lambda i, n, loss: click.echo(f"step {i}/{n} loss {loss:.6g}"))
@@ -371,6 +372,8 @@ def _run_train(art, train_path, steps, lr, save_weights) -> None:
                f"{float(losses[-k:].mean()):.6g}; {sum(p['bytes'] for p in facts['trained'])} bytes trained")
     if save_weights:
         weights = train_run.whole_parameters(art.path / "mcu", facts, run.params)
+        weights = {k: v for k, v in weights.items()  # parameters, not the momentum buffers
+                   if not next(p for p in facts["trained"] if p["path"] == k).get("optimizer_state")}
         train_run.save_weights(save_weights, weights)
         click.echo(f"wrote {save_weights} ({len(weights)} parameters)")
 

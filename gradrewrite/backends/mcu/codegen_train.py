@@ -144,7 +144,7 @@ def write_train_project(tp: TrainProgram, project: Path, *, source: str = "<mode
              "frozen_bytes": weight_bytes - sum(b.nbytes for b in tp.trained),
              # rows: a partially trained parameter keeps only its first rows in SRAM
              "trained": [{"path": b.path, "shape": list(b.shape), "rows": b.rows, "dtype": DTYPE_NAMES[b.dtype],
-                          "bytes": b.nbytes,
+                          "bytes": b.nbytes, **({"optimizer_state": True} if b.state else {}),
                           **({"to_param_scale": [float(v) for v in b.to_param_scale]}
                              if b.to_param_scale is not None else {})} for b in tp.trained],
              "int8": tp.int8, **({"rounding": tp.rounding, "seed": tp.seed} if tp.int8 else {}),

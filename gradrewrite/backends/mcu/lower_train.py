@@ -46,6 +46,7 @@ class TrainedBuf(Buf):
     # int8 steps: the torch parameter = stored value * to_param_scale[row] (int32 biases
     # of int8 layers are stored in units of s_x * s_w); None: stored as the parameter
     to_param_scale: np.ndarray | None = None
+    state: bool = False                 # optimizer state (a momentum buffer), not a parameter
 
 
 @dataclass(eq=False)
@@ -89,15 +90,16 @@ class TrainLowerer(Lowerer):
         ts = graph.meta.get("train_step")
         if not ts:
             raise Unsupported("not a training-step graph")
-        if ts["optimizer"].get("momentum"):
-            raise Unsupported("SGD with momentum (the mcu training step implements plain SGD)")
         self.ts = ts
         self.int8 = is_int8_step(graph)
+        if ts["optimizer"].get("momentum") and self.int8:
+            raise Unsupported("SGD with momentum in an int8 training step (int8 steps use plain SGD with QAS)")
         if self.int8:  # the integers the device keeps (train_int8.py)
             graph = device_form(graph)
         qas = ts.get("qas") or {}
         self.rounding, self.seed = qas.get("rounding", "nearest"), int(qas.get("seed", 0))
         self.trained_attrs = {info["attr"]: path for path, info in ts["params"].items() if info.get("trained")}
+        self._state_attrs = {f"{a}_momentum" for a in self.trained_attrs} if ts["optimizer"].get("momentum") else set()
         self._intercept: dict[str, Buf] = {}      # int8 layer const name -> its weight / bias buffer
         self._split_q: dict[str, tuple] = {}      # int8 layer name -> (rows, trained Val, rest Val)
         self._int_store: dict[str, tuple] = {}    # trained attr -> (dtype, per-row QAS factor of the storage)
@@ -113,7 +115,8 @@ class TrainLowerer(Lowerer):
 
     # trained parameters are run-time values, not constants
     def is_const(self, node: Any) -> bool:
-        if isinstance(node, fx.Node) and node.op == "get_attr" and node.target in self.trained_attrs:
+        if isinstance(node, fx.Node) and node.op == "get_attr" and (node.target in self.trained_attrs
+                                                                  or node.target in self._state_attrs):
             return False
         return super().is_const(node)
 
@@ -123,6 +126,8 @@ class TrainLowerer(Lowerer):
             chain = _update_chain(n)
             if chain is not None:
                 skip.update(chain[3])
+            if _momentum_parts(n) is not None:  # mul(v, momentum) folded into the momentum kernel
+                skip.add(n.args[0])
         return skip
 
     # ------------------------------------------------------------ int8 steps
@@ -135,6 +140,23 @@ class TrainLowerer(Lowerer):
         if isinstance(v, Val) and isinstance(v.buf, s8.DqBuf) and not self._raw_views:  # a reader that needs floats
             return s8.materialize(self, v)
         return v
+
+    def _momentum_buffers(self) -> None:
+        """SGD momentum: one SRAM array per trained parameter (its trained rows), zero at
+        first, updated in place; read back like a parameter (path ``<param>_momentum``)."""
+        attrs = {str(n.target): n for n in self.graph.gm.graph.nodes if n.op == "get_attr"}
+        for path, info in self.ts["params"].items():
+            mom_attr = f"{info['attr']}_momentum"
+            if not info.get("trained") or not info.get("momentum") or mom_attr not in attrs:
+                continue
+            shape = tuple(info["shape"])
+            rows = info.get("rows")
+            rows = rows if rows is not None and rows < shape[0] else None
+            n = numel(((rows or shape[0]), *shape[1:]))
+            buf = TrainedBuf(self._unique("m_" + info["attr"]), "const", n * 4, "f32", data=np.zeros(n, np.float32),
+                             path=f"{path}_momentum", shape=shape, rows=rows, state=True)
+            self.trained[mom_attr] = buf
+            self.vals[attrs[mom_attr]] = Val(buf, shape, contiguous_strides(shape))
 
     def _int8_buffers(self) -> None:
         """The int8 layers' weights (int8) and biases (int32): SRAM arrays when trained (a
@@ -260,6 +282,7 @@ class TrainLowerer(Lowerer):
         self._scaled: dict[str, s8.ScaledS8] = {}
         if self.int8:
             self._int8_buffers()
+        self._momentum_buffers()
         for node in self.graph.gm.graph.nodes:
             if node.op == "get_attr" and node.target in self.trained_attrs and node.target not in self.trained:
                 t = self.graph.attr(node).detach().float().contiguous()
@@ -343,6 +366,19 @@ def _update_chain(node: fx.Node) -> tuple | None:
         muls.append(g)
         g = g.args[0]
     return w, g, factors, muls, float(scaled.args[1])
+
+
+def _momentum_parts(node: fx.Node) -> tuple[fx.Node, fx.Node, float] | None:
+    """``add(mul(v, momentum), g)`` that writes a momentum buffer -> (v, g, momentum)."""
+    if node.op != "call_function" or node.target != aten.add.Tensor:
+        return None
+    if not str(node.meta.get("custom", {}).get("writes", "")).endswith("_momentum"):
+        return None
+    scaled, g = node.args[:2]
+    if not (isinstance(scaled, fx.Node) and scaled.target == aten.mul.Tensor and len(scaled.users) == 1
+            and not isinstance(scaled.args[1], fx.Node)):
+        return None
+    return scaled.args[0], g, float(scaled.args[1])
 
 
 def update_factor(graph: Graph, factors: list[fx.Node], storage: np.ndarray, rows: int) -> np.ndarray:
@@ -730,6 +766,21 @@ def _sub(lw: TrainLowerer, node: fx.Node) -> Val:
         raise Unsupported("the update is scaled by more than the learning rate (QAS needs an int8 weight)")
     _emit(lw, "gr_sgd_f32", f"gr_sgd_f32({w.out()}, {g.ptr()}, lr, {w.numel});", [w, g], [w])
     return w
+
+
+@train_handles(aten.add.Tensor)
+def _add(lw: TrainLowerer, node: fx.Node) -> Val:
+    """The momentum buffer's update v = momentum * v + g, in place."""
+    parts = _momentum_parts(node)
+    if parts is None:
+        return HANDLERS[node.target](lw, node)
+    v_node, g_node, momentum = parts
+    v, g = _prefix(lw.val(v_node)), lw.contig(lw.val(g_node))
+    if not isinstance(v.buf, TrainedBuf) or g.numel != v.numel:
+        raise Unsupported("a momentum update of another shape")
+    _emit(lw, "gr_momentum_f32", f"gr_momentum_f32({v.out()}, {g.ptr()}, {c_float(momentum)}, {v.numel});",
+          [v, g], [v])
+    return v
 
 
 @train_handles(aten.round.default, aten.clamp.default)

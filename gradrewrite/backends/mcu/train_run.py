@@ -251,6 +251,8 @@ def whole_parameters(project: str | Path, facts: dict[str, Any], params: dict[st
         value = params[p["path"]].astype(np.float64).reshape(-1)
         if p["path"] in frozen_rows:
             value = np.concatenate([value, frozen_rows[p["path"]].astype(np.float64).reshape(-1)])
+        elif p.get("optimizer_state") and p.get("rows") is not None:  # momentum of untrained rows: zero
+            value = np.concatenate([value, np.zeros(int(np.prod(p["shape"])) - value.size)])
         value = value.reshape(p["shape"])
         if p.get("to_param_scale") is not None:
             scale = np.asarray(p["to_param_scale"], np.float64)

@@ -285,6 +285,10 @@ void gr_softmax_xent_f32(const float *x, const int64_t *target, float *loss, flo
     *loss = acc / (float)n;
 }
 
+void gr_momentum_f32(float *v, const float *g, float momentum, int32_t n) {
+    for (int32_t i = 0; i < n; i++) v[i] = momentum * v[i] + g[i];
+}
+
 void gr_sgd_f32(float *p, const float *g, float lr, int32_t n) {
     for (int32_t i = 0; i < n; i++) p[i] -= lr * g[i];
 }

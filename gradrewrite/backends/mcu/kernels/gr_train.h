@@ -50,6 +50,8 @@ float gr_logf(float x);
 void gr_softmax_xent_f32(const float *x, const int64_t *target, float *loss, float *gx, int32_t n, int32_t c);
 /* SGD in place: p -= lr * g */
 void gr_sgd_f32(float *p, const float *g, float lr, int32_t n);
+/* SGD momentum buffer in place: v = momentum * v + g (then gr_sgd_f32(p, v, lr, n)) */
+void gr_momentum_f32(float *v, const float *g, float momentum, int32_t n);
 
 /* ---- int8 training (gr_train_s8.c): fp32 gradients, int8 saved activations
    dq(q) = ((float)q - (float)zp) * s, int8 weights w * ws[oc] (per output channel). */
