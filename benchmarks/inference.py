@@ -332,6 +332,31 @@ def _plot(records, cols, path: Path) -> str:
     return path.name
 
 
+def _merge(records: list, skipped: dict, names: list) -> tuple[list, dict, str]:
+    """This run's rows plus the published rows it did not measure (``--merge``)."""
+    import json
+
+    path = _report.RESULTS / "inference.json"
+    try:
+        old = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return records, skipped, ""
+    done = {(r["model"], r["batch"]) for r in records}
+    kept = [r for r in old.get("records", []) if (r["model"], r["batch"]) not in done]
+    for r in kept:
+        r.setdefault("measured", "an earlier run")
+    order = list(MODELS)
+    merged = sorted(kept + records, key=lambda r: (order.index(r["model"]) if r["model"] in order else len(order),
+                                                   r["batch"]))
+    old_skipped = {k: v for k, v in old.get("skipped", {}).items() if k.split()[0] not in names}
+    when = sorted({r["measured"] for r in merged})
+    rows_of = {w: ", ".join(f"{r['model']} b{r['batch']}" for r in merged if r["measured"] == w) for w in when}
+    note = (" Rows come from more than one run (`--merge`): "
+            + "; ".join(f"{rows} measured {w}" for w, rows in rows_of.items())
+            + ". Only the rows of one run were timed side by side." if len(when) > 1 else "")
+    return merged, {**old_skipped, **skipped}, note
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true",
@@ -342,6 +367,9 @@ def main() -> None:
     ap.add_argument("--batch", default="1,8")
     ap.add_argument("--runs", type=int, default=50)
     ap.add_argument("--models", default=",".join(MODELS))
+    ap.add_argument("--merge", action="store_true",
+                    help="replace only the measured model/batch rows of results/inference.json and keep "
+                         "the other rows as published (e.g. after a change that affects some models)")
     args = ap.parse_args()
     if args.quick:
         args.models, args.batch, args.trials, args.large_trials, args.runs = \
@@ -379,6 +407,12 @@ def main() -> None:
             records.append(rec)
     shutil.rmtree(work, ignore_errors=True)
     total_s = time.perf_counter() - t_start
+    stamp = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    for r in records:
+        r["measured"] = stamp
+    merged_note = ""
+    if args.merge and not args.quick:
+        records, skipped, merged_note = _merge(records, skipped, names)
 
     trial_cols = sorted({int(n) for r in records for n in r["tuning"]} | set(trials) | set(large_trials))
     cols, med_rows, ratio_rows, goal_rows, cost_rows = _tables(records, trial_cols)
@@ -407,7 +441,7 @@ def main() -> None:
                   "carry more than 64 trials — see `trials recorded` below). "
                   "**No GPU was available in this run**: the GPU columns (ORT CUDA EP, TVM `cuda`, "
                   "torch.compile on GPU) need a lent GPU and are absent." + miss
-                  + (f" Failed candidates: {failed}." if failed else "")),
+                  + (f" Failed candidates: {failed}." if failed else "") + merged_note),
          "columns": ["model", "batch", *cols], "rows": med_rows, "image": png},
         {"heading": "Ratios to ONNX Runtime (latency / ORT latency; < 1 is faster than ORT)",
          "columns": ["model", "batch", *[c for c in cols if c != "ort"]], "rows": ratio_rows},

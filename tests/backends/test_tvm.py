@@ -247,6 +247,51 @@ def test_plan_tunes_heaviest_tasks_first():
     assert plan(tasks, 0) == ([], 0)
 
 
+def test_budget_of_two_trials_per_task_tunes_every_computing_task():
+    from gradrewrite.backends.tvm.tuning import Task, plan, trials_floor
+
+    tasks = [Task("big", 1, 8e6, "a", None), Task("mid", 2, 2e6, "b", None),
+             Task("small", 5, 2e5, "c", None), Task("tiny", 1, 1e3, "e", None),
+             Task("copy", 3, 0.0, "d", None)]
+    assert trials_floor(tasks, 8) == 1 and trials_floor(tasks, 7) == 4   # 4 computing tasks
+    chosen, per_iter = plan(tasks, 8, trials_floor(tasks, 8))           # none left unscheduled
+    assert [t.name for t in chosen] == ["big", "mid", "small", "tiny"] and per_iter == 1
+    chosen, per_iter = plan(tasks, 7, trials_floor(tasks, 7))           # too few: the heaviest
+    assert [t.name for t in chosen] == ["big"] and per_iter == 4
+
+
+def _linear_task():
+    from gradrewrite.backends.tvm import tuning
+    from gradrewrite.backends.tvm.importer import import_graph
+    from gradrewrite.backends.tvm.relax_passes import preprocess
+    from gradrewrite.backends.tvm.targets import make_target
+
+    g = gr.capture(torch.nn.Linear(16, 8).eval(), (torch.randn(2, 16),))
+    target = make_target("llvm", num_cores=2)
+    mod = preprocess(import_graph(g).mod)
+    return mod, target, tuning.extract_tasks(mod, target)
+
+
+def test_light_cpu_tasks_get_single_threaded_schedules():
+    import dataclasses
+
+    from gradrewrite.backends.tvm import tuning
+
+    _, target, tasks = _linear_task()
+    tuning.lazy_intrinsics(target)      # as tune() does: skips importing the GPU intrinsics (~30 s)
+    from tvm.s_tir import meta_schedule as ms
+
+    task = tasks[0]
+    assert task.flops < tuning.SERIAL_BELOW_FLOPS
+    ctx = ms.TuneContext(mod=task.extracted.dispatched[0], target=target,
+                         space_generator=tuning.space_generator(task, target),
+                         search_strategy=ms.search_strategy.ReplayTrace(), task_name=task.name)
+    designs = ctx.generate_design_space()
+    assert designs and not any("meta_schedule.parallel" in str(d.trace) for d in designs)
+    heavy = dataclasses.replace(task, flops=tuning.SERIAL_BELOW_FLOPS)
+    assert tuning.space_generator(heavy, target) == "post-order-apply"
+
+
 def _records(cache: Path) -> int:
     files = list(cache.glob("*/database_tuning_record.json"))
     assert len(files) == 1
