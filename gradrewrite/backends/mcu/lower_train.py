@@ -144,7 +144,7 @@ class TrainLowerer(Lowerer):
     def _momentum_buffers(self) -> None:
         """SGD momentum: one SRAM array per trained parameter (its trained rows), zero at
         first, updated in place; read back like a parameter (path ``<param>_momentum``)."""
-        attrs = {str(n.target): n for n in self.graph.gm.graph.nodes if n.op == "get_attr"}
+        attrs = self._attr_nodes
         for path, info in self.ts["params"].items():
             mom_attr = f"{info['attr']}_momentum"
             if not info.get("trained") or not info.get("momentum") or mom_attr not in attrs:
@@ -163,7 +163,7 @@ class TrainLowerer(Lowerer):
         partially trained weight split), flash otherwise; the forward kernels get them
         through add_const, the backward and the updates through vals."""
         wmap = self.graph.meta.get("int8_train", {}).get("weights", {})
-        attrs = {str(n.target): n for n in self.graph.gm.graph.nodes if n.op == "get_attr"}
+        attrs = self._attr_nodes
         for ql in self.qlayers.values():
             if ql.kind not in ("conv", "linear"):
                 continue
@@ -280,6 +280,7 @@ class TrainLowerer(Lowerer):
 
     def run(self) -> Program:
         self._scaled: dict[str, s8.ScaledS8] = {}
+        self._attr_nodes = {str(n.target): n for n in self.graph.gm.graph.nodes if n.op == "get_attr"}
         if self.int8:
             self._int8_buffers()
         self._momentum_buffers()
@@ -596,27 +597,18 @@ def _log_softmax_bwd(lw: TrainLowerer, node: fx.Node) -> Val:
 
 
 # ------------------------------------------------------------------ backward
-@train_handles(aten.threshold_backward.default)
-def _threshold_bwd(lw: TrainLowerer, node: fx.Node) -> Val:
+@train_handles(aten.threshold_backward.default, aten.hardtanh_backward.default)
+def _act_bwd(lw: TrainLowerer, node: fx.Node) -> Val:
+    """relu (threshold) / relu6 (hardtanh) backward: gx = gy where the forward value
+    passed; reading an int8 output, the int8 kernels (lower_train_s8)."""
     d = s8.dq_of(lw, node.args[1])
     if d is not None:
         return s8.act_bwd(lw, node, d)
     g, y = _float_in(lw, node.args[0]), _float_in(lw, node.args[1])
     gx = lw.new(g.shape, "f32", inplace_of=g)
-    _emit(lw, "gr_threshold_bwd_f32", f"gr_threshold_bwd_f32({g.ptr()}, {y.ptr()}, {c_float(float(node.args[2]))}, "
-          f"{gx.out()}, {g.numel});", [g, y], [gx])
-    return gx
-
-
-@train_handles(aten.hardtanh_backward.default)
-def _hardtanh_bwd(lw: TrainLowerer, node: fx.Node) -> Val:
-    d = s8.dq_of(lw, node.args[1])
-    if d is not None:
-        return s8.act_bwd(lw, node, d)
-    g, x = _float_in(lw, node.args[0]), _float_in(lw, node.args[1])
-    gx = lw.new(g.shape, "f32", inplace_of=g)
-    _emit(lw, "gr_hardtanh_bwd_f32", f"gr_hardtanh_bwd_f32({g.ptr()}, {x.ptr()}, {c_float(float(node.args[2]))}, "
-          f"{c_float(float(node.args[3]))}, {gx.out()}, {g.numel});", [g, x], [gx])
+    bounds = ", ".join(c_float(float(b)) for b in node.args[2:])   # threshold, or lo and hi
+    kernel = "gr_threshold_bwd_f32" if node.target == aten.threshold_backward.default else "gr_hardtanh_bwd_f32"
+    _emit(lw, kernel, f"{kernel}({g.ptr()}, {y.ptr()}, {bounds}, {gx.out()}, {g.numel});", [g, y], [gx])
     return gx
 
 

@@ -23,6 +23,7 @@ import torch.fx as fx
 from ...rewrite.graph import op_name
 from .lower import Lowerer, Unsupported, _shape, _val_meta
 from .program import Buf, Val, c_float, contiguous_strides
+from .train_int8 import scaled_weight
 
 if TYPE_CHECKING:
     from .lower_train import TrainLowerer
@@ -71,7 +72,6 @@ def scaled_of(lw: "TrainLowerer", node) -> ScaledS8 | None:
     v = lw.vals.get(node) if isinstance(node, fx.Node) else None
     if isinstance(v, Val) and isinstance(v.buf, ScaledS8):
         return v.buf
-    from .train_int8 import scaled_weight
     sw = scaled_weight(node)
     return lw._scaled.get(str(sw[0].target)) if sw is not None else None
 

@@ -110,6 +110,9 @@ def compile_train(graph: Graph, project: str | Path, *, target: str = "host", ra
     ts = graph.meta["train_step"]
     facts.update(target=target, train_step=True, step_outputs=list(ts["outputs"]))
     build_train_host(project)
+    if facts.get("int8"):  # bit for bit against the integer reference, before the slower builds
+        from .train_reference import check_int8_step
+        facts["int8_check"] = check_int8_step(graph, project, facts)
     firmware.build_host(project)
     if not get_target(target).is_host:
         infer, train = firmware.build_train_firmware(project, target, f"{HARNESS_DIR}/{HARNESS}",

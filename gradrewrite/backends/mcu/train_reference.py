@@ -30,7 +30,7 @@ from ...rewrite.graph import Graph
 from ...rewrite import int8_layers as int8
 from .codegen_train import rng_seed
 from .lower_train import _param_attr, _update_chain, update_factor
-from .train_int8 import linear_bwd_input, linear_bwd_weight
+from .train_int8 import device_form, linear_bwd_input, linear_bwd_weight
 
 aten = torch.ops.aten
 F32 = np.float32
@@ -376,7 +376,7 @@ def check_int8_step(graph: Graph, project, facts: dict[str, Any], *, steps: int 
 
     x, labels = (t.numpy() for t in graph.random_inputs(11))
     losses, got = run_train_host(project, x, labels, steps, facts["lr"])
-    ref_losses, ref = reference_steps(device_form_of(graph), x, labels, steps, facts["lr"],
+    ref_losses, ref = reference_steps(device_form(graph), x, labels, steps, facts["lr"],
                                       rounding=facts.get("rounding", "nearest"), seed=facts.get("seed", 0))
     differ = {p: int(np.count_nonzero(got[p] != ref[p])) for p in ref}
     bad = {p: n for p, n in differ.items() if n}
@@ -386,8 +386,3 @@ def check_int8_step(graph: Graph, project, facts: dict[str, Any], *, steps: int 
                                 "this is a code generator or kernel bug; compile with --backend torch meanwhile")
     return {"steps": steps, "bit_exact": True, "values": int(sum(v.size for v in ref.values())),
             "losses": [float(v) for v in losses]}
-
-
-def device_form_of(graph: Graph) -> Graph:
-    from .train_int8 import device_form
-    return device_form(graph)
