@@ -325,6 +325,22 @@ def test_tuning_cache_reused_with_zero_new_trials(cnn, tmp_path):
     state = json.loads((cache / tuning["cache_key"] / "tuning.json").read_text())
     assert state["trials"] == 4 and len(state["history"]) == 1
 
+    # A record whose trace no longer replays (as evolutionary search can commit) is dropped
+    # when the database opens, instead of the whole cache being refused.
+    records = cache / tuning["cache_key"] / "database_tuning_record.json"
+    index, body = json.loads(records.read_text().splitlines()[0])
+    get_loops = next(inst for inst in body[0][0] if inst[0] == "GetLoops")
+    get_loops[3].append("l_extra")
+    with records.open("a") as f:
+        f.write(json.dumps([index, body]) + "\n")
+    third = gr.compile(graph, tmp_path / "c", backend="tvm", backend_options=opts)
+    assert third.report["artifact"]["tuning"]["reused_cache"] and _records(cache) == n_records
+    _close(third(x)[0], model(x).detach().numpy())
+
+    (records.parent / "database_workload.json").write_text("not json\n")
+    with pytest.raises(BackendError, match="cannot open the TVM tuning database.*delete"):
+        gr.compile(graph, tmp_path / "d", backend="tvm", backend_options=opts)
+
 
 def test_unwritable_tuning_cache_is_a_user_error(tmp_path):
     not_a_dir = tmp_path / "cache"

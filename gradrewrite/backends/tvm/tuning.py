@@ -287,11 +287,59 @@ def _write_state(path: Path, state: dict[str, Any]) -> None:
 
 
 def open_database(work_dir: Path):
+    """The JSON database in ``work_dir``, after dropping records that no longer replay.
+
+    Evolutionary search can commit a record whose trace fails to replay on its own workload
+    (seen with TVM 0.27: a mutated ``SampleComputeLocation`` decision kept beside postprocessing
+    steps recorded for the old location, "old_outputs.size() == new_outputs.size()").
+    ``JSONDatabase`` replays every record when it opens and refuses the whole file for one such
+    record, so it is filtered out once, here, and the file rewritten without it.
+    """
+    try:
+        return _json_database(work_dir)
+    except Exception as exc:  # noqa: BLE001 - TVM raises RuntimeError/TVMError subclasses
+        first = str(exc).strip().splitlines()
+        dropped = _drop_unreplayable_records(work_dir)
+        if not dropped:
+            raise BackendError(f"cannot open the TVM tuning database in {str(work_dir)!r}: "
+                               f"{first[-1] if first else type(exc).__name__}",
+                               f"delete {str(work_dir)!r} to start that workload's tuning over") from exc
+        log.warning("TVM tuning: dropped %d record(s) that do not replay from %s", dropped, work_dir)
+        return _json_database(work_dir)
+
+
+def _json_database(work_dir: Path):
     from tvm.s_tir import meta_schedule as ms
 
     return ms.database.JSONDatabase(path_workload=str(work_dir / "database_workload.json"),
                                     path_tuning_record=str(work_dir / "database_tuning_record.json"),
                                     module_equality="structural")
+
+
+def _drop_unreplayable_records(work_dir: Path) -> int:
+    """Rewrite the record file without the records whose trace fails on their workload."""
+    from tvm.s_tir.meta_schedule.database import TuningRecord, Workload
+
+    records_path = work_dir / "database_tuning_record.json"
+    try:
+        workloads = [Workload.from_json(json.loads(line))
+                     for line in (work_dir / "database_workload.json").read_text().splitlines() if line.strip()]
+        lines = [line for line in records_path.read_text().splitlines() if line.strip()]
+    except (OSError, ValueError, RuntimeError):
+        return 0
+    kept = []
+    for line in lines:
+        try:
+            index, body = json.loads(line)
+            TuningRecord.from_json(body, workloads[index])
+        except Exception:  # noqa: BLE001 - a bad record, whatever TVM calls the failure
+            continue
+        kept.append(line)
+    if len(kept) < len(lines):
+        tmp = records_path.with_name(records_path.name + ".tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        tmp.replace(records_path)
+    return len(lines) - len(kept)
 
 
 def tune(mod, target, *, trials: int, cache_dir: str | Path | None = None, strategy: str = "auto",
@@ -349,6 +397,8 @@ def tune(mod, target, *, trials: int, cache_dir: str | Path | None = None, strat
             raise BackendError(f"MetaSchedule tuning failed: {type(exc).__name__}: {first[-1] if first else ''}",
                                "retry with tune_trials=0 (untuned) or see the logs in " + str(work_dir / "logs")) from exc
         seconds = time.perf_counter() - t0
+        if strategy_used == "evolutionary":
+            db = open_database(work_dir)  # what the next compile will read: bad records out now
         tuned = sorted(set(state.get("tasks_tuned", [])) | {t.name for t in chosen})
         history = list(state.get("history", [])) + [{"trials": counter.measured, "seconds": round(seconds, 1),
                                                      "strategy": strategy_used, "unix": int(time.time())}]
