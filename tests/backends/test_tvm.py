@@ -93,6 +93,30 @@ def test_small_cnn_matches_torch_backend(cnn, cnn_artifact, tmp_path):
     _close(got, model(x).detach().numpy())
 
 
+def _placed(x: np.ndarray, offset: int) -> np.ndarray:
+    """A copy of ``x`` whose data starts ``offset`` bytes past a 64-byte boundary."""
+    buf = np.empty(x.nbytes + 128, dtype=np.uint8)
+    start = (-buf.ctypes.data) % 64 + offset
+    out = buf[start:start + x.nbytes].view(x.dtype).reshape(x.shape)
+    out[...] = x
+    return out
+
+
+def test_inputs_shared_or_copied_give_the_same_outputs(cnn_artifact):
+    run = cnn_artifact._run()
+    x = np.random.default_rng(0).standard_normal((1, 3, 32, 32)).astype(np.float32)
+    ref, = run(_placed(x, 0))                                  # aligned: shared through DLPack
+    for variant in (_placed(x, 4), np.asfortranarray(x), x.astype(np.float64).astype(np.float32)):
+        got, = run(variant)                                    # misaligned / strided: copied
+        np.testing.assert_array_equal(got, ref)
+    readonly = _placed(x, 0)
+    readonly.flags.writeable = False
+    np.testing.assert_array_equal(run(readonly)[0], ref)
+    shared = _placed(x, 0)
+    run(shared)
+    np.testing.assert_array_equal(shared, x)                   # the VM never writes its inputs
+
+
 def test_tiny_gpt_matches_torch_backend(tmp_path):
     from examples.models import tiny_gpt
 
