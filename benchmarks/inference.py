@@ -48,6 +48,7 @@ TMP = _report.QUICK
 TVM_CACHE = TMP / "tvm_cache"
 SLOW_MS = 400.0          # candidates slower than this per call are timed apart, with few runs
 SLOW_RUNS = 5
+AUTO_RUNS = 30           # --backend auto's own timing runs per candidate before it picks
 CELL_BUDGET_S = 30.0     # rough wall budget for the interleaved timing of one model/batch
 
 
@@ -206,11 +207,11 @@ def measure(name, factory, batch, trials, runs, work: Path) -> dict:
         rec["errors"]["inductor"] = _first_line(exc)
         print(f"  inductor failed: {rec['errors']['inductor']}", flush=True)
 
-    def build(label, backend, opts=None):
+    def build(label, backend, opts=None, latency_runs=0):
         t0 = time.perf_counter()
         try:
             art = gr.compile(graph, work / f"{name}-b{batch}-{label.replace(' ', '_')}", passes="fold-bn,dce",
-                             backend=backend, backend_options=opts or {}, latency_runs=0, force=True)
+                             backend=backend, backend_options=opts or {}, latency_runs=latency_runs, force=True)
         except Exception as exc:  # noqa: BLE001
             rec["errors"][label] = _first_line(exc)
             print(f"  {label} failed: {rec['errors'][label]}", flush=True)
@@ -242,6 +243,16 @@ def measure(name, factory, batch, trials, runs, work: Path) -> dict:
                 "compile_s": rec["compile_s"][label], "info": info}
         cands[label] = (lambda r: (lambda: r(*np_inputs)))(art._run())
 
+    # --backend auto with the largest budget: builds torch, ort and tvm (tuning cache reused),
+    # times them itself, keeps one; its pick is then timed here beside the single backends.
+    if trials and not rec["errors"].get(f"tvm tuned {max(trials)}"):
+        art = build("auto", "auto", {"tvm": {**tvm_base, "tune_trials": max(trials)}}, latency_runs=AUTO_RUNS)
+        if art is not None:
+            table = art.report["auto"]
+            rec["auto"] = {"chosen": table["chosen"], "trials": max(trials),
+                           "own_ms": {c["backend"]: c["median_ms"] for c in table["candidates"]}}
+            cands["auto"] = (lambda r: (lambda: r(*np_inputs)))(art._run())
+
     # probe once each; slow ones are timed apart with few runs
     probe = {}
     for k, fn in cands.items():
@@ -267,8 +278,31 @@ def _fmt_ms(v):
     return "—" if v is None else float(v)
 
 
+AUTO_SINGLE = {"torch": "eager", "ort": "ort"}  # auto's candidates -> this table's columns (+ tvm tuned N)
+AUTO_NOISE = 1.05                               # timing noise allowed when auto's pick is not the fastest column
+
+
+def _auto_rows(records):
+    """auto against the single backends it chooses from, timed side by side in this run."""
+    rows = []
+    for r in records:
+        lat = {k: v["median_ms"] for k, v in r["latency"].items()}
+        if "auto" not in r or "auto" not in lat:
+            continue
+        single = {**AUTO_SINGLE, "tvm": f"tvm tuned {r['auto']['trials']}"}
+        here = {b: lat[c] for b, c in single.items() if c in lat}
+        fastest = min(here, key=here.get)
+        ratio = lat["auto"] / here[fastest]
+        rows.append([r["model"], r["batch"], r["auto"]["chosen"], f"{fastest} {here[fastest]:.3g}",
+                     f"{lat['auto']:.3g}", f"{ratio:.2f}x",
+                     "yes" if r["auto"]["chosen"] == fastest or ratio <= AUTO_NOISE else "no"])
+    return rows
+
+
 def _tables(records, trial_cols):
     cols = ["eager", "inductor", "ort", "tvm untuned", *[f"tvm tuned {n}" for n in trial_cols]]
+    if any("auto" in r["latency"] for r in records):
+        cols.append("auto")
     med_rows, ratio_rows, goal_rows, cost_rows = [], [], [], []
     for r in records:
         lat = {k: v["median_ms"] for k, v in r["latency"].items()}
@@ -279,7 +313,7 @@ def _tables(records, trial_cols):
         ratio_rows.append([r["model"], r["batch"],
                            *[("—" if ort is None or c not in lat else f"{lat[c] / ort:.2f}x")
                              for c in cols if c != "ort"]])
-        tuned = {c: lat[c] for c in lat if c.startswith("tvm tuned")}
+        tuned = {c: lat[c] for c in lat if c.startswith("tvm tuned")}  # auto excluded: it may pick ORT
         if tuned and ref:
             best = min(tuned, key=tuned.get)
             ratio = tuned[best] / ref
@@ -299,7 +333,7 @@ def _err_rows(records):
     kinds = ["inductor", "ort", "tvm untuned"]
     extra = sorted({k for r in records for k in r["verification"] if k.startswith("tvm tuned")},
                    key=lambda s: int(s.split()[-1]))
-    kinds += extra
+    kinds += extra + (["auto"] if any("auto" in r["verification"] for r in records) else [])
     rows = []
     for r in records:
         rows.append([r["model"], r["batch"], *[(f"{r['verification'][k]['max_abs_error']:.2g}"
@@ -417,6 +451,7 @@ def main() -> None:
     trial_cols = sorted({int(n) for r in records for n in r["tuning"]} | set(trials) | set(large_trials))
     cols, med_rows, ratio_rows, goal_rows, cost_rows = _tables(records, trial_cols)
     err_cols, err_rows = _err_rows(records)
+    auto_rows = _auto_rows(records)
     out_dir = TMP if args.quick else _report.RESULTS
     out_dir.mkdir(parents=True, exist_ok=True)
     png = _plot(records, cols, out_dir / ("inference_quick.png" if args.quick else "inference.png"))
@@ -449,6 +484,16 @@ def main() -> None:
          "text": f"Met for {met} of {len(goal_rows)} model/batch rows on this machine.",
          "columns": ["model", "batch", "best of ORT/inductor (ms)", "best tuned TVM (ms)", "ratio", "within 1.2x"],
          "rows": goal_rows},
+        {"heading": "Goal: `--backend auto` never slower than the best single backend",
+         "text": (f"auto = `gradrewrite.compile(..., backend=\"auto\")` with the largest TVM budget (cache "
+                  f"reused): it builds torch, ort and tvm, verifies each, times them itself ({AUTO_RUNS} "
+                  "interleaved runs) and keeps the fastest correct one; its artifact is then timed in the "
+                  "round-robin above beside the single backends (`eager` stands for the torch backend). "
+                  f"`not slower` = auto kept the backend that is fastest here, or is within {AUTO_NOISE:.2f}x "
+                  f"of it (timing noise). Met for {sum(1 for a in auto_rows if a[-1] == 'yes')} of "
+                  f"{len(auto_rows)} rows."),
+         "columns": ["model", "batch", "auto kept", "fastest single backend here (ms)", "auto (ms)",
+                     "ratio", "not slower"], "rows": auto_rows},
         {"heading": "TVM tuning cost",
          "text": "`tuning s` = wall time of the new MetaSchedule trials in this run (0 when the cache "
                  "already held them); `compile s` = the whole gradrewrite.compile (import, tuning, "
