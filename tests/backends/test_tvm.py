@@ -3,6 +3,7 @@ unsupported-op report, pre-import normalisation (Llama), and the tuning cache.""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -373,3 +374,18 @@ def test_unwritable_tuning_cache_is_a_user_error(tmp_path):
     with pytest.raises(BackendError, match="cannot create the TVM tuning cache"):
         gr.compile(g, tmp_path / "o", backend="tvm",
                    backend_options={"tune_trials": 2, "tune_cache": str(not_a_dir)})
+
+
+def test_candidate_build_past_the_time_limit_is_skipped_not_hung(tmp_path, monkeypatch, caplog):
+    from gradrewrite.backends.tvm import tuning
+
+    monkeypatch.setattr(tuning, "BUILD_TIMEOUT_S", 1e-3)   # every build "hangs"
+    model = torch.nn.Linear(16, 8).eval()
+    x = torch.randn(2, 16)
+    g = gr.capture(model, (x,))
+    with caplog.at_level(logging.INFO, logger="gradrewrite.tvm"):
+        art = gr.compile(g, tmp_path / "o", backend="tvm",
+                         backend_options={"tune_trials": 2, "tune_cache": str(tmp_path / "cache")})
+    assert "build passed 0.001 s; skipped" in caplog.text
+    assert art.report["artifact"]["tuning"]["new_trials"] == 2   # counted, then built from defaults
+    _close(art(x)[0], model(x).detach().numpy())

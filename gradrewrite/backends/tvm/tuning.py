@@ -19,9 +19,9 @@ text of *every* task of the model, so any compile of the same workload on the sa
 Speed on small CPUs (measured on 2 loaded cores): MetaSchedule's stock setup spends
 ~35 s per task before the first measurement. Three things remove most of it:
 
-* candidates are built in this process (``InProcessBuilder``): the stock ``LocalBuilder``
-  starts a fresh worker pool for every batch, and each worker imports all of TVM's
-  tensor intrinsics (20-30 s here, mostly the CUDA ones);
+* candidates are built in one long-lived worker process (``candidate_builder``): the stock
+  ``LocalBuilder`` starts a fresh worker pool for every batch, and each worker imports all
+  of TVM's tensor intrinsics (20-30 s here, mostly the CUDA ones);
 * the tensor-intrinsic modules for other hardware are installed as lazy stubs before
   MetaSchedule imports them (``lazy_intrinsics``); the real module loads on first use;
 * small budgets use ``replay-trace`` sampling with no cost model instead of evolutionary
@@ -456,6 +456,7 @@ def _run_tuner(chosen: list[Task], work_dir: Path, db, trials: int, per_iter: in
     ms_logger.propagate = False
     ms_logger.setLevel(logging.INFO)
     contexts, weights = [], []
+    builder = candidate_builder()
     try:
         for i, (task, logger) in enumerate(zip(chosen, loggers)):
             if strategy == "evolutionary":
@@ -473,10 +474,11 @@ def _run_tuner(chosen: list[Task], work_dir: Path, db, trials: int, per_iter: in
         callbacks = ms.measure_callback.MeasureCallback.create("default") + [counter.callback()]
         ms.tune.tune_tasks(tasks=contexts, task_weights=weights, work_dir=str(work_dir),
                            max_trials_global=trials, max_trials_per_task=trials,
-                           num_trials_per_iter=per_iter, builder=in_process_builder(),
+                           num_trials_per_iter=per_iter, builder=builder,
                            runner=ms.runner.LocalRunner(timeout_sec=60), database=db,
                            cost_model=cost_model, measure_callbacks=callbacks)
     finally:
+        builder.close()
         ms_logger.removeHandler(ms_handler)
         ms_handler.close()
         ms_logger.propagate, ms_logger.level = saved[0], saved[1]
@@ -569,40 +571,60 @@ class _Counter:
                               "best_us": best, "trials_done": self.measured, "trials": self.total})
 
 
+BUILD_TIMEOUT_S = 30.0  # one candidate's build; a sound one takes 0.1-2 s
+
+
 _BUILDER = None
 
 
-def in_process_builder():
-    """A MetaSchedule builder that compiles candidates in this process (see module doc)."""
+def candidate_builder():
+    """A MetaSchedule builder that compiles candidates one at a time in one long-lived worker
+    process with a time limit per candidate (``BUILD_TIMEOUT_S``).
+
+    The stock ``LocalBuilder`` starts a fresh worker pool for every batch (see module doc);
+    building in this process instead has no time limit, and LLVM can take forever on a
+    pathological schedule (seen: a fused softmax candidate of the tiny GPT at batch 8 was
+    still in codegen after 20 minutes). Here such a candidate is recorded as a failed build,
+    the worker is killed and the next candidate starts a fresh one. Call ``close()`` when done.
+    """
     global _BUILDER
     if _BUILDER is not None:
         return _BUILDER()
     from tvm.ir.utils import derived_object
     from tvm.s_tir.meta_schedule.builder import BuilderResult, PyBuilder
+    import cloudpickle
+    from tvm.support.popen_pool import PopenWorker
+
+    from . import build_worker
+
+    cloudpickle.register_pickle_by_value(build_worker)
 
     @derived_object
-    class InProcessBuilder(PyBuilder):
+    class WorkerBuilder(PyBuilder):
+        def __init__(self):
+            super().__init__()
+            self.worker = PopenWorker()
+
         def build(self, build_inputs):
-            from tvm.s_tir.transform import RemoveWeightLayoutRewriteBlock
-            from tvm.tirx import build as tvm_build
+            import tvm
 
             results = []
             for item in build_inputs:
-                tmp = None
                 try:
-                    mod = RemoveWeightLayoutRewriteBlock(skip_tensor_rewrite=True)(item.mod)
-                    rt_mod = tvm_build(mod, target=item.target)
-                    tmp = tempfile.mkdtemp(prefix="gradrewrite-ms-")
-                    path = os.path.join(tmp, "tvm_tmp_mod.tar")
-                    rt_mod.export_library(path)
-                    results.append(BuilderResult(path, None))
-                except Exception as exc:  # a bad candidate, not a failed tune
-                    if tmp:
-                        shutil.rmtree(tmp, ignore_errors=True)
+                    self.worker.send(build_worker.build_candidate, (tvm.ir.save_json(item.mod), str(item.target)),
+                                     timeout=BUILD_TIMEOUT_S)
+                    results.append(BuilderResult(self.worker.recv(), None))
+                except TimeoutError:  # the worker is killed; the next send starts another
+                    log.info("TVM tuning: a candidate's build passed %.3g s; skipped", BUILD_TIMEOUT_S)
+                    results.append(BuilderResult(None, f"build timed out after {BUILD_TIMEOUT_S:.3g} s"))
+                except Exception as exc:  # noqa: BLE001 - a bad candidate, not a failed tune
                     results.append(BuilderResult(None, f"{type(exc).__name__}: {exc}"))
             return results
 
-    _BUILDER = InProcessBuilder
+        def close(self):
+            self.worker.kill()
+
+    _BUILDER = WorkerBuilder
     return _BUILDER()
 
 
