@@ -590,9 +590,9 @@ def candidate_builder():
     global _BUILDER
     if _BUILDER is not None:
         return _BUILDER()
+    import cloudpickle
     from tvm.ir.utils import derived_object
     from tvm.s_tir.meta_schedule.builder import BuilderResult, PyBuilder
-    import cloudpickle
     from tvm.support.popen_pool import PopenWorker
 
     from . import build_worker
