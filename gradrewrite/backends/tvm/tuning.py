@@ -286,71 +286,75 @@ def _write_state(path: Path, state: dict[str, Any]) -> None:
     tmp.replace(path)
 
 
-OPEN_ATTEMPTS = 4
+RECORDS = "database_tuning_record.json"
+NEW_RECORDS = "database_tuning_record.new.json"   # this session's commits, merged into RECORDS after
 
 
 def open_database(work_dir: Path):
-    """The JSON database in ``work_dir``, after dropping records that no longer replay.
+    """The tuning database in ``work_dir``, loaded one record at a time.
 
-    Two TVM 0.27 faults make ``JSONDatabase`` refuse a sound cache when it opens (it replays
-    every record on its workload, in parallel, and one failure fails the whole file):
-
-    * evolutionary search can commit a record whose trace does not replay on its own
-      workload (a mutated ``SampleComputeLocation`` decision kept beside postprocessing steps
-      recorded for the old location: "old_outputs.size() == new_outputs.size()"); such
-      records are dropped once, here, and the file rewritten without them;
-    * the parallel replay itself fails now and then on records that replay one by one
-      (measured: 1 in 8 opens of a 508-record MobileNetV2 database, "unordered_map::at" or
-      the same output-count check), so a failed open is retried.
+    ``JSONDatabase`` would replay every record on its workload in parallel when it opens,
+    and with TVM 0.27 that replay is not safe: it failed 1 in 8 opens of a 508-record
+    MobileNetV2 database on records that replay one by one ("unordered_map::at", "old_outputs
+    .size() == new_outputs.size()"), and once crashed the process. So the database is opened
+    on an empty record file (``NEW_RECORDS``, which then receives what tuning commits) and the
+    stored records are replayed here, serially. Records that do not replay on their own
+    workload (evolutionary search can commit such a record: a mutated
+    ``SampleComputeLocation`` decision beside postprocessing steps recorded for the old
+    location) are dropped and the file rewritten without them. Call ``close_database``
+    after tuning to merge the new records in.
     """
-    last: Exception | None = None
-    for attempt in range(OPEN_ATTEMPTS):
-        try:
-            return _json_database(work_dir)
-        except Exception as exc:  # noqa: BLE001 - TVM raises RuntimeError/TVMError subclasses
-            last = exc
-        if attempt == 0:
-            dropped = _drop_unreplayable_records(work_dir)
-            if dropped:
-                log.warning("TVM tuning: dropped %d record(s) that do not replay from %s", dropped, work_dir)
-    first = str(last).strip().splitlines()
-    raise BackendError(f"cannot open the TVM tuning database in {str(work_dir)!r}: "
-                       f"{first[-1] if first else type(last).__name__}",
-                       f"delete {str(work_dir)!r} to start that workload's tuning over") from last
-
-
-def _json_database(work_dir: Path):
     from tvm.s_tir import meta_schedule as ms
-
-    return ms.database.JSONDatabase(path_workload=str(work_dir / "database_workload.json"),
-                                    path_tuning_record=str(work_dir / "database_tuning_record.json"),
-                                    module_equality="structural")
-
-
-def _drop_unreplayable_records(work_dir: Path) -> int:
-    """Rewrite the record file without the records whose trace fails on their workload."""
     from tvm.s_tir.meta_schedule.database import TuningRecord, Workload
 
-    records_path = work_dir / "database_tuning_record.json"
+    close_database(work_dir)               # records a crashed run left behind
+    fresh = work_dir / NEW_RECORDS
+    fresh.write_text("")
+    workload_path = work_dir / "database_workload.json"
     try:
-        workloads = [Workload.from_json(json.loads(line))
-                     for line in (work_dir / "database_workload.json").read_text().splitlines() if line.strip()]
-        lines = [line for line in records_path.read_text().splitlines() if line.strip()]
-    except (OSError, ValueError, RuntimeError):
-        return 0
+        db = ms.database.JSONDatabase(path_workload=str(workload_path), path_tuning_record=str(fresh),
+                                      module_equality="structural")
+        workloads = [db.commit_workload(Workload.from_json(json.loads(line)).mod)
+                     for line in workload_path.read_text().splitlines() if line.strip()]
+    except Exception as exc:  # noqa: BLE001 - TVM raises RuntimeError/TVMError subclasses
+        first = str(exc).strip().splitlines()
+        raise BackendError(f"cannot open the TVM tuning database in {str(work_dir)!r}: "
+                           f"{first[-1] if first else type(exc).__name__}",
+                           f"delete {str(work_dir)!r} to start that workload's tuning over") from exc
+    records_path = work_dir / RECORDS
+    lines = [ln for ln in records_path.read_text().splitlines() if ln.strip()] if records_path.exists() else []
     kept = []
     for line in lines:
         try:
             index, body = json.loads(line)
-            TuningRecord.from_json(body, workloads[index])
+            db.commit_tuning_record(TuningRecord.from_json(body, workloads[index]))
         except Exception:  # noqa: BLE001 - a bad record, whatever TVM calls the failure
             continue
         kept.append(line)
+    fresh.write_text("")                   # the commits above were copies of RECORDS
     if len(kept) < len(lines):
-        tmp = records_path.with_name(records_path.name + ".tmp")
-        tmp.write_text("".join(line + "\n" for line in kept))
-        tmp.replace(records_path)
-    return len(lines) - len(kept)
+        log.warning("TVM tuning: dropped %d record(s) that do not replay from %s", len(lines) - len(kept), work_dir)
+        _write_lines(records_path, kept)
+    return db
+
+
+def close_database(work_dir: Path) -> None:
+    """Append the records tuning committed to ``NEW_RECORDS`` to ``RECORDS``."""
+    fresh = work_dir / NEW_RECORDS
+    if not fresh.exists():
+        return
+    new = [ln for ln in fresh.read_text().splitlines() if ln.strip()]
+    if new:
+        records_path = work_dir / RECORDS
+        old = [ln for ln in records_path.read_text().splitlines() if ln.strip()] if records_path.exists() else []
+        _write_lines(records_path, old + new)
+    fresh.unlink()
+
+
+def _write_lines(path: Path, lines: list[str]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(line + "\n" for line in lines))
+    tmp.replace(path)
 
 
 def tune(mod, target, *, trials: int, cache_dir: str | Path | None = None, strategy: str = "auto",
@@ -389,6 +393,7 @@ def tune(mod, target, *, trials: int, cache_dir: str | Path | None = None, strat
             _emit(progress, {"event": "reuse", "cache_dir": str(work_dir), "trials_recorded": done,
                              "trials": trials})
             db = open_database(work_dir)
+            close_database(work_dir)
             return TuneResult(key, work_dir, db, trials, done, 0, len(tasks), list(state.get("tasks_tuned", [])),
                               state.get("strategy", ""), time.perf_counter() - t0, _count(db))
         db = open_database(work_dir)
@@ -407,9 +412,12 @@ def tune(mod, target, *, trials: int, cache_dir: str | Path | None = None, strat
             first = str(exc).strip().splitlines()
             raise BackendError(f"MetaSchedule tuning failed: {type(exc).__name__}: {first[-1] if first else ''}",
                                "retry with tune_trials=0 (untuned) or see the logs in " + str(work_dir / "logs")) from exc
+        finally:
+            close_database(work_dir)       # keep what was measured, even from a failed run
         seconds = time.perf_counter() - t0
         if strategy_used == "evolutionary":
-            db = open_database(work_dir)  # what the next compile will read: bad records out now
+            db = open_database(work_dir)   # what the next compile will read: bad records out now
+            close_database(work_dir)
         tuned = sorted(set(state.get("tasks_tuned", [])) | {t.name for t in chosen})
         history = list(state.get("history", [])) + [{"trials": counter.measured, "seconds": round(seconds, 1),
                                                      "strategy": strategy_used, "unix": int(time.time())}]
