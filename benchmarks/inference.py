@@ -499,8 +499,8 @@ def main() -> None:
          "columns": ["model", "batch", "auto kept", "fastest single backend here (ms)", "auto (ms)",
                      "ratio", "not slower"], "rows": auto_rows},
         {"heading": "TVM tuning cost",
-         "text": "`tuning s` = wall time of the new MetaSchedule trials in this run (0 when the cache "
-                 "already held them); `compile s` = the whole gradrewrite.compile (import, tuning, "
+         "text": "`tuning s` = wall time of the tuning step in this run (with no new trials: loading "
+                 "the cache's records); `compile s` = the whole gradrewrite.compile (import, tuning, "
                  "build, verification).",
          "columns": ["model", "batch", "budget", "new trials", "trials recorded", "tuning s", "compile s",
                      "tasks tuned"], "rows": cost_rows},
