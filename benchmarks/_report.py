@@ -92,6 +92,35 @@ def save_png(fig, name: str) -> str:
     return path.name
 
 
+def latency_bars(records: list[dict], kinds: list[str], labels: list[str], path: Path, *, title: str,
+                 figsize: tuple[float, float], tick_fontsize: float | None = None,
+                 hatch: Callable[[str], str | None] = lambda kind: None) -> str:
+    """Grouped bars, log scale: one group per record, one bar per kind, from
+    ``record["latency"][kind]["median_ms"]`` (a gap where a record lacks the kind).
+    Writes ``path`` and returns its file name."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    fig, ax = plt.subplots(figsize=figsize)
+    width = 0.8 / max(1, len(kinds))
+    x = np.arange(len(records))
+    for i, kind in enumerate(kinds):
+        vals = [r["latency"][kind]["median_ms"] if kind in r["latency"] else np.nan for r in records]
+        ax.bar(x + (i - (len(kinds) - 1) / 2) * width, vals, width, label=kind, hatch=hatch(kind))
+    ax.set_xticks(x, labels, fontsize=tick_fontsize)
+    ax.set_yscale("log")
+    ax.set_ylabel("latency, ms (median, log scale)")
+    ax.set_title(title)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    ax.grid(axis="y", which="both", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path.name
+
+
 def md_table(columns: list[str], rows: list[list[Any]]) -> str:
     def fmt(v: Any) -> str:
         if isinstance(v, float):

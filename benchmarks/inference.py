@@ -345,28 +345,10 @@ def _err_rows(records):
 
 
 def _plot(records, cols, path: Path) -> str:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    labels = [f"{r['model']}\nb{r['batch']}" for r in records]
     kinds = [c for c in cols if any(c in r["latency"] for r in records)]
-    fig, ax = plt.subplots(figsize=(max(8, 1.1 * len(records) + 3), 4.5))
-    width = 0.8 / max(1, len(kinds))
-    x = np.arange(len(records))
-    for i, kind in enumerate(kinds):
-        vals = [r["latency"][kind]["median_ms"] if kind in r["latency"] else np.nan for r in records]
-        ax.bar(x + (i - (len(kinds) - 1) / 2) * width, vals, width, label=kind)
-    ax.set_xticks(x, labels, fontsize=8)
-    ax.set_yscale("log")
-    ax.set_ylabel("latency, ms (median, log scale)")
-    ax.set_title(f"Inference backends, CPU, {THREADS} threads (no GPU in this run)")
-    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    ax.grid(axis="y", which="both", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path.name
+    return _report.latency_bars(records, kinds, [f"{r['model']}\nb{r['batch']}" for r in records], path,
+                                title=f"Inference backends, CPU, {THREADS} threads (no GPU in this run)",
+                                figsize=(max(8, 1.1 * len(records) + 3), 4.5), tick_fontsize=8)
 
 
 def _merge(records: list, skipped: dict, names: list) -> tuple[list, dict, str]:

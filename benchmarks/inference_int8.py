@@ -138,27 +138,9 @@ def measure(name: str, trials: list[int], runs: int, work: Path) -> dict:
 
 
 def _plot(records, cols, path: Path) -> str:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(9, 4.2))
-    width = 0.8 / len(cols)
-    xs = np.arange(len(records))
-    for i, c in enumerate(cols):
-        vals = [r["latency"][c]["median_ms"] if c in r["latency"] else np.nan for r in records]
-        ax.bar(xs + (i - (len(cols) - 1) / 2) * width, vals, width, label=c,
-               hatch="//" if "int8" in c else None)
-    ax.set_xticks(xs, [r["model"] for r in records])
-    ax.set_yscale("log")
-    ax.set_ylabel("latency, ms (median, log scale)")
-    ax.set_title(f"Static int8 vs fp32, batch 1, CPU, {THREADS} threads")
-    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    ax.grid(axis="y", which="both", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path.name
+    return _report.latency_bars(records, cols, [r["model"] for r in records], path,
+                                title=f"Static int8 vs fp32, batch 1, CPU, {THREADS} threads", figsize=(9, 4.2),
+                                hatch=lambda c: "//" if "int8" in c else None)
 
 
 def main() -> None:

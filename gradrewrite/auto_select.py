@@ -33,7 +33,7 @@ CANDIDATES = ("torch", "ort", "tvm")
 LOSSY_FACTOR = 2.0
 LOSSY_SLACK = 1e-5
 MIN_TIMING_RUNS = 5
-BLOCK_RUNS = 5            # timed calls per turn (see _time_interleaved)
+BLOCK_RUNS = 5            # timed calls per turn (see _time_in_turns)
 
 
 @dataclass
@@ -119,7 +119,7 @@ def select(graph: Graph, original: Graph, build_dir: Path, opts, *, exact: bool,
                            + "; ".join(f"{r['backend']}: {r['error']}" for r in rows),
                            "check the backends' op support; --backend torch gives the reference")
 
-    medians = _time_interleaved({n: built[n][2] for n in correct}, original,
+    medians = _time_in_turns({n: built[n][2] for n in correct}, original,
                                 max(MIN_TIMING_RUNS, int(opts.latency_runs)))
     for row in rows:
         if row["backend"] in medians:
@@ -147,7 +147,7 @@ def select(graph: Graph, original: Graph, build_dir: Path, opts, *, exact: bool,
     return AutoResult(backend, artifact, runner, verification, table)
 
 
-def _time_interleaved(runners: dict[str, Callable], graph: Graph, runs: int) -> dict[str, float]:
+def _time_in_turns(runners: dict[str, Callable], graph: Graph, runs: int) -> dict[str, float]:
     """Median ms per runner, timed in short blocks that take turns (order reversed every round).
 
     Not one call each in turn: a runtime whose worker threads spin after a call (ONNX

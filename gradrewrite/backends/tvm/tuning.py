@@ -38,9 +38,7 @@ import json
 import logging
 import os
 import platform
-import shutil
 import sys
-import tempfile
 import time
 import types
 from dataclasses import dataclass, field
@@ -281,8 +279,12 @@ def _read_state(path: Path) -> dict[str, Any]:
 
 
 def _write_state(path: Path, state: dict[str, Any]) -> None:
+    _write_atomic(path, json.dumps(state, indent=2) + "\n")
+
+
+def _write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(state, indent=2) + "\n")
+    tmp.write_text(text)
     tmp.replace(path)
 
 
@@ -334,7 +336,7 @@ def open_database(work_dir: Path):
     fresh.write_text("")                   # the commits above were copies of RECORDS
     if len(kept) < len(lines):
         log.warning("TVM tuning: dropped %d record(s) that do not replay from %s", len(lines) - len(kept), work_dir)
-        _write_lines(records_path, kept)
+        _write_atomic(records_path, "".join(line + "\n" for line in kept))
     return db
 
 
@@ -344,17 +346,10 @@ def close_database(work_dir: Path) -> None:
     if not fresh.exists():
         return
     new = [ln for ln in fresh.read_text().splitlines() if ln.strip()]
-    if new:
-        records_path = work_dir / RECORDS
-        old = [ln for ln in records_path.read_text().splitlines() if ln.strip()] if records_path.exists() else []
-        _write_lines(records_path, old + new)
+    if new:  # a line cut short by a crash here is dropped as unreadable at the next open
+        with (work_dir / RECORDS).open("a") as f:
+            f.write("".join(line + "\n" for line in new))
     fresh.unlink()
-
-
-def _write_lines(path: Path, lines: list[str]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(line + "\n" for line in lines))
-    tmp.replace(path)
 
 
 def tune(mod, target, *, trials: int, cache_dir: str | Path | None = None, strategy: str = "auto",
