@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,7 @@ import numpy as np
 from ..errors import BackendError
 from ..rewrite.graph import Graph
 from .base import Backend, BackendArtifact, register_backend
+from . import onnx_export_fixes, ort_errors
 from . import ort_quant  # ONNX translations of the quantized ops
 
 DEFAULT_OPSET = 18
@@ -49,13 +51,15 @@ def _cuda_ok() -> bool:
 
 @contextlib.contextmanager
 def _quiet():
-    """The exporter logs per-op chatter and torchvision notices; keep the CLI clean."""
+    """The exporter logs per-op chatter and torchvision notices, and its constant folding
+    warns on casts torch computes the same way (T5's log(0) position buckets); keep the CLI clean."""
     loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch.export", "onnxscript")]
     levels = [lg.level for lg in loggers]
     for lg in loggers:
         lg.setLevel(logging.ERROR)
     try:
-        with contextlib.redirect_stdout(io.StringIO()):
+        with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
             yield
     finally:
         for lg, lvl in zip(loggers, levels):
@@ -74,6 +78,7 @@ def export_onnx(graph: Graph, path: Path, *, opset: int = DEFAULT_OPSET,
     input_names = [s.name for s in graph.inputs]
     try:
         ep = graph.to_exported_program()
+        fixes = onnx_export_fixes.apply(ep)
         with _quiet():
             program = torch.onnx.export(ep, (), dynamo=True, input_names=input_names,
                                         opset_version=opset, verbose=False,
@@ -82,9 +87,7 @@ def export_onnx(graph: Graph, path: Path, *, opset: int = DEFAULT_OPSET,
             _add_metadata(program, graph.meta.get("export_metadata", {}))
             program.save(str(path), external_data=external_data)
     except Exception as exc:
-        raise BackendError(f"ONNX export failed: {_unsupported(exc, graph)}",
-                           "rewrite that op with a pass or use --backend torch "
-                           "(run with --debug for details)") from exc
+        raise ort_errors.export_error(exc, graph) from exc
     import onnx
 
     model = onnx.load(str(path), load_external_data=False)
@@ -94,6 +97,7 @@ def export_onnx(graph: Graph, path: Path, *, opset: int = DEFAULT_OPSET,
         "onnx_nodes": len(model.graph.node),
         "onnx_ops": sorted({n.op_type for n in model.graph.node}),
         "external_data": external_data,
+        "export_fixes": fixes,
         "weight_bytes": weight_bytes,
         "files": files,
         "input_names": [i.name for i in model.graph.input],
@@ -108,26 +112,6 @@ def _add_metadata(program, metadata: dict[str, Any]) -> None:
 
     for key, value in metadata.items():
         program.model.metadata_props[f"gradrewrite.{key}"] = json.dumps(value, sort_keys=True, default=str)
-
-
-def _unsupported(exc: Exception, graph: Graph) -> str:
-    """Name the op the exporter could not lower and the layers that use it."""
-    import re
-
-    from ..rewrite.graph import module_path, op_name
-
-    text = str(exc)
-    m = re.search(r"OpOverload\(op='([\w.]+)', overload='(\w+)'\)", text)
-    if m:
-        op = m.group(1) + ("" if m.group(2) == "default" else "." + m.group(2))
-        # The exporter decomposes first, so the failing op may sit inside a bigger one.
-        users = [n for n in graph.call_nodes() if op_name(n).startswith(m.group(1))]
-        where = ", ".join(sorted({module_path(n) or "<root>" for n in users})[:5])
-        return f"no ONNX lowering for {op}" + (f" (used at {where})" if where else "")
-    for line in text.splitlines():
-        if "not supported" in line.lower() or "unsupported" in line.lower():
-            return line.strip()
-    return text.strip().splitlines()[0] if text.strip() else type(exc).__name__
 
 
 def make_session(path: Path, *, threads: int | None = None):
