@@ -280,6 +280,8 @@ def _assign_x(layers: list[list[int]], lp: list[list[int]], ls: list[list[int]],
     each aligning nodes with their median neighbours into vertical blocks that are
     then packed; the result is the average of the two middle candidates per node.
     Long edges (dummy chains) come out straight and repeated structures do not drift.
+    Side inputs (sources next to a node that also has a non-source input) take no part
+    in the alignment.
     """
     total = len(lw)
     order = [0] * total
@@ -287,10 +289,20 @@ def _assign_x(layers: list[list[int]], lp: list[list[int]], ls: list[list[int]],
         for i, v in enumerate(lay):
             order[v] = i
     conflicts = _type1_conflicts(layers, lp, order, dummy)
+    # Side inputs (sources such as a quantized weight's dequantize, beside a node that
+    # also reads the main flow) must not pull the flow into their column: aligned with
+    # them in half of the four passes, every block would step sideways by a node.
+    side: set[tuple[int, int]] = set()
+    for v in range(total):
+        sources = [u for u in lp[v] if not lp[u]]
+        if sources and len(sources) < len(lp[v]):
+            side.update((u, v) for u in sources)
+    up = [[u for u in lp[v] if (u, v) not in side] for v in range(total)]
+    down = [[v for v in ls[u] if (u, v) not in side] for u in range(total)]
     candidates: list[tuple[str, list[float]]] = []
     for vert in "ud":
         base = layers if vert == "u" else layers[::-1]
-        neighbours = lp if vert == "u" else ls
+        neighbours = up if vert == "u" else down
         for horiz in "lr":
             adjusted = base if horiz == "l" else [lay[::-1] for lay in base]
             root = _vertical_alignment(adjusted, conflicts, neighbours, total)

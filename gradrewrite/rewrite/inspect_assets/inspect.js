@@ -91,16 +91,62 @@
   function visible(v) { var r = v.svg.getBoundingClientRect(); return r.width > 0 && r.height > 0; }
   function visibleViews() { return order.map(function (n) { return views[n]; }).filter(visible); }
 
-  function fit(v, whole) {
+  // The smallest labels are 9-9.5px: below this zoom they drop under ~7px on screen.
+  var MIN_ZOOM = 0.8;
+  var PAD = 12;
+
+  // What the drawing really covers: long edges bow out past data-width, badges and
+  // notes poke out of their nodes. getBBox is in the viewport's own (unzoomed) units.
+  function extent(v) {
+    if (v.box) return v.box;
+    var b = { x: 0, y: 0, w: v.w, h: v.h };
+    try {
+      var bb = v.vp.getBBox();
+      if (bb.width && bb.height) {
+        var x1 = Math.max(b.w, bb.x + bb.width), y1 = Math.max(b.h, bb.y + bb.height);
+        b = { x: Math.min(0, bb.x), y: Math.min(0, bb.y) };
+        b.w = x1 - b.x;
+        b.h = y1 - b.y;
+        v.box = b;  // a hidden pane measures 0: try again once it is shown
+      }
+    } catch (err) { /* not rendered yet */ }
+    return b;
+  }
+  // The part of the pane the graph can use: the overview rail covers its right edge.
+  function area(v) {
     var r = v.svg.getBoundingClientRect();
-    if (!r.width || !r.height) return;
-    var k = Math.min(1, r.width / v.w, r.height / v.h);
-    if (!whole && k < 0.55) k = Math.max(Math.min(1, r.width / v.w), 0.55);  // stay readable
+    var rail = v.rail ? v.rail.getBoundingClientRect().width : 0;
+    return { w: Math.max(0, r.width - rail), h: r.height };
+  }
+  // The zoom a pane opens at: the whole drawing if it fits legibly, else its full width
+  // if that does, else MIN_ZOOM (and the user pans); never above 1:1. whole: Fit.
+  function fitZoom(v, whole) {
+    var a = area(v), b = extent(v);
+    var kw = (a.w - 2 * PAD) / b.w, kh = (a.h - 2 * PAD) / b.h;
+    var k = Math.min(1, kw, kh);
+    if (whole) return Math.max(0.03, k);
+    return k >= MIN_ZOOM ? k : Math.max(MIN_ZOOM, Math.min(1, kw));
+  }
+  // Centre what fits; what does not starts at its top/left edge, so no node is cut off.
+  function place(v, k) {
+    var a = area(v), b = extent(v);
     v.k = k;
-    v.x = (r.width - v.w * k) / 2;
-    v.y = v.h * k <= r.height ? (r.height - v.h * k) / 2 : 0;
+    v.x = b.w * k <= a.w ? (a.w - b.w * k) / 2 - b.x * k : PAD - b.x * k;
+    v.y = b.h * k <= a.h ? (a.h - b.h * k) / 2 - b.y * k : PAD - b.y * k;
     v.fitted = true;
     apply(v);
+  }
+  function fit(v, whole) {
+    var a = area(v);
+    if (a.w && a.h) place(v, fitZoom(v, whole));
+  }
+  // Opening view: panes shown together share one zoom (the smallest any of them needs)
+  // so before and after compare at one scale and open the same way.
+  function fitTogether(list) {
+    list = list.filter(function (v) { var a = area(v); return a.w && a.h; });
+    if (!list.length) return;
+    var k = Math.min.apply(null, list.map(function (v) { return fitZoom(v, false); }));
+    list.forEach(function (v) { place(v, k); });
   }
   function zoomAt(v, factor, cx, cy) {
     var k = Math.max(0.03, Math.min(4, v.k * factor));
@@ -113,7 +159,7 @@
     var p = v.pos.get(id);
     if (!p || !visible(v)) return;
     var r = v.svg.getBoundingClientRect();
-    if (v.k < 0.6) v.k = 0.9;
+    if (v.k < MIN_ZOOM) v.k = 1;
     v.x = r.width / 2 - p[0] * v.k;
     v.y = r.height / 2 - p[1] * v.k;
     apply(v);
@@ -376,7 +422,7 @@
       b.addEventListener('click', function () {
         document.body.className = 'mode-' + b.getAttribute('data-mode');
         mode.querySelectorAll('button').forEach(function (o) { o.classList.toggle('on', o === b); });
-        each(function (v) { if (!v.fitted) fit(v, false); });
+        fitTogether(visibleViews().filter(function (v) { return !v.fitted; }));
         if (selected) { var v = views[selected[0]]; if (visible(v)) centerOn(v, selected[1]); }
       });
     });
@@ -388,6 +434,6 @@
     if ((e.key === 'n' || e.key === 'N') && nextChange) stepChange(e.shiftKey ? -1 : 1);
   });
 
-  each(function (v) { fit(v, false); });
+  fitTogether(visibleViews());
   document.documentElement.setAttribute('data-ready', '1');
 })();
