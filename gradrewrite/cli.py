@@ -69,7 +69,29 @@ def _load(model, module, inputs, trust_pickle, seed=0):
         return load_model(model, module=module, inputs=inputs, trust_pickle=trust_pickle, seed=seed)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class _OneLineErrors(click.Group):
+    """click's usage errors as one line (not its three-line usage block); Ctrl-C
+    anywhere, even while parsing or importing, exits 130."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode, **extra)
+        try:
+            rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click.UsageError as exc:
+            where = exc.ctx.command_path if exc.ctx is not None else "gradrewrite"
+            click.echo(f"error: {exc.format_message().rstrip('.')}; see `{where} --help`", err=True)
+            sys.exit(2)
+        except click.ClickException as exc:
+            exc.show()
+            sys.exit(exc.exit_code)
+        except (click.Abort, KeyboardInterrupt, EOFError):
+            click.echo("interrupted; nothing was written", err=True)
+            sys.exit(130)
+        sys.exit(rv if isinstance(rv, int) else 0)
+
+
+@click.group(cls=_OneLineErrors, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--debug", is_flag=True, help="Show full tracebacks.")
 @click.version_option(package_name="gradrewrite")
 def main(debug: bool) -> None:
@@ -85,10 +107,12 @@ def main(debug: bool) -> None:
 @_model_options
 @click.option("--passes", "-p", metavar="PIPELINE", help='Pass pipeline, e.g. "fold-bn,dce".')
 @click.option("--recipe", type=click.Path(path_type=str), help="TOML recipe with [[pass]] tables.")
-@click.option("--backend", "-b", default="torch", show_default=True, help="torch, ort, tvm, or auto (build all, keep the fastest correct one).")
-@click.option("--target", type=click.Choice(["auto", "llvm", "cuda", "cortex-m4", "cortex-m7", "host"]), default=None,
-              help="TVM target (default auto: cuda when a GPU is present, else the host CPU); "
-                   "mcu target: cortex-m4, cortex-m7 or host.")
+@click.option("--backend", "-b", default="torch", show_default=True,
+              help="torch, ort, tvm, mcu (C for microcontrollers), or auto (build torch, ort and tvm, keep the "
+                   "fastest correct one).")
+@click.option("--target", default=None, metavar="TARGET",
+              help="tvm: auto (default: cuda when a GPU is present, else the host CPU), llvm or cuda; "
+                   "mcu: host (default), cortex-m4 or cortex-m7.")
 @click.option("--tune-trials", type=int, default=None,
               help="TVM MetaSchedule trials (default 64 for --backend tvm; 0 = untuned, 30-60x slower on CPU).")
 @click.option("--tune-cache", type=click.Path(path_type=str), default=None,
@@ -133,6 +157,9 @@ def compile_cmd(model, module, inputs, trust_pickle, passes, recipe, backend, ta
     build_passes(pipeline_specs(passes, recipe))  # fail on typos before the slow capture
     if backend != "auto":
         get_backend(backend)
+    backend_options = _backend_options(backend, opset=opset, external_data=external_data, target=target,
+                                       tune_trials=tune_trials, tune_cache=tune_cache, ram_kb=ram_kb,
+                                       flash_kb=flash_kb, quiet=quiet)
     check_out_free(out, force)  # before the slow capture
     graph = _load(model, module, inputs, trust_pickle, seed)
     calibration = _calibration(calib, graph)
@@ -140,37 +167,47 @@ def compile_cmd(model, module, inputs, trust_pickle, passes, recipe, backend, ta
         return _stream_bp_train(graph, out, pipeline_specs(passes, recipe), loss_name, backend, label_spec,
                                 seed, force, model, quiet)
     if train:  # inference passes before the first training pass (fold-bn) run before capture
-        graph, before, passes = _before_training(graph, passes, recipe, seed, calibration)
+        graph, before, passes = _before_training(graph, passes, recipe, seed, calibration,
+                                                 None if quiet else err_console)
         recipe = None
         graph = _train_step(graph, loss_name, optimizer, lr, momentum, label_spec, seed)
         graph.meta["train_step"]["captured_after"] = [sp.text() for sp in before]
     elif label_spec:
         from .errors import ConfigError
         raise ConfigError("--label applies only with --train", "add --train or drop --label")
-    backend_options = _backend_options(backend, opset=opset, external_data=external_data, target=target,
-                                       tune_trials=tune_trials, tune_cache=tune_cache, ram_kb=ram_kb,
-                                       flash_kb=flash_kb, quiet=quiet)
     opts = CompileOptions(passes=passes, recipe=recipe, backend=backend, seed=seed,
                           verify_inputs=verify_inputs, dump_graphs=dump_graphs, force=force,
                           backend_options=backend_options, calibration=calibration)
     art = compile_graph(graph, out, opts, model_file=model, console=None if quiet else err_console)
-    r = art.report
+    click.echo(_compile_summary(out, art.report))
+
+
+def _compile_summary(out, r: dict) -> str:
+    """The one-paragraph result of a compile: what was written and how it was checked."""
     v = r["verification"]
     lat = r.get("latency_ms") or {}
+    mcu = r.get("mcu", {})
+    int8 = mcu.get("int8_check") or {}
+    against = "the rewritten training step" if r.get("train_step") else "the original model"
+    error = (f"max abs error {v['max_abs_error']:.3g} (relative {v['relative_error']:.3g}) against {against} "
+             f"over {v['inputs_compared']} inputs")
+    if int8.get("bit_exact"):  # the float comparison only shows int8 resolution
+        what = f"{int8['steps']} training steps" if "steps" in int8 else f"{int8.get('inputs', '')} inputs"
+        error = (f"int8 C code bit-exact against the integer reference ({what}); {error}, "
+                 "the float model's difference at int8 resolution")
     summary = (f"wrote {out}: backend {r['backend']} ({r['target']}), nodes {r['nodes']['before']} -> "
-               f"{r['nodes']['after']}, max abs error {v['max_abs_error']:.3g} (relative {v['relative_error']:.3g}) "
-               f"over {v['inputs_compared']} inputs")
+               f"{r['nodes']['after']}, {error}")
     if not v.get("checked", True):
         summary += " (lossy pipeline: error measured, not checked)"
     if "median" in lat:
         summary += f", {lat['median']:.3g} ms median latency"
-    runtime = r.get("mcu", {}).get("runtime", {})
+    runtime = mcu.get("runtime", {})
     if "instructions" in runtime:
         summary += (f", {runtime['instructions'] / 1e6:.3g} M instructions per inference "
                     f"(QEMU, not cycles), stack {runtime['stack_peak_bytes']} B")
     if "auto" in r:
         summary += f"; auto chose {r['auto']['chosen']}: {r['auto']['reason']}"
-    click.echo(summary)
+    return summary
 
 
 def _stream_bp_train(graph, out, specs, loss_name, backend, label_spec, seed, force, model, quiet):
@@ -183,7 +220,9 @@ def _stream_bp_train(graph, out, specs, loss_name, backend, label_spec, seed, fo
     check, mem = s["gradient_check"], s["gradient_check"]["peak_live_bytes"]
     click.echo(f"wrote {out}: StreamBP training step, {s['layers']} layers, chunk {s['chunk']} (logits "
                f"{s['logits_chunk']}); gradients vs autograd: max relative error "
-               f"{check['max_relative_error']:.3g}; peak live bytes {mem['autograd']} -> {mem['stream_bp']}")
+               f"{check['max_relative_error']:.3g}; peak live tensor memory at the checked length "
+               f"{check['batch'][-1]}: autograd {mem['autograd'] / 2**20:.3g} MiB, StreamBP "
+               f"{mem['stream_bp'] / 2**20:.3g} MiB (chunking pays once the sequence is several chunks long)")
 
 
 def _calibration(path, graph):
@@ -195,7 +234,7 @@ def _calibration(path, graph):
     return load_calibration(path, graph.inputs)
 
 
-def _before_training(graph, passes, recipe, seed, calibration=None):
+def _before_training(graph, passes, recipe, seed, calibration=None, console=None):
     """Run the pipeline's leading inference passes (those not needing a training step,
     e.g. fold-bn) on the inference graph; return it and the rest of the pipeline."""
     from .compiler import pipeline_specs, run_pipeline
@@ -206,7 +245,16 @@ def _before_training(graph, passes, recipe, seed, calibration=None):
     n = next((i for i, p in enumerate(built) if "training-step" in getattr(p, "requires", ())), len(specs))
     if n:  # e.g. quantize(mode=static), calibrated on --calib
         from .rewrite.registry import PassContext
-        run_pipeline(graph, specs[:n], seed=seed, ctx=PassContext(seed=seed, calibration=calibration))
+        instruments = []
+        if console is not None:  # these run before the step is captured: show them too
+            from .rewrite.calibration import ConsoleProgress
+            from .rewrite.pass_manager import Progress
+            instruments.append(Progress(console))
+            progress = ConsoleProgress(console) if calibration is not None else None
+        else:
+            progress = None
+        run_pipeline(graph, specs[:n], seed=seed, instruments=instruments,
+                     ctx=PassContext(seed=seed, calibration=calibration, progress=progress))
     return graph, specs[:n], specs[n:]
 
 
@@ -246,6 +294,10 @@ def _backend_options(backend: str, *, quiet: bool, **given) -> dict:
         verb = "does" if len(stray) == 1 else "do"
         raise ConfigError(f"{flags} {verb} not apply to --backend {backend}",
                           "drop the flag or pick the backend it belongs to")
+    if "target" in chosen:
+        valid = _valid_targets(backend)
+        if chosen["target"] not in valid:
+            raise ConfigError(f"unknown {backend} target {chosen['target']!r}", f"valid targets: {', '.join(valid)}")
     if backend == "tvm":
         from .backends.tvm import RECOMMENDED_TUNE_TRIALS
 
@@ -253,6 +305,14 @@ def _backend_options(backend: str, *, quiet: bool, **given) -> dict:
         if not quiet:
             chosen["progress"] = _tvm_progress
     return chosen
+
+
+def _valid_targets(backend: str) -> tuple[str, ...]:
+    if backend == "tvm":
+        from .backends.tvm.targets import TARGET_KINDS
+        return TARGET_KINDS
+    from .backends.mcu.targets import TARGETS
+    return tuple(TARGETS)
 
 
 def _tvm_progress(event: dict) -> None:
@@ -287,19 +347,21 @@ def _tvm_progress(event: dict) -> None:
               help="mcu training-step artifacts: train on this .npz (x: inputs, y: int labels), batches in order, "
                    "cycling; on the host build or the firmware under QEMU, per the compiled target.")
 @click.option("--steps", type=int, default=None, help="--train: training steps (default: one pass over the data).")
+@click.option("--trust-pickle", is_flag=True,
+              help="Allow the artifact's .pt2 to unpickle arbitrary objects (runs code from the file).")
 @click.option("--lr", type=float, default=None, help="--train: learning rate (default: the compiled one).")
 @click.option("--save-weights", type=click.Path(path_type=str), default=None,
               help="--train: write every trained parameter (whole, float32) to a .safetensors or .pt file.")
 @_friendly
 def run_cmd(artifact, inputs, use_random, seed, output, compare, labels_path=None, train_path=None, steps=None,
-            lr=None, save_weights=None):
+            lr=None, save_weights=None, trust_pickle=False):
     """Run a compiled ARTIFACT directory and write its outputs (or, with --train, train it)."""
     import numpy as np
 
     from .compiler import Artifact
     from .errors import InputError
 
-    art = Artifact(artifact)
+    art = Artifact(artifact, trust_pickle=trust_pickle)
     if train_path is not None or steps is not None or lr is not None or save_weights is not None:
         if inputs or use_random or compare or labels_path:
             raise InputError("--train runs training steps; it takes no --input, --random, --compare or --labels",
@@ -325,16 +387,17 @@ def run_cmd(artifact, inputs, use_random, seed, output, compare, labels_path=Non
     out = Path(output)
     if out.suffix != ".npz":
         raise InputError(f"output file {output!r} must end in .npz", "e.g. -o outputs.npz")
+    from .outputs import atomic_file, check_out_file
+    check_out_file(out)
     outputs = art(*arrays, **({"labels": _read_arrays(Path(labels_path))[0]} if labels_path else {}))
     checked = None
     if compare:  # before writing: a failed check leaves no outputs behind
         from .backends.mcu.reference import compare as mcu_compare
         checked = mcu_compare(art.path / "mcu", arrays, outputs)
-    tmp = out.with_name(f".{out.name}.tmp.npz")
-    np.savez(tmp, **{f"output_{i}": o for i, o in enumerate(outputs)})
-    tmp.replace(out)
+    with atomic_file(out) as tmp:
+        np.savez(tmp, **{f"output_{i}": o for i, o in enumerate(outputs)})
     for i, o in enumerate(outputs):
-        click.echo(f"output_{i}: {'x'.join(map(str, o.shape))} {o.dtype}")
+        click.echo(f"output_{i}: {'x'.join(map(str, o.shape)) if o.ndim else 'scalar'} {o.dtype}")
     if checked is not None:
         click.echo(f"compare: ok ({checked['mode']}; max abs error {checked['max_abs_error']:.3g}, "
                    f"relative {checked['relative_error']:.3g})")
@@ -420,6 +483,9 @@ def inspect_cmd(model, module, inputs, trust_pickle, passes, recipe, fmt, show_d
 
     specs = pipeline_specs(passes, recipe)
     build_passes(specs)
+    if output:  # before the slow capture
+        from .outputs import check_out_file
+        check_out_file(output)
     if show_diff and not specs:
         raise ConfigError("--diff needs --passes or --recipe", "name the pipeline to compare against")
     before = _load(model, module, inputs, trust_pickle)
@@ -454,10 +520,9 @@ def inspect_cmd(model, module, inputs, trust_pickle, passes, recipe, fmt, show_d
     if fmt == "table" and error_tables:  # quantize's per-layer error report follows the graph
         text = "\n\n".join([text.rstrip("\n"), *error_tables])
     if output:
-        out = Path(output)
-        tmp = out.with_name(f".{out.name}.tmp")
-        tmp.write_text(text)
-        tmp.replace(out)
+        from .outputs import atomic_file
+        with atomic_file(output) as tmp:
+            tmp.write_text(text)
         click.echo(f"wrote {output}", err=True)
     elif fmt == "table" and sys.stdout.isatty():  # colour the +/-/~ rows on a terminal
         desc_after = gi.describe(after or before, title=title)
@@ -503,11 +568,11 @@ def check_cmd(model, module, inputs, trust_pickle, passes, recipe, target):
 @_friendly
 def passes_cmd(as_json):
     """List every registered pass with its options."""
-    from .rewrite.registry import pass_options, registered_passes
+    from .rewrite.registry import pass_options, pass_summary, registered_passes
 
     passes = registered_passes()
     if as_json:
-        click.echo(json.dumps({name: {"doc": (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else "",
+        click.echo(json.dumps({name: {"doc": pass_summary(cls),
                                       "requires": list(cls.requires), "ensures": list(cls.ensures),
                                       "options": [{"name": n, "type": t, "default": d, "help": h}
                                                   for n, t, d, h in pass_options(cls)]}
@@ -519,7 +584,7 @@ def passes_cmd(as_json):
     table.add_column("options (default)")
     table.add_column("requires / ensures")
     for name, cls in passes.items():
-        doc = (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
+        doc = pass_summary(cls)
         opts = "\n".join(f"{n}: {t} = {d!r}" + (f"  ({h})" if h else "") for n, t, d, h in pass_options(cls))
         props = ", ".join(cls.requires) + (" / " if cls.requires or cls.ensures else "") + ", ".join(cls.ensures)
         table.add_row(name, doc, opts or "-", props or "-")

@@ -8,11 +8,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import platform
 import shutil
 import statistics
-import tempfile
 import time
 from dataclasses import dataclass, field
 from importlib import metadata
@@ -25,6 +23,7 @@ import torch
 from . import auto_select
 from .backends.base import as_numpy, get_backend
 from .errors import ConfigError, GradrewriteError, VerificationError
+from .outputs import check_out_free, make_build_dir, replace_dir
 from .rewrite.graph import Graph
 from .rewrite.pass_manager import DumpGraphs, Instrument, PassManager, VerifyEachPass
 from .rewrite.pipeline import PassSpec, build_passes, load_recipe, parse_pipeline
@@ -70,13 +69,6 @@ def run_pipeline(graph: Graph, passes: str | Sequence[PassSpec] | None = None, *
     return pm.run(graph, ctx or PassContext(seed=seed))
 
 
-def check_out_free(out: str | Path, force: bool) -> None:
-    """OUT must be absent or empty unless ``force`` (then it is replaced at the end)."""
-    out = Path(out)
-    if out.exists() and not force and (not out.is_dir() or any(out.iterdir())):
-        raise ConfigError(f"output {str(out)!r} already exists", "pass --force to replace it, or choose another -o")
-
-
 def compile_graph(graph: Graph, out: str | Path, options: CompileOptions | None = None, *,
                   model_file: str | Path | None = None, console=None) -> "Artifact":
     """Rewrite ``graph`` with the pipeline, lower it with the backend, write OUT."""
@@ -90,8 +82,7 @@ def compile_graph(graph: Graph, out: str | Path, options: CompileOptions | None 
         auto_select.split_options(opts.backend_options)
     backend = None if auto else get_backend(opts.backend)
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    tmp = make_build_dir(out)
     try:
         log = console.log if console is not None else (lambda *a, **k: None)
         original = graph.clone()
@@ -190,7 +181,7 @@ def compile_graph(graph: Graph, out: str | Path, options: CompileOptions | None 
             report["memory_plan"] = memory_report(graph)
         _write_json(tmp / "report.json", report)
         _write_json(tmp / "manifest.json", _manifest(tmp, opts, specs, model_file, graph))
-        _replace_dir(tmp, out)
+        replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -261,17 +252,6 @@ def _config_options(options: dict[str, Any]) -> dict[str, Any]:
             for k, v in options.items() if not callable(v)}
 
 
-def _replace_dir(tmp: Path, out: Path) -> None:
-    """Move the finished build into place; an old OUT (with --force) goes only after."""
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        out.rename(old)
-        tmp.rename(out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        tmp.rename(out)
-
-
 def _write_json(path: Path, data: Any) -> None:
     path.write_text(json.dumps(data, indent=2, sort_keys=False, default=_json_default) + "\n")
 
@@ -303,8 +283,9 @@ def _file_hash(path: Path) -> str:
 class Artifact:
     """A compiled artifact directory: call it like the model, read its report."""
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, *, trust_pickle: bool = False):
         self.path = Path(path)
+        self.trust_pickle = trust_pickle  # the .pt2 inside is read without running code unless set
         report_path = self.path / "report.json"
         if not report_path.is_file():
             raise GradrewriteError(f"{str(self.path)!r} is not a gradrewrite artifact (no report.json)",
@@ -324,14 +305,20 @@ class Artifact:
     def _run(self):
         if self._runner is None:
             for name, digest in self.manifest.get("outputs", {}).items():
-                if name in self.report["artifact"]["files"] and _file_hash(self.path / name) != digest:
+                if name not in self.report["artifact"]["files"]:
+                    continue
+                if not (self.path / name).is_file():
+                    raise GradrewriteError(f"artifact file {name!r} is missing from {str(self.path)!r}",
+                                           "compile it again (or restore the file)")
+                if _file_hash(self.path / name) != digest:
                     raise GradrewriteError(f"artifact file {name!r} changed since it was compiled",
                                            "compile it again")
             if "stream_bp" in self.report:  # a StreamBP training step, run here (backends import no pass)
                 from .passes.stream_bp.train_artifact import load_step
-                self._runner = load_step(self.path, self.report)
+                self._runner = load_step(self.path, self.report, self.trust_pickle)
             else:
-                self._runner = get_backend(self.backend).load(self.path, self.report["artifact"])
+                self._runner = get_backend(self.backend).load(
+                    self.path, {**self.report["artifact"], "trust_pickle": self.trust_pickle})
         return self._runner
 
     def check_inputs(self, inputs: Sequence[np.ndarray]) -> None:

@@ -64,7 +64,8 @@ def backend_names() -> list[str]:
 def get_backend(name: str) -> Backend:
     _load_builtin()
     if name not in _BACKENDS:
-        raise ConfigError(f"unknown backend {name!r}", f"valid backends: {', '.join(sorted(_BACKENDS))}")
+        raise ConfigError(f"unknown backend {name!r}", f"valid backends: {', '.join(sorted(_BACKENDS))}, or auto "
+                          "(build torch, ort and tvm, keep the fastest correct one)")
     backend = _BACKENDS[name]()
     reason = backend.availability()
     if reason:

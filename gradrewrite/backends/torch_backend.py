@@ -9,6 +9,7 @@ import torch
 from torch.utils import _pytree as pytree
 
 from ..rewrite.graph import Graph
+from ..rewrite.safe_load import load_exported_program
 from ..rewrite import quant_ops  # noqa: F401  (quantized ops a saved graph may hold)
 from .base import Backend, BackendArtifact, as_numpy, register_backend, reexport
 
@@ -21,7 +22,8 @@ class TorchBackend(Backend):
         return BackendArtifact(["model.pt2"], "torch-eager-cpu", {"format": "torch.export"})
 
     def load(self, out_dir: Path, artifact: dict[str, Any]):
-        module = torch.export.load(str(out_dir / "model.pt2")).module()
+        module = load_exported_program(out_dir / "model.pt2",
+                                       trust_pickle=artifact.get("trust_pickle", False)).module()
 
         def run(*inputs: np.ndarray) -> list[np.ndarray]:
             with torch.no_grad():

@@ -23,7 +23,7 @@ Graph form this pass recognises: a trained parameter ``P`` whose forward use is
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.fx as fx
@@ -56,8 +56,9 @@ class QAS:
     integers rounds each update (the mcu backend's int8 training step; the torch graph
     itself keeps the unrounded update)."""
 
-    rounding: str = "nearest"
-    seed: int = 0
+    rounding: str = field(default="nearest", metadata={
+        "help": "how the device rounds int8 updates: nearest | stochastic"})
+    seed: int = field(default=0, metadata={"help": "seed of the stochastic rounding's random stream"})
     exact = False
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:

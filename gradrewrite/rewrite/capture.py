@@ -11,7 +11,11 @@ Sources, by safety:
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
+import io
+import logging
+import math
 import re
 import sys
 import zipfile
@@ -30,6 +34,9 @@ _DTYPES = {
     "int64": torch.int64, "long": torch.int64, "int32": torch.int32, "int": torch.int32,
     "int8": torch.int8, "uint8": torch.uint8, "bool": torch.bool,
 }
+# Inputs may take at most 1/4 of the free memory: capture and verification hold
+# activations (several times the inputs) and a few copies of them.
+_INPUT_MEMORY_SHARE = 4
 _SPEC = re.compile(r"^(?P<shape>\d+(?:x\d+)*)(?::(?P<dtype>[a-z0-9]+))?(?::(?P<high>\d+))?$")
 
 
@@ -67,15 +74,63 @@ def capture(model: torch.nn.Module, example_inputs: Sequence[torch.Tensor],
         pass  # an unlifted torch.export module has no train/eval switch: already inference
     example_inputs = tuple(example_inputs)
     try:
-        ep = torch.export.export(model, example_inputs, strict=False)
-    except Exception as exc:  # export errors are long; keep the first line, hint at --debug
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise InputError(f"torch.export could not capture {source}: {first}",
-                         "check the --input shapes/dtypes match what the model expects "
-                         "(run with --debug for the full trace)") from exc
+        with _quiet_torch():
+            ep = torch.export.export(model, example_inputs, strict=False)
+    except Exception as exc:  # export errors are long: one line that says what to do
+        raise _export_error(exc, source) from exc
     graph = Graph.from_exported_program(ep, example_inputs, source=source)
     _apply_spec_bounds(graph, specs)
     return graph
+
+
+@contextlib.contextmanager
+def _quiet_torch():
+    """torch.export logs graph dumps and guard warnings on failure; the error says enough."""
+    logger = logging.getLogger("torch")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):
+            yield
+    finally:
+        logger.setLevel(level)
+
+
+_RAISED_AT = re.compile(r'The following call raised this error:\s*File "([^"]+)", line (\d+), in \w+\s*\n\s*(.+)')
+
+
+def _export_error(exc: Exception, source: str) -> InputError:
+    text = str(exc).strip()
+    first = text.splitlines()[0] if text else type(exc).__name__
+    if isinstance(exc, torch.OutOfMemoryError) or "can't allocate memory" in text or "not enough memory" in text:
+        return InputError(f"ran out of memory capturing {source} at these input shapes",
+                          "use smaller --input shapes (the model's activations must fit in memory)")
+    from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode
+
+    if isinstance(exc, GuardOnDataDependentSymNode) or "data-dependent" in first:
+        m = _RAISED_AT.search(text)
+        at = f" at {m[1]}:{m[2]} ({m[3].strip()})" if m else ""
+        return InputError(f"torch.export could not capture {source}: the model branches on a tensor's "
+                          f"value{at}",
+                          "a graph must hold for every input: remove the branch or write it with "
+                          "torch.cond (run with --debug for torch's trace)")
+    return InputError(f"torch.export could not capture {source}: {first}",
+                      "check the --input shapes/dtypes match what the model expects "
+                      "(run with --debug for the full trace)")
+
+
+def check_input_memory(specs: Sequence[InputSpec]) -> None:
+    """Refuse inputs whose tensors alone take a large share of the free memory, before
+    allocating them (a model's activations are a multiple of its inputs)."""
+    import psutil
+
+    need = sum(math.prod(s.shape) * torch.empty((), dtype=s.dtype).element_size() for s in specs)
+    free = psutil.virtual_memory().available
+    if need * _INPUT_MEMORY_SHARE > free:
+        shapes = ", ".join(f"{'x'.join(map(str, s.shape))}:{str(s.dtype).removeprefix('torch.')}" for s in specs)
+        raise InputError(f"--input {shapes} needs {need / 2**30:.3g} GiB for the inputs alone, with "
+                         f"{free / 2**30:.3g} GiB of memory free",
+                         "use smaller --input shapes")
 
 
 def load_model(path: str | Path | None = None, *, module: str | None = None,
@@ -84,6 +139,7 @@ def load_model(path: str | Path | None = None, *, module: str | None = None,
     """Load a model file (or build one from ``module="pkg.mod:factory"``) as a Graph."""
     specs = [s if isinstance(s, InputSpec) else parse_input_spec(s, i)
              for i, s in enumerate(inputs)]
+    check_input_memory(specs)
     if module is not None:
         if path is not None:
             raise InputError("give either a MODEL file or --module, not both",
@@ -102,7 +158,7 @@ def load_model(path: str | Path | None = None, *, module: str | None = None,
         raise InputError(f"model file {str(path)!r} is empty", "re-save the model")
     suffix = path.suffix.lower()
     if suffix == ".pt2":
-        return _load_pt2(path, specs, seed)
+        return _load_pt2(path, specs, seed, trust_pickle)
     if suffix == ".onnx":
         return _load_onnx(path, specs, seed)
     if suffix in (".pt", ".pth"):
@@ -113,12 +169,16 @@ def load_model(path: str | Path | None = None, *, module: str | None = None,
 
 
 # ------------------------------------------------------------------------- loaders
-def _load_pt2(path: Path, specs: list[InputSpec], seed: int) -> Graph:
+def _load_pt2(path: Path, specs: list[InputSpec], seed: int, trust_pickle: bool = False) -> Graph:
     if not zipfile.is_zipfile(path):
         raise InputError(f"{str(path)!r} is not a torch.export archive (truncated or not a .pt2)",
                          "re-create it with torch.export.save(torch.export.export(model, args), path)")
+    from .safe_load import load_exported_program
+
     try:
-        ep = torch.export.load(str(path))
+        ep = load_exported_program(path, trust_pickle=trust_pickle)
+    except InputError:
+        raise
     except Exception as exc:
         raise InputError(f"cannot read torch.export archive {str(path)!r}: "
                          f"{_first_line(exc)}",

@@ -133,6 +133,9 @@ class InputSpec:
                              dtype=self.dtype)
 
 
+_BN_STATISTICS = ("running_mean", "running_var", "num_batches_tracked")
+
+
 @dataclass
 class Graph:
     """An ATen FX graph plus what is needed to run, verify and lower it."""
@@ -203,9 +206,12 @@ class Graph:
         return obj
 
     def parameter_count(self) -> int:
+        """Values of the weights the graph reads, each shared tensor once: what
+        ``sum(p.numel() for p in model.parameters())`` counts, so batch-norm statistics
+        (buffers) are left out; weights a pass stores as buffers (int8) still count."""
         seen, total = set(), 0
         for node in self.nodes:
-            if node.op == "get_attr":
+            if node.op == "get_attr" and str(node.target).rpartition(".")[2] not in _BN_STATISTICS:
                 t = self.attr(node)
                 if isinstance(t, torch.Tensor) and id(t) not in seen:
                     seen.add(id(t))

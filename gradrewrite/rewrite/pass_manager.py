@@ -132,6 +132,11 @@ class Progress(Instrument):
     def after_pass(self, graph, p, record):
         self.console.log(f"{record.name}: {record.nodes_before} -> {record.nodes_after} nodes "
                          f"in {record.seconds:.2f}s")
+        skipped = record.report.get("skipped") or []
+        if skipped:  # layers the selector picked but the pass left as they were
+            shown = "; ".join(f"{s['path']} ({s['reason']})" for s in skipped[:3])
+            more = f"; and {len(skipped) - 3} more in report.json" if len(skipped) > 3 else ""
+            self.console.log(f"  {record.name} left {len(skipped)} layer(s) unchanged: {shown}{more}")
 
 
 @dataclass

@@ -80,6 +80,14 @@ def registered_passes() -> dict[str, type]:
     return dict(sorted(_REGISTRY.items()))
 
 
+def pass_summary(cls: type) -> str:
+    """A pass's one-paragraph description: its docstring's first paragraph, joined."""
+    doc = (cls.__doc__ or "").strip()
+    if doc.startswith(cls.__name__ + "("):  # dataclass's generated signature, not prose
+        return ""
+    return " ".join(doc.split("\n\n")[0].split())
+
+
 def pass_options(cls: type) -> list[tuple[str, str, Any, str]]:
     """(name, type, default, help) for each option of a pass class."""
     hints = typing.get_type_hints(cls)

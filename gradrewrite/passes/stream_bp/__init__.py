@@ -31,6 +31,9 @@ __all__ = ["StreamBP", "StreamBPPass", "count_targets", "causal_lm_loss"]
 @register_pass("stream-bp")
 @dataclass(frozen=True)
 class StreamBPPass:
+    """StreamBP: the causal LM's training step with an exact backward run chunk by chunk
+    along the sequence (less activation memory at long sequences, same gradients)."""
+
     chunk: int = field(default=1024, metadata={"help": "sequence rows per backward chunk"})
     logits_chunk: int = field(default=0, metadata={"help": "rows per LM-head/loss chunk (0: = chunk)"})
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -33,6 +32,7 @@ from ...rewrite.pipeline import PassSpec
 from .api import StreamBP
 from .executor import IGNORE_INDEX, causal_lm_loss
 from ...rewrite.live_bytes import LiveBytes
+from ...rewrite.safe_load import load_exported_program
 
 PASS = "stream-bp"
 LOSS = "causal_lm"
@@ -76,8 +76,8 @@ def compile_train(graph: Graph, out: str | Path, specs: Sequence[PassSpec], *, l
                   backend: str = "torch", label_spec: str | None = None, seed: int = 0,
                   force: bool = False, model_file: str | Path | None = None, log=None) -> Any:
     """Write the StreamBP training-step artifact to ``out``; returns the ``Artifact``."""
-    from ...compiler import (Artifact, CompileOptions, _manifest, _replace_dir, _write_json,
-                             check_out_free, run_pipeline)
+    from ...compiler import Artifact, CompileOptions, _manifest, _write_json, run_pipeline
+    from ...outputs import check_out_free, make_build_dir, replace_dir
     from ...backends.base import reexport
 
     log = log or (lambda *a, **k: None)
@@ -91,8 +91,7 @@ def compile_train(graph: Graph, out: str | Path, specs: Sequence[PassSpec], *, l
     result = run_pipeline(graph, list(specs[at:]), seed=seed, verify=False)  # analysis only
     analysis = result.reports()[-1]
     cfg = graph.meta["stream_bp"]
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    tmp = make_build_dir(out)
     try:
         log("stream-bp: saving the forward, checking chunked gradients against autograd …")
         torch.export.save(reexport(graph), str(tmp / MODEL))
@@ -129,7 +128,7 @@ def compile_train(graph: Graph, out: str | Path, specs: Sequence[PassSpec], *, l
         _write_json(tmp / "report.json", report)
         opts = CompileOptions(passes=list(specs), backend="torch", seed=seed)
         _write_json(tmp / "manifest.json", _manifest(tmp, opts, list(specs), model_file, graph))
-        _replace_dir(tmp, out)
+        replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -172,9 +171,9 @@ def gradient_check(module: torch.nn.Module, ids: torch.Tensor, chunk: int, logit
 class StepRunner:
     """Loads ``model.pt2`` + ``stream_bp.json``; each call is one StreamBP step."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, trust_pickle: bool = False):
         self.config = json.loads((path / CONFIG).read_text())
-        self.module = torch.export.load(str(path / MODEL)).module()
+        self.module = load_exported_program(path / MODEL, trust_pickle=trust_pickle).module()
         self.sbp = StreamBP(self.module, chunk=self.config["chunk"], logits_chunk=self.config["logits_chunk"])
         self.params = dict(self.module.named_parameters())
 
@@ -194,5 +193,5 @@ class StepRunner:
         return [o.detach().numpy() for o in outs]
 
 
-def load_step(path: str | Path, report: dict) -> StepRunner:
-    return StepRunner(Path(path))
+def load_step(path: str | Path, report: dict, trust_pickle: bool = False) -> StepRunner:
+    return StepRunner(Path(path), trust_pickle)
