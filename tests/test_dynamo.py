@@ -74,6 +74,7 @@ def test_executors_match_eager(executor, extra, caplog):
     assert not [r for r in caplog.records if r.name == "gradrewrite.dynamo"], caplog.text
 
 
+@pytest.mark.slow
 def test_inductor_executor(caplog):
     torch.manual_seed(0)
     with caplog.at_level(logging.WARNING, logger="gradrewrite.dynamo"):

@@ -1,6 +1,8 @@
 """The runnable examples users copy from keep working."""
 from __future__ import annotations
 
+import pytest
+
 import subprocess
 import sys
 from pathlib import Path
@@ -24,6 +26,7 @@ def test_custom_pass_example():
     torch.testing.assert_close(g(x)[0], custom_pass.Net()(x), rtol=0, atol=0)
 
 
+@pytest.mark.slow
 def test_quickstart_runs(tmp_path):
     proc = subprocess.run([sys.executable, str(ROOT / "examples" / "quickstart.py"), str(tmp_path / "out")],
                           capture_output=True, text=True, timeout=600)

@@ -111,6 +111,7 @@ def test_tiny_gpt_is_causal_and_tied():
     assert not torch.equal(out[:, -1], full[:, -1])
 
 
+@pytest.mark.slow
 def test_make_models_script(tmp_path):
     out = tmp_path / "models"
     proc = subprocess.run(

@@ -16,6 +16,7 @@ MODELS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", ["torch", "ort"])
 @pytest.mark.parametrize("name", list(MODELS))
 def test_model_compiles(tmp_path, name, backend):

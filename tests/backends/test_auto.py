@@ -17,6 +17,7 @@ def _tvm(tmp_path):
     return {"tune_trials": 4, "tune_cache": str(tmp_path / "tvm-cache"), "target": "llvm"}
 
 
+@pytest.mark.slow
 def test_auto_picks_fastest_correct_backend(tmp_path):
     torch.manual_seed(0)
     model = Mlp().eval()

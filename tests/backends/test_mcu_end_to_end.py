@@ -40,6 +40,7 @@ def _eager(pt2: Path, x: np.ndarray) -> np.ndarray:
         return module(torch.from_numpy(x)).numpy()
 
 
+@pytest.mark.slow
 def test_fp32_cortex_m4_compile_run_compare(tmp_path, small_cnn_pt2):
     need_tools("cortex-m4")
     out = tmp_path / "out"
@@ -68,6 +69,7 @@ def test_fp32_cortex_m4_compile_run_compare(tmp_path, small_cnn_pt2):
     assert np.linalg.norm(y - ref) <= 1e-5 * np.linalg.norm(ref)
 
 
+@pytest.mark.slow
 def test_int8_cortex_m7_bit_exact(tmp_path, small_cnn_pt2):
     need_tools("cortex-m7")
     calib = tmp_path / "calib.npz"
@@ -85,6 +87,7 @@ def test_int8_cortex_m7_bit_exact(tmp_path, small_cnn_pt2):
     assert np.linalg.norm(y - ref) <= 0.1 * np.linalg.norm(ref)
 
 
+@pytest.mark.slow
 def test_over_sram_budget_fails_to_link_and_writes_nothing(tmp_path, small_cnn_pt2):
     need_tools("cortex-m4")
     out = tmp_path / "out"

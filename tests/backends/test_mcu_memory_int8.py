@@ -122,6 +122,7 @@ def test_depthwise_input_read_later_is_not_overwritten(tmp_path):
     _bit_exact(graph, tmp_path, torch.randn(1, 4, 7, 7, generator=torch.Generator().manual_seed(4)))
 
 
+@pytest.mark.slow
 def test_mobilenet_v2_int8_arena_shrinks_and_stays_bit_exact(tmp_path):
     """The quantize pass's MobileNetV2: every expand + depthwise pair streamed, the t=1
     block's depthwise in place; compile's own check is bit-exact against the reference."""

@@ -185,6 +185,7 @@ def test_training_step_over_budget(tmp_path):
     assert not out.exists()
 
 
+@pytest.mark.slow
 def test_run_train_bad_inputs(host_art, digits, tmp_path):
     x, y = digits
     cases = {

@@ -90,6 +90,7 @@ CASES = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", list(CASES))
 def test_int8_step_is_bit_exact(case, tmp_path):
     make, data, scheme, qas = CASES[case]
@@ -140,6 +141,7 @@ def test_expf_logf_mirror_are_accurate():
     assert np.max(np.abs(gr_logf(v) - np.log(v.astype(np.float64)))) < 2e-6
 
 
+@pytest.mark.slow
 def test_backward_through_int8_max_pooling_is_refused(tmp_path):
     x, y = cnn_batch()
     step = int8_step(small_cnn()[0], x, y, "sparse-update(bias_last=5,weights='-1:1,-3:1')")
@@ -147,6 +149,7 @@ def test_backward_through_int8_max_pooling_is_refused(tmp_path):
         write_train(step, tmp_path / "mcu")
 
 
+@pytest.mark.slow
 def test_cli_int8_training_on_digits(tmp_path):
     """`compile --train` with quantize + qas through the CLI (calibrated on --calib), then
     `run --train` on scikit-learn digits: the int8 classifier head learns (the mean loss of

@@ -118,6 +118,7 @@ def test_inputs_shared_or_copied_give_the_same_outputs(cnn_artifact):
     np.testing.assert_array_equal(shared, x)                   # the VM never writes its inputs
 
 
+@pytest.mark.slow
 def test_tiny_gpt_matches_torch_backend(tmp_path):
     from examples.models import tiny_gpt
 
@@ -171,6 +172,7 @@ def test_gathers_never_read_out_of_bounds(tmp_path):
 
 
 # --------------------------------------------------------------------------- reload
+@pytest.mark.slow
 def test_artifact_reloads_in_fresh_process(cnn, cnn_artifact, tmp_path):
     model, graph = cnn
     out = tmp_path / "outputs.npz"
@@ -238,6 +240,7 @@ def test_normalize_rules_fire_and_keep_numerics(tmp_path):
     _close(got, _BoolMath()(x).numpy())
 
 
+@pytest.mark.slow
 def test_hf_llama_compiles(tmp_path):
 
     from tests.model_zoo import hf_llama
@@ -297,6 +300,7 @@ def _linear_task():
     return mod, target, tuning.extract_tasks(mod, target)
 
 
+@pytest.mark.slow
 def test_light_cpu_tasks_get_single_threaded_schedules():
     import dataclasses
 
@@ -323,6 +327,7 @@ def _records(cache: Path) -> int:
     return sum(1 for line in files[0].read_text().splitlines() if line.strip())
 
 
+@pytest.mark.slow
 def test_tuning_cache_reused_with_zero_new_trials(cnn, tmp_path):
     model, graph = cnn
     cache = tmp_path / "cache"
@@ -376,6 +381,7 @@ def test_unwritable_tuning_cache_is_a_user_error(tmp_path):
                    backend_options={"tune_trials": 2, "tune_cache": str(not_a_dir)})
 
 
+@pytest.mark.slow
 def test_candidate_build_past_the_time_limit_is_skipped_not_hung(tmp_path, monkeypatch, caplog):
     from gradrewrite.backends.tvm import tuning
 

@@ -107,6 +107,7 @@ def test_relax_module_computes_int8_with_int32_accumulation(qcnn):
 
 
 # --------------------------------------------------------------------------- numerics
+@pytest.mark.slow
 def test_small_cnn_bit_exact_against_the_integer_reference(qcnn, qcnn_artifact):
     rep = qcnn_artifact.report
     assert rep["artifact"]["quantized"]["int8_layers"] == SMALL_CNN_LAYERS
@@ -154,6 +155,7 @@ def test_small_cnn_within_int8_tolerance_of_the_torch_backend(qcnn, qcnn_artifac
         assert np.linalg.norm(got - ref) <= INT8_REL_TOL * np.linalg.norm(ref)
 
 
+@pytest.mark.slow
 def test_transformer_static_int8_linear_layers(tmp_path):
     """tiny GPT, static int8: 3-D int8 matmuls; layer norm / softmax / GELU stay fp32 between
     them, so it matches the integer reference to fp32 rounding, not bit for bit."""
@@ -174,6 +176,7 @@ def test_transformer_static_int8_linear_layers(tmp_path):
 
 
 # --------------------------------------------------------------------------- weight-only
+@pytest.mark.slow
 def test_weight_only_compiles_with_fp32_weights(tmp_path):
     """groupwise_linear (4-bit codes + fp16 outliers): dequantized at import into an fp32
     weight, so TVM matches the torch backend to fp32 rounding."""
@@ -194,6 +197,7 @@ def test_weight_only_compiles_with_fp32_weights(tmp_path):
 
 
 # --------------------------------------------------------------------------- end to end
+@pytest.mark.slow
 def test_cli_static_int8_small_cnn(tmp_path):
     calib = tmp_path / "calib.npz"
     np.savez(calib, x=np.random.default_rng(1).standard_normal((4, 1, 3, 32, 32)).astype(np.float32))

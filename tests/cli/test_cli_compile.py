@@ -10,6 +10,7 @@ import torch
 from .conftest import run_cli
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", ["torch", "ort"])
 def test_compile_run(tmp_path, convbn_pt2, convbn_model, backend):
     out = tmp_path / "out"
@@ -38,6 +39,7 @@ def test_compile_run(tmp_path, convbn_pt2, convbn_model, backend):
     assert np.abs(y - ref).max() <= 1e-5 * (1 + np.abs(ref).max())
 
 
+@pytest.mark.slow
 def test_recipe_and_dump(tmp_path, convbn_pt2):
     recipe = tmp_path / "r.toml"
     recipe.write_text('[[pass]]\nname = "fold-bn"\nselect = "path:features.*"\n[[pass]]\nname = "dce"\n')
@@ -48,6 +50,7 @@ def test_recipe_and_dump(tmp_path, convbn_pt2):
     assert rep["passes"][0]["report"]["folded"] == 2
 
 
+@pytest.mark.slow
 def test_run_random_and_npz(tmp_path, convbn_pt2):
     out = tmp_path / "o"
     run_cli("compile", convbn_pt2, "-o", out, "-q", check=True)
@@ -57,6 +60,7 @@ def test_run_random_and_npz(tmp_path, convbn_pt2):
     assert np.load(tmp_path / "b.npz")["output_0"].shape == (2, 5)
 
 
+@pytest.mark.slow
 def test_passes_lists_options():
     proc = run_cli("passes", check=True)
     assert "fold-bn" in proc.stdout and "dce" in proc.stdout and "select" in proc.stdout
@@ -72,6 +76,7 @@ def test_pickle_with_trust(tmp_path, convbn_model):
     assert json.loads((tmp_path / "o" / "report.json").read_text())["inputs"][0]["shape"] == [1, 3, 16, 16]
 
 
+@pytest.mark.slow
 def test_module_factory(tmp_path):
     (tmp_path / "factory_mod.py").write_text(
         "import torch\n"
@@ -83,6 +88,7 @@ def test_module_factory(tmp_path):
     assert rep["nodes"] == {"before": 2, "after": 1}
 
 
+@pytest.mark.slow
 def test_onnx_input_to_both_backends(tmp_path, convbn_model):
     path = tmp_path / "m.onnx"
     torch.onnx.export(convbn_model, (torch.randn(1, 3, 12, 12),), str(path), dynamo=False, opset_version=17,
@@ -95,6 +101,7 @@ def test_onnx_input_to_both_backends(tmp_path, convbn_model):
         assert rep["passes"][0]["report"]["folded"] >= 1   # BN kept by the legacy exporter without folding
 
 
+@pytest.mark.slow
 def test_tvm_backend_tunes_and_reuses_cache(tmp_path, convbn_pt2):
     cache = tmp_path / "cache"
     args = ("compile", convbn_pt2, "-p", "fold-bn", "-b", "tvm", "--tune-trials", "4", "--tune-cache", cache)

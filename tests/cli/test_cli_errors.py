@@ -95,6 +95,7 @@ def test_bad_recipe(tmp_path, convbn_pt2):
     assert_user_error(run_cli("compile", convbn_pt2, "--recipe", r, "-o", tmp_path / "o"), "not valid TOML")
 
 
+@pytest.mark.slow
 def test_run_errors(tmp_path, convbn_pt2):
     assert_user_error(run_cli("run", tmp_path), "not a gradrewrite artifact")
     out = tmp_path / "art"

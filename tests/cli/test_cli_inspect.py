@@ -1,6 +1,8 @@
 """`gradrewrite inspect` end to end: every format, a diff, the HTML page in Chromium."""
 from __future__ import annotations
 
+import pytest
+
 import json
 
 from tests.rewrite.test_inspect import NODE_RE, _browser, _no_remote, _text_of
@@ -16,6 +18,7 @@ def test_table_diff(convbn_pt2):
     assert "get_attr features.0.weight" in run_cli("inspect", convbn_pt2, "--weights", check=True).stdout
 
 
+@pytest.mark.slow
 def test_json_and_dot_and_svg(tmp_path, convbn_pt2):
     data = json.loads(run_cli("inspect", convbn_pt2, "-f", "json", check=True).stdout)
     assert data["stats"]["nodes"] == 11
@@ -25,6 +28,7 @@ def test_json_and_dot_and_svg(tmp_path, convbn_pt2):
     assert "<svg" in (tmp_path / "g.svg").read_text()
 
 
+@pytest.mark.slow
 def test_html_diff_page_in_browser(tmp_path, convbn_pt2):
     page = tmp_path / "graph.html"
     run_cli("inspect", convbn_pt2, "-p", "fold-bn,dce", "--diff", "-f", "html", "-o", page, check=True)
@@ -38,6 +42,7 @@ def test_html_diff_page_in_browser(tmp_path, convbn_pt2):
     assert len(NODE_RE.findall(dom)) >= 8 + 11                # both sides drawn
 
 
+@pytest.mark.slow
 def test_inspect_errors(tmp_path, convbn_pt2):
     assert_user_error(run_cli("inspect", convbn_pt2, "--diff"), "--diff needs --passes")
     assert_user_error(run_cli("inspect", tmp_path / "x.pt2"), "does not exist")

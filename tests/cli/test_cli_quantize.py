@@ -37,6 +37,7 @@ def files(tmp_path_factory):
     return d, model
 
 
+@pytest.mark.slow
 def test_static_int8_compile_run(files, tmp_path):
     d, model = files
     out = tmp_path / "int8"
@@ -54,6 +55,7 @@ def test_static_int8_compile_run(files, tmp_path):
     assert np.abs(y - ref).max() < 0.1 * np.abs(ref).max() + 0.02
 
 
+@pytest.mark.slow
 def test_weight_only_gradient_compile_and_inspect_table(files, tmp_path):
     d, _ = files
     passes = "quantize(bits=4,group=16,outliers=0.05,criterion=gradient,aggregation=square,select=op:linear)"
@@ -68,6 +70,7 @@ def test_weight_only_gradient_compile_and_inspect_table(files, tmp_path):
     assert "gradrewrite.groupwise_linear" in proc.stdout
 
 
+@pytest.mark.slow
 def test_bad_quantize_input_writes_nothing(files, tmp_path):
     d, _ = files
     out = tmp_path / "none"

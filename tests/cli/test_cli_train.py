@@ -1,6 +1,8 @@
 """`gradrewrite compile --train`: a training-step artifact with its memory plan."""
 from __future__ import annotations
 
+import pytest
+
 import json
 
 import numpy as np
@@ -40,6 +42,7 @@ def test_inspect_train_shows_memory_plan():
     assert "memory plan: arena" in proc.stderr and "fc_bias_grad" in proc.stdout
 
 
+@pytest.mark.slow
 def test_train_errors(tmp_path):
     proc = run_cli("compile", "--module", "examples.models:small_cnn", "--train", "-p",
                    "sparse-update(weights='classifier.99:1')", "-o", tmp_path / "x", "-q", cwd=ROOT)

@@ -426,6 +426,7 @@ def test_finalize_without_training(graph):
 
 
 # ------------------------------------------------------------------------ CLI
+@pytest.mark.slow
 def test_cli_compile_end_to_end(tmp_path, model):
     from tests.cli.conftest import run_cli
 
