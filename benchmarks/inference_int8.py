@@ -38,7 +38,7 @@ from benchmarks import _report  # noqa: E402
 from benchmarks.inference import _ort_runner, _first_line  # noqa: E402
 from examples import models  # noqa: E402
 from gradrewrite.rewrite import int8_layers as int8  # noqa: E402
-from gradrewrite.backends.mcu.reference import INT8_REL_TOL  # noqa: E402
+from gradrewrite.backends.mcu.inference.reference import INT8_REL_TOL  # noqa: E402
 from gradrewrite.rewrite.registry import PassContext  # noqa: E402
 
 THREADS = 2

@@ -41,7 +41,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import gradrewrite as gr  # noqa: E402
 from benchmarks import _report  # noqa: E402
 from examples.models import mobilenet_v2, small_cnn, tiny_gpt  # noqa: E402
-from gradrewrite.backends.mcu import firmware, pack_inputs, qemu, reference  # noqa: E402
+from gradrewrite.backends.mcu.firmware import build as firmware, qemu  # noqa: E402
+from gradrewrite.backends.mcu.inference import reference  # noqa: E402
+from gradrewrite.backends.mcu.packing import pack_inputs  # noqa: E402
 from gradrewrite.errors import GradrewriteError  # noqa: E402
 from gradrewrite.backends.mcu.targets import BOARD_FLASH_KB, BOARD_RAM_KB, DEFAULT_FLASH_KB, DEFAULT_RAM_KB  # noqa: E402
 

@@ -32,9 +32,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks import _report  # noqa: E402
 from examples.models import small_cnn  # noqa: E402
-from gradrewrite.backends.mcu.qemu import measure  # noqa: E402
+from gradrewrite.backends.mcu.firmware.qemu import measure  # noqa: E402
 from gradrewrite.backends.mcu.targets import BOARD_FLASH_KB, BOARD_RAM_KB, DEFAULT_FLASH_KB, DEFAULT_RAM_KB  # noqa: E402
-from gradrewrite.backends.mcu.train_host import compile_train  # noqa: E402
+from gradrewrite.backends.mcu.training.compile import compile_train  # noqa: E402
 from gradrewrite.compiler import run_pipeline  # noqa: E402
 from gradrewrite.rewrite.capture import capture  # noqa: E402
 from gradrewrite.rewrite.train_step import capture_train_step  # noqa: E402

@@ -102,7 +102,7 @@ def run_scheme(step, scheme: str, out: Path, measure: bool) -> dict:
 
 def qemu_epochs(out: Path, res: int, epochs: int = 2) -> list[float]:
     """Mean loss per pass over 4 random images (labels 1, 3, 5, 7), trained under QEMU."""
-    from gradrewrite.backends.mcu.train_run import run_training
+    from gradrewrite.backends.mcu.training.run import run_training
 
     project = out / "mcu"
     facts = json.loads((project / "model.json").read_text())

@@ -392,7 +392,7 @@ def run_cmd(artifact, inputs, use_random, seed, output, compare, labels_path=Non
     outputs = art(*arrays, **({"labels": _read_arrays(Path(labels_path))[0]} if labels_path else {}))
     checked = None
     if compare:  # before writing: a failed check leaves no outputs behind
-        from .backends.mcu.reference import compare as mcu_compare
+        from .backends.mcu.inference.reference import compare as mcu_compare
         checked = mcu_compare(art.path / "mcu", arrays, outputs)
     with atomic_file(out) as tmp:
         np.savez(tmp, **{f"output_{i}": o for i, o in enumerate(outputs)})
@@ -408,7 +408,7 @@ def _run_train(art, train_path, steps, lr, save_weights) -> None:
     """`run --train`: SGD steps of an mcu training-step artifact over a data set."""
     import json
 
-    from .backends.mcu import train_run
+    from .backends.mcu.training import run as train_run
     from .errors import ConfigError
 
     if train_path is None:

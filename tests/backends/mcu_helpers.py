@@ -6,10 +6,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from gradrewrite.backends.mcu import make_runner
-from gradrewrite.backends.mcu.codegen import write_project
-from gradrewrite.backends.mcu.firmware import build_host
-from gradrewrite.backends.mcu.lower import lower
+from gradrewrite.backends.mcu.firmware.build import build_host
+from gradrewrite.backends.mcu.inference.codegen import write_project
+from gradrewrite.backends.mcu.inference.lowering import lower
+from gradrewrite.backends.mcu.inference.runner import make_runner
 from gradrewrite.rewrite.capture import capture
 from gradrewrite.rewrite.graph import Graph
 

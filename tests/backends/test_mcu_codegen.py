@@ -13,8 +13,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from examples.models import mobilenet_v2, small_cnn, tiny_gpt
-from gradrewrite.backends.mcu.codegen import arena_buffers, plan_arena
-from gradrewrite.backends.mcu.lower import Unsupported, lower
+from gradrewrite.backends.mcu.inference.codegen import arena_buffers, plan_arena
+from gradrewrite.backends.mcu.inference.lowering import Unsupported, lower
 from gradrewrite.compiler import CompileOptions, compile_graph
 from gradrewrite.rewrite.capture import capture
 

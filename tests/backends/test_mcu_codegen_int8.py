@@ -11,7 +11,7 @@ from torch import nn
 from examples.models import small_cnn
 from gradrewrite.rewrite import int8_layers as int8
 from gradrewrite.backends.mcu.check import check_graph
-from gradrewrite.backends.mcu.lower import lower
+from gradrewrite.backends.mcu.inference.lowering import lower
 from gradrewrite.compiler import run_pipeline
 from gradrewrite.rewrite.capture import capture
 from gradrewrite.rewrite.quant_ops import DEQUANTIZE_PER_CHANNEL, DEQUANTIZE_PER_TENSOR, QUANTIZE_PER_TENSOR

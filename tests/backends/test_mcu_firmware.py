@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from gradrewrite.backends.mcu import firmware, qemu
+from gradrewrite.backends.mcu.firmware import build as firmware, qemu
 from gradrewrite.backends.mcu.targets import TARGETS, check_budget, get_target
 from gradrewrite.errors import BackendError, ConfigError
 

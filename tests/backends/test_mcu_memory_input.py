@@ -11,11 +11,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from examples.models import small_cnn
-from gradrewrite.backends.mcu import make_runner, quantize_input
+from gradrewrite.backends.mcu.inference.runner import make_runner
+from gradrewrite.backends.mcu.packing import quantize_input
 from gradrewrite.rewrite import int8_layers as int8
-from gradrewrite.backends.mcu.codegen import INPUT_BUFFER, plan_arena, write_project
-from gradrewrite.backends.mcu.firmware import build_host
-from gradrewrite.backends.mcu.lower import lower
+from gradrewrite.backends.mcu.firmware.build import build_host
+from gradrewrite.backends.mcu.inference.codegen import INPUT_BUFFER, plan_arena, write_project
+from gradrewrite.backends.mcu.inference.lowering import lower
 from gradrewrite.compiler import CompileOptions, compile_graph
 from gradrewrite.rewrite.capture import capture
 
@@ -121,7 +122,7 @@ def test_model_run_copies_a_caller_input_or_uses_the_arena_one(tmp_path):
 def test_firmware_reads_the_int8_input_into_the_arena(tmp_path):
     """Cortex-M4 under QEMU: main.c reads the (host-quantized) input file straight into
     model_input_buffer(); the run is bit-exact and the harness has no input array."""
-    from gradrewrite.backends.mcu import firmware
+    from gradrewrite.backends.mcu.firmware import build as firmware
 
     from .test_mcu_firmware import need_tools
 

@@ -9,8 +9,8 @@ from torch import nn
 
 from examples.models import mobilenet_v2
 from gradrewrite.rewrite import int8_layers as int8
-from gradrewrite.backends.mcu.codegen import plan_arena
-from gradrewrite.backends.mcu.lower import Lowerer, lower
+from gradrewrite.backends.mcu.inference.codegen import plan_arena
+from gradrewrite.backends.mcu.inference.lowering import Lowerer, lower
 from gradrewrite.compiler import CompileOptions, compile_graph
 from gradrewrite.rewrite.capture import capture
 from gradrewrite.rewrite.quant_ops import DEQUANTIZE_PER_CHANNEL, DEQUANTIZE_PER_TENSOR, QUANTIZE_PER_TENSOR

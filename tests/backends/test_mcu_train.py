@@ -16,11 +16,11 @@ import pytest
 import torch
 
 from examples.models import small_cnn
-from gradrewrite.backends.mcu import make_runner
-from gradrewrite.backends.mcu.firmware import build_host
-from gradrewrite.backends.mcu.lower import Unsupported
-from gradrewrite.backends.mcu.lower_train import lower_train
-from gradrewrite.backends.mcu.train_host import build_train_host, run_train_host, write_train
+from gradrewrite.backends.mcu.firmware.build import build_host
+from gradrewrite.backends.mcu.inference.lowering import Unsupported
+from gradrewrite.backends.mcu.inference.runner import make_runner
+from gradrewrite.backends.mcu.training.host import build_train_host, run_train_host, write_train
+from gradrewrite.backends.mcu.training.lowering import lower_train
 from gradrewrite.compiler import run_pipeline
 from gradrewrite.rewrite.capture import capture
 from gradrewrite.rewrite.train_step import apply_step, capture_train_step

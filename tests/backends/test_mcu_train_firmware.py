@@ -19,7 +19,7 @@ import pytest
 import torch
 from torch import nn
 
-from gradrewrite.backends.mcu.train_run import run_training, whole_parameters
+from gradrewrite.backends.mcu.training.run import run_training, whole_parameters
 from tests.cli.conftest import assert_user_error, run_cli
 
 ROOT = Path(__file__).resolve().parents[2]

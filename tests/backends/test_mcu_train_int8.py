@@ -17,10 +17,10 @@ import pytest
 import torch
 
 from examples.models import small_cnn
-from gradrewrite.backends.mcu.lower import Unsupported
-from gradrewrite.backends.mcu.train_host import build_train_host, run_train_host, write_train
-from gradrewrite.backends.mcu.train_int8 import device_form
-from gradrewrite.backends.mcu.train_reference import gr_expf, gr_logf, reference_steps
+from gradrewrite.backends.mcu.inference.lowering import Unsupported
+from gradrewrite.backends.mcu.training.device_form import device_form
+from gradrewrite.backends.mcu.training.host import build_train_host, run_train_host, write_train
+from gradrewrite.backends.mcu.training.reference import gr_expf, gr_logf, reference_steps
 from gradrewrite.compiler import run_pipeline
 from gradrewrite.passes.qas import trainable_int8
 from gradrewrite.rewrite.capture import capture
@@ -206,8 +206,8 @@ def test_ops_without_an_integer_reference_are_refused(tmp_path):
 def test_int8_step_on_cortex_m4_equals_the_host_bits(tmp_path):
     """train.elf under QEMU (arm-none-eabi-gcc, hard-float Cortex-M4) and the host build
     (x86 cc) run the same int8 steps to the same bits: no FMA contraction, no libm."""
-    from gradrewrite.backends.mcu.train_host import compile_train
-    from gradrewrite.backends.mcu.train_run import run_training
+    from gradrewrite.backends.mcu.training.compile import compile_train
+    from gradrewrite.backends.mcu.training.run import run_training
 
     x, y = mobile_batch()
     step = int8_step(MobileBlock(), x, y, "sparse-update(bias_last=4,weights='-1:1,-2:1/2,grp:1,dw:1/2')",

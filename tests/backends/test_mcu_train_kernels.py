@@ -15,7 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from gradrewrite.backends.mcu.codegen import kernel_dir
+from gradrewrite.backends.mcu.c_files import kernel_dir
 
 TOL = dict(atol=1e-5, rtol=1e-5)
 I32 = ctypes.c_int32

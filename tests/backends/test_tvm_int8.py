@@ -12,7 +12,7 @@ import torch
 
 import gradrewrite as gr
 from gradrewrite.rewrite import int8_layers as int8
-from gradrewrite.backends.mcu.reference import INT8_REL_TOL
+from gradrewrite.backends.mcu.inference.reference import INT8_REL_TOL
 from gradrewrite.backends.tvm.int8_ops import INT8_OPS, lower_int8
 from gradrewrite.compiler import CompileOptions, compile_graph
 from gradrewrite.rewrite.quant_ops import DEQUANTIZE_PER_CHANNEL

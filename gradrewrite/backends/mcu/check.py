@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ...rewrite.graph import Graph
-from .lower import unsupported_ops
+from .inference.lowering import unsupported_ops
 from .targets import get_target
 
 

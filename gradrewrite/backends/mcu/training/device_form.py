@@ -7,7 +7,7 @@ holding integers times a per-channel scale, activations go through
 the weight gradients by s^-2. The device keeps the integers: int8 weights, int32
 biases, int8 activations; only gradients are fp32. ``device_form`` rewrites the step
 graph into exactly that computation, so the mcu lowering and the integer reference
-(``train_reference.py``) read one graph:
+(``reference.py``) read one graph:
 
 - each fake quantizer becomes ``dequantize(quantize(x))`` (what ``int8.find`` matches as
   integer layers); its backward mask becomes ``ste_s8(g, q, qmin, qmax)``, computed
@@ -32,9 +32,10 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from ...rewrite.graph import Graph, copy_meta
-from ...rewrite.quant_ops import DEQUANTIZE_PER_CHANNEL, DEQUANTIZE_PER_TENSOR, QUANTIZE_PER_TENSOR
-from .lower import Unsupported
+from ....rewrite.graph import Graph, copy_meta, module_path, op_name
+from ....rewrite.int8_layers import find
+from ....rewrite.quant_ops import DEQUANTIZE_PER_CHANNEL, DEQUANTIZE_PER_TENSOR, QUANTIZE_PER_TENSOR
+from ..inference.lowering.base import Unsupported
 
 aten = torch.ops.aten
 FAKE_QUANT = aten.fake_quantize_per_tensor_affine_cachemask.default
@@ -170,7 +171,7 @@ def device_form(step: Graph) -> Graph:
 
 
 # what an int8 step may hold besides its int8 layers: ops whose C kernels are exact per
-# element (or data movement), or whose summation order train_reference.py mirrors
+# element (or data movement), or whose summation order reference.py mirrors
 _EXACT_OPS = {
     aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.permute.default, aten.t.default,
     aten.expand.default, aten.slice.Tensor, aten.flatten.using_ints, aten.squeeze.dims, aten.unsqueeze.default,
@@ -190,9 +191,6 @@ _EXACT_OPS = {
 def _check_ops(g: Graph) -> None:
     """Refuse, naming the op, what the int8 step cannot compute bit for bit against its
     reference (a float conv or matmul, layer norm, softmax inside the model ...)."""
-    from ...rewrite.graph import module_path, op_name
-    from ...rewrite.int8_layers import find
-
     layers = find(g)
     inside = {n for ql in layers.values() for n in (ql.layer, ql.act, *ql.post) if n is not None}
     for n in g.gm.graph.nodes:

@@ -1,7 +1,7 @@
 """The integer reference of an int8 training step: what the generated C must compute,
 bit for bit, written in numpy/torch.
 
-It runs the step's device form (``train_int8.device_form``) with
+It runs the step's device form (``device_form.device_form``) with
 
 - every int8 layer in integer arithmetic (``int8.run_layer``, as the inference check);
 - every fp32 reduction (``kernels/gr_train_s8.c``, ``gr_train.c``, ``gr_reduce_f32``)
@@ -26,11 +26,13 @@ import numpy as np
 import torch
 import torch.fx as fx
 
-from ...rewrite.graph import Graph
-from ...rewrite import int8_layers as int8
-from .codegen_train import rng_seed
-from .lower_train import _param_attr, _update_chain, update_factor
-from .train_int8 import device_form, linear_bwd_input, linear_bwd_weight
+from ....errors import VerificationError
+from ....rewrite.graph import Graph
+from ....rewrite import int8_layers as int8
+from .codegen import rng_seed
+from .device_form import device_form, linear_bwd_input, linear_bwd_weight
+from .host import run_train_host
+from .lowering.patterns import param_attr, update_chain, update_factor
 
 aten = torch.ops.aten
 F32 = np.float32
@@ -310,10 +312,10 @@ def _one_step(dgraph, layers, state, store, trained, x, labels, lr, rnd) -> floa
                 ql = dataclasses.replace(ql, bias_q=state[lay.b_attr])
             env[n] = int8.run_layer(ql, *(env[i] for i in ql.inputs))
             continue
-        chain = _update_chain(n)
+        chain = update_chain(n)
         if chain is not None:
             w_node, g_node, factors, _, _ = chain
-            attr = _param_attr(w_node)
+            attr = param_attr(w_node)
             g = np32(env[g_node])
             v = state[attr]
             rows = g.shape[0] if g.ndim else 1
@@ -371,9 +373,6 @@ def _conv_backward(n: fx.Node, args) -> tuple:
 def check_int8_step(graph: Graph, project, facts: dict[str, Any], *, steps: int = 2) -> dict[str, Any]:
     """The host build of an int8 training step against ``reference_steps`` on a seeded
     batch: every loss and trained parameter bit for bit, or a VerificationError."""
-    from ...errors import VerificationError
-    from .train_host import run_train_host
-
     x, labels = (t.numpy() for t in graph.random_inputs(11))
     losses, got = run_train_host(project, x, labels, steps, facts["lr"])
     ref_losses, ref = reference_steps(device_form(graph), x, labels, steps, facts["lr"],

@@ -1,18 +1,12 @@
-"""Run a generated training step over a data set: the host harness, or ``train.elf``
-under QEMU for Cortex-M targets (both ``templates/train_main.c``).
-
-The data set goes to the harness as one file of whole batches (input bytes, then label
-bytes, per batch) that it reads one batch per step through (semihosted) stdio, so it
-never sits in the device's SRAM; the step count, batch count and learning rate go in a
-16-byte config file. The harness streams ``gr: step=I loss=0xBITS`` lines (progress)
-and writes the losses and the trained parameters to its output file, decoded by
-``train_host.decode_train_output``.
+"""Run a generated training step over a data set (``gradrewrite run --train``): the host
+harness, or ``train.elf`` under QEMU for Cortex-M targets (``harness.py`` has the
+files they read and write), with progress per step; the data set and option checks
+of ``run --train``; the trained parameters whole, and saving them.
 """
 from __future__ import annotations
 
 import math
 import os
-import struct
 import subprocess
 import tempfile
 import threading
@@ -22,12 +16,12 @@ from typing import Any, Callable
 
 import numpy as np
 
-from ...errors import BackendError, ConfigError, InputError
-from .firmware import TRAIN_ELF, check_harness_exit, toolchain_missing
-from .targets import get_target
+from ....errors import BackendError, ConfigError, InputError
+from ..firmware.build import TRAIN_ELF, check_harness_exit, toolchain_missing
+from ..firmware.qemu import by_symbol, qemu_command, run_counting
+from ..targets import get_target
+from .harness import CONFIG, DATA, EXE, OUT, decode_train_output, stack_values, step_line, write_batches, write_config
 
-DATA, CONFIG, OUT = "train_data.bin", "train_config.bin", "train_out.bin"   # the harness's defaults
-CONFIG_MAGIC = b"GRT1"
 IDLE_TIMEOUT_S = 300      # no step finished for this long: the harness hangs
 COUNT_TIMEOUT_S = 600
 WEIGHT_SUFFIXES = (".safetensors", ".pt")
@@ -43,26 +37,6 @@ class TrainRun:
     batches: int = 1
 
 
-# ------------------------------------------------------------------ files for the harness
-def write_config(path: Path, steps: int, batches: int, lr: float) -> None:
-    path.write_bytes(CONFIG_MAGIC + struct.pack("<iif", steps, batches, lr))
-
-
-def write_batches(path: Path, facts: dict[str, Any], x: np.ndarray, labels: np.ndarray) -> int:
-    """Whole batches of the compiled batch size, in order (a remainder is dropped);
-    returns how many. Inputs are packed as for model_run (quantized when the C API
-    takes an int8 input)."""
-    from . import pack_inputs
-
-    n = int(facts["input"]["shape"][0])
-    batches = len(x) // n
-    with open(path, "wb") as f:
-        for b in range(batches):
-            f.write(pack_inputs([x[b * n:(b + 1) * n]], facts["inputs"][:1]))
-            f.write(np.ascontiguousarray(labels[b * n:(b + 1) * n], dtype=facts["labels"]["dtype"]).tobytes())
-    return batches
-
-
 # ------------------------------------------------------------------ running
 def run_training(project: str | Path, facts: dict[str, Any], x: np.ndarray, labels: np.ndarray, steps: int,
                  lr: float, *, target: str | None = None, progress: Progress | None = None,
@@ -70,8 +44,6 @@ def run_training(project: str | Path, facts: dict[str, Any], x: np.ndarray, labe
     """``steps`` SGD steps cycling over the batches of (x, labels), on the host
     executable or the target's train.elf under QEMU; ``count_instructions`` (QEMU only)
     also counts the instructions of the first step."""
-    from .train_host import EXE, decode_train_output
-
     project = Path(project).resolve()
     target = target or facts.get("target", "host")
     host = get_target(target).is_host
@@ -83,7 +55,6 @@ def run_training(project: str | Path, facts: dict[str, Any], x: np.ndarray, labe
         cmd = [str(image), DATA, CONFIG, OUT]
         where = "training harness (host)"
     else:
-        from .qemu import qemu_command
         reason = toolchain_missing(target)
         if reason:
             raise BackendError(f"cannot run the training firmware for {target}: {reason}")
@@ -95,8 +66,7 @@ def run_training(project: str | Path, facts: dict[str, Any], x: np.ndarray, labe
         write_config(t / CONFIG, steps, batches, lr)
         counter = None
         if count_instructions and not host:
-            from .qemu import _run_counting
-            code, text, counter = _run_counting(cmd, tmp, COUNT_TIMEOUT_S)
+            code, text, counter = run_counting(cmd, tmp, COUNT_TIMEOUT_S)
         else:
             code, text = _run_streaming(cmd, tmp, steps, progress)
         if code == 4:
@@ -107,15 +77,14 @@ def run_training(project: str | Path, facts: dict[str, Any], x: np.ndarray, labe
             raise BackendError(f"the {where} exited without writing its output",
                                "semihosting file I/O failed; check the QEMU version (7.2 is known to work)")
         losses, params = decode_train_output(facts, out.read_bytes(), steps)
-    stats = _stack_values(text)
+    stats = stack_values(text)
     reserve = stats.get("stack_reserve_bytes")
     if reserve and stats.get("stack_peak_bytes", 0) >= reserve:
         raise BackendError(f"the training firmware used its whole {reserve}-byte stack reserve: the stack "
                            "overflowed into the heap", "the generated code needs far less stack; report it")
     if counter is not None:
-        from .qemu import _by_symbol
         per_pc, calls = counter
-        per_fn = _by_symbol(per_pc, project / TRAIN_ELF)
+        per_fn = by_symbol(per_pc, project / TRAIN_ELF)
         stats.update(instructions_per_step=sum(per_fn.values()),
                      instructions_per_symbol=dict(sorted(per_fn.items(), key=lambda kv: -kv[1])),
                      instructions_per_call=[{"function": f, "instructions": n} for f, n in calls])
@@ -139,7 +108,7 @@ def _run_streaming(cmd: list[str], cwd: str, steps: int, progress: Progress | No
     try:
         for line in proc.stdout:
             lines.append(line)
-            step = _step_line(line)
+            step = step_line(line)
             if step is not None:
                 timer.cancel()
                 timer = threading.Timer(IDLE_TIMEOUT_S, kill)
@@ -156,30 +125,6 @@ def _run_streaming(cmd: list[str], cwd: str, steps: int, progress: Progress | No
         raise BackendError(f"the training harness finished no step for {IDLE_TIMEOUT_S} s and was stopped",
                            "the model may be too big to emulate in time; check it on the host target first")
     return code, "".join(lines)
-
-
-def _step_line(line: str) -> tuple[int, float] | None:
-    """(step, loss) from 'gr: step=I loss=0xBITS'."""
-    if not line.startswith("gr: step="):
-        return None
-    try:
-        step_item, loss_item = line[4:].split()[:2]
-        bits = int(loss_item.removeprefix("loss="), 16)
-        return int(step_item.removeprefix("step=")), struct.unpack("<f", struct.pack("<I", bits))[0]
-    except ValueError:
-        return None
-
-
-def _stack_values(text: str) -> dict[str, int]:
-    """The harness's closing 'gr: stack_step=... heap_used=...' numbers, as ``*_bytes``."""
-    values: dict[str, int] = {}
-    for line in text.splitlines():
-        if line.startswith("gr: stack_step="):
-            for item in line[4:].split():
-                key, _, value = item.partition("=")
-                if value.isdigit():
-                    values[f"{key}_bytes"] = int(value)
-    return values
 
 
 # ------------------------------------------------------------------ data set checks

@@ -22,10 +22,10 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from ...errors import BackendError, VerificationError
-from ...rewrite.graph import Graph
-from ...rewrite.verify import compare_outputs
-from ..base import reexport
+from ....errors import BackendError, VerificationError
+from ....rewrite.graph import Graph
+from ....rewrite.verify import compare_outputs
+from ...base import reexport
 
 REFERENCE = "reference.pt2"
 FP32_REL_TOL = 1e-4
@@ -41,7 +41,7 @@ def save_reference(graph: Graph, project_dir: str | Path) -> str:
 
 
 def load_reference(project_dir: str | Path) -> Graph:
-    from ...rewrite.capture import load_model
+    from ....rewrite.capture import load_model
 
     path = Path(project_dir) / REFERENCE
     if not path.is_file():
@@ -52,7 +52,7 @@ def load_reference(project_dir: str | Path) -> Graph:
 
 def reference_outputs(graph: Graph, inputs: Sequence[np.ndarray]) -> tuple[list[np.ndarray], bool]:
     """(reference outputs, whether the int8 integer reference was used)."""
-    from ...rewrite import int8_layers as int8
+    from ....rewrite import int8_layers as int8
 
     tensors = [torch.from_numpy(np.array(x)) for x in inputs]  # a writable copy
     is_int8 = bool(int8.find(graph))

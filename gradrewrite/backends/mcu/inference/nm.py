@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ...rewrite.nm_storage import pack_nm
+from ....rewrite.nm_storage import pack_nm
 
 CANDIDATE_M = (4, 8, 16)
 MIN_SAVING = 0.8   # packed must be <= 80% of dense bytes

@@ -28,8 +28,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ...errors import BackendError
-from .targets import DEFAULT_FLASH_KB, DEFAULT_RAM_KB, TARGETS, check_budget, get_target
+from ....errors import BackendError
+from ..c_files import template_dir
+from ..targets import DEFAULT_FLASH_KB, DEFAULT_RAM_KB, TARGETS, check_budget, get_target
 
 STACK_BYTES = 8192   # reserved inside the SRAM budget; the harness reports the high-water mark
 HEAP_BYTES = 4096    # newlib stdio buffers of the harness (it measures ~2.5 KB)
@@ -40,7 +41,7 @@ TRAIN_ELF, TRAIN_BIN = "train.elf", "train.bin"
 # (-std=c99 already implies it for gcc; spelled out so a flag change cannot undo it).
 NO_CONTRACT = "-ffp-contract=off"
 BUILD_TIMEOUT_S = 600
-TEMPLATES = Path(__file__).parent / "templates"
+TEMPLATES = template_dir()
 HARNESS_FILES = ("main.c", "startup_mps2.c", "gr_stack.h", "mps2.ld.in")
 
 

@@ -26,9 +26,9 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from ...errors import BackendError
-from .firmware import check_harness_exit, toolchain_missing
-from .targets import get_target
+from ....errors import BackendError
+from .build import ELF, check_harness_exit, toolchain_missing
+from ..targets import get_target
 
 RUN_TIMEOUT_S = 120
 COUNT_TIMEOUT_S = 600
@@ -68,7 +68,7 @@ def run_firmware(elf: str | Path, input_bytes: bytes, target: str, *, count_inst
         (Path(tmp) / "input.bin").write_bytes(input_bytes)
         t0 = time.perf_counter()
         if count:
-            code, text, counter = _run_counting(cmd, tmp, timeout)
+            code, text, counter = run_counting(cmd, tmp, timeout)
         else:
             (code, text), counter = _run_plain(cmd, tmp, timeout), None
         seconds = time.perf_counter() - t0
@@ -85,7 +85,7 @@ def run_firmware(elf: str | Path, input_bytes: bytes, target: str, *, count_inst
                            "into the heap", "the generated code needs far less stack; report it")
     if counter is not None:
         per_pc, calls = counter
-        per_fn = _by_symbol(per_pc, elf)
+        per_fn = by_symbol(per_pc, elf)
         stats["instructions"] = sum(per_fn.values())
         stats["instructions_note"] = "instructions executed by model_run (QEMU TB log), not cycles"
         if per_symbol:
@@ -109,7 +109,7 @@ def _run_plain(cmd: list[str], cwd: str, timeout: float) -> tuple[int, str]:
     return proc.returncode, proc.stdout + proc.stderr
 
 
-def _run_counting(cmd: list[str], cwd: str, timeout: float) -> tuple[int, str, tuple[Counter, list]]:
+def run_counting(cmd: list[str], cwd: str, timeout: float) -> tuple[int, str, tuple[Counter, list]]:
     """Run with the TB log on a pipe; returns (exit code, console text, _count_window's result)."""
     read_fd, write_fd = os.pipe()
     cmd = cmd + ["-d", "nochain,in_asm,exec", "-D", f"/dev/fd/{write_fd}"]
@@ -225,7 +225,7 @@ def _symbols(elf: Path) -> tuple[list[int], list[str]]:
     return [a for a, _ in table], [n for _, n in table]
 
 
-def _by_symbol(counter: Counter, elf: Path) -> dict[str, int]:
+def by_symbol(counter: Counter, elf: Path) -> dict[str, int]:
     addrs, names = _symbols(elf)
     per_fn: Counter = Counter()
     for pc, n in counter.items():
@@ -276,8 +276,6 @@ def measure(project_dir: str | Path, target: str, input_bytes: bytes, *, ops: li
     """One inference of the project's firmware.elf, measured for report.json: stack
     high-water mark, harness heap, and (when asked) instructions per inference, per
     function and per layer (``ops``: the code generator's op list, in call order)."""
-    from .firmware import ELF
-
     _, stats = run_firmware(Path(project_dir) / ELF, input_bytes, target, per_symbol=count_instructions,
                             timeout_s=timeout_s)
     result = {k: stats[k] for k in ("stack_model_bytes", "stack_peak_bytes", "stack_reserve_bytes",

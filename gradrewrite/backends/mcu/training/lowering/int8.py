@@ -1,7 +1,7 @@
 """int8 training-step lowering: the kernels of ``kernels/gr_train_s8.c`` for the
-device form of an int8 step (``train_int8.py``).
+device form of an int8 step (``..device_form``).
 
-Values the int8 backward reads without a float copy:
+Values the int8 backward reads without a float copy (``buffers.py``):
 
 - ``DqBuf``: a dequantized int8 activation (``dequantize_per_tensor`` of an int8
   tensor). Int8-aware kernels read the int8 tensor with its scale and zero point (the
@@ -10,54 +10,34 @@ Values the int8 backward reads without a float copy:
 - ``ScaledS8``: an int8 weight times its per-output-channel scales (``mul(w_q, s)``),
   read by the input-gradient kernels; the int8 array is the one the forward uses (SRAM
   when trained, flash when frozen, or both parts of a partially trained one).
+
+This module also registers the handlers of the device form's own ops and of the int8
+step's dequantize / weight-scale markers.
 """
 from __future__ import annotations
-
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 import torch.fx as fx
 
-from ...rewrite.graph import op_name
-from .lower import Lowerer, Unsupported, _shape, _val_meta
-from .program import Buf, Val, c_float, contiguous_strides
-from .train_int8 import scaled_weight
-
-if TYPE_CHECKING:
-    from .lower_train import TrainLowerer
+from .....rewrite.quant_ops import DEQUANTIZE_PER_TENSOR
+from ...inference.lowering.base import HANDLERS, Unsupported, conv_shape, shape_of, val_meta
+from ...program import Val, c_float, contiguous_strides
+from .. import device_form as dev
+from .base import TRAIN_HANDLERS, train_handles
+from .buffers import DqBuf, ScaledS8
+from .lowerer import TrainLowerer
 
 aten = torch.ops.aten
 S8_FILE = "gr_train_s8.c"
 
 
-@dataclass(eq=False)
-class DqBuf(Buf):
-    q: Val | None = None
-    scale: float = 1.0
-    zp: int = 0
-
-    def expr(self) -> str:
-        raise Unsupported(f"{self.name} is an int8 activation read without a float copy")
-
-
-@dataclass(eq=False)
-class ScaledS8(Buf):
-    parts: tuple = ()            # ((first output channel, int8 Val of its filters), ...)
-    scale: Buf | None = None     # f32 per output channel (flash)
-    channels: int = 0
-
-    def expr(self) -> str:
-        raise Unsupported(f"{self.name} is an int8 weight read as float")
-
-
-def dq_of(lw: "TrainLowerer", node) -> DqBuf | None:
+def dq_of(lw: TrainLowerer, node) -> DqBuf | None:
     v = lw.vals.get(node) if isinstance(node, fx.Node) else None
     return v.buf if isinstance(v, Val) and isinstance(v.buf, DqBuf) else None
 
 
-def q_view(lw: "TrainLowerer", node) -> Val:
+def q_view(lw: TrainLowerer, node) -> Val:
     """The int8 tensor behind a (view of a) dequantized activation, with the same view."""
     v = lw.vals[node]
     d = v.buf
@@ -66,24 +46,24 @@ def q_view(lw: "TrainLowerer", node) -> Val:
     return lw.contig(Val(d.q.buf, v.shape, v.strides, d.q.offset + v.offset))  # e.g. a batch's first channels
 
 
-def scaled_of(lw: "TrainLowerer", node) -> ScaledS8 | None:
+def scaled_of(lw: TrainLowerer, node) -> ScaledS8 | None:
     """The int8 weight behind ``mul(w_q, s)``; a frozen one is a constant the lowering
     never visits, so it is found by its pattern."""
     v = lw.vals.get(node) if isinstance(node, fx.Node) else None
     if isinstance(v, Val) and isinstance(v.buf, ScaledS8):
         return v.buf
-    sw = scaled_weight(node)
+    sw = dev.scaled_weight(node)
     return lw._scaled.get(str(sw[0].target)) if sw is not None else None
 
 
-def _emit(lw: "TrainLowerer", kernel: str, code: str, reads: list[Val], writes: list[Val], macs: int = 0,
+def _emit(lw: TrainLowerer, kernel: str, code: str, reads: list[Val], writes: list[Val], macs: int = 0,
           op: str | None = None) -> None:
     lw.emit(kernel, S8_FILE, code, reads, writes, macs, op=op)
     lw.kernel_files.add("gr_train.h")
     lw.kernel_files.add("gr_train.c")
 
 
-def dequantize_marker(lw: "TrainLowerer", node: fx.Node) -> Val:
+def dequantize_marker(lw: TrainLowerer, node: fx.Node) -> Val:
     q = lw.contig(lw.val(node.args[0]))
     if q.dtype != "i8":
         raise Unsupported("only int8 dequantize")
@@ -93,16 +73,7 @@ def dequantize_marker(lw: "TrainLowerer", node: fx.Node) -> Val:
     return Val(buf, shape, contiguous_strides(shape))
 
 
-def materialize(lw: "TrainLowerer", v: Val) -> Val:
-    d: DqBuf = v.buf
-    y = lw.new(d.q.shape, "f32", name=d.name + "_f32")
-    lw.emit("gr_dequantize_i8_f32", "gr_int8.c",
-            f"gr_dequantize_i8_f32({d.q.ptr()}, {y.out()}, {d.q.numel}, {c_float(d.scale)}, {d.zp});",
-            [d.q], [y], op="dequantize (float copy for " + (op_name(lw.current) if lw.current else "?") + ")")
-    return Val(y.buf, v.shape, v.strides, v.offset)
-
-
-def ste(lw: "TrainLowerer", node: fx.Node) -> Val:
+def ste(lw: TrainLowerer, node: fx.Node) -> Val:
     g, q = lw.contig(lw.val(node.args[0])), lw.contig(lw.val(node.args[1]))
     if q.dtype != "i8" or g.dtype != "f32" or g.numel != q.numel:
         raise Unsupported("straight-through mask of a non-int8 value")
@@ -112,7 +83,7 @@ def ste(lw: "TrainLowerer", node: fx.Node) -> Val:
     return gx
 
 
-def mask_bits(lw: "TrainLowerer", node: fx.Node) -> Val:
+def mask_bits(lw: TrainLowerer, node: fx.Node) -> Val:
     q = lw.contig(lw.val(node.args[0]))
     if q.dtype != "i8":
         raise Unsupported("a gradient mask of a non-int8 value")
@@ -123,7 +94,7 @@ def mask_bits(lw: "TrainLowerer", node: fx.Node) -> Val:
     return Val(bits.buf, tuple(q.shape), contiguous_strides(tuple(q.shape)))  # one bit per element of q
 
 
-def masked_grad(lw: "TrainLowerer", node: fx.Node) -> Val:
+def masked_grad(lw: TrainLowerer, node: fx.Node) -> Val:
     g = lw.contig(lw.val(node.args[0]))
     bits = lw.vals[node.args[1]]
     if g.numel != bits.numel:
@@ -134,7 +105,7 @@ def masked_grad(lw: "TrainLowerer", node: fx.Node) -> Val:
     return gx
 
 
-def act_bwd(lw: "TrainLowerer", node: fx.Node, d: DqBuf) -> Val:
+def act_bwd(lw: TrainLowerer, node: fx.Node, d: DqBuf) -> Val:
     g = lw.contig(lw.val(node.args[0]))
     gx = lw.new(g.shape, "f32", inplace_of=g)
     if node.target == aten.threshold_backward.default:
@@ -147,12 +118,12 @@ def act_bwd(lw: "TrainLowerer", node: fx.Node, d: DqBuf) -> Val:
     return gx
 
 
-def conv_bwd(lw: "TrainLowerer", node: fx.Node, c: dict, mask: list, gy: Val) -> tuple:
+def conv_bwd(lw: TrainLowerer, node: fx.Node, c: dict, mask: list, gy: Val) -> tuple:
     """convolution_backward with an int8 weight and/or int8 saved input."""
     a = node.args
-    xs, ws = tuple(_val_meta(a[1]).shape), tuple(_val_meta(a[2]).shape)
+    xs, ws = tuple(val_meta(a[1]).shape), tuple(val_meta(a[2]).shape)
     k = gy.shape[1]
-    s, macs = Lowerer._conv_shape(xs, ws, (gy.shape[0], ws[0], *gy.shape[2:]), c)
+    s, macs = conv_shape(xs, ws, (gy.shape[0], ws[0], *gy.shape[2:]), c)
     outs: list = [None, None, None]
     if mask[0]:
         w = scaled_of(lw, a[2])
@@ -186,14 +157,14 @@ def conv_bwd(lw: "TrainLowerer", node: fx.Node, c: dict, mask: list, gy: Val) ->
     return tuple(outs)
 
 
-def linear_bwd_input(lw: "TrainLowerer", node: fx.Node) -> Val:
+def linear_bwd_input(lw: TrainLowerer, node: fx.Node) -> Val:
     g = lw.contig(lw.val(node.args[0]))
     w = scaled_of(lw, node.args[1])
     if w is None:
         raise Unsupported("linear input gradient through a weight that is not int8")
     rows, nout = g.shape
     kin = w.parts[0][1].shape[1]
-    gx = lw.new(_shape(node), "f32")
+    gx = lw.new(shape_of(node), "f32")
     code, reads = [], [g]
     for j, (o0, part) in enumerate(w.parts):
         code.append(f"gr_linear_bwd_input_ws8_f32({g.ptr()}, {part.ptr()}, {w.scale.name}, {o0}, "
@@ -203,7 +174,7 @@ def linear_bwd_input(lw: "TrainLowerer", node: fx.Node) -> Val:
     return gx
 
 
-def linear_bwd_weight(lw: "TrainLowerer", node: fx.Node) -> Val:
+def linear_bwd_weight(lw: TrainLowerer, node: fx.Node) -> Val:
     g = lw.val(node.args[0])
     d = dq_of(lw, node.args[1])
     if d is None:
@@ -224,7 +195,7 @@ def linear_bwd_weight(lw: "TrainLowerer", node: fx.Node) -> Val:
     return gw
 
 
-def sgd_int(lw: "TrainLowerer", w: Val, g: Val, factor: np.ndarray, dtype: str, rows: int) -> None:
+def sgd_int(lw: TrainLowerer, w: Val, g: Val, factor: np.ndarray, dtype: str, rows: int) -> None:
     """The integer update of an int8 weight / int32 bias (gr_sgd_s8 / gr_sgd_s32)."""
     f = lw.add_const((w.buf.name + "_qas"), factor.astype(np.float32), "f32")
     cols = w.numel // rows
@@ -235,3 +206,25 @@ def sgd_int(lw: "TrainLowerer", w: Val, g: Val, factor: np.ndarray, dtype: str, 
     else:
         _emit(lw, "gr_sgd_s32", f"gr_sgd_s32({w.out()}, {g.ptr()}, {f.name}, lr, {rows}, {cols}, {rng});",
               [w, g], [w])
+
+
+@train_handles(DEQUANTIZE_PER_TENSOR)
+def _dq(lw: TrainLowerer, node: fx.Node) -> Val:
+    if not lw.int8:
+        return HANDLERS[node.target](lw, node)
+    return dequantize_marker(lw, node)
+
+
+@train_handles(aten.mul.Tensor)
+def _mul(lw: TrainLowerer, node: fx.Node) -> Val:
+    a = node.args[0]
+    if lw.int8 and isinstance(a, fx.Node) and a.op == "get_attr" and str(a.target) in lw._scaled:
+        buf = lw._scaled[str(a.target)]
+        shape = shape_of(node)
+        return Val(buf, shape, contiguous_strides(shape))
+    return HANDLERS[node.target](lw, node)
+
+
+# the device form's own ops (..device_form)
+TRAIN_HANDLERS.update({dev.ste_s8: ste, dev.mask_bits: mask_bits, dev.masked_grad: masked_grad,
+                       dev.linear_bwd_input: linear_bwd_input, dev.linear_bwd_weight: linear_bwd_weight})
