@@ -28,18 +28,26 @@ __version__ = "0.1.0"
 
 def compile(model: Graph | Any, out: str | Path, *, example_inputs: Sequence[Any] | None = None,
             passes: str | None = None, recipe: str | Path | None = None, backend: str = "torch",
-            force: bool = False, **options: Any) -> Artifact:
+            force: bool = False, dynamic_batch: bool = False, **options: Any) -> Artifact:
     """Capture (if given an ``nn.Module``), rewrite, lower and verify; returns the Artifact.
 
-    The graph passed in is not modified: the pipeline runs on a copy.
+    The graph passed in is not modified: the pipeline runs on a copy. ``dynamic_batch``:
+    capture dim 0 of every input as a symbolic batch (a Graph keeps what it was loaded
+    with: ``load(..., dynamic_batch=True)``).
     """
     if isinstance(model, Graph):
+        if dynamic_batch and not model.dynamic_batch:
+            raise GradrewriteError("this Graph was captured with a fixed batch",
+                                   "load or capture it with dynamic_batch=True")
         graph = model.clone()
     else:
         if example_inputs is None:
             raise GradrewriteError("example_inputs are needed to capture an nn.Module",
                                    "pass example_inputs=(tensor, ...)")
-        graph = capture(model, tuple(example_inputs))
+        if dynamic_batch:  # before the capture, as the CLI does
+            from .rewrite.dynamic_batch import refuse
+            refuse(backend=backend)
+        graph = capture(model, tuple(example_inputs), dynamic_batch=dynamic_batch)
     opts = CompileOptions(passes=passes, recipe=recipe, backend=backend, force=force, **options)
     return compile_graph(graph, out, opts)
 

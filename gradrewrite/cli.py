@@ -62,11 +62,19 @@ def _model_options(fn):
     return fn
 
 
-def _load(model, module, inputs, trust_pickle, seed=0):
+def _load(model, module, inputs, trust_pickle, seed=0, dynamic_batch=False):
     from .rewrite.capture import load_model
 
     with err_console.status("capturing the model …"):
-        return load_model(model, module=module, inputs=inputs, trust_pickle=trust_pickle, seed=seed)
+        return load_model(model, module=module, inputs=inputs, trust_pickle=trust_pickle, seed=seed,
+                          dynamic_batch=dynamic_batch)
+
+
+def _wants_dynamic_batch(flag: bool, inputs) -> bool:
+    """--dynamic-batch, or an --input spec with a symbolic batch (Bx3x96x96)."""
+    from .rewrite.capture import parse_input_spec
+
+    return flag or any(parse_input_spec(text, i).dynamic_batch for i, text in enumerate(inputs))
 
 
 class _OneLineErrors(click.Group):
@@ -140,11 +148,14 @@ def main(debug: bool) -> None:
 @click.option("--label", "label_spec", metavar="SPEC", default=None,
               help="--train: labels input spec (default: int64 class ids for cross_entropy, the output's "
                    "shape for mse), e.g. 8:int64:10.")
+@click.option("--dynamic-batch", is_flag=True,
+              help="Make dim 0 of every input a symbolic batch: the artifact runs at any batch size "
+                   "(torch, ort, tvm; --input Bx3x96x96 marks one input).")
 @_friendly
 def compile_cmd(model, module, inputs, trust_pickle, passes, recipe, backend, target, tune_trials, tune_cache,
                 opset, external_data, ram_kb, flash_kb, out, force, seed, verify_inputs, dump_graphs, quiet,
                 calib=None, train=False, loss_name="cross_entropy", optimizer="sgd", lr=0.01, momentum=0.0,
-                label_spec=None):
+                label_spec=None, dynamic_batch=False):
     """Capture MODEL, run passes, lower it with a backend and write the artifact to OUT.
 
     MODEL is a torch.export .pt2 file, an .onnx file, a pickled .pt/.pth module (with
@@ -161,7 +172,11 @@ def compile_cmd(model, module, inputs, trust_pickle, passes, recipe, backend, ta
                                        tune_trials=tune_trials, tune_cache=tune_cache, ram_kb=ram_kb,
                                        flash_kb=flash_kb, quiet=quiet)
     check_out_free(out, force)  # before the slow capture
-    graph = _load(model, module, inputs, trust_pickle, seed)
+    if _wants_dynamic_batch(dynamic_batch, inputs):
+        from .rewrite.dynamic_batch import refuse
+        refuse(backend=backend, train=train,
+               stream_bp=any(s.name == "stream-bp" for s in pipeline_specs(passes, recipe)))
+    graph = _load(model, module, inputs, trust_pickle, seed, dynamic_batch)
     calibration = _calibration(calib, graph)
     if train and (loss_name == "causal_lm" or any(s.name == "stream-bp" for s in pipeline_specs(passes, recipe))):
         return _stream_bp_train(graph, out, pipeline_specs(passes, recipe), loss_name, backend, label_spec,
@@ -191,6 +206,10 @@ def _compile_summary(out, r: dict) -> str:
     against = "the rewritten training step" if r.get("train_step") else "the original model"
     error = (f"max abs error {v['max_abs_error']:.3g} (relative {v['relative_error']:.3g}) against {against} "
              f"over {v['inputs_compared']} inputs")
+    if "dynamic_batch" in r:
+        dyn = r["dynamic_batch"]
+        error += (f" at batches {' and '.join(map(str, dyn['verified']))} (dynamic batch: runs at any batch "
+                  f"{dyn['min']}..{dyn['max']})")
     if int8.get("bit_exact"):  # the float comparison only shows int8 resolution
         what = f"{int8['steps']} training steps" if "steps" in int8 else f"{int8.get('inputs', '')} inputs"
         error = (f"int8 C code bit-exact against the integer reference ({what}); {error}, "
@@ -349,12 +368,14 @@ def _tvm_progress(event: dict) -> None:
 @click.option("--steps", type=int, default=None, help="--train: training steps (default: one pass over the data).")
 @click.option("--trust-pickle", is_flag=True,
               help="Allow the artifact's .pt2 to unpickle arbitrary objects (runs code from the file).")
+@click.option("--batch", type=int, default=None,
+              help="--random on a dynamic-batch artifact: the batch size (default: the compiled example's).")
 @click.option("--lr", type=float, default=None, help="--train: learning rate (default: the compiled one).")
 @click.option("--save-weights", type=click.Path(path_type=str), default=None,
               help="--train: write every trained parameter (whole, float32) to a .safetensors or .pt file.")
 @_friendly
 def run_cmd(artifact, inputs, use_random, seed, output, compare, labels_path=None, train_path=None, steps=None,
-            lr=None, save_weights=None, trust_pickle=False):
+            lr=None, save_weights=None, trust_pickle=False, batch=None):
     """Run a compiled ARTIFACT directory and write its outputs (or, with --train, train it)."""
     import numpy as np
 
@@ -374,12 +395,18 @@ def run_cmd(artifact, inputs, use_random, seed, output, compare, labels_path=Non
     if use_random == bool(inputs):
         raise InputError("give the inputs with --input FILE.npy (one per input) or pass --random",
                          "see `gradrewrite run --help`")
+    if batch is not None and not (use_random and "dynamic_batch" in art.report):
+        raise InputError("--batch sets the batch of --random inputs for a dynamic-batch artifact",
+                         "drop --batch" if "dynamic_batch" not in art.report else "add --random, or drop --batch "
+                         "(an --input array's first dimension is its batch)")
     if use_random:
         import torch
         from .rewrite.graph import InputSpec
         gen = torch.Generator().manual_seed(seed)
-        arrays = [InputSpec(s["name"], tuple(s["shape"]), getattr(torch, s["dtype"]), s.get("high"))
-                  .random(gen).numpy() for s in art.report["inputs"]]
+        example = art.report.get("dynamic_batch", {}).get("example")
+        arrays = [InputSpec(s["name"], tuple(example if d == "B" else d for d in s["shape"]),
+                            getattr(torch, s["dtype"]), s.get("high"), s["shape"][:1] == ["B"])
+                  .random(gen, batch).numpy() for s in art.report["inputs"]]
     else:
         arrays = []
         for path in inputs:
@@ -550,6 +577,10 @@ def check_cmd(model, module, inputs, trust_pickle, passes, recipe, target):
 
     specs = pipeline_specs(passes, recipe)
     build_passes(specs)
+    if _wants_dynamic_batch(False, inputs):
+        from .errors import ConfigError
+        raise ConfigError("the mcu backend generates code for fixed shapes; --input B… asks for a dynamic batch",
+                          "give the batch size, e.g. --input 1x3x96x96")
     graph = _load(model, module, inputs, trust_pickle)
     if specs:
         run_pipeline(graph, specs, verify=True)

@@ -24,6 +24,7 @@ from . import auto_select
 from .backends.base import as_numpy, get_backend
 from .errors import ConfigError, GradrewriteError, VerificationError
 from .outputs import check_out_free, make_build_dir, replace_dir
+from .rewrite import dynamic_batch
 from .rewrite.graph import Graph
 from .rewrite.pass_manager import DumpGraphs, Instrument, PassManager, VerifyEachPass
 from .rewrite.pipeline import PassSpec, build_passes, load_recipe, parse_pipeline
@@ -75,6 +76,8 @@ def compile_graph(graph: Graph, out: str | Path, options: CompileOptions | None 
     opts = options or CompileOptions()
     out = Path(out)
     check_out_free(out, opts.force)
+    if graph.dynamic_batch:
+        dynamic_batch.refuse(backend=opts.backend)
     specs = pipeline_specs(opts.passes, opts.recipe)
     passes = build_passes(specs)              # typos fail before any work
     auto = opts.backend == auto_select.AUTO
@@ -129,6 +132,8 @@ def compile_graph(graph: Graph, out: str | Path, options: CompileOptions | None 
             # its artifact is checked against the rewritten step itself
             verification = _verify_artifact(runner, graph if graph.meta.get("train_step") else original,
                                             opts)
+        if original.dynamic_batch:  # the traced batch is checked; other batches must agree too
+            verification = _verify_other_batches(runner, original, opts, verification)
         # a training step is compared with the rewritten step, so lossy passes do not
         # excuse the backend: its lowering must be exact
         exact = exact or bool(graph.meta.get("train_step"))
@@ -154,7 +159,7 @@ def compile_graph(graph: Graph, out: str | Path, options: CompileOptions | None 
             "source": graph.source,
             "backend": backend.name,
             "target": artifact.target,
-            "inputs": [{"name": s.name, "shape": list(s.shape),
+            "inputs": [{"name": s.name, "shape": ["B", *s.shape[1:]] if s.dynamic_batch else list(s.shape),
                         "dtype": str(s.dtype).removeprefix("torch."), "high": s.high}
                        for s in graph.inputs],
             "passes": result.reports(),
@@ -169,6 +174,10 @@ def compile_graph(graph: Graph, out: str | Path, options: CompileOptions | None 
             "sizes": {f: (tmp / f).stat().st_size for f in artifact.files},
             "export_metadata": graph.meta.get("export_metadata", {}),
         }
+        if original.dynamic_batch:
+            report["dynamic_batch"] = {"min": dynamic_batch.MIN_BATCH, "max": dynamic_batch.MAX_BATCH,
+                                       "example": original.example_batch,
+                                       "verified": [b["batch"] for b in verification["batches"]]}
         if auto_table is not None:
             report["auto"] = auto_table
         if "mcu" in report["artifact"]:  # the mcu backend's arena/flash facts: their own section
@@ -188,18 +197,30 @@ def compile_graph(graph: Graph, out: str | Path, options: CompileOptions | None 
     return Artifact(out)
 
 
-def _verify_artifact(runner, reference: Graph, opts: CompileOptions) -> dict[str, Any]:
+def _verify_artifact(runner, reference: Graph, opts: CompileOptions, batch: int | None = None) -> dict[str, Any]:
     """The artifact (numpy in/out) against the original graph, on fresh seeded inputs
-    (offset from the per-pass checks' seeds)."""
+    (offset from the per-pass checks' seeds); ``batch``: another size of a dynamic batch."""
     def run(*inputs: torch.Tensor) -> list[torch.Tensor]:
         return [torch.from_numpy(np.asarray(o)) for o in runner(*(t.numpy() for t in inputs))]
 
     try:
         return verify(run, reference, reference, n_inputs=opts.verify_inputs,
-                      seed=opts.seed + 1000).as_dict()
+                      seed=opts.seed + 1000, batch=batch).as_dict()
     except ValueError as exc:
         raise VerificationError(f"artifact outputs do not match the model's: {exc}",
                                 "this is a backend bug; use --backend torch") from exc
+
+
+def _verify_other_batches(runner, reference: Graph, opts: CompileOptions, first: dict[str, Any]) -> dict[str, Any]:
+    """A dynamic-batch artifact checked at each of ``verify_batches``: the worst error
+    over all of them, and one row per batch."""
+    batches = dynamic_batch.verify_batches(reference.example_batch)
+    rows = [{"batch": batches[0], **first}]
+    rows += [{"batch": b, **_verify_artifact(runner, reference, opts, batch=b)} for b in batches[1:]]
+    worst = {k: max(r[k] for r in rows) for k in ("max_abs_error", "relative_error", "max_abs_reference")}
+    keep = ("batch", "inputs_compared", "max_abs_error", "relative_error")
+    return {**first, **worst, "inputs_compared": sum(r["inputs_compared"] for r in rows),
+            "batches": [{k: r[k] for k in keep} for r in rows]}
 
 
 def _latency(runner, graph: Graph, runs: int) -> dict[str, Any] | None:
@@ -327,12 +348,36 @@ class Artifact:
             raise GradrewriteError(f"the model takes {len(specs)} input(s), got {len(inputs)}",
                                    "pass one --input per model input: "
                                    + ", ".join(f"{s['name']} {'x'.join(map(str, s['shape']))}:{s['dtype']}" for s in specs))
+        batches = {}  # a dynamic dim 0 ("B" in the report) takes any batch, one shared by every input
         for arr, spec in zip(inputs, specs):
-            if list(arr.shape) != spec["shape"] or str(arr.dtype) != spec["dtype"]:
+            want = spec["shape"]
+            dims_ok = arr.ndim == len(want) and all(w == "B" or a == w for a, w in zip(arr.shape, want))
+            if not dims_ok or str(arr.dtype) != spec["dtype"]:
+                only_batch = (not dims_ok and str(arr.dtype) == spec["dtype"] and arr.ndim == len(want)
+                              and list(arr.shape[1:]) == want[1:])
                 raise GradrewriteError(
                     f"input {spec['name']!r} is {'x'.join(map(str, arr.shape))}:{arr.dtype}, the artifact was "
-                    f"compiled for {'x'.join(map(str, spec['shape']))}:{spec['dtype']}",
-                    "pass an array of that shape and dtype, or compile again with --input")
+                    f"compiled for {'x'.join(map(str, want))}:{spec['dtype']}"
+                    + (" (B: any batch)" if want[:1] == ["B"] else ""),
+                    "pass an array of that shape and dtype, or compile again with --input"
+                    + (" (--dynamic-batch takes any batch size)" if only_batch and want[:1] != ["B"] else ""))
+            if want[:1] == ["B"]:
+                batches[spec["name"]] = int(arr.shape[0])
+        if batches:
+            self._check_batch(batches)
+
+    def _check_batch(self, batches: dict[str, int]) -> None:
+        if len(set(batches.values())) > 1:
+            sizes = ", ".join(f"{k} {v}" for k, v in batches.items())
+            raise GradrewriteError(f"the inputs' batch sizes differ ({sizes}); the artifact's dynamic batch is "
+                                   "one size shared by every input",
+                                   "pass every input with the same first dimension")
+        batch, limits = next(iter(batches.values())), self.report.get("dynamic_batch", {})
+        low, high = limits.get("min", dynamic_batch.MIN_BATCH), limits.get("max", dynamic_batch.MAX_BATCH)
+        if not low <= batch <= high:
+            raise GradrewriteError(f"batch {batch} is outside the artifact's dynamic batch range {low}..{high}",
+                                   f"split the inputs into batches of at most {high}" if batch > high
+                                   else "pass at least one sample")
 
     def __call__(self, *inputs: Any, labels: Any = None) -> list[np.ndarray]:
         arrays = [x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x) for x in inputs]

@@ -12,6 +12,7 @@ Sources, by safety:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import importlib
 import io
 import logging
@@ -25,6 +26,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from ..errors import InputError
+from .dynamic_batch import EXAMPLE_BATCH, FixedBatchError, SpecialisationWatch, dynamic_shapes, trace_batch
 from .graph import Graph, InputSpec
 
 _DTYPES = {
@@ -37,24 +39,28 @@ _DTYPES = {
 # Inputs may take at most 1/4 of the free memory: capture and verification hold
 # activations (several times the inputs) and a few copies of them.
 _INPUT_MEMORY_SHARE = 4
-_SPEC = re.compile(r"^(?P<shape>\d+(?:x\d+)*)(?::(?P<dtype>[a-z0-9]+))?(?::(?P<high>\d+))?$")
+_SPEC = re.compile(r"^(?P<shape>(?:b|\d+)(?:x\d+)*)(?::(?P<dtype>[a-z0-9]+))?(?::(?P<high>\d+))?$")
 
 
 def parse_input_spec(text: str, index: int = 0) -> InputSpec:
-    """Parse ``1x3x96x96``, ``1x128:int64`` or ``1x128:int64:30522`` (ints below 30522)."""
+    """Parse ``1x3x96x96``, ``1x128:int64`` or ``1x128:int64:30522`` (ints below 30522);
+    ``Bx3x96x96``: a dynamic batch (traced at ``EXAMPLE_BATCH``)."""
     m = _SPEC.match(text.strip().lower())
     if not m:
         raise InputError(f"bad --input spec {text!r}",
-                         "write SHAPE[:DTYPE[:HIGH]], e.g. 1x3x96x96 or 1x128:int64:30522")
+                         "write SHAPE[:DTYPE[:HIGH]], e.g. 1x3x96x96, Bx3x96x96 (dynamic batch) "
+                         "or 1x128:int64:30522")
     dtype_name = m["dtype"] or "float32"
     if dtype_name not in _DTYPES:
         raise InputError(f"unknown dtype {dtype_name!r} in --input {text!r}",
                          f"use one of {', '.join(sorted(set(_DTYPES)))}")
-    shape = tuple(int(s) for s in m["shape"].split("x"))
+    dims = m["shape"].split("x")
+    dynamic = dims[0] == "b"
+    shape = tuple(EXAMPLE_BATCH if d == "b" else int(d) for d in dims)
     if any(s == 0 for s in shape):
         raise InputError(f"--input {text!r} has a zero-sized dimension", "give every dimension >= 1")
     return InputSpec(f"input_{index}", shape, _DTYPES[dtype_name],
-                     int(m["high"]) if m["high"] else None)
+                     int(m["high"]) if m["high"] else None, dynamic)
 
 
 def example_from_specs(specs: Sequence[InputSpec], seed: int = 0) -> tuple[torch.Tensor, ...]:
@@ -63,8 +69,12 @@ def example_from_specs(specs: Sequence[InputSpec], seed: int = 0) -> tuple[torch
 
 
 def capture(model: torch.nn.Module, example_inputs: Sequence[torch.Tensor],
-            source: str = "<module>", *, specs: Sequence[InputSpec] | None = None) -> Graph:
-    """Export an ``nn.Module`` (in eval mode) to a ``Graph``."""
+            source: str = "<module>", *, specs: Sequence[InputSpec] | None = None,
+            dynamic_batch: bool | Sequence[bool] = False) -> Graph:
+    """Export an ``nn.Module`` (in eval mode) to a ``Graph``.
+
+    ``dynamic_batch``: True makes dim 0 of every input symbolic; a list marks inputs
+    one by one (all share one batch size)."""
     if not isinstance(model, torch.nn.Module):
         raise InputError(f"{source} is a {type(model).__name__}, not a torch.nn.Module",
                          "save the model object itself, or use --module pkg.mod:factory")
@@ -73,14 +83,27 @@ def capture(model: torch.nn.Module, example_inputs: Sequence[torch.Tensor],
     except NotImplementedError:
         pass  # an unlifted torch.export module has no train/eval switch: already inference
     example_inputs = tuple(example_inputs)
+    flags = _dynamic_flags(dynamic_batch, example_inputs)
+    if any(flags):
+        example_inputs = trace_batch(example_inputs, flags, source)
+    watch = SpecialisationWatch() if any(flags) else contextlib.nullcontext()
     try:
-        with _quiet_torch():
-            ep = torch.export.export(model, example_inputs, strict=False)
+        with _quiet_torch(), watch:
+            ep = torch.export.export(model, example_inputs, strict=False, dynamic_shapes=dynamic_shapes(flags))
     except Exception as exc:  # export errors are long: one line that says what to do
+        if any(flags) and (watch.value is not None or "Constraints violated" in str(exc)):
+            raise FixedBatchError.from_export(exc, watch, source) from exc
         raise _export_error(exc, source) from exc
-    graph = Graph.from_exported_program(ep, example_inputs, source=source)
+    graph = Graph.from_exported_program(ep, example_inputs, source=source, dynamic_batch=any(flags))
     _apply_spec_bounds(graph, specs)
     return graph
+
+
+def _dynamic_flags(dynamic: bool | Sequence[bool], examples: Sequence[torch.Tensor]) -> list[bool]:
+    """Which inputs get a dynamic dim 0 (never a 0-d one)."""
+    wanted = [bool(dynamic)] * len(examples) if isinstance(dynamic, bool) else \
+        [*map(bool, dynamic), *[False] * (len(examples) - len(dynamic))]
+    return [w and isinstance(t, torch.Tensor) and t.dim() > 0 for w, t in zip(wanted, examples)]
 
 
 @contextlib.contextmanager
@@ -135,18 +158,22 @@ def check_input_memory(specs: Sequence[InputSpec]) -> None:
 
 def load_model(path: str | Path | None = None, *, module: str | None = None,
                inputs: Sequence[str | InputSpec] = (), trust_pickle: bool = False,
-               seed: int = 0) -> Graph:
-    """Load a model file (or build one from ``module="pkg.mod:factory"``) as a Graph."""
+               seed: int = 0, dynamic_batch: bool = False) -> Graph:
+    """Load a model file (or build one from ``module="pkg.mod:factory"``) as a Graph.
+
+    ``dynamic_batch``: dim 0 of every input stays symbolic (``Bx…`` input specs mark
+    single inputs), so the compiled artifact takes any batch size."""
     specs = [s if isinstance(s, InputSpec) else parse_input_spec(s, i)
              for i, s in enumerate(inputs)]
     check_input_memory(specs)
+    dynamic: bool | list[bool] = True if dynamic_batch else [s.dynamic_batch for s in specs]
     if module is not None:
         if path is not None:
             raise InputError("give either a MODEL file or --module, not both",
                              "drop one of them")
         model, example = _from_factory(module)
         example = _choose_inputs(example, specs, module, seed)
-        return capture(model, example, source=f"module {module}", specs=specs)
+        return capture(model, example, source=f"module {module}", specs=specs, dynamic_batch=dynamic)
     if path is None:
         raise InputError("no model given", "pass a MODEL file or --module pkg.mod:factory")
     path = Path(path)
@@ -158,18 +185,19 @@ def load_model(path: str | Path | None = None, *, module: str | None = None,
         raise InputError(f"model file {str(path)!r} is empty", "re-save the model")
     suffix = path.suffix.lower()
     if suffix == ".pt2":
-        return _load_pt2(path, specs, seed, trust_pickle)
+        return _load_pt2(path, specs, seed, trust_pickle, dynamic)
     if suffix == ".onnx":
-        return _load_onnx(path, specs, seed)
+        return _load_onnx(path, specs, seed, dynamic)
     if suffix in (".pt", ".pth"):
-        return _load_pickle_or_script(path, specs, seed, trust_pickle)
+        return _load_pickle_or_script(path, specs, seed, trust_pickle, dynamic)
     raise InputError(f"unknown model format {suffix or '(no extension)'!r} for {str(path)!r}",
                      "use a torch.export .pt2 file, an .onnx file, a .pt/.pth module "
                      "(with --trust-pickle) or --module pkg.mod:factory")
 
 
 # ------------------------------------------------------------------------- loaders
-def _load_pt2(path: Path, specs: list[InputSpec], seed: int, trust_pickle: bool = False) -> Graph:
+def _load_pt2(path: Path, specs: list[InputSpec], seed: int, trust_pickle: bool = False,
+              dynamic: bool | list[bool] = False) -> Graph:
     if not zipfile.is_zipfile(path):
         raise InputError(f"{str(path)!r} is not a torch.export archive (truncated or not a .pt2)",
                          "re-create it with torch.export.save(torch.export.export(model, args), path)")
@@ -185,23 +213,30 @@ def _load_pt2(path: Path, specs: list[InputSpec], seed: int, trust_pickle: bool 
                          "re-create it with torch.export.save with this torch version") from exc
     saved = ep.example_inputs[0] if ep.example_inputs else None
     example = _choose_inputs(saved, specs, str(path), seed)
-    if saved is not None and not specs:
+    if saved is not None and not specs and not any(_dynamic_flags(dynamic, example)):
         graph = Graph.from_exported_program(ep, example, source=str(path))
         return graph
-    # New shapes: re-trace the program (its shape guards stripped) at the requested
-    # shapes. Works when the graph has no sizes baked in for the old shapes.
+    # New shapes or a dynamic batch: re-trace the program (its shape guards stripped).
+    # Works when the graph has no sizes baked in for the old shapes.
     base = Graph.from_exported_program(ep, tuple(saved) if saved is not None else example,
                                        source=str(path))
     try:
-        return capture(base.gm, example, source=str(path), specs=specs)
+        return capture(base.gm, example, source=str(path), specs=specs, dynamic_batch=dynamic)
+    except FixedBatchError as exc:
+        name = base.inputs[0].name if base.inputs else "x"
+        dims = f"{{{name!r}: {{0: torch.export.Dim('batch')}}}}"
+        raise FixedBatchError(f"{exc.message} (a .pt2 exported without dynamic_shapes has its batch baked in)",
+                              f"export it with dynamic_shapes={dims}, or drop --dynamic-batch (and B from "
+                              "--input)") from exc
     except InputError as exc:
+        shapes = ", ".join(s.describe() for s in specs) or "a dynamic batch"
         raise InputError(f"{str(path)!r} was exported for fixed input shapes and does not run at "
-                         f"{', '.join(s.describe() for s in specs)} ({exc.message.split(': ', 1)[-1]})",
+                         f"{shapes} ({exc.message.split(': ', 1)[-1]})",
                          "use the shapes it was exported with (omit --input), or export it again "
                          "with dynamic_shapes") from exc
 
 
-def _load_onnx(path: Path, specs: list[InputSpec], seed: int) -> Graph:
+def _load_onnx(path: Path, specs: list[InputSpec], seed: int, dynamic: bool | list[bool] = False) -> Graph:
     from .onnx_import import onnx_to_module
 
     shapes = [s.shape for s in specs] if specs else None
@@ -215,11 +250,11 @@ def _load_onnx(path: Path, specs: list[InputSpec], seed: int) -> Graph:
         gen = torch.Generator().manual_seed(seed)
         example = tuple(ex if spec.dtype == torch.float32 else spec.random(gen)
                         for spec, ex in zip(specs, example))
-    return capture(module, example, source=str(path), specs=specs)
+    return capture(module, example, source=str(path), specs=specs, dynamic_batch=dynamic)
 
 
 def _load_pickle_or_script(path: Path, specs: list[InputSpec], seed: int,
-                           trust_pickle: bool) -> Graph:
+                           trust_pickle: bool, dynamic: bool | list[bool] = False) -> Graph:
     if _is_torchscript(path):
         if not specs:
             raise InputError(f"{str(path)!r} is TorchScript and carries no example inputs",
@@ -234,6 +269,8 @@ def _load_pickle_or_script(path: Path, specs: list[InputSpec], seed: int,
             raise InputError(f"cannot convert TorchScript file {str(path)!r}: {_first_line(exc)}",
                              "export the model with torch.export.save as .pt2 instead") from exc
         graph = Graph.from_exported_program(ep, example, source=str(path))
+        if any(_dynamic_flags(dynamic, example)):  # the converter traces static shapes
+            return capture(graph.gm, example, source=str(path), specs=specs, dynamic_batch=dynamic)
         _apply_spec_bounds(graph, specs)
         return graph
     if not trust_pickle:
@@ -254,7 +291,7 @@ def _load_pickle_or_script(path: Path, specs: list[InputSpec], seed: int,
     if not specs:
         raise InputError(f"{str(path)!r} carries no example inputs",
                          "pass the input shapes, e.g. --input 1x3x224x224")
-    return capture(obj, example_from_specs(specs, seed), source=str(path), specs=specs)
+    return capture(obj, example_from_specs(specs, seed), source=str(path), specs=specs, dynamic_batch=dynamic)
 
 
 def _from_factory(ref: str) -> tuple[torch.nn.Module, Any]:
@@ -294,8 +331,7 @@ def _apply_spec_bounds(graph: Graph, specs: Sequence[InputSpec] | None) -> None:
     """An explicit ``:HIGH`` in an --input spec overrides the inferred integer range."""
     for i, spec in enumerate(specs or ()):
         if spec.high is not None and i < len(graph.inputs):
-            old = graph.inputs[i]
-            graph.inputs[i] = InputSpec(old.name, old.shape, old.dtype, spec.high)
+            graph.inputs[i] = dataclasses.replace(graph.inputs[i], high=spec.high)
 
 
 def _is_torchscript(path: Path) -> bool:

@@ -113,23 +113,33 @@ def copy_meta(src: fx.Node, dst: fx.Node, *, keep_val: bool = False) -> None:
 
 @dataclass(frozen=True)
 class InputSpec:
-    """Shape and dtype of one user input; ``high`` bounds random integer inputs."""
+    """Shape and dtype of one user input; ``high`` bounds random integer inputs.
+
+    ``dynamic_batch``: dim 0 is symbolic (``shape[0]`` is then the example batch)."""
 
     name: str
     shape: tuple[int, ...]
     dtype: torch.dtype = torch.float32
     high: int | None = None
+    dynamic_batch: bool = False
+
+    def shape_text(self) -> str:
+        """``2x3x8x8``, or ``Bx3x8x8`` with a dynamic batch (as --input spells it)."""
+        dims = ["B", *map(str, self.shape[1:])] if self.dynamic_batch else list(map(str, self.shape))
+        return "x".join(dims)
 
     def describe(self) -> str:
         dtype = str(self.dtype).removeprefix("torch.")
-        return f"{self.name}: {'x'.join(map(str, self.shape))}:{dtype}"
+        return f"{self.name}: {self.shape_text()}:{dtype}"
 
-    def random(self, generator: torch.Generator) -> torch.Tensor:
+    def random(self, generator: torch.Generator, batch: int | None = None) -> torch.Tensor:
+        """Seeded random values; ``batch`` replaces dim 0 (of a dynamic-batch input)."""
+        shape = (batch, *self.shape[1:]) if batch is not None and self.dynamic_batch else self.shape
         if self.dtype.is_floating_point:
-            return torch.randn(self.shape, generator=generator, dtype=self.dtype)
+            return torch.randn(shape, generator=generator, dtype=self.dtype)
         if self.dtype == torch.bool:
-            return torch.randint(0, 2, self.shape, generator=generator).bool()
-        return torch.randint(0, self.high or 2, self.shape, generator=generator,
+            return torch.randint(0, 2, shape, generator=generator).bool()
+        return torch.randint(0, self.high or 2, shape, generator=generator,
                              dtype=self.dtype)
 
 
@@ -150,7 +160,9 @@ class Graph:
     @classmethod
     def from_exported_program(cls, ep: torch.export.ExportedProgram,
                               example_inputs: tuple[torch.Tensor, ...],
-                              source: str = "<module>") -> "Graph":
+                              source: str = "<module>", *, dynamic_batch: bool = False) -> "Graph":
+        """``dynamic_batch``: inputs whose dim 0 is symbolic in ``ep`` stay dynamic (by
+        default the graph is re-exported at the example shapes)."""
         gm = ep.module()
         # The runtime guard check torch.export adds is not part of the computation.
         for node in list(gm.graph.nodes):
@@ -161,7 +173,8 @@ class Graph:
         gm.recompile()
         names = [s.arg.name for s in ep.graph_signature.input_specs
                  if s.kind == torch.export.graph_signature.InputKind.USER_INPUT]
-        inputs = [InputSpec(name, tuple(t.shape), t.dtype, _int_high(gm, name, t))
+        dynamic = _dynamic_batch_inputs(ep) if dynamic_batch else set()
+        inputs = [InputSpec(name, tuple(t.shape), t.dtype, _int_high(gm, name, t), name in dynamic)
                   for name, t in zip(names, example_inputs)]
         return cls(gm=gm, inputs=inputs, example_inputs=tuple(example_inputs), source=source)
 
@@ -244,13 +257,27 @@ class Graph:
             out = self.gm(*args)
         return [t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
 
-    def random_inputs(self, seed: int) -> tuple[torch.Tensor, ...]:
+    def random_inputs(self, seed: int, batch: int | None = None) -> tuple[torch.Tensor, ...]:
+        """Seeded inputs of the example shapes (``batch``: dim 0 of dynamic-batch inputs)."""
         gen = torch.Generator().manual_seed(seed)
-        return tuple(spec.random(gen) for spec in self.inputs)
+        return tuple(spec.random(gen, batch) for spec in self.inputs)
+
+    @property
+    def dynamic_batch(self) -> bool:
+        return any(s.dynamic_batch for s in self.inputs)
+
+    @property
+    def example_batch(self) -> int | None:
+        """The batch the graph was traced at, when its batch is dynamic."""
+        return next((s.shape[0] for s in self.inputs if s.dynamic_batch), None)
 
     def to_exported_program(self) -> torch.export.ExportedProgram:
-        """Re-export the (rewritten) module; metadata survives the round trip."""
-        return torch.export.export(self.gm, self.example_inputs, strict=False)
+        """Re-export the (rewritten) module; metadata survives the round trip, and so
+        does a dynamic batch."""
+        from .dynamic_batch import dynamic_shapes
+
+        return torch.export.export(self.gm, self.example_inputs, strict=False,
+                                   dynamic_shapes=dynamic_shapes([s.dynamic_batch for s in self.inputs]))
 
     # ---------------------------------------------------------------- editing
     def add_attr(self, name: str, value: torch.Tensor, *, before: fx.Node,
@@ -306,6 +333,19 @@ class Graph:
                 delattr(owner, leaf)
         self.graph.lint()
         self.gm.recompile()
+
+
+def _dynamic_batch_inputs(ep: torch.export.ExportedProgram) -> set[str]:
+    """User inputs whose dim 0 the program keeps symbolic."""
+    user = {s.arg.name for s in ep.graph_signature.input_specs
+            if s.kind == torch.export.graph_signature.InputKind.USER_INPUT}
+    found = set()
+    for node in ep.graph.nodes:
+        val = node.meta.get("val")
+        if (node.op == "placeholder" and node.name in user and isinstance(val, torch.Tensor)
+                and val.dim() and not isinstance(val.shape[0], int)):
+            found.add(node.name)
+    return found
 
 
 def _infer_module_paths(gm: fx.GraphModule) -> None:

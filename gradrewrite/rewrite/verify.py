@@ -49,13 +49,13 @@ def compare_outputs(got: Sequence[torch.Tensor], ref: Sequence[torch.Tensor]) ->
 
 
 def verify(run: Runner, reference: Runner, graph: Graph, *, n_inputs: int = 3,
-           seed: int = 0) -> Verification:
+           seed: int = 0, batch: int | None = None) -> Verification:
     """Run ``run`` and ``reference`` on ``n_inputs`` seeded inputs drawn from ``graph``'s
-    input specs and report the worst errors."""
+    input specs (``batch``: dim 0 of its dynamic-batch inputs) and report the worst errors."""
     worst = (0.0, 0.0, 0.0)
     n_out = 0
     for i in range(n_inputs):
-        inputs = graph.random_inputs(seed + i)
+        inputs = graph.random_inputs(seed + i, batch)
         ref = list(reference(*inputs))
         got = list(run(*inputs))
         n_out = len(ref)

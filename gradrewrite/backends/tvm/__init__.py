@@ -13,6 +13,9 @@ integer requantization at import (``int8_relax``), bit-exact against the mcu bac
 integer reference; weight-only ``groupwise_linear`` layers are dequantized at import into
 fp32 weights. ``tvm_meta.json`` / the report's ``quantized`` entry counts both.
 
+A dynamic batch imports as a symbolic dimension; a tuned build adds an entry specialised
+to the example batch, because MetaSchedule tunes static shapes (``dynamic_batch``).
+
 Options (``backend_options``):
 
 ``target``         ``"auto"`` (CUDA when TVM sees a GPU, else the host CPU), ``"llvm"``, ``"cuda"``
@@ -45,6 +48,7 @@ import numpy as np
 from ...errors import BackendError, ConfigError
 from ...rewrite.graph import Graph
 from ..base import Backend, BackendArtifact, register_backend
+from . import dynamic_batch
 
 log = logging.getLogger("gradrewrite.tvm")
 
@@ -118,13 +122,19 @@ class TvmBackend(Backend):
 
         t0 = time.perf_counter()
         imported = import_graph(graph)
-        mod = preprocess(imported.mod, fold_batchnorm=bool(opts["fold_batchnorm"]),
-                         fast_math=bool(opts["fast_math"]))
+
+        def pre(m):
+            return preprocess(m, fold_batchnorm=bool(opts["fold_batchnorm"]), fast_math=bool(opts["fast_math"]))
+
+        # MetaSchedule tunes static shapes: a dynamic batch is tuned at the example batch (dynamic_batch.py)
+        batch = graph.example_batch if opts["tune_trials"] > 0 else None
+        mod = pre(dynamic_batch.with_static_entry(imported.mod, batch) if batch else imported.mod)
+        tune_mod = pre(dynamic_batch.specialise(imported.mod, batch)) if batch else mod
         import_s = time.perf_counter() - t0
 
         tuned = None
         if opts["tune_trials"] > 0:
-            tuned = tuning.tune(mod, target, trials=opts["tune_trials"], cache_dir=opts["tune_cache"],
+            tuned = tuning.tune(tune_mod, target, trials=opts["tune_trials"], cache_dir=opts["tune_cache"],
                                 strategy=opts["tune_strategy"], progress=opts["progress"],
                                 seed=int(opts["seed"]), num_cores=cores)
             database = tuned.database
@@ -162,12 +172,18 @@ class TvmBackend(Backend):
             "quantized": imported.quantized,
             "fold_batchnorm": bool(opts["fold_batchnorm"]),
             "fast_math": bool(opts["fast_math"]),
+            "dynamic_batch": graph.dynamic_batch,
+            "static_entry": dynamic_batch.STATIC_ENTRY if batch else None,
         }
         (out_dir / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
         info = {k: meta[k] for k in ("tvm_version", "target", "mcpu", "num_cores", "tune_trials", "cache_key",
                                      "tuning", "normalized", "fold_batchnorm", "fast_math")}
         if imported.quantized:
             info["quantized"] = imported.quantized
+        if graph.dynamic_batch:
+            info["dynamic_batch"] = {"tuned_batch": batch, "note": (
+                f"MetaSchedule tunes static shapes: batch {batch} runs the tuned kernels, other batches "
+                "TVM's default schedules" if batch else "untuned at every batch")}
         info.update({"aten_ops_imported": imported.aten_ops, "import_seconds": round(import_s, 3),
                      "build_seconds": round(build_s, 3)})
         if not opts["tune_trials"]:
@@ -227,16 +243,20 @@ class TvmBackend(Backend):
             lib = tvm.runtime.load_module(str(out_dir / LIB_FILE))
             vm = relax.VirtualMachine(lib, dev)
             main = vm["main"]
+            static = vm[meta["static_entry"]] if meta.get("static_entry") else None
         except Exception as exc:
             raise BackendError(f"cannot load {LIB_FILE}: {_first_line(exc)}",
                                "it was built by another TVM version or for another machine; compile it again") from exc
         names = [i["name"] for i in meta.get("inputs", [])]
+        example = [tuple(i["shape"]) for i in meta.get("inputs", [])]
 
         def run(*inputs: np.ndarray) -> list[np.ndarray]:
             if names and len(inputs) != len(names):
                 raise BackendError(f"the model takes {len(names)} inputs ({', '.join(names)}), got {len(inputs)}",
                                    "pass one --input per model input")
-            return _flatten(main(*[_device_tensor(x, dev) for x in inputs]))
+            # a dynamic-batch library: its tuned, batch-specialised entry when the shapes fit
+            fn = static if static is not None and [np.shape(x) for x in inputs] == example else main
+            return _flatten(fn(*[_device_tensor(x, dev) for x in inputs]))
 
         run.vm = vm  # for benchmarks: vm.time_evaluator("main", dev)
         return run

@@ -18,6 +18,7 @@ import torch.fx as fx
 
 from ...errors import BackendError
 from ...rewrite.graph import Graph, module_path, op_name
+from .. import onnx_export_fixes
 from ..base import reexport
 from .int8_ops import lower_int8
 from .int8_relax import converters
@@ -70,6 +71,9 @@ def unsupported_message(missing: dict[str, list[fx.Node]]) -> str:
 
 def _exported(graph: Graph) -> torch.export.ExportedProgram:
     ep = reexport(graph)
+    # sdpa's traced output layout makes a later reshape a view that decomposed sdpa's layout
+    # cannot take (GPT-2 at batch > 1); the ONNX exporter meets the same (onnx_export_fixes)
+    onnx_export_fixes.apply(ep)
     try:
         return ep.run_decompositions()
     except Exception as exc:

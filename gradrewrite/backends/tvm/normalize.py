@@ -98,6 +98,23 @@ def _rewrite_bool_arith(graph: fx.Graph, node: fx.Node) -> None:
     node.kwargs = {}
 
 
+# --------------------------------------------------------------------------- slice axis
+def _check_slice_axis(node: fx.Node) -> str | None:
+    if node.target is not aten.slice.Tensor or len(node.args) < 2:
+        return "not a slice with a dim"
+    val = node.args[0].meta.get("val") if isinstance(node.args[0], fx.Node) else None
+    if not isinstance(node.args[1], int) or node.args[1] >= 0:
+        return "dim is not negative"
+    if not isinstance(val, torch.Tensor) or all(isinstance(d, int) for d in val.shape):
+        return "static shape (TVM normalises the dim itself)"
+    return None
+
+
+def _rewrite_slice_axis(graph: fx.Graph, node: fx.Node) -> None:
+    rank = node.args[0].meta["val"].dim()
+    node.args = (node.args[0], node.args[1] + rank, *node.args[2:])
+
+
 RULES: tuple[Rule, ...] = (
     Rule("scan-dtype", "cast the input of cumsum/cumprod to the output dtype PyTorch promotes to "
          "(bool/int32 -> int64); TVM scans in the input dtype and cannot add bools",
@@ -105,6 +122,10 @@ RULES: tuple[Rule, ...] = (
     Rule("bool-arith", "add/mul of bool tensors -> bitwise_or/bitwise_and (same truth table); "
          "TVM lowers them to integer arithmetic on bool, which LLVM codegen rejects",
          _check_bool_arith, _rewrite_bool_arith),
+    Rule("slice-axis", "slice along a negative dim of a tensor with a symbolic size (a dynamic batch) -> "
+         "the same dim counted from the front; TVM slices such tensors with dynamic_strided_slice, "
+         "which rejects negative axes",
+         _check_slice_axis, _rewrite_slice_axis),
 )
 
 
