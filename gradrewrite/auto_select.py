@@ -1,7 +1,7 @@
 """``--backend auto``: build every candidate backend, verify and time each, keep the fastest correct one.
 
 Each candidate is compiled from the same rewritten graph into its own subdirectory of
-the build directory, verified with ``compiler._verify_artifact`` on the same seeded
+the build directory, verified with ``artifact_check.verify_artifact`` on the same seeded
 inputs, and the ones that verified are timed taking turns (short blocks, same inputs,
 median of ``latency_runs``). The winner's files are moved up into the build directory;
 the other candidates' files are deleted. A candidate that fails to build or load is
@@ -15,6 +15,7 @@ Backend options for auto are a dict per backend: ``{"tvm": {"tune_trials": 64}, 
 """
 from __future__ import annotations
 
+import dataclasses
 import shutil
 import statistics
 import time
@@ -24,6 +25,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from .artifact_check import verify_artifact
 from .backends.base import BackendArtifact, backend_names, get_backend
 from .errors import BackendError, ConfigError, GradrewriteError
 from .rewrite.graph import Graph
@@ -54,9 +56,9 @@ def split_options(backend_options: dict[str, Any]) -> dict[str, dict[str, Any]]:
                           f"e.g. backend_options={{'tvm': {{'tune_trials': 64}}}}; "
                           f"backends: {', '.join(CANDIDATES)}")
     for name, value in backend_options.items():
-        if not isinstance(value, dict):
+        if not isinstance(value, dict) and not dataclasses.is_dataclass(value):
             raise ConfigError(f"backend options for {name!r} must be a dict, got {type(value).__name__}")
-    return {name: dict(backend_options.get(name) or {}) for name in CANDIDATES}
+    return {name: backend_options.get(name) or {} for name in CANDIDATES}
 
 
 def _one_line(exc: BaseException) -> str:
@@ -69,8 +71,6 @@ def _one_line(exc: BaseException) -> str:
 def select(graph: Graph, original: Graph, build_dir: Path, opts, *, exact: bool,
            log: Callable[..., None] = lambda *a, **k: None) -> AutoResult:
     """Build, verify and time every candidate; move the winner's files into ``build_dir``."""
-    from .compiler import _verify_artifact
-
     per_backend = split_options(opts.backend_options)
     registered = set(backend_names())
     rows: list[dict[str, Any]] = []
@@ -91,7 +91,7 @@ def select(graph: Graph, original: Graph, build_dir: Path, opts, *, exact: bool,
             row["target"] = artifact.target
             row["build_seconds"] = round(time.perf_counter() - t0, 3)
             runner = backend.load(sub, {"files": artifact.files, **artifact.info})
-            verification = _verify_artifact(runner, original, opts)
+            verification = verify_artifact(runner, original, opts)
         except Exception as exc:  # noqa: BLE001 - a candidate failing is data
             row["error"] = _one_line(exc)
             log(f"auto: {name} failed: {row['error']}")

@@ -22,6 +22,19 @@ class _State:
     debug = False
 
 
+def _exit_interrupted() -> None:
+    """Exit 130 after Ctrl-C. Cleanup (the build directory, worker processes) already ran
+    as the interrupt unwound; ``os._exit`` because CPython kills itself with SIGINT at exit
+    when the interrupt first surfaced inside C++ that evaluates Python (pybind11), even
+    though it was caught here, which turns exit 130 into death by signal."""
+    import os
+
+    click.echo("interrupted; nothing was written", err=True)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(130)
+
+
 def _friendly(fn):
     """Turn GradrewriteError into one line + exit 2; other errors into exit 1."""
 
@@ -37,8 +50,7 @@ def _friendly(fn):
             click.echo(f"error: {exc.one_line()}", err=True)
             sys.exit(exc.exit_code)
         except KeyboardInterrupt:
-            click.echo("interrupted; nothing was written", err=True)
-            sys.exit(130)
+            _exit_interrupted()
         except (click.exceptions.Exit, click.exceptions.ClickException, SystemExit):
             raise
         except Exception as exc:  # a bug, not bad input
@@ -94,8 +106,7 @@ class _OneLineErrors(click.Group):
             exc.show()
             sys.exit(exc.exit_code)
         except (click.Abort, KeyboardInterrupt, EOFError):
-            click.echo("interrupted; nothing was written", err=True)
-            sys.exit(130)
+            _exit_interrupted()
         sys.exit(rv if isinstance(rv, int) else 0)
 
 
@@ -110,7 +121,14 @@ def main(debug: bool) -> None:
     warnings.filterwarnings("ignore")
 
 
-@main.command("compile")
+def _backend_options_epilog() -> str:
+    from .backends.options import describe
+
+    return ("Backend options (Python: gr.compile(..., NAME=VALUE); the flags above set the common ones):\n\n\b\n"
+            + describe())
+
+
+@main.command("compile", epilog=_backend_options_epilog())
 @click.argument("model", required=False, type=click.Path(dir_okay=True, path_type=str))
 @_model_options
 @click.option("--passes", "-p", metavar="PIPELINE", help='Pass pipeline, e.g. "fold-bn,dce".')
@@ -161,44 +179,42 @@ def compile_cmd(model, module, inputs, trust_pickle, passes, recipe, backend, ta
     MODEL is a torch.export .pt2 file, an .onnx file, a pickled .pt/.pth module (with
     --trust-pickle), or omitted with --module.
     """
-    from .compiler import CompileOptions, check_out_free, compile_graph, pipeline_specs
-    from .rewrite.pipeline import build_passes
     from .backends.base import get_backend
+    from .compiler import CompileOptions, check_out_free, compile_graph, pipeline_specs, typed_backend_options
+    from .errors import ConfigError
+    from .rewrite.pipeline import build_passes
+    from .training import Train
 
-    build_passes(pipeline_specs(passes, recipe))  # fail on typos before the slow capture
+    specs = pipeline_specs(passes, recipe)
+    build_passes(specs)  # fail on typos before the slow capture
     if backend != "auto":
         get_backend(backend)
-    backend_options = _backend_options(backend, opset=opset, external_data=external_data, target=target,
-                                       tune_trials=tune_trials, tune_cache=tune_cache, ram_kb=ram_kb,
-                                       flash_kb=flash_kb, quiet=quiet)
+    backend_options = typed_backend_options(backend, _backend_options(
+        backend, opset=opset, external_data=external_data, target=target, tune_trials=tune_trials,
+        tune_cache=tune_cache, ram_kb=ram_kb, flash_kb=flash_kb, quiet=quiet))
+    if label_spec and not train:
+        raise ConfigError("--label applies only with --train", "add --train or drop --label")
+    step = Train(loss=loss_name, optimizer=optimizer, lr=lr, momentum=momentum, label=label_spec) if train else None
+    if step is not None and step.is_stream_bp(specs):
+        from .training.stream_bp_step import check_request
+        check_request(specs, step, backend)
     check_out_free(out, force)  # before the slow capture
     if _wants_dynamic_batch(dynamic_batch, inputs):
         from .rewrite.dynamic_batch import refuse
-        refuse(backend=backend, train=train,
-               stream_bp=any(s.name == "stream-bp" for s in pipeline_specs(passes, recipe)))
+        refuse(backend=backend, train=train, stream_bp=any(s.name == "stream-bp" for s in specs))
     graph = _load(model, module, inputs, trust_pickle, seed, dynamic_batch)
     calibration = _calibration(calib, graph)
-    if train and (loss_name == "causal_lm" or any(s.name == "stream-bp" for s in pipeline_specs(passes, recipe))):
-        return _stream_bp_train(graph, out, pipeline_specs(passes, recipe), loss_name, backend, label_spec,
-                                seed, force, model, quiet)
-    if train:  # inference passes before the first training pass (fold-bn) run before capture
-        graph, before, passes = _before_training(graph, passes, recipe, seed, calibration,
-                                                 None if quiet else err_console)
-        recipe = None
-        graph = _train_step(graph, loss_name, optimizer, lr, momentum, label_spec, seed)
-        graph.meta["train_step"]["captured_after"] = [sp.text() for sp in before]
-    elif label_spec:
-        from .errors import ConfigError
-        raise ConfigError("--label applies only with --train", "add --train or drop --label")
-    opts = CompileOptions(passes=passes, recipe=recipe, backend=backend, seed=seed,
-                          verify_inputs=verify_inputs, dump_graphs=dump_graphs, force=force,
-                          backend_options=backend_options, calibration=calibration)
+    opts = CompileOptions(passes=specs, backend=backend, seed=seed, verify_inputs=verify_inputs,
+                          dump_graphs=dump_graphs, force=force, backend_options=backend_options,
+                          calibration=calibration, train=step)
     art = compile_graph(graph, out, opts, model_file=model, console=None if quiet else err_console)
     click.echo(_compile_summary(out, art.report))
 
 
 def _compile_summary(out, r: dict) -> str:
     """The one-paragraph result of a compile: what was written and how it was checked."""
+    if "stream_bp" in r:
+        return _stream_bp_summary(out, r["stream_bp"])
     v = r["verification"]
     lat = r.get("latency_ms") or {}
     mcu = r.get("mcu", {})
@@ -229,19 +245,13 @@ def _compile_summary(out, r: dict) -> str:
     return summary
 
 
-def _stream_bp_train(graph, out, specs, loss_name, backend, label_spec, seed, force, model, quiet):
-    """--train with stream-bp (--loss causal_lm): a StreamBP training-step artifact."""
-    from .passes.stream_bp.train_artifact import compile_train
-
-    art = compile_train(graph, out, specs, loss=loss_name, backend=backend, label_spec=label_spec, seed=seed,
-                        force=force, model_file=model, log=None if quiet else err_console.log)
-    s = art.report["stream_bp"]
+def _stream_bp_summary(out, s: dict) -> str:
     check, mem = s["gradient_check"], s["gradient_check"]["peak_live_bytes"]
-    click.echo(f"wrote {out}: StreamBP training step, {s['layers']} layers, chunk {s['chunk']} (logits "
-               f"{s['logits_chunk']}); gradients vs autograd: max relative error "
-               f"{check['max_relative_error']:.3g}; peak live tensor memory at the checked length "
-               f"{check['batch'][-1]}: autograd {mem['autograd'] / 2**20:.3g} MiB, StreamBP "
-               f"{mem['stream_bp'] / 2**20:.3g} MiB (chunking pays once the sequence is several chunks long)")
+    return (f"wrote {out}: StreamBP training step, {s['layers']} layers, chunk {s['chunk']} (logits "
+            f"{s['logits_chunk']}); gradients vs autograd: max relative error "
+            f"{check['max_relative_error']:.3g}; peak live tensor memory at the checked length "
+            f"{check['batch'][-1]}: autograd {mem['autograd'] / 2**20:.3g} MiB, StreamBP "
+            f"{mem['stream_bp'] / 2**20:.3g} MiB (chunking pays once the sequence is several chunks long)")
 
 
 def _calibration(path, graph):
@@ -251,49 +261,6 @@ def _calibration(path, graph):
     from .rewrite.calibration import load_calibration
 
     return load_calibration(path, graph.inputs)
-
-
-def _before_training(graph, passes, recipe, seed, calibration=None, console=None):
-    """Run the pipeline's leading inference passes (those not needing a training step,
-    e.g. fold-bn) on the inference graph; return it and the rest of the pipeline."""
-    from .compiler import pipeline_specs, run_pipeline
-    from .rewrite.pipeline import build_passes
-
-    specs = pipeline_specs(passes, recipe)
-    built = build_passes(specs)
-    n = next((i for i, p in enumerate(built) if "training-step" in getattr(p, "requires", ())), len(specs))
-    if n:  # e.g. quantize(mode=static), calibrated on --calib
-        from .rewrite.registry import PassContext
-        instruments = []
-        if console is not None:  # these run before the step is captured: show them too
-            from .rewrite.calibration import ConsoleProgress
-            from .rewrite.pass_manager import Progress
-            instruments.append(Progress(console))
-            progress = ConsoleProgress(console) if calibration is not None else None
-        else:
-            progress = None
-        run_pipeline(graph, specs[:n], seed=seed, instruments=instruments,
-                     ctx=PassContext(seed=seed, calibration=calibration, progress=progress))
-    return graph, specs[:n], specs[n:]
-
-
-def _train_step(graph, loss_name, optimizer, lr, momentum, label_spec, seed):
-    """The inference graph -> one training-step graph; labels are an extra input."""
-    import torch
-
-    from .rewrite.capture import parse_input_spec
-    from .rewrite.train_step import capture_train_step, default_labels
-
-    from .rewrite.quant_ops import DEQUANTIZE_PER_CHANNEL
-    if any(n.target == DEQUANTIZE_PER_CHANNEL for n in graph.gm.graph.nodes):  # static int8: train the integers
-        from .passes.qas import trainable_int8
-        graph = trainable_int8(graph)
-    out = graph(*graph.example_inputs)[0]
-    spec = parse_input_spec(label_spec, len(graph.inputs)) if label_spec else default_labels(loss_name, out)
-    labels = spec.random(torch.Generator().manual_seed(seed))
-    with err_console.status("capturing the training step …"):
-        return capture_train_step(graph, loss_name, (*graph.example_inputs, labels), optimizer=optimizer,
-                                  lr=lr, momentum=momentum)
 
 
 def _backend_options(backend: str, *, quiet: bool, **given) -> dict:
@@ -433,39 +400,23 @@ def run_cmd(artifact, inputs, use_random, seed, output, compare, labels_path=Non
 
 def _run_train(art, train_path, steps, lr, save_weights) -> None:
     """`run --train`: SGD steps of an mcu training-step artifact over a data set."""
-    import json
-
-    from .backends.mcu.training import run as train_run
     from .errors import ConfigError
 
     if train_path is None:
         raise ConfigError("--steps, --lr and --save-weights go with --train DATA.npz", "add --train DATA.npz")
-    facts_path = art.path / "mcu" / "model.json"
-    facts = json.loads(facts_path.read_text()) if art.backend == "mcu" and facts_path.is_file() else {}
-    if not facts.get("train_step"):
-        raise ConfigError(f"{str(art.path)!r} is not an mcu training-step artifact",
-                          "compile one with `gradrewrite compile MODEL --train --backend mcu`")
-    x, y = train_run.load_dataset(train_path, facts)
-    batch = facts["input"]["shape"][0]
-    steps = steps if steps is not None else len(x) // batch
-    lr = lr if lr is not None else float(facts["lr"])
-    train_run.check_run_options(steps, lr, save_weights)
-    target = facts.get("target", "host")
-    n_params = sum(not p.get("optimizer_state") for p in facts["trained"])
-    click.echo(f"training {n_params} parameters for {steps} steps on {len(x) // batch} batches of "
-               f"{batch} ({'host build' if target == 'host' else target + ' firmware under QEMU'}), lr {lr:g}")
-    run = train_run.run_training(art.path / "mcu", facts, x, y, steps, lr, target=target,
-                                 progress=lambda i, n, loss: click.echo(f"step {i}/{n} loss {loss:.6g}"))
+
+    def start(plan: dict) -> None:
+        where = "host build" if plan["target"] == "host" else plan["target"] + " firmware under QEMU"
+        click.echo(f"training {plan['parameters']} parameters for {plan['steps']} steps on {plan['batches']} "
+                   f"batches of {plan['batch']} ({where}), lr {plan['lr']:g}")
+    run = art.train(train_path, steps=steps, lr=lr, save_weights=save_weights, on_start=start,
+                    progress=lambda i, n, loss: click.echo(f"step {i}/{n} loss {loss:.6g}"))
     losses = run.losses
     k = max(1, min(10, len(losses) // 4))   # means over a few steps: one batch's loss is noisy
-    click.echo(f"done: {steps} steps, mean loss of the first {k} {float(losses[:k].mean()):.6g}, of the last {k} "
-               f"{float(losses[-k:].mean()):.6g}; {sum(p['bytes'] for p in facts['trained'])} bytes trained")
+    click.echo(f"done: {len(losses)} steps, mean loss of the first {k} {float(losses[:k].mean()):.6g}, of the "
+               f"last {k} {float(losses[-k:].mean()):.6g}; {run.trained_bytes} bytes trained")
     if save_weights:
-        weights = train_run.whole_parameters(art.path / "mcu", facts, run.params)
-        weights = {k: v for k, v in weights.items()  # parameters, not the momentum buffers
-                   if not next(p for p in facts["trained"] if p["path"] == k).get("optimizer_state")}
-        train_run.save_weights(save_weights, weights)
-        click.echo(f"wrote {save_weights} ({len(weights)} parameters)")
+        click.echo(f"wrote {save_weights} ({len(run.saved)} parameters)")
 
 
 def _read_arrays(path: Path):
@@ -518,8 +469,11 @@ def inspect_cmd(model, module, inputs, trust_pickle, passes, recipe, fmt, show_d
     before = _load(model, module, inputs, trust_pickle)
     calibration = _calibration(calib, before)  # samples of the model's inputs (not the labels)
     if train:  # as compile --train: inference passes (fold-bn, quantize) before the capture
-        before, _, specs = _before_training(before, specs, None, 0, calibration)
-        before = _train_step(before, "cross_entropy", "sgd", lr, 0.0, None, 0)
+        from . import training
+        n = training.split_inference_passes(specs)
+        training.run_inference_passes(before, specs[:n], calibration=calibration)
+        before = training.capture_sgd_step(before, training.Train(lr=lr), status=err_console.status)
+        specs = specs[n:]
     after = None
     error_tables: list[str] = []
     if specs:

@@ -12,7 +12,7 @@ import platform
 import shutil
 import statistics
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from importlib import metadata
 from pathlib import Path
 from typing import Any, Sequence
@@ -23,13 +23,17 @@ import torch
 from . import auto_select
 from .backends.base import as_numpy, get_backend
 from .errors import ConfigError, GradrewriteError, VerificationError
-from .outputs import check_out_free, make_build_dir, replace_dir
+from .backends.options import as_config, make_options
+from .artifact_check import verify_artifact, verify_other_batches
+from .outputs import check_out_free, make_build_dir, replace_dir, write_json
+from .training import Train
+from .training import stream_bp_step
+from . import training
 from .rewrite import dynamic_batch
 from .rewrite.graph import Graph
 from .rewrite.pass_manager import DumpGraphs, Instrument, PassManager, VerifyEachPass
 from .rewrite.pipeline import PassSpec, build_passes, load_recipe, parse_pipeline
 from .rewrite.registry import PassContext
-from .rewrite.verify import verify
 
 FORMAT_VERSION = 1
 
@@ -45,9 +49,11 @@ class CompileOptions:
     verify_each_pass: bool = True
     dump_graphs: bool = False
     latency_runs: int = 20
-    backend_options: dict[str, Any] = field(default_factory=dict)
+    # a dict, or the backend's dataclass (backends/options.py); for auto, a dict per backend
+    backend_options: Any = field(default_factory=dict)
     force: bool = False
     calibration: Any = None  # samples for passes that observe data (see rewrite/calibration.py)
+    train: Train | None = None  # compile a training step instead of the inference graph
 
 
 def pipeline_specs(passes: str | Sequence[PassSpec] | None, recipe: str | Path | None) -> list[PassSpec]:
@@ -70,24 +76,46 @@ def run_pipeline(graph: Graph, passes: str | Sequence[PassSpec] | None = None, *
     return pm.run(graph, ctx or PassContext(seed=seed))
 
 
+def typed_backend_options(backend: str, options: Any) -> Any:
+    """The backend's options validated into its dataclass (auto: one per candidate)."""
+    if backend == auto_select.AUTO:
+        return {name: make_options(name, given) for name, given in auto_select.split_options(options).items()}
+    return make_options(backend, options)
+
+
 def compile_graph(graph: Graph, out: str | Path, options: CompileOptions | None = None, *,
                   model_file: str | Path | None = None, console=None) -> "Artifact":
-    """Rewrite ``graph`` with the pipeline, lower it with the backend, write OUT."""
+    """Rewrite ``graph`` with the pipeline, lower it with the backend, write OUT.
+
+    With ``options.train`` the target is a training step (see ``training``): the
+    pipeline's inference passes run first, then the step is captured and the rest of
+    the pipeline rewrites it; everything else (OUT, report, manifest, verification
+    that fits the kind, ``run``) is the same road as for an inference graph."""
     opts = options or CompileOptions()
     out = Path(out)
     check_out_free(out, opts.force)
     if graph.dynamic_batch:
-        dynamic_batch.refuse(backend=opts.backend)
+        dynamic_batch.refuse(backend=opts.backend, train=opts.train is not None)
     specs = pipeline_specs(opts.passes, opts.recipe)
-    passes = build_passes(specs)              # typos fail before any work
+    build_passes(specs)                       # typos fail before any work
+    opts = replace(opts, backend_options=typed_backend_options(opts.backend, opts.backend_options))
     auto = opts.backend == auto_select.AUTO
-    if auto:
-        auto_select.split_options(opts.backend_options)
     backend = None if auto else get_backend(opts.backend)
+    stream_bp = opts.train is not None and opts.train.is_stream_bp(specs)
+    if opts.train is not None:
+        if auto:
+            raise ConfigError("--backend auto compares inference artifacts; a training step names its backend",
+                              "pick --backend torch, ort, tvm or mcu")
+        if stream_bp:
+            stream_bp_step.check_request(specs, opts.train, opts.backend)
+            stream_bp_step.token_input(graph)
 
     tmp = make_build_dir(out)
     try:
         log = console.log if console is not None else (lambda *a, **k: None)
+        graph, specs = training.prepare(graph, specs, opts.train, backend=opts.backend, seed=opts.seed,
+                                        calibration=opts.calibration, console=console)
+        passes = build_passes(specs)
         original = graph.clone()
         instruments: list[Instrument] = []
         if opts.verify_each_pass:
@@ -110,6 +138,9 @@ def compile_graph(graph: Graph, out: str | Path, options: CompileOptions | None 
                               f"train it first, then end the pipeline with the pass that bakes them "
                               f"(e.g. {'nm-finalize' if kind == 'nm-sparsity' else 'its finalize pass'})")
         exact = all(getattr(p, "exact", True) for p in passes)
+        if stream_bp:  # the chunked step is written and checked against autograd here
+            _finish_stream_bp(graph, original, tmp, out, opts, specs, result, model_file, log)
+            return Artifact(out)
         t0 = time.perf_counter()
         auto_table = None
         if auto:  # build, verify and time every backend; the winner's files end up in tmp
@@ -130,10 +161,10 @@ def compile_graph(graph: Graph, out: str | Path, options: CompileOptions | None 
             runner = backend.load(tmp, {"files": artifact.files})
             # a training step's passes change what it returns (the trained parameters):
             # its artifact is checked against the rewritten step itself
-            verification = _verify_artifact(runner, graph if graph.meta.get("train_step") else original,
+            verification = verify_artifact(runner, graph if graph.meta.get("train_step") else original,
                                             opts)
         if original.dynamic_batch:  # the traced batch is checked; other batches must agree too
-            verification = _verify_other_batches(runner, original, opts, verification)
+            verification = verify_other_batches(runner, original, opts, verification)
         # a training step is compared with the rewritten step, so lossy passes do not
         # excuse the backend: its lowering must be exact
         exact = exact or bool(graph.meta.get("train_step"))
@@ -159,9 +190,7 @@ def compile_graph(graph: Graph, out: str | Path, options: CompileOptions | None 
             "source": graph.source,
             "backend": backend.name,
             "target": artifact.target,
-            "inputs": [{"name": s.name, "shape": ["B", *s.shape[1:]] if s.dynamic_batch else list(s.shape),
-                        "dtype": str(s.dtype).removeprefix("torch."), "high": s.high}
-                       for s in graph.inputs],
+            "inputs": _inputs_report(graph),
             "passes": result.reports(),
             "nodes": {"before": original.node_count(), "after": graph.node_count()},
             "ops": {"before": original.op_histogram(), "after": graph.op_histogram()},
@@ -188,8 +217,8 @@ def compile_graph(graph: Graph, out: str | Path, options: CompileOptions | None 
                                     for k in ("optimizer", "loss_fn", "outputs", "captured_after")
                                     if k in graph.meta["train_step"]}
             report["memory_plan"] = memory_report(graph)
-        _write_json(tmp / "report.json", report)
-        _write_json(tmp / "manifest.json", _manifest(tmp, opts, specs, model_file, graph))
+        write_json(tmp / "report.json", report)
+        write_json(tmp / "manifest.json", _manifest(tmp, opts, specs, model_file, graph))
         replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -197,30 +226,35 @@ def compile_graph(graph: Graph, out: str | Path, options: CompileOptions | None 
     return Artifact(out)
 
 
-def _verify_artifact(runner, reference: Graph, opts: CompileOptions, batch: int | None = None) -> dict[str, Any]:
-    """The artifact (numpy in/out) against the original graph, on fresh seeded inputs
-    (offset from the per-pass checks' seeds); ``batch``: another size of a dynamic batch."""
-    def run(*inputs: torch.Tensor) -> list[torch.Tensor]:
-        return [torch.from_numpy(np.asarray(o)) for o in runner(*(t.numpy() for t in inputs))]
+def _finish_stream_bp(graph: Graph, original: Graph, tmp: Path, out: Path, opts: CompileOptions, specs,
+                      result, model_file, log) -> None:
+    """A StreamBP step's files, report and manifest; its check is gradients against autograd."""
+    t0 = time.perf_counter()
+    step = stream_bp_step.write_step(graph, tmp, result.reports()[-1]["report"], log)
+    report = {
+        "format_version": FORMAT_VERSION,
+        "source": graph.source,
+        "backend": "torch",
+        "target": "torch-eager-cpu",
+        "inputs": _inputs_report(graph),
+        "passes": result.reports(),
+        "nodes": {"before": original.node_count(), "after": graph.node_count()},
+        "parameters": {"before": original.parameter_count(), "after": graph.parameter_count()},
+        "verification": step["verification"],
+        "latency_ms": {"skipped": "a training step: see benchmarks/stream_bp.py for step times"},
+        "build_seconds": round(time.perf_counter() - t0, 3),
+        "artifact": {"files": step["files"], "format": step["format"]},
+        "sizes": {f: (tmp / f).stat().st_size for f in step["files"]},
+        "stream_bp": step["stream_bp"],
+    }
+    write_json(tmp / "report.json", report)
+    write_json(tmp / "manifest.json", _manifest(tmp, opts, specs, model_file, graph))
+    replace_dir(tmp, out)
 
-    try:
-        return verify(run, reference, reference, n_inputs=opts.verify_inputs,
-                      seed=opts.seed + 1000, batch=batch).as_dict()
-    except ValueError as exc:
-        raise VerificationError(f"artifact outputs do not match the model's: {exc}",
-                                "this is a backend bug; use --backend torch") from exc
 
-
-def _verify_other_batches(runner, reference: Graph, opts: CompileOptions, first: dict[str, Any]) -> dict[str, Any]:
-    """A dynamic-batch artifact checked at each of ``verify_batches``: the worst error
-    over all of them, and one row per batch."""
-    batches = dynamic_batch.verify_batches(reference.example_batch)
-    rows = [{"batch": batches[0], **first}]
-    rows += [{"batch": b, **_verify_artifact(runner, reference, opts, batch=b)} for b in batches[1:]]
-    worst = {k: max(r[k] for r in rows) for k in ("max_abs_error", "relative_error", "max_abs_reference")}
-    keep = ("batch", "inputs_compared", "max_abs_error", "relative_error")
-    return {**first, **worst, "inputs_compared": sum(r["inputs_compared"] for r in rows),
-            "batches": [{k: r[k] for k in keep} for r in rows]}
+def _inputs_report(graph: Graph) -> list[dict[str, Any]]:
+    return [{"name": s.name, "shape": ["B", *s.shape[1:]] if s.dynamic_batch else list(s.shape),
+             "dtype": str(s.dtype).removeprefix("torch."), "high": s.high} for s in graph.inputs]
 
 
 def _latency(runner, graph: Graph, runs: int) -> dict[str, Any] | None:
@@ -243,7 +277,7 @@ def _manifest(tmp: Path, opts: CompileOptions, specs: list[PassSpec], model_file
     config = {"passes": [{"name": s.name, "options": s.options} for s in specs],
               "backend": opts.backend,
               # callables (progress hooks) are not configuration
-              "backend_options": _config_options(opts.backend_options),
+              "backend_options": as_config(opts.backend_options),
               "inputs": [s.describe() for s in graph.inputs], "seed": opts.seed}
     versions = {}
     for pkg in ("gradrewrite", "torch", "onnx", "onnxruntime", "onnxruntime-gpu", "onnxscript",
@@ -265,28 +299,6 @@ def _manifest(tmp: Path, opts: CompileOptions, specs: list[PassSpec], model_file
         "outputs": {str(p.relative_to(tmp)): _file_hash(p)
                     for p in sorted(tmp.rglob("*")) if p.is_file() and p.name != "manifest.json"},
     }
-
-
-def _config_options(options: dict[str, Any]) -> dict[str, Any]:
-    """Backend options minus callables (progress hooks); auto nests them per backend."""
-    return {k: _config_options(v) if isinstance(v, dict) else v
-            for k, v in options.items() if not callable(v)}
-
-
-def _write_json(path: Path, data: Any) -> None:
-    path.write_text(json.dumps(data, indent=2, sort_keys=False, default=_json_default) + "\n")
-
-
-def _json_default(obj: Any) -> Any:
-    if isinstance(obj, (np.integer,)):
-        return int(obj)
-    if isinstance(obj, (np.floating,)):
-        return float(obj)
-    if isinstance(obj, (set, tuple)):
-        return list(obj)
-    if isinstance(obj, torch.dtype):
-        return str(obj).removeprefix("torch.")
-    return str(obj)
 
 
 def _sha256(data: bytes) -> str:
@@ -334,9 +346,8 @@ class Artifact:
                 if _file_hash(self.path / name) != digest:
                     raise GradrewriteError(f"artifact file {name!r} changed since it was compiled",
                                            "compile it again")
-            if "stream_bp" in self.report:  # a StreamBP training step, run here (backends import no pass)
-                from .passes.stream_bp.train_artifact import load_step
-                self._runner = load_step(self.path, self.report, self.trust_pickle)
+            if "stream_bp" in self.report:  # a StreamBP step runs through its own runner
+                self._runner = stream_bp_step.load_step(self.path, self.report, self.trust_pickle)
             else:
                 self._runner = get_backend(self.backend).load(
                     self.path, {**self.report["artifact"], "trust_pickle": self.trust_pickle})
@@ -388,6 +399,39 @@ class Artifact:
             raise ConfigError("--labels applies to stream-bp training artifacts only",
                               "drop --labels (a --train artifact takes its labels as its last --input)")
         return as_numpy(self._run()(*arrays, labels=np.asarray(labels)))
+
+    def train(self, data: str | Path, *, steps: int | None = None, lr: float | None = None,
+              save_weights: str | Path | None = None, progress=None, on_start=None):
+        """SGD steps of an mcu training-step artifact over ``data`` (.npz: x inputs, y int
+        labels), batches in order, on the host build or the firmware under QEMU, per the
+        compiled target (``gradrewrite run OUT --train``). Returns the run: ``losses``,
+        ``params`` and, with ``save_weights``, the names of the ``saved`` parameters."""
+        from .backends.mcu.training import run as train_run
+
+        facts_path = self.path / "mcu" / "model.json"
+        facts = json.loads(facts_path.read_text()) if self.backend == "mcu" and facts_path.is_file() else {}
+        if not facts.get("train_step"):
+            raise ConfigError(f"{str(self.path)!r} is not an mcu training-step artifact",
+                              "compile one with `gradrewrite compile MODEL --train --backend mcu`")
+        x, y = train_run.load_dataset(data, facts)
+        batch = facts["input"]["shape"][0]
+        steps = steps if steps is not None else len(x) // batch
+        lr = lr if lr is not None else float(facts["lr"])
+        train_run.check_run_options(steps, lr, save_weights)
+        target = facts.get("target", "host")
+        if on_start is not None:
+            on_start({"parameters": sum(not p.get("optimizer_state") for p in facts["trained"]), "steps": steps,
+                      "batches": len(x) // batch, "batch": batch, "target": target, "lr": lr})
+        run = train_run.run_training(self.path / "mcu", facts, x, y, steps, lr, target=target, progress=progress)
+        run.trained_bytes = sum(p["bytes"] for p in facts["trained"])
+        run.saved = []
+        if save_weights:
+            weights = train_run.whole_parameters(self.path / "mcu", facts, run.params)
+            weights = {k: v for k, v in weights.items()  # parameters, not the momentum buffers
+                       if not next(p for p in facts["trained"] if p["path"] == k).get("optimizer_state")}
+            train_run.save_weights(save_weights, weights)
+            run.saved = list(weights)
+        return run
 
     def __repr__(self) -> str:
         return f"Artifact({str(self.path)!r}, backend={self.backend!r})"

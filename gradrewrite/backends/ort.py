@@ -18,11 +18,12 @@ import numpy as np
 
 from ..errors import BackendError
 from ..rewrite.graph import Graph
+from .options import OrtOptions, field_default, make_options
 from .base import Backend, BackendArtifact, register_backend
 from . import onnx_export_fixes, ort_errors
 from . import ort_quant  # ONNX translations of the quantized ops
 
-DEFAULT_OPSET = 18
+DEFAULT_OPSET = field_default("ort", "opset")
 EXTERNAL_DATA_BYTES = 1 << 30
 
 
@@ -136,9 +137,9 @@ class OrtBackend(Backend):
             return exc.one_line()
         return None
 
-    def compile(self, graph: Graph, out_dir: Path, *, options: dict[str, Any]) -> BackendArtifact:
-        facts = export_onnx(graph, out_dir / "model.onnx", opset=options.get("opset", DEFAULT_OPSET),
-                            external_data=options.get("external_data"))
+    def compile(self, graph: Graph, out_dir: Path, *, options: OrtOptions) -> BackendArtifact:
+        options = make_options("ort", options)
+        facts = export_onnx(graph, out_dir / "model.onnx", opset=options.opset, external_data=options.external_data)
         session = make_session(out_dir / "model.onnx")  # fail at compile time, not at run time
         facts["providers"] = session.get_providers()
         target = "onnxruntime-" + ("cuda" if "CUDAExecutionProvider" in facts["providers"] else "cpu")

@@ -11,12 +11,14 @@ from torch.utils import _pytree as pytree
 from ..rewrite.graph import Graph
 from ..rewrite.safe_load import load_exported_program
 from ..rewrite import quant_ops  # noqa: F401  (quantized ops a saved graph may hold)
+from .options import TorchOptions, make_options
 from .base import Backend, BackendArtifact, as_numpy, register_backend, reexport
 
 
 @register_backend("torch")
 class TorchBackend(Backend):
-    def compile(self, graph: Graph, out_dir: Path, *, options: dict[str, Any]) -> BackendArtifact:
+    def compile(self, graph: Graph, out_dir: Path, *, options: TorchOptions) -> BackendArtifact:
+        make_options("torch", options)  # takes none: anything given is refused by name
         ep = reexport(graph)
         torch.export.save(ep, str(out_dir / "model.pt2"))
         return BackendArtifact(["model.pt2"], "torch-eager-cpu", {"format": "torch.export"})

@@ -143,6 +143,39 @@ class InputSpec:
                              dtype=self.dtype)
 
 
+def is_bn_statistic(node: fx.Node) -> bool:
+    """A batch norm's running statistics: buffers, not parameters (not counted as such)."""
+    return node.op == "get_attr" and str(node.target).rpartition(".")[2] in _BN_STATISTICS
+
+
+def _view_key(t: torch.Tensor) -> tuple:
+    """Equal for two tensors that are the same view of the same memory."""
+    if t.numel() == 0:
+        return (id(t),)
+    return (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype,
+            type(t))
+
+
+def _deepcopy_keeping_ties(gm: fx.GraphModule) -> fx.GraphModule:
+    """``deepcopy`` of a module whose tied weights are distinct tensors over one storage
+    (what ``ExportedProgram.module()`` gives a tied LM head): the copies stay tied, so a
+    clone saves, counts and trains the shared weight once."""
+    memo: dict[int, Any] = {}
+    first: dict[tuple, torch.Tensor] = {}
+    tensors = [t for _, t in gm.named_parameters(remove_duplicate=False)] + \
+        [t for _, t in gm.named_buffers(remove_duplicate=False)]
+    for t in tensors:
+        if id(t) in memo:
+            continue
+        key = _view_key(t)
+        if key in first:
+            memo[id(t)] = memo[id(first[key])]
+        else:
+            first[key] = t
+            memo[id(t)] = copy.deepcopy(t, memo)
+    return copy.deepcopy(gm, memo)
+
+
 _BN_STATISTICS = ("running_mean", "running_var", "num_batches_tracked")
 
 
@@ -184,7 +217,7 @@ class Graph:
 
         with warnings.catch_warnings():  # torch pytree deprecation noise from deepcopy
             warnings.simplefilter("ignore", FutureWarning)
-            return Graph(gm=copy.deepcopy(self.gm), inputs=list(self.inputs),
+            return Graph(gm=_deepcopy_keeping_ties(self.gm), inputs=list(self.inputs),
                          example_inputs=self.example_inputs, source=self.source,
                          meta=copy.deepcopy(self.meta))
 
@@ -224,10 +257,13 @@ class Graph:
         (buffers) are left out; weights a pass stores as buffers (int8) still count."""
         seen, total = set(), 0
         for node in self.nodes:
-            if node.op == "get_attr" and str(node.target).rpartition(".")[2] not in _BN_STATISTICS:
+            if node.op == "get_attr" and not is_bn_statistic(node):
                 t = self.attr(node)
-                if isinstance(t, torch.Tensor) and id(t) not in seen:
-                    seen.add(id(t))
+                if not isinstance(t, torch.Tensor):
+                    continue
+                key = _view_key(t)  # tied weights may be two tensors over one storage
+                if key not in seen:
+                    seen.add(key)
                     total += t.numel()
         return total
 

@@ -17,11 +17,11 @@ The package, by graph kind (rewrite/ -> backends/mcu, one way within it too):
   API's bytes), ``c_files.py`` (``kernels/``, ``templates/``), ``check.py``
   (``gradrewrite check``).
 
-Options: ``target`` (host, cortex-m4, cortex-m7; default host), ``ram_kb``,
-``flash_kb`` (the budget, default 320 / 1024), ``sparse`` (pack N:M weights, default
-True), ``stream`` (int8 depthwise convs over their dying input, pointwise expand +
-depthwise pairs computed one channel at a time; default True), ``measure`` (run
-Cortex-M images once under QEMU for stack and instruction counts; default True).
+Options (``backends.options.McuOptions``): ``target`` (host, cortex-m4, cortex-m7),
+``ram_kb``, ``flash_kb`` (the budget), ``sparse`` (pack N:M weights), ``stream`` (int8
+depthwise convs over their dying input, pointwise expand + depthwise pairs computed one
+channel at a time), ``measure`` (run Cortex-M images once under QEMU for stack and
+instruction counts).
 """
 from __future__ import annotations
 
@@ -33,8 +33,9 @@ from typing import Any
 from ...errors import BackendError
 from ...rewrite.graph import Graph
 from ..base import Backend, BackendArtifact, register_backend
+from ..options import McuOptions, make_options
 from .inference.reference import INT8_REL_TOL  # one tolerance for compile and `run --compare`
-from .targets import DEFAULT_FLASH_KB, DEFAULT_RAM_KB, TARGETS, get_target
+from .targets import get_target
 
 PROJECT = "mcu"
 
@@ -46,13 +47,9 @@ class McuBackend(Backend):
             return "no host C compiler (cc) found; install gcc"
         return None
 
-    def compile(self, graph: Graph, out_dir: Path, *, options: dict[str, Any]) -> BackendArtifact:
-        target = options.get("target") or "host"
-        if target not in TARGETS:
-            get_target(target)  # raises with the valid names
-        ram_kb = options.get("ram_kb") or DEFAULT_RAM_KB
-        flash_kb = options.get("flash_kb") or DEFAULT_FLASH_KB
-        measure = options.get("measure", True)
+    def compile(self, graph: Graph, out_dir: Path, *, options: McuOptions) -> BackendArtifact:
+        options = make_options("mcu", options)
+        target, ram_kb, flash_kb, measure = options.target, options.ram_kb, options.flash_kb, options.measure
         project = out_dir / PROJECT
         if graph.meta.get("train_step"):  # model_train_step beside model_run
             from .training.compile import compile_train
@@ -67,7 +64,7 @@ class McuBackend(Backend):
         else:
             from .inference.compile import compile_inference
             facts = compile_inference(graph, project, target=target, ram_kb=ram_kb, flash_kb=flash_kb,
-                                      sparse=options.get("sparse", True), stream=options.get("stream", True),
+                                      sparse=options.sparse, stream=options.stream,
                                       measure=measure)
             info = {"mcu": facts}
             if not get_target(target).is_host:

@@ -10,9 +10,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ...errors import ConfigError
+from ..options import field_default
 
-DEFAULT_RAM_KB = 320
-DEFAULT_FLASH_KB = 1024
+DEFAULT_RAM_KB = field_default("mcu", "ram_kb")
+DEFAULT_FLASH_KB = field_default("mcu", "flash_kb")
 BOARD_RAM_KB = 4096     # what the MPS2 boards model at 0x20000000
 BOARD_FLASH_KB = 4096   # ... and at 0x0
 

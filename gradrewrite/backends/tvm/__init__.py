@@ -47,6 +47,7 @@ import numpy as np
 
 from ...errors import BackendError, ConfigError
 from ...rewrite.graph import Graph
+from ..options import as_config, make_options
 from ..base import Backend, BackendArtifact, register_backend
 from . import dynamic_batch
 
@@ -70,7 +71,8 @@ OPTIONS: dict[str, Any] = {
 }
 
 
-def _options(options: dict[str, Any]) -> dict[str, Any]:
+def _options(options: Any) -> dict[str, Any]:
+    options = as_config(make_options("tvm", options), keep_callables=True)
     unknown = sorted(set(options) - set(OPTIONS))
     if unknown:
         raise ConfigError(f"unknown option{'s' if len(unknown) > 1 else ''} for backend 'tvm': "

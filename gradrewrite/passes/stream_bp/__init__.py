@@ -13,7 +13,7 @@ Modules: ``seq_axis`` (op kinds, sequence-axis tracking), ``partition`` (layers)
 captured forward graph can be chunked (naming the op that prevents it) and records the
 chunking config in ``graph.meta["stream_bp"]`` and the report; the chunked training
 step itself runs through :class:`StreamBP`, in a training loop or as the artifact of
-``compile --train --loss causal_lm -p stream-bp(...)`` (``train_artifact``).
+``compile --train --loss causal_lm -p stream-bp(...)`` (``gradrewrite.training.stream_bp_step``).
 """
 from __future__ import annotations
 

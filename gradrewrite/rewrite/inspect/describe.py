@@ -16,7 +16,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from ..graph import Graph, module_path, module_type, op_kind, op_name, tensor_meta
+from ..graph import Graph, is_bn_statistic, module_path, module_type, op_kind, op_name, tensor_meta
 
 _TORCH_DIR = os.path.dirname(torch.__file__) + os.sep
 _FRAME = re.compile(r'File "(?P<file>[^"]+)", line (?P<line>\d+), in (?P<func>[^\n]+)\n(?P<code>[^\n]*)')
@@ -58,7 +58,8 @@ def describe(graph: Graph, title: str = "") -> dict:
         }
         if node.op == "get_attr":
             entry["attr_path"] = str(node.target)
-            entry["params"] = _numel(graph, node)
+            # batch-norm statistics are buffers: shown, not counted as parameters
+            entry["params"] = 0 if is_bn_statistic(node) else _numel(graph, node)
         elif node.op == "call_function":
             # Weights a compute node reads directly: shown folded into it by renderers.
             entry["weight_params"] = sum(_numel(graph, n) for n in inputs if n.op == "get_attr")

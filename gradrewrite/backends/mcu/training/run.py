@@ -35,6 +35,8 @@ class TrainRun:
     params: dict[str, np.ndarray]            # trained parameters as stored (a split one: its trained rows)
     stats: dict[str, Any] = field(default_factory=dict)   # the harness's stack/heap numbers, instructions
     batches: int = 1
+    trained_bytes: int = 0                   # SRAM the trained parameters take
+    saved: list[str] = field(default_factory=list)  # parameters written by save_weights
 
 
 # ------------------------------------------------------------------ running

@@ -1,11 +1,12 @@
-"""``compile --train --loss causal_lm -p stream-bp(...)``: a StreamBP training-step artifact.
+"""The StreamBP step: a causal LM's training step with a chunked, exact backward.
 
-Compile runs the pipeline's passes before ``stream-bp`` on the inference graph, lets
-``stream-bp`` analyse it (layers, op kinds; it names the op that blocks chunking),
-saves the forward as ``model.pt2`` with the chunking config in ``stream_bp.json``, then
-loads that file back and checks on the example batch that the chunked step's gradients
-equal plain autograd (``report.json["stream_bp"]["gradient_check"]``), and measures the
-deterministic peak of live tensor bytes of both steps.
+``compile(..., train=Train(loss="causal_lm"), passes="...,stream-bp(chunk=...)")``: the
+passes before ``stream-bp`` rewrite the inference graph, ``stream-bp`` analyses it
+(layers, op kinds; it names the op that blocks chunking), and ``write_step`` saves the
+forward as ``model.pt2`` with the chunking config in ``stream_bp.json``, loads that file
+back and checks on the example batch that the chunked step's gradients equal plain
+autograd (``report.json["stream_bp"]["gradient_check"]``), measuring the deterministic
+peak of live tensor bytes of both steps.
 
 The artifact runs one training step: ``gradrewrite run OUT --input ids.npy
 [--labels labels.npy]`` (labels default to the ids; ``-100`` is ignored) writes
@@ -13,26 +14,24 @@ The artifact runs one training step: ``gradrewrite run OUT --input ids.npy
 ``output_1...`` = the gradients of the trained parameters, in the order of
 ``report.json["stream_bp"]["outputs"]``. Gradients rather than updated weights: the
 step is exact backprop, the optimizer is the caller's.
-
-The runner lives here (the compiler layer calls it); no backend imports a pass.
 """
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 import torch
 
-from ...errors import ConfigError, InputError, VerificationError
-from ...rewrite.graph import Graph
-from ...rewrite.pipeline import PassSpec
-from .api import StreamBP
-from .executor import IGNORE_INDEX, causal_lm_loss
-from ...rewrite.live_bytes import LiveBytes
-from ...rewrite.safe_load import load_exported_program
+from ..errors import ConfigError, InputError, VerificationError
+from ..outputs import write_json
+from ..passes.stream_bp.api import StreamBP
+from ..passes.stream_bp.executor import IGNORE_INDEX, causal_lm_loss
+from ..rewrite.graph import Graph
+from ..rewrite.live_bytes import LiveBytes
+from ..rewrite.pipeline import PassSpec
+from ..rewrite.safe_load import load_exported_program
 
 PASS = "stream-bp"
 LOSS = "causal_lm"
@@ -41,8 +40,9 @@ MODEL = "model.pt2"
 TOLERANCE = {torch.float32: 1e-5, torch.float64: 1e-10}
 
 
-def check_request(specs: Sequence[PassSpec], loss: str, backend: str, label_spec: str | None) -> int:
-    """Refuse what this path cannot do, before any work; returns stream-bp's index."""
+def check_request(specs: Sequence[PassSpec], train, backend: str) -> int:
+    """Refuse what this step kind cannot do, before any work; returns stream-bp's index."""
+    loss, label_spec = train.loss, train.label
     names = [s.name for s in specs]
     if PASS not in names:
         raise ConfigError(f"--loss {LOSS} needs the {PASS} pass (the chunked training step computes it)",
@@ -63,7 +63,7 @@ def check_request(specs: Sequence[PassSpec], loss: str, backend: str, label_spec
     return at
 
 
-def _token_input(graph: Graph):
+def token_input(graph: Graph):
     if len(graph.inputs) != 1 or graph.inputs[0].dtype.is_floating_point or len(graph.inputs[0].shape) != 2:
         got = ", ".join(f"{'x'.join(map(str, s.shape))}:{str(s.dtype).removeprefix('torch.')}"
                         for s in graph.inputs)
@@ -72,67 +72,41 @@ def _token_input(graph: Graph):
     return graph.inputs[0]
 
 
-def compile_train(graph: Graph, out: str | Path, specs: Sequence[PassSpec], *, loss: str = LOSS,
-                  backend: str = "torch", label_spec: str | None = None, seed: int = 0,
-                  force: bool = False, model_file: str | Path | None = None, log=None) -> Any:
-    """Write the StreamBP training-step artifact to ``out``; returns the ``Artifact``."""
-    from ...compiler import Artifact, CompileOptions, _manifest, _write_json, run_pipeline
-    from ...outputs import check_out_free, make_build_dir, replace_dir
-    from ...backends.base import reexport
+def write_step(graph: Graph, tmp: Path, analysis: dict, log=None) -> dict[str, Any]:
+    """Write ``model.pt2`` and ``stream_bp.json`` into ``tmp`` and check the chunked
+    gradients against autograd; returns the files, the report section and the
+    verification record (a VerificationError when the gradients differ)."""
+    from ..backends.base import reexport
 
-    log = log or (lambda *a, **k: None)
-    at = check_request(specs, loss, backend, label_spec)
-    spec = _token_input(graph)
-    check_out_free(out, force)
-    out = Path(out)
-    original_nodes = graph.node_count()
-    if at:
-        run_pipeline(graph, list(specs[:at]), seed=seed)  # inference passes first (fold-bn, dce)
-    result = run_pipeline(graph, list(specs[at:]), seed=seed, verify=False)  # analysis only
-    analysis = result.reports()[-1]
+    (log or (lambda *a, **k: None))("stream-bp: saving the forward, checking chunked gradients against "
+                                    "autograd …")
+    token_input(graph)
     cfg = graph.meta["stream_bp"]
-    tmp = make_build_dir(out)
-    try:
-        log("stream-bp: saving the forward, checking chunked gradients against autograd …")
-        torch.export.save(reexport(graph), str(tmp / MODEL))
-        ids = graph.example_inputs[0]
-        module = torch.export.load(str(tmp / MODEL)).module()
-        check = gradient_check(module, ids, cfg["chunk"], cfg["logits_chunk"])
-        tol = TOLERANCE.get(check.pop("dtype"), 1e-5)
-        if check["max_relative_error"] > tol:
-            raise VerificationError(f"stream-bp gradients differ from autograd: relative error "
-                                    f"{check['max_relative_error']:.3g} > {tol:g}",
-                                    "this is a stream-bp bug; train with plain backprop meanwhile")
-        outputs = ["loss"] + [f"grad:{n}" for n in check.pop("trained")]
-        config = {**cfg, "loss": LOSS, "ignore_index": IGNORE_INDEX, "outputs": outputs}
-        _write_json(tmp / CONFIG, config)
-        files = [MODEL, CONFIG]
-        inputs = [{"name": spec.name, "shape": list(spec.shape),
-                   "dtype": str(spec.dtype).removeprefix("torch."), "high": spec.high}]
-        report = {
-            "format_version": 1, "source": graph.source, "backend": "torch",
-            "target": "torch-eager-cpu", "inputs": inputs, "passes": result.reports(),
-            "nodes": {"before": original_nodes, "after": graph.node_count()},
-            "artifact": {"files": files, "format": "torch.export + stream_bp.json"},
-            "sizes": {f: (tmp / f).stat().st_size for f in files},
-            "stream_bp": {**config, "layers": analysis["report"].get("layers"),
-                          "chunks_per_layer": analysis["report"].get("chunks_per_layer"),
-                          "op_kinds": analysis["report"].get("op_kinds"),
-                          "segments": analysis["report"].get("segments"),
-                          "labels": "--labels FILE.npy (int64, same shape as the ids; default: the ids)",
-                          "gradient_check": {**check, "tolerance": tol,
-                                             "note": "on the example batch; peak live bytes count tensors "
-                                                     "a step creates (activations, gradients), not the "
-                                                     "weights; stream-bp saves memory at long sequences"}},
-        }
-        _write_json(tmp / "report.json", report)
-        opts = CompileOptions(passes=list(specs), backend="torch", seed=seed)
-        _write_json(tmp / "manifest.json", _manifest(tmp, opts, list(specs), model_file, graph))
-        replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return Artifact(out)
+    torch.export.save(reexport(graph), str(tmp / MODEL))
+    ids = graph.example_inputs[0]
+    module = load_exported_program(tmp / MODEL).module()
+    check = gradient_check(module, ids, cfg["chunk"], cfg["logits_chunk"])
+    tol = TOLERANCE.get(check.pop("dtype"), 1e-5)
+    if check["max_relative_error"] > tol:
+        raise VerificationError(f"stream-bp gradients differ from autograd: relative error "
+                                f"{check['max_relative_error']:.3g} > {tol:g}",
+                                "this is a stream-bp bug; train with plain backprop meanwhile")
+    outputs = ["loss"] + [f"grad:{n}" for n in check.pop("trained")]
+    config = {**cfg, "loss": LOSS, "ignore_index": IGNORE_INDEX, "outputs": outputs}
+    write_json(tmp / CONFIG, config)
+    section = {**config, "layers": analysis.get("layers"),
+               "chunks_per_layer": analysis.get("chunks_per_layer"),
+               "op_kinds": analysis.get("op_kinds"),
+               "segments": analysis.get("segments"),
+               "labels": "--labels FILE.npy (int64, same shape as the ids; default: the ids)",
+               "gradient_check": {**check, "tolerance": tol,
+                                  "note": "on the example batch; peak live bytes count tensors "
+                                          "a step creates (activations, gradients), not the "
+                                          "weights; stream-bp saves memory at long sequences"}}
+    verification = {"kind": "gradients against autograd", "relative_error": check["max_relative_error"],
+                    "inputs_compared": 1, "checked": True, "tolerance": tol}
+    return {"files": [MODEL, CONFIG], "format": "torch.export + stream_bp.json", "stream_bp": section,
+            "verification": verification}
 
 
 def _trained(module: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
