@@ -13,23 +13,15 @@ strides; the copy is an ONNX ``Identity`` that the optimizer removes.
 from __future__ import annotations
 
 import contextlib
-from collections import Counter
-from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch.fx as fx
 
+from ..rewrite.rules import NodeRule, apply_node_rules
+
 aten = torch.ops.aten
 
 _PROVENANCE = ("nn_module_stack", "stack_trace", "source_fn_stack", "torch_fn", "from_node")
-
-
-@dataclass(frozen=True)
-class Rule:
-    name: str
-    check: Callable[[fx.Node], str | None]   # None when the rule applies, else why not
-    rewrite: Callable[[fx.Graph, fx.Node], None]
 
 
 def _check_sdpa(node: fx.Node) -> str | None:
@@ -52,24 +44,11 @@ def _rewrite_sdpa(graph: fx.Graph, node: fx.Node) -> None:
             copy.meta["val"] = val.clone(memory_format=torch.contiguous_format)
 
 
-RULES: tuple[Rule, ...] = (
-    Rule("sdpa-layout", _check_sdpa, _rewrite_sdpa),
+RULES: tuple[NodeRule, ...] = (
+    NodeRule("sdpa-layout", _check_sdpa, _rewrite_sdpa),
 )
 
 
 def apply(ep: torch.export.ExportedProgram) -> dict[str, int]:
     """Rewrite ``ep``'s graph in place; returns {rule name: times fired}."""
-    fired: Counter[str] = Counter()
-    graph = ep.graph_module.graph
-    for node in list(graph.nodes):
-        if node.op != "call_function":
-            continue
-        for rule in RULES:
-            if rule.check(node) is None:
-                rule.rewrite(graph, node)
-                fired[rule.name] += 1
-                break
-    if fired:
-        graph.lint()
-        ep.graph_module.recompile()
-    return dict(fired)
+    return apply_node_rules(ep, RULES)

@@ -200,3 +200,34 @@ def _erase_dead(g: fx.Graph, root: fx.Node) -> None:
 
 
 __all__ = ["Match", "Op", "Pattern", "Rule", "RuleStats", "Var", "Weight", "apply_rules"]
+
+
+# ---------------------------------------------------------------- node rules on an ExportedProgram
+@dataclass(frozen=True)
+class NodeRule:
+    """A one-node rewrite a backend applies to the program it lowers (e.g. to work around
+    an exporter or importer): ``check(node)`` is None when it applies, else why not."""
+
+    name: str
+    check: Callable[[fx.Node], str | None]
+    rewrite: Callable[[fx.Graph, fx.Node], None]
+    doc: str = ""
+
+
+def apply_node_rules(ep: torch.export.ExportedProgram, rules: Iterable[NodeRule]) -> dict[str, int]:
+    """Rewrite ``ep``'s graph in place, first matching rule per node; {rule name: times fired}."""
+    rules = tuple(rules)
+    fired: Counter[str] = Counter()
+    graph = ep.graph_module.graph
+    for node in list(graph.nodes):
+        if node.op != "call_function":
+            continue
+        for rule in rules:
+            if rule.check(node) is None:
+                rule.rewrite(graph, node)
+                fired[rule.name] += 1
+                break
+    if fired:
+        graph.lint()
+        ep.graph_module.recompile()
+    return dict(fired)

@@ -13,25 +13,16 @@ kDLFloat))``, naming no op. Hugging Face Llama hits the first one: its mask code
 """
 from __future__ import annotations
 
-from collections import Counter
-from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch.fx as fx
+
+from ...rewrite.rules import NodeRule, apply_node_rules
 
 aten = torch.ops.aten
 
 _SCANS = (aten.cumsum.default, aten.cumprod.default)
 _BOOL_ARITH = {aten.add.Tensor: aten.bitwise_or.Tensor, aten.mul.Tensor: aten.bitwise_and.Tensor}
-
-
-@dataclass(frozen=True)
-class Rule:
-    name: str
-    doc: str
-    check: Callable[[fx.Node], str | None]   # None when the rule applies, else why not
-    rewrite: Callable[[fx.Graph, fx.Node], None]
 
 
 def _dtype(arg) -> torch.dtype | None:
@@ -115,36 +106,23 @@ def _rewrite_slice_axis(graph: fx.Graph, node: fx.Node) -> None:
     node.args = (node.args[0], node.args[1] + rank, *node.args[2:])
 
 
-RULES: tuple[Rule, ...] = (
-    Rule("scan-dtype", "cast the input of cumsum/cumprod to the output dtype PyTorch promotes to "
-         "(bool/int32 -> int64); TVM scans in the input dtype and cannot add bools",
-         _check_scan, _rewrite_scan),
-    Rule("bool-arith", "add/mul of bool tensors -> bitwise_or/bitwise_and (same truth table); "
-         "TVM lowers them to integer arithmetic on bool, which LLVM codegen rejects",
-         _check_bool_arith, _rewrite_bool_arith),
-    Rule("slice-axis", "slice along a negative dim of a tensor with a symbolic size (a dynamic batch) -> "
-         "the same dim counted from the front; TVM slices such tensors with dynamic_strided_slice, "
-         "which rejects negative axes",
-         _check_slice_axis, _rewrite_slice_axis),
+RULES: tuple[NodeRule, ...] = (
+    NodeRule("scan-dtype", _check_scan, _rewrite_scan,
+             "cast the input of cumsum/cumprod to the output dtype PyTorch promotes to (bool/int32 -> int64); "
+             "TVM scans in the input dtype and cannot add bools"),
+    NodeRule("bool-arith", _check_bool_arith, _rewrite_bool_arith,
+             "add/mul of bool tensors -> bitwise_or/bitwise_and (same truth table); TVM lowers them to "
+             "integer arithmetic on bool, which LLVM codegen rejects"),
+    NodeRule("slice-axis", _check_slice_axis, _rewrite_slice_axis,
+             "slice along a negative dim of a tensor with a symbolic size (a dynamic batch) -> the same dim "
+             "counted from the front; TVM slices such tensors with dynamic_strided_slice, which rejects "
+             "negative axes"),
 )
 
 
 def normalize(ep: torch.export.ExportedProgram) -> dict[str, int]:
     """Rewrite ``ep``'s graph in place; returns {rule name: times fired}."""
-    fired: Counter[str] = Counter()
-    graph = ep.graph_module.graph
-    for node in list(graph.nodes):
-        if node.op != "call_function":
-            continue
-        for rule in RULES:
-            if rule.check(node) is None:
-                rule.rewrite(graph, node)
-                fired[rule.name] += 1
-                break
-    if fired:
-        graph.lint()
-        ep.graph_module.recompile()
-    return dict(fired)
+    return apply_node_rules(ep, RULES)
 
 
 # Ops that compute on their input's dtype: a bool/int input there is what LLVM codegen
