@@ -112,7 +112,13 @@ class TvmBackend(Backend):
 
     # ------------------------------------------------------------------ compile
     def compile(self, graph: Graph, out_dir: Path, *, options: dict[str, Any]) -> BackendArtifact:
-        opts = _options(options)
+        from . import interrupt
+
+        # Ctrl-C in TVM's C++ callbacks surfaces as RuntimeError: remember it (see interrupt)
+        with interrupt.watch():
+            return self._compile(graph, out_dir, _options(options))
+
+    def _compile(self, graph: Graph, out_dir: Path, opts: dict[str, Any]) -> BackendArtifact:
         from . import tuning
         from .importer import import_graph
         from .relax_passes import preprocess
@@ -196,13 +202,14 @@ class TvmBackend(Backend):
 
     @staticmethod
     def _build(mod, target, database, imported):
-        from . import tuning
+        from . import interrupt, tuning
         from .importer import _where
         from .normalize import non_float_arith
 
         try:
             return tuning.build(mod, target, database)
         except Exception as exc:
+            interrupt.raise_if_hit(exc)
             text = str(exc)
             if "MatchesCode" in text:
                 suspects = non_float_arith(imported.ep)

@@ -8,6 +8,7 @@ and the records land in a JSON database under the cache directory::
 
     <tune_cache>/<key>/database_workload.json
     <tune_cache>/<key>/database_tuning_record.json
+    <tune_cache>/<key>/database_checked.txt  # records whose kernel passed kernel_check
     <tune_cache>/<key>/tuning.json          # trials done so far, tasks, history
     <tune_cache>/<key>/logs/                 # MetaSchedule's per-task logs
 
@@ -15,6 +16,11 @@ and the records land in a JSON database under the cache directory::
 text of *every* task of the model, so any compile of the same workload on the same target
 (other weights included: weights are not part of the TIR) finds it. A compile asking for no more trials than
 ``tuning.json`` records runs zero new trials; asking for more tunes only the difference.
+
+A record is never used before its kernel was checked against the untuned one on random
+data (``kernel_check``: TVM 0.27 generates some wrong kernels). Ctrl-C stops tuning
+promptly (``interrupt``): the workers are ended, the trials measured so far are kept in
+the database (``_salvage``) and count as done, and ``KeyboardInterrupt`` propagates.
 
 Speed on small CPUs (measured on 2 loaded cores): MetaSchedule's stock setup spends
 ~35 s per task before the first measurement. Three things remove most of it:
@@ -38,7 +44,9 @@ import json
 import logging
 import os
 import platform
+import shutil
 import sys
+import tempfile
 import time
 import types
 from dataclasses import dataclass, field
@@ -46,6 +54,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ...errors import BackendError, ConfigError
+from . import interrupt
 
 log = logging.getLogger("gradrewrite.tvm")
 
@@ -240,13 +249,15 @@ class TuneResult:
     strategy: str = ""
     seconds: float = 0.0
     records: int = 0
+    kernel_checks: dict[str, Any] = field(default_factory=dict)   # kernel_check.add_stats
 
     def info(self) -> dict[str, Any]:
         return {"cache_key": self.key, "cache_dir": str(self.work_dir),
                 "trials_requested": self.trials_requested, "trials_recorded": self.trials_recorded,
                 "new_trials": self.new_trials, "reused_cache": self.new_trials == 0 and self.trials_recorded > 0,
                 "tasks": self.tasks_total, "tasks_tuned": self.tasks_tuned, "strategy": self.strategy,
-                "tuning_seconds": round(self.seconds, 2), "records": self.records}
+                "tuning_seconds": round(self.seconds, 2), "records": self.records,
+                "kernel_checks": self.kernel_checks}
 
 
 def _emit(progress: Progress | None, event: dict[str, Any]) -> None:
@@ -292,8 +303,9 @@ RECORDS = "database_tuning_record.json"
 NEW_RECORDS = "database_tuning_record.new.json"   # this session's commits, merged into RECORDS after
 
 
-def open_database(work_dir: Path):
-    """The tuning database in ``work_dir``, loaded one record at a time.
+def open_database(work_dir: Path, stats: dict | None = None, name: Callable[[Any], str] | None = None):
+    """The tuning database in ``work_dir``, loaded one record at a time, with every record a
+    build would use checked against the untuned kernel (``kernel_check.vet``).
 
     ``JSONDatabase`` would replay every record on its workload in parallel when it opens,
     and with TVM 0.27 that replay is not safe: it failed 1 in 8 opens of a 508-record
@@ -303,13 +315,17 @@ def open_database(work_dir: Path):
     stored records are replayed here, serially. Records that do not replay on their own
     workload (evolutionary search can commit such a record: a mutated
     ``SampleComputeLocation`` decision beside postprocessing steps recorded for the old
-    location) are dropped and the file rewritten without them. Call ``close_database``
-    after tuning to merge the new records in.
+    location) are dropped, and so are records whose kernel computes something else; the
+    file is then rewritten without them. Call ``close_database`` after tuning to merge the
+    new records in. ``stats`` collects the kernel checks' counts and time, ``name`` (workload
+    -> task name) labels their warnings.
     """
     from tvm.s_tir import meta_schedule as ms
     from tvm.s_tir.meta_schedule.database import TuningRecord, Workload
 
-    close_database(work_dir)               # records a crashed run left behind
+    from .kernel_check import vet
+
+    close_database(work_dir)               # records a crashed or interrupted run left behind
     fresh = work_dir / NEW_RECORDS
     fresh.write_text("")
     workload_path = work_dir / "database_workload.json"
@@ -325,17 +341,28 @@ def open_database(work_dir: Path):
                            f"delete {str(work_dir)!r} to start that workload's tuning over") from exc
     records_path = work_dir / RECORDS
     lines = [ln for ln in records_path.read_text().splitlines() if ln.strip()] if records_path.exists() else []
-    kept = []
+    entries = []
     for line in lines:
         try:
             index, body = json.loads(line)
-            db.commit_tuning_record(TuningRecord.from_json(body, workloads[index]))
+            entries.append((line, index, TuningRecord.from_json(body, workloads[index])))
         except Exception:  # noqa: BLE001 - a bad record, whatever TVM calls the failure
+            continue
+    drop = vet(work_dir, entries, workloads, stats, name)
+    kept = []
+    for pos, (line, _, record) in enumerate(entries):
+        if pos in drop:
+            continue
+        try:
+            db.commit_tuning_record(record)
+        except Exception:  # noqa: BLE001
             continue
         kept.append(line)
     fresh.write_text("")                   # the commits above were copies of RECORDS
     if len(kept) < len(lines):
-        log.warning("TVM tuning: dropped %d record(s) that do not replay from %s", len(lines) - len(kept), work_dir)
+        if len(lines) - len(kept) > len(drop):     # the wrong ones were reported by vet
+            log.warning("TVM tuning: dropped %d record(s) that do not replay from %s",
+                        len(lines) - len(kept) - len(drop), work_dir)
         _write_atomic(records_path, "".join(line + "\n" for line in kept))
     return db
 
@@ -361,7 +388,6 @@ def tune(mod, target, *, trials: int, cache_dir: str | Path | None = None, strat
         "evolutionary" if trials >= EVOLUTIONARY_FROM else "replay-trace")
     _check_tuning_deps(xgboost=strategy_used == "evolutionary")
     lazy_intrinsics(target)
-    import tvm
 
     cache = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
     tasks = extract_tasks(mod, target)
@@ -373,12 +399,14 @@ def tune(mod, target, *, trials: int, cache_dir: str | Path | None = None, strat
         raise BackendError(f"cannot create the TVM tuning cache {str(work_dir)!r}: {exc.strerror or exc}",
                            "pass backend option tune_cache=DIR (a writable directory) or set GRADREWRITE_CACHE") from exc
     t0 = time.perf_counter()
-    with _locked(work_dir / ".lock"):
+    with interrupt.watch(), _locked(work_dir / ".lock"):
         state_path = work_dir / "tuning.json"
         state = _read_state(state_path)
         done = int(state.get("trials", 0))
         chosen, per_iter = plan(tasks, trials, trials_floor(tasks, trials))
         wanted = trials - done
+        checks: dict[str, Any] = {}
+        name_of = _namer(tasks)
         if not chosen:
             log.info("TVM tuning: the model has no tunable tasks")
             return TuneResult(key, work_dir, _memory_db(), trials, 0, 0, len(tasks), [], "none",
@@ -387,11 +415,11 @@ def tune(mod, target, *, trials: int, cache_dir: str | Path | None = None, strat
             log.info("TVM tuning: reusing %s (%d trials recorded, %d asked)", work_dir, done, trials)
             _emit(progress, {"event": "reuse", "cache_dir": str(work_dir), "trials_recorded": done,
                              "trials": trials})
-            db = open_database(work_dir)
+            db = open_database(work_dir, checks, name_of)
             close_database(work_dir)
             return TuneResult(key, work_dir, db, trials, done, 0, len(tasks), list(state.get("tasks_tuned", [])),
-                              state.get("strategy", ""), time.perf_counter() - t0, _count(db))
-        db = open_database(work_dir)
+                              state.get("strategy", ""), time.perf_counter() - t0, _count(db), checks)
+        db = open_database(work_dir, checks, name_of)
         counter = _Counter(chosen, wanted, progress)
         share = sum(t.cost for t in chosen) / (sum(t.cost for t in tasks) or 1.0)
         log.info("TVM tuning: %d trials over %d of %d tasks (%.0f%% of the FLOPs), %s, cache %s",
@@ -399,32 +427,65 @@ def tune(mod, target, *, trials: int, cache_dir: str | Path | None = None, strat
         _emit(progress, {"event": "start", "trials": wanted, "tasks": [t.name for t in chosen],
                          "tasks_total": len(tasks), "flop_share": share, "strategy": strategy_used,
                          "cache_dir": str(work_dir)})
+        finished = False
         try:
-            _run_tuner(chosen, work_dir, db, wanted, per_iter, strategy_used, counter, seed, num_cores)
+            _run_tuner(chosen, work_dir, db, wanted, per_iter, strategy_used, counter, seed, num_cores, checks)
+            finished = True
         except BackendError:
             raise
         except Exception as exc:
+            interrupt.raise_if_hit(exc)    # TVM's C++ turned the KeyboardInterrupt into this
             first = str(exc).strip().splitlines()
             raise BackendError(f"MetaSchedule tuning failed: {type(exc).__name__}: {first[-1] if first else ''}",
                                "retry with tune_trials=0 (untuned) or see the logs in " + str(work_dir / "logs")) from exc
         finally:
-            close_database(work_dir)       # keep what was measured, even from a failed run
+            with interrupt.deferred():     # a second Ctrl-C must not cut the merge short
+                close_database(work_dir)   # keep what was measured, even from a failed run
+                if finished or (interrupt.hit() and counter.measured):
+                    # Interrupted: the trials measured count as done, so asking again for the
+                    # same budget tunes only the rest.
+                    _save_state(state_path, state, str(target), trials if finished else done + counter.measured,
+                                counter, chosen, strategy_used, time.perf_counter() - t0, interrupted=not finished)
+        interrupt.raise_if_hit()           # a Ctrl-C during that cleanup
+        log.info("TVM tuning: %d trials in %.0f s", counter.measured, time.perf_counter() - t0)
+        db = open_database(work_dir, checks, name_of)   # the new records checked; what the build uses
+        close_database(work_dir)
         seconds = time.perf_counter() - t0
-        if strategy_used == "evolutionary":
-            db = open_database(work_dir)   # what the next compile will read: bad records out now
-            close_database(work_dir)
-        tuned = sorted(set(state.get("tasks_tuned", [])) | {t.name for t in chosen})
-        history = list(state.get("history", [])) + [{"trials": counter.measured, "seconds": round(seconds, 1),
-                                                     "strategy": strategy_used, "unix": int(time.time())}]
-        # The budget counts as spent even when MetaSchedule measured fewer (a task's search
-        # space ran out): asking again for the same budget would find nothing new.
-        _write_state(state_path, {"tvm": tvm.__version__, "target": str(target), "trials": trials,
-                                  "measured": int(state.get("measured", 0)) + counter.measured,
-                                  "tasks_tuned": tuned, "strategy": strategy_used, "history": history})
-        log.info("TVM tuning: %d trials in %.0f s", counter.measured, seconds)
         _emit(progress, {"event": "done", "trials": counter.measured, "seconds": seconds})
-        return TuneResult(key, work_dir, db, trials, trials, counter.measured, len(tasks), tuned,
-                          strategy_used, seconds, _count(db))
+        return TuneResult(key, work_dir, db, trials, trials, counter.measured, len(tasks),
+                          _tuned(state, chosen), strategy_used, seconds, _count(db), checks)
+
+
+def _tuned(state: dict[str, Any], chosen: list[Task]) -> list[str]:
+    return sorted(set(state.get("tasks_tuned", [])) | {t.name for t in chosen})
+
+
+def _save_state(path: Path, state: dict[str, Any], target: str, trials: int, counter: "_Counter",
+                chosen: list[Task], strategy: str, seconds: float, *, interrupted: bool) -> None:
+    import tvm
+
+    entry = {"trials": counter.measured, "seconds": round(seconds, 1), "strategy": strategy,
+             "unix": int(time.time())}
+    if interrupted:
+        entry["interrupted"] = True
+    # The budget counts as spent even when MetaSchedule measured fewer (a task's search
+    # space ran out): asking again for the same budget would find nothing new.
+    _write_state(path, {"tvm": tvm.__version__, "target": target, "trials": trials,
+                        "measured": int(state.get("measured", 0)) + counter.measured,
+                        "tasks_tuned": _tuned(state, chosen), "strategy": strategy,
+                        "history": list(state.get("history", [])) + [entry]})
+
+
+def _namer(tasks: list[Task]):
+    """Workload -> task name, for messages (matched structurally, only when asked)."""
+    def name(workload) -> str:
+        from tvm_ffi import structural_equal
+
+        for t in tasks:
+            if structural_equal(t.extracted.dispatched[0], workload.mod):
+                return t.name
+        return "a workload of another model"
+    return name
 
 
 def _count(db) -> int:
@@ -453,10 +514,11 @@ def _check_tuning_deps(*, xgboost: bool) -> None:
                            f"pip install {' '.join(missing)}, or pass tune_trials=0")
 
 
-def _run_tuner(chosen: list[Task], work_dir: Path, db, trials: int, per_iter: int,
-               strategy: str, counter: "_Counter", seed: int, num_cores: int | None) -> None:
+def _run_tuner(chosen: list[Task], work_dir: Path, db, trials: int, per_iter: int, strategy: str,
+               counter: "_Counter", seed: int, num_cores: int | None, checks: dict[str, Any]) -> None:
     from tvm.s_tir import meta_schedule as ms
 
+    from .kernel_check import Checker, add_stats, committing_callback
     from .targets import cpu_count
 
     cores = num_cores or cpu_count()
@@ -470,7 +532,9 @@ def _run_tuner(chosen: list[Task], work_dir: Path, db, trials: int, per_iter: in
     ms_logger.propagate = False
     ms_logger.setLevel(logging.INFO)
     contexts, weights = [], []
-    builder = candidate_builder()
+    builder, runner = candidate_builder(budget=counter), None
+    scheduler = ms.task_scheduler.TaskScheduler.create("gradient")
+    checker = Checker(builder.worker)
     try:
         for i, (task, logger) in enumerate(zip(chosen, loggers)):
             if strategy == "evolutionary":
@@ -483,16 +547,31 @@ def _run_tuner(chosen: list[Task], work_dir: Path, db, trials: int, per_iter: in
                                            task_name=task.name, logger=logger, rand_state=seed + i,
                                            num_threads=cores).clone())
             weights.append(float(task.weight))
-        cost_model = (ms.cost_model.XGBModel(num_tuning_cores=cores, early_stopping_rounds=10)
-                      if strategy == "evolutionary" else "random")
-        callbacks = ms.measure_callback.MeasureCallback.create("default") + [counter.callback()]
-        ms.tune.tune_tasks(tasks=contexts, task_weights=weights, work_dir=str(work_dir),
-                           max_trials_global=trials, max_trials_per_task=trials,
-                           num_trials_per_iter=per_iter, builder=builder,
-                           runner=ms.runner.LocalRunner(timeout_sec=60), database=db,
-                           cost_model=cost_model, measure_callbacks=callbacks)
+        xgb = (ms.cost_model.XGBModel(num_tuning_cores=cores, early_stopping_rounds=10)
+               if strategy == "evolutionary" else None)
+        cost_model = xgb or ms.cost_model.CostModel.create("random")
+        # MetaSchedule's AddToDatabase and UpdateCostModel, with tuned kernels checked first
+        callbacks = [committing_callback(db, xgb, work_dir, work_dir / NEW_RECORDS, checker, _Counter.SKIPPED,
+                                         counter.committed),
+                     ms.measure_callback.RemoveBuildArtifact()]
+        runner = ms.runner.LocalRunner(timeout_sec=60)
+        # tune_tasks' own steps, with the scheduler kept for _salvage
+        scheduler.tune(tasks=contexts, task_weights=weights, max_trials_global=trials,
+                       max_trials_per_task=trials, num_trials_per_iter=per_iter, builder=builder,
+                       runner=runner, measure_callbacks=callbacks, database=db, cost_model=cost_model)
+    except BaseException:
+        with interrupt.deferred():
+            _salvage(scheduler, db, counter)
+        raise
     finally:
-        builder.close()
+        # The worker processes end here, also on Ctrl-C or an error mid-batch (the runner's
+        # pool would otherwise live until garbage collection).
+        with interrupt.deferred():
+            builder.close()
+            checker.close()
+            if runner is not None:
+                runner.pool.shutdown(wait=True)
+        add_stats(checks, checker)
         ms_logger.removeHandler(ms_handler)
         ms_handler.close()
         ms_logger.propagate, ms_logger.level = saved[0], saved[1]
@@ -500,6 +579,39 @@ def _run_tuner(chosen: list[Task], work_dir: Path, db, trials: int, per_iter: in
             for h in list(logger.handlers):
                 logger.removeHandler(h)
                 h.close()
+
+
+def _salvage(scheduler, db, counter: "_Counter") -> None:
+    """Commit the batches that were measured but not yet handed to the measure callbacks.
+
+    MetaSchedule's gradient scheduler joins a task's batch (commits its records) only when
+    it picks that task again, and its first round sends every task once: MobileNetV2 at 64
+    trials (16 tasks x 4) measures all 64 before the first commit. On Ctrl-C or an error
+    those would be lost; here they go to the database as ``AddToDatabase`` would put them.
+    A batch marked ``committed`` is already in.
+    """
+    from tvm.s_tir.meta_schedule.database import TuningRecord
+
+    try:
+        for task_id, task in enumerate(scheduler.tasks_):
+            futures, candidates, built = task.runner_futures, task.measure_candidates, task.builder_results
+            if futures is None or candidates is None or built is None or len(futures) != len(candidates):
+                continue
+            if task_id in counter.seen and counter.seen[task_id].same_as(candidates):
+                continue                   # committed; interrupted in a later callback
+            workload = db.commit_workload(task.ctx.mod)
+            results, builds = [], []
+            for cand, b, future in zip(candidates, built, futures):
+                if b.error_msg == _Counter.SKIPPED:
+                    continue
+                res = future.result()
+                db.commit_tuning_record(TuningRecord(cand.sch.trace, workload, list(res.run_secs or [1e10]),
+                                                     task.ctx.target, cand.args_info))
+                results.append(res)
+                builds.append(b)
+            counter.record(task_id, builds, results)
+    except Exception:  # noqa: BLE001 - best effort on the way out; the error in flight matters more
+        log.debug("TVM tuning: could not keep the last measured batches", exc_info=True)
 
 
 def space_generator(task: Task, target):
@@ -544,38 +656,41 @@ def _task_loggers(log_dir: Path, names: list[str]) -> list[logging.Logger]:
 
 
 class _Counter:
-    """Counts measured trials and reports progress after every batch."""
+    """Counts measured trials, reports progress after every batch, and holds the budget.
+
+    MetaSchedule checks its global trial limit before each batch, not within one, so after
+    a short batch (a candidate that failed postprocessing is not replaced) the last batch
+    overshoots: 65 of 64. The builder asks ``take()`` per candidate and skips the ones past
+    the budget (``SKIPPED``): they are neither built, run, nor counted.
+    """
+
+    SKIPPED = "skipped: the trial budget is spent"
 
     def __init__(self, chosen: list[Task], total: int, progress: Progress | None):
         self.names = [t.name for t in chosen]
         self.total = total
         self.progress = progress
+        self.taken = 0
         self.measured = 0
         self.per_task = [0] * len(chosen)
         self.best_us: list[float | None] = [None] * len(chosen)
+        self.seen: dict[int, Any] = {}     # task -> its last batch in the database
 
-    def callback(self):
-        from tvm.ir.utils import derived_object
-        from tvm.s_tir.meta_schedule.measure_callback import PyMeasureCallback
+    def committed(self, task_id: int, candidates, builder_results, runner_results) -> None:
+        """A batch is in the database (the committing callback calls this; a candidate found
+        wrong comes with a failed run): remembered for ``_salvage``, counted, reported."""
+        self.seen[task_id] = candidates
+        self.update(task_id, builder_results, runner_results)
 
-        counter = self
+    def take(self) -> bool:
+        if self.taken >= self.total:
+            return False
+        self.taken += 1
+        return True
 
-        @derived_object
-        class _Report(PyMeasureCallback):
-            def apply(self, task_scheduler, task_id, measure_candidates, builder_results, runner_results):
-                counter.update(int(task_id), runner_results)
-
-        return _Report()
-
-    def update(self, task_id: int, runner_results) -> None:
-        n = len(runner_results)
-        self.measured += n
-        self.per_task[task_id] += n
-        for res in runner_results:
-            if res.error_msg is None and res.run_secs:
-                us = 1e6 * sum(float(s) for s in res.run_secs) / len(res.run_secs)
-                best = self.best_us[task_id]
-                self.best_us[task_id] = us if best is None else min(best, us)
+    def update(self, task_id: int, builder_results, runner_results) -> None:
+        if not self.record(task_id, builder_results, runner_results):
+            return
         best = self.best_us[task_id]
         log.info("TVM tuning [%d/%d] task %d/%d %s: %d trials, best %s",
                  self.measured, self.total, task_id + 1, len(self.names), self.names[task_id],
@@ -584,6 +699,18 @@ class _Counter:
                               "tasks": len(self.names), "task_trials": self.per_task[task_id],
                               "best_us": best, "trials_done": self.measured, "trials": self.total})
 
+    def record(self, task_id: int, builder_results, runner_results) -> int:
+        """Count one batch (skipped candidates left out); how many were measured."""
+        done = [r for b, r in zip(builder_results, runner_results) if b.error_msg != self.SKIPPED]
+        self.measured += len(done)
+        self.per_task[task_id] += len(done)
+        for res in done:
+            if res.error_msg is None and res.run_secs:
+                us = 1e6 * sum(float(s) for s in res.run_secs) / len(res.run_secs)
+                best = self.best_us[task_id]
+                self.best_us[task_id] = us if best is None else min(best, us)
+        return len(done)
+
 
 BUILD_TIMEOUT_S = 30.0  # one candidate's build; a sound one takes 0.1-2 s
 
@@ -591,7 +718,7 @@ BUILD_TIMEOUT_S = 30.0  # one candidate's build; a sound one takes 0.1-2 s
 _BUILDER = None
 
 
-def candidate_builder():
+def candidate_builder(budget: _Counter | None = None):
     """A MetaSchedule builder that compiles candidates one at a time in one long-lived worker
     process with a time limit per candidate (``BUILD_TIMEOUT_S``).
 
@@ -599,11 +726,14 @@ def candidate_builder():
     building in this process instead has no time limit, and LLVM can take forever on a
     pathological schedule (seen: a fused softmax candidate of the tiny GPT at batch 8 was
     still in codegen after 20 minutes). Here such a candidate is recorded as a failed build,
-    the worker is killed and the next candidate starts a fresh one. Call ``close()`` when done.
+    the worker is killed and the next candidate starts a fresh one. Candidates past
+    ``budget`` are skipped (see ``_Counter``). Libraries go to one temporary folder per
+    builder. Call ``close()`` when done: it ends the worker and removes that folder (with
+    what an interrupted batch left in it).
     """
     global _BUILDER
     if _BUILDER is not None:
-        return _BUILDER()
+        return _BUILDER(budget)
     import cloudpickle
     from tvm.ir.utils import derived_object
     from tvm.s_tir.meta_schedule.builder import BuilderResult, PyBuilder
@@ -615,31 +745,40 @@ def candidate_builder():
 
     @derived_object
     class WorkerBuilder(PyBuilder):
-        def __init__(self):
+        def __init__(self, budget):
             super().__init__()
+            self.budget = budget
             self.worker = PopenWorker()
+            self.root = tempfile.mkdtemp(prefix="gradrewrite-ms-")
 
         def build(self, build_inputs):
             import tvm
 
             results = []
             for item in build_inputs:
+                interrupt.raise_if_hit()
+                if self.budget is not None and not self.budget.take():
+                    results.append(BuilderResult(None, _Counter.SKIPPED))
+                    continue
                 try:
-                    self.worker.send(build_worker.build_candidate, (tvm.ir.save_json(item.mod), str(item.target)),
+                    self.worker.send(build_worker.build_candidate,
+                                     (tvm.ir.save_json(item.mod), str(item.target), self.root),
                                      timeout=BUILD_TIMEOUT_S)
                     results.append(BuilderResult(self.worker.recv(), None))
                 except TimeoutError:  # the worker is killed; the next send starts another
                     log.info("TVM tuning: a candidate's build passed %.3g s; skipped", BUILD_TIMEOUT_S)
                     results.append(BuilderResult(None, f"build timed out after {BUILD_TIMEOUT_S:.3g} s"))
                 except Exception as exc:  # noqa: BLE001 - a bad candidate, not a failed tune
+                    interrupt.raise_if_hit(exc)
                     results.append(BuilderResult(None, f"{type(exc).__name__}: {exc}"))
             return results
 
         def close(self):
             self.worker.kill()
+            shutil.rmtree(self.root, ignore_errors=True)
 
     _BUILDER = WorkerBuilder
-    return _BUILDER()
+    return _BUILDER(budget)
 
 
 def build(mod, target, database):
