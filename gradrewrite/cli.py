@@ -96,6 +96,11 @@ class _OneLineErrors(click.Group):
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
         if not standalone_mode:
             return super().main(args, prog_name, complete_var, standalone_mode, **extra)
+        import signal
+
+        if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+            # a script's `gradrewrite … &` starts with SIGINT ignored; `kill -INT` must still stop it cleanly
+            signal.signal(signal.SIGINT, signal.default_int_handler)
         try:
             rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
         except click.UsageError as exc:

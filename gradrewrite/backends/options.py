@@ -87,7 +87,8 @@ def _check_type(backend: str, name: str, value: Any, hint: Any, choices=None) ->
         if choices and value not in choices:
             raise ConfigError(f"unknown {backend} {name} {value!r}", f"valid {name}s: {', '.join(choices)}")
         return value
-    raise ConfigError(f"backend {backend!r} option {name} takes {want}, got {value!r}",
+    want = {"int": "an integer", "bool": "true or false", "str": "a string"}.get(want, want)
+    raise ConfigError(f"backend {backend!r}: {name} must be {want}, got {value!r}",
                       f"e.g. {name}={field_default(backend, name)!r}")
 
 

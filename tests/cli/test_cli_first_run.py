@@ -284,3 +284,19 @@ def test_ctrl_c_during_calibration(tmp_path):
     result = _interrupt_when(["compile", "--module", "examples.models:small_cnn", "-p", "quantize(mode=static)",
                               "--calib", calib, "-o", tmp_path / "q"], calibrating, cwd=ROOT)
     _assert_interrupted(result, tmp_path, "q")
+
+
+@pytest.mark.slow
+def test_kill_int_reaches_a_background_job(tmp_path):
+    """A script's `gradrewrite … &` starts with SIGINT ignored; `kill -INT` still stops it."""
+    calib = tmp_path / "calib.npz"
+    np.savez(calib, x=np.random.default_rng(0).standard_normal((3000, 1, 3, 32, 32)).astype(np.float32))
+    script = (f'"{sys.executable}" -m gradrewrite compile --module examples.models:small_cnn '
+              f'-p "quantize(mode=static)" --calib "{calib}" -o "{tmp_path / "bg"}" 2> "{tmp_path / "err"}" & '
+              f'pid=$!; until grep -q "quantize …" "{tmp_path / "err"}" 2>/dev/null; do sleep 0.05; done; '
+              'kill -INT $pid; wait $pid; echo "rc=$?"')
+    proc = subprocess.run(["bash", "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, PYTHONWARNINGS="ignore"))
+    assert "rc=130" in proc.stdout, (proc.stdout, (tmp_path / "err").read_text())
+    assert (tmp_path / "err").read_text().strip().splitlines()[-1] == "interrupted; nothing was written"
+    assert leftovers(tmp_path, "bg") == []

@@ -45,7 +45,7 @@ from typing import Any
 
 import numpy as np
 
-from ...errors import BackendError, ConfigError
+from ...errors import BackendError
 from ...rewrite.graph import Graph
 from ..options import as_config, make_options
 from ..base import Backend, BackendArtifact, register_backend
@@ -57,37 +57,9 @@ RECOMMENDED_TUNE_TRIALS = 64
 META_FILE = "tvm_meta.json"
 LIB_FILE = "model.so"
 
-OPTIONS: dict[str, Any] = {
-    "target": "auto",
-    "mcpu": None,
-    "num_cores": None,
-    "tune_trials": 0,
-    "tune_cache": None,
-    "tune_strategy": "auto",
-    "progress": None,
-    "fold_batchnorm": True,
-    "fast_math": True,
-    "seed": 0,
-}
-
-
 def _options(options: Any) -> dict[str, Any]:
-    options = as_config(make_options("tvm", options), keep_callables=True)
-    unknown = sorted(set(options) - set(OPTIONS))
-    if unknown:
-        raise ConfigError(f"unknown option{'s' if len(unknown) > 1 else ''} for backend 'tvm': "
-                          f"{', '.join(unknown)}", f"valid options: {', '.join(OPTIONS)}")
-    opts = {**OPTIONS, **{k: v for k, v in options.items() if v is not None}}
-    try:
-        opts["tune_trials"] = int(opts["tune_trials"])
-    except (TypeError, ValueError) as exc:
-        raise ConfigError(f"tune_trials must be an integer, got {opts['tune_trials']!r}",
-                          f"e.g. tune_trials={RECOMMENDED_TUNE_TRIALS}, or 0 for no tuning") from exc
-    if opts["tune_trials"] < 0:
-        raise ConfigError(f"tune_trials must be >= 0, got {opts['tune_trials']}", "0 means untuned")
-    if opts["progress"] is not None and not callable(opts["progress"]):
-        raise ConfigError("progress must be a callable taking one dict", "or leave it unset and read the logs")
-    return opts
+    """``TvmOptions`` (backends/options.py: names, types, ranges checked there) as a dict."""
+    return as_config(make_options("tvm", options), keep_callables=True)
 
 
 def _tvm_import_error() -> str | None:
@@ -322,4 +294,4 @@ def _flatten(value) -> list[np.ndarray]:
     return [np.asarray(value)]
 
 
-__all__ = ["TvmBackend", "OPTIONS", "RECOMMENDED_TUNE_TRIALS"]
+__all__ = ["TvmBackend", "RECOMMENDED_TUNE_TRIALS"]
