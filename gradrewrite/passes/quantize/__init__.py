@@ -24,6 +24,10 @@ scales ``[N, G]``, packed zero points, and optionally the GWQ outliers as fp16 C
 (values, int32 cols, int32 rowptr); buffers are named ``<weight>_packed``,
 ``_scales``, ``_zeros``, ``_outlier_values``, ``_outlier_cols``, ``_outlier_rowptr``.
 
+``method=gptq`` (weight-only, ``gptq.py``) changes only which codes, scales, zero points and
+outlier values are stored (error-compensating, sequential GPTQ); the ops and buffers are
+the same as round-to-nearest's (``method=rtn``, the default).
+
 Both forms run in the torch backend (the ops dequantize: fake-quant) and export to
 ONNX: QuantizeLinear/DequantizeLinear (ONNX Runtime runs QLinearConv/QLinearMatMul) and
 com.microsoft.MatMulNBits plus a sparse term (``backends/ort_quant.py``).
@@ -43,9 +47,12 @@ from .error_report import layer_error
 from .int8_static import quantize_static
 from .layers import find_layers, layer_input, observe
 from .observers import OBSERVERS
-from .outliers import (AGGREGATIONS, CRITERIA, LOSSES, gradient_scores, hessian_scores, magnitude_scores,
-                       resolve_loss, top_k_mask)
+from .gptq import gptq_quantize, hessian_relative_error, layer_hessian
+from .outliers import (AGGREGATIONS, CRITERIA, LOSSES, choose_loss, gradient_scores, hessian_scores,
+                       magnitude_scores, top_k_mask)
 from .weight_only import BITS, quantize_groupwise, replace_linear, rtn_dequantized
+
+METHODS = ("rtn", "gptq")
 
 MODES = ("auto", "static", "weight-only")
 ERROR_SAMPLES = 4   # recorded inputs per layer for the error report
@@ -56,7 +63,8 @@ ERROR_SAMPLES = 4   # recorded inputs per layer for the error report
 class Quantize:
     """Quantize conv/linear: static int8 QDQ, or weight-only low-bit with fp16 GWQ outliers.
 
-    Outliers are chosen per layer by ``criterion`` (gradient | hessian | magnitude)."""
+    Outliers are chosen per layer by ``criterion`` (gradient | hessian | magnitude); weight-only
+    codes by ``method`` (rtn | gptq)."""
 
     mode: str = field(default="auto", metadata={
         "help": "static (int8 W8A8 QDQ) | weight-only | auto (static when bits=8 and no outliers)"})
@@ -72,13 +80,21 @@ class Quantize:
     percentile: float = field(default=99.99, metadata={"help": "percentile observer's cut (per side)"})
     select: str = field(default="op:linear|conv", metadata={"help": "layers to quantize (selector)"})
     exclude: str = field(default="", metadata={"help": "module-path globs to keep float, separated by |"})
+    method: str = field(default="rtn", metadata={
+        "help": "weight-only rounding: rtn (round to nearest) | gptq (error-compensating, "
+                "sequential, needs calibration data)"})
+    damp: float = field(default=0.01, metadata={"help": "gptq: Hessian dampening, fraction of its mean diagonal"})
+    block: int = field(default=128, metadata={"help": "gptq: columns per lazy update block (power of two)"})
+    act_order: bool = field(default=False, metadata={
+        "help": "gptq: visit columns by decreasing input energy (groups stay static, set from the "
+                "original weights)"})
 
     exact = False   # lossy: VerifyEachPass measures the change and does not fail on it
 
     def __post_init__(self) -> None:
         for key, value, valid in (("mode", self.mode, MODES), ("criterion", self.criterion, CRITERIA),
                                   ("aggregation", self.aggregation, AGGREGATIONS),
-                                  ("observer", self.observer, OBSERVERS)):
+                                  ("observer", self.observer, OBSERVERS), ("method", self.method, METHODS)):
             if value not in valid:
                 raise ConfigError(f"unknown {key} {value!r} for quantize", f"use one of {', '.join(valid)}")
         if not callable(self.loss):
@@ -93,6 +109,15 @@ class Quantize:
                               "give a fraction in [0, 0.5), e.g. outliers=0.01 for 1%")
         if not 50.0 < self.percentile <= 100.0:
             raise ConfigError(f"percentile={self.percentile} is out of range", "use e.g. 99.99")
+        if self.method == "gptq":
+            if self.resolved_mode() == "static":
+                raise ConfigError("method=gptq is for weight-only quantization",
+                                  "use mode=weight-only (e.g. quantize(mode=weight-only,bits=4,method=gptq))")
+            if not 0.0 < self.damp <= 1.0:
+                raise ConfigError(f"damp={self.damp} is out of range", "use a fraction in (0, 1], e.g. 0.01")
+            if self.block < 1 or self.block & (self.block - 1) or self.block > 4096:
+                raise ConfigError(f"block={self.block} is out of range",
+                                  "use a power of two from 1 to 4096 (default 128)")
         if self.resolved_mode() == "static" and (self.bits != 8 or self.outliers):
             raise ConfigError(f"static quantization is int8 without outliers (got bits={self.bits}, "
                               f"outliers={self.outliers})", "use mode=weight-only for low-bit or outliers")
@@ -138,6 +163,9 @@ class Quantize:
         layers, skipped = find_layers(graph, self.select, self.exclude, kinds=("linear",),
                                       what="quantize (weight-only)")
         criterion = self.criterion if self.outliers > 0 else "none"
+        if self.method == "gptq" and not samples:
+            raise InputError("method=gptq needs calibration data (each layer's input Hessian)",
+                             "pass --calib FILE.npz (or .pt), or PassContext(calibration=[...])")
         if criterion in ("gradient", "hessian") and not samples:
             raise InputError(f"outlier criterion {criterion!r} needs calibration data",
                              "pass --calib FILE.npz (or .pt), or use criterion=magnitude")
@@ -159,9 +187,9 @@ class Quantize:
             watch[x] = (lambda v, a=prev, b=fn: (a(v), b(v))) if prev else fn
         observe(graph, data, watch, ctx.progress, "observing layer inputs")
 
-        loss_used = None
+        loss_used = loss_reason = None
         if criterion == "gradient":
-            loss_used = resolve_loss(graph, self.loss)
+            loss_used, loss_reason = choose_loss(graph, self.loss)
             scores = gradient_scores(graph, layers, samples, loss=loss_used,
                                      aggregation=self.aggregation,
                                      rtn=lambda w: rtn_dequantized(w, self.bits, self.group),
@@ -174,10 +202,29 @@ class Quantize:
             scores = {}
 
         records, errors, total_bits, total_numel = [], [], 0, 0
-        for l in layers:
+        if self.method == "gptq":   # sequential: graph order, earlier layers already quantized
+            order = {n: i for i, n in enumerate(graph.nodes)}
+            layers = sorted(layers, key=lambda l: order[l.node])
+        hessian: tuple = (None, None, 0)   # (input node, H, rows): one Hessian at a time
+        for index, l in enumerate(layers):
             w = graph.attr(l.weight_node).detach().float()
             mask = top_k_mask(scores[l.param], self.outliers) if scores else None
-            q = quantize_groupwise(w, self.bits, self.group, mask)
+            gptq_stats = None
+            if self.method == "gptq":
+                x_node = layer_input(l)
+                if hessian[0] is not x_node:
+                    hessian = (None, None, 0)
+                    h, n_rows = layer_hessian(graph, x_node, samples, ctx.progress,
+                                              f"gptq layer {index + 1}/{len(layers)} {l.path}: inputs")
+                    hessian = (x_node, h, n_rows)
+                q, gptq_stats = gptq_quantize(w, hessian[1], self.bits, self.group, outliers=mask,
+                                              damp=self.damp, block=self.block, act_order=self.act_order)
+                gptq_stats["hessian_error_rtn"] = hessian_relative_error(
+                    w, quantize_groupwise(w, self.bits, self.group, mask).dequantized(), hessian[1])
+                gptq_stats["hessian_rows"] = hessian[2]
+                gptq_stats = {k: round(v, 8) if isinstance(v, float) else v for k, v in gptq_stats.items()}
+            else:
+                q = quantize_groupwise(w, self.bits, self.group, mask)
             w_q = q.dequantized()
             bias = l.node.args[2] if len(l.node.args) > 2 else None
             b = graph.attr(bias) if isinstance(bias, torch.fx.Node) else None
@@ -191,16 +238,17 @@ class Quantize:
             replace_linear(graph, l, q)
             records.append({"path": l.path, "weight": l.param, "shape": list(w.shape),
                             "outliers": int(q.values.numel()), "bits_per_weight": round(bpw, 4),
-                            "storage_bits": bits})
+                            "storage_bits": bits, **({"gptq": gptq_stats} if gptq_stats else {})})
             errors.append({"path": l.path, "kind": "linear", "shape": list(w.shape),
                            "bits_per_weight": round(bpw, 4), "outliers": int(q.values.numel()),
                            **err})
         graph.commit()
-        report = {"mode": "weight-only", "bits": self.bits, "group": self.group,
+        report = {"mode": "weight-only", "method": self.method, "bits": self.bits, "group": self.group,
                   "outliers": self.outliers, "criterion": criterion,
                   "aggregation": self.aggregation if criterion == "gradient" else None,
                   "loss": (loss_used if isinstance(loss_used, str) else
                            "user callable" if loss_used is not None else None),
+                  "loss_reason": loss_reason,
                   "calibration_samples": len(samples),
                   "bits_per_weight": round(total_bits / max(1, total_numel), 4),
                   "bits_per_weight_note": "stored bits of codes, fp16 scales, packed zero points, "
@@ -226,4 +274,4 @@ def _numel(shape) -> int:
     return n
 
 
-__all__ = ["Quantize", "MODES"]
+__all__ = ["Quantize", "MODES", "METHODS"]

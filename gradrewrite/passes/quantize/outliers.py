@@ -61,32 +61,92 @@ def hessian_scores(graph: Graph, layers: Sequence[QLayer],
 
 
 def resolve_loss(graph: Graph, loss: Any) -> str | Callable:
-    """``auto`` -> ``causal-lm`` for a model mapping integer ids [B, T] to logits [B, T, V],
-    else ``mse``."""
+    """The loss ``choose_loss`` picks (without its reason)."""
+    return choose_loss(graph, loss)[0]
+
+
+def choose_loss(graph: Graph, loss: Any) -> tuple[str | Callable, str]:
+    """The gradient loss and why: ``auto`` -> ``causal-lm`` only for a language model
+    (integer ids [B, T] in, logits [B, T, V] out with V = the rows of the embedding table
+    the ids index), else ``mse`` (the output distance). An explicit ``causal-lm`` on a
+    model whose output is not vocabulary logits is a ConfigError."""
     if callable(loss):
-        return loss
+        return loss, "user callable"
     if loss not in LOSSES:
         raise ConfigError(f"unknown loss {loss!r} for quantize", f"use one of {', '.join(LOSSES)} "
                           "(or, from Python, a callable (outputs, inputs) -> scalar)")
-    if loss != "auto":
-        if loss == "causal-lm" and _lm_input(graph) is None:
-            raise ConfigError("loss='causal-lm' needs a model mapping integer ids [B, T] to logits "
-                              "[B, T, V]", "use loss=mse or loss=auto")
-        return loss
-    return "causal-lm" if _lm_input(graph) is not None else "mse"
+    ids, why = _lm_check(graph)
+    if loss == "causal-lm":
+        if ids is None:
+            raise ConfigError(f"loss=causal-lm needs a language model whose output is vocabulary "
+                              f"logits [B, T, V] from integer ids [B, T], but {why}",
+                              "use loss=mse (the output distance) or loss=auto")
+        return loss, f"asked for: {why}"
+    if loss == "mse":
+        return loss, "asked for"
+    if ids is not None:
+        return "causal-lm", f"chose causal-lm: {why}"
+    return "mse", f"chose output-distance (mse): {why}"
 
 
 def _lm_input(graph: Graph) -> int | None:
+    return _lm_check(graph)[0]
+
+
+def _lm_check(graph: Graph) -> tuple[int | None, str]:
+    """(index of the ids input, reason) when the model is a language model, else (None, reason)."""
     outputs = [n for n in graph.nodes if n.op == "output"]
     first = pytree.tree_leaves(outputs[0].args[0])[0] if outputs else None
     val = getattr(first, "meta", {}).get("val")
     if not isinstance(val, torch.Tensor) or val.dim() != 3:
-        return None
+        shape = list(val.shape) if isinstance(val, torch.Tensor) else "not a tensor"
+        return None, f"the output ({shape}) is not [B, T, V] logits"
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    found_ids = False
     for i, spec in enumerate(graph.inputs):
-        if not spec.dtype.is_floating_point and len(spec.shape) == 2 \
-                and tuple(spec.shape) == tuple(int(s) for s in val.shape[:2]):
-            return i
-    return None
+        if spec.dtype.is_floating_point or len(spec.shape) != 2 \
+                or tuple(spec.shape) != tuple(int(s) for s in val.shape[:2]):
+            continue
+        found_ids = True
+        node = placeholders[i] if i < len(placeholders) else None
+        rows = _embedding_rows(graph, node)
+        width = int(val.shape[-1])
+        if not rows:
+            return None, f"the ids input {i} indexes no embedding table"
+        if width in rows:
+            return i, f"the output [B, T, {width}] is vocabulary-wide (the embedding table of " \
+                      f"input {i} has {width} rows)"
+        return None, f"the output is not vocabulary-wide (width {width}; the embedding table of " \
+                     f"the ids has {max(rows)} rows)"
+    if not found_ids:
+        return None, "no integer [B, T] ids input matches the output's [B, T]"
+    return None, "the output is not vocabulary-wide"
+
+
+def _embedding_rows(graph: Graph, ids: Any) -> list[int]:
+    """Rows of the embedding tables indexed by values computed from ``ids`` only through
+    shape ops (view/reshape/...)."""
+    if ids is None:
+        return []
+    reach, frontier = {ids}, [ids]
+    while frontier:                     # ids and what is computed from it without mixing
+        node = frontier.pop()
+        for user in node.users:
+            if user in reach or user.op != "call_function":
+                continue
+            name = str(user.target)
+            if any(k in name for k in ("view", "reshape", "unsqueeze", "squeeze", "flatten",
+                                       "expand", "clone", "contiguous", "_to_copy", "slice", "alias")):
+                reach.add(user)
+                frontier.append(user)
+    rows = []
+    for node in graph.nodes:
+        if node.op == "call_function" and "embedding" in str(node.target) and len(node.args) > 1 \
+                and node.args[1] in reach and isinstance(node.args[0], torch.fx.Node):
+            val = node.args[0].meta.get("val")
+            if isinstance(val, torch.Tensor) and val.dim() == 2:
+                rows.append(int(val.shape[0]))
+    return rows
 
 
 def causal_lm_loss(outputs: Sequence[torch.Tensor], inputs: Sequence[torch.Tensor], ids_index: int):
@@ -137,4 +197,4 @@ def gradient_scores(graph: Graph, layers: Sequence[QLayer], samples: Sequence[tu
 
 
 __all__ = ["CRITERIA", "AGGREGATIONS", "LOSSES", "top_k_mask", "to_csr", "magnitude_scores",
-           "hessian_scores", "gradient_scores", "resolve_loss"]
+           "hessian_scores", "gradient_scores", "resolve_loss", "choose_loss"]

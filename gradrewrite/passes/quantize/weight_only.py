@@ -52,20 +52,27 @@ def quantize_groupwise(w: torch.Tensor, bits: int, group: int,
     keep = outliers if outliers is not None else torch.zeros_like(w, dtype=torch.bool)
     wp = torch.nn.functional.pad(w, (0, pad)).reshape(n, n_groups, group)
     kp = torch.nn.functional.pad(keep, (0, pad)).reshape(n, n_groups, group)
-    # ranges over the non-outlier weights, widened to contain 0 so the zero point is a code
-    lo = torch.where(kp, torch.inf, wp).amin(-1).clamp(max=0)
-    hi = torch.where(kp, -torch.inf, wp).amax(-1).clamp(min=0)
-    scale = ((hi - lo) / qmax).clamp(min=1e-7)
-    # stored in fp16, rounded up (the step never shrinks, so codes stay within 0..qmax and
-    # every weight is within half a step of its dequantized value)
-    scale16 = (scale * (1 + 2 ** -10)).to(torch.float16)
+    scale16, zero = group_params(wp, kp, bits)
     s = scale16.float()                                   # quantize with the stored scale
-    zero = torch.clamp(torch.round(-lo / s), 0, qmax)
     codes = torch.clamp(torch.round(wp / s[..., None]) + zero[..., None], 0, qmax)
     codes = torch.where(kp, zero[..., None].expand_as(codes), codes)   # outliers dequantize to 0
     values, cols, rowptr = to_csr(w, keep)
     return GroupwiseWeight(pack_bits(codes, bits), scale16, pack_bits(zero, bits),
                            values, cols, rowptr, bits, group, k)
+
+
+def group_params(wg: torch.Tensor, keep: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp16 scale and (float) zero point of each group ``wg[..., group]``, from the range of
+    the entries not in ``keep`` (outliers), widened to contain 0 so the zero point is a code."""
+    qmax = (1 << bits) - 1
+    lo = torch.where(keep, torch.inf, wg).amin(-1).clamp(max=0)
+    hi = torch.where(keep, -torch.inf, wg).amax(-1).clamp(min=0)
+    scale = ((hi - lo) / qmax).clamp(min=1e-7)
+    # stored in fp16, rounded up (the step never shrinks, so codes stay within 0..qmax and
+    # every weight is within half a step of its dequantized value)
+    scale16 = (scale.float() * (1 + 2 ** -10)).to(torch.float16)
+    zero = torch.clamp(torch.round(-lo.float() / scale16.float()), 0, qmax)
+    return scale16, zero
 
 
 def rtn_dequantized(w: torch.Tensor, bits: int, group: int) -> torch.Tensor:
@@ -96,4 +103,4 @@ def replace_linear(graph: Graph, layer: QLayer, q: GroupwiseWeight) -> None:
     graph.graph.erase_node(node)
 
 
-__all__ = ["BITS", "GroupwiseWeight", "quantize_groupwise", "rtn_dequantized", "replace_linear"]
+__all__ = ["BITS", "GroupwiseWeight", "quantize_groupwise", "group_params", "rtn_dequantized", "replace_linear"]

@@ -1,0 +1,201 @@
+"""Error-compensating weight quantization (GPTQ / OBQ family) for ``quantize(method=gptq)``.
+
+For a linear layer ``y = x W^T`` the layer's reconstruction loss over calibration inputs
+``X`` is ``||X W^T - X Q^T||^2 = sum_rows (w - q) H (w - q)^T / 2`` with ``H = 2 X^T X / n``.
+Columns (input features) are quantized one at a time; the rounding error of column ``j``
+is spread over the columns not yet quantized with the row ``j`` of the upper Cholesky
+factor ``U`` of ``H^-1`` (``H^-1 = U^T U``):
+
+    err = (w_j - q_j) / U[j, j];   W[:, j+1:] -= err * U[j, j+1:]
+
+which is the optimal (OBS) update of the remaining weights when column ``j`` is fixed.
+Updates are applied lazily per block of ``block`` columns (same result, fewer passes
+over W). ``damp`` adds ``damp * mean(diag H)`` to the diagonal; inputs that are always 0
+get ``H[j, j] = 1``.
+
+Groups: without ``act_order`` a group's fp16 scale and zero point are computed when
+its first column is reached, from the then-current (already error-updated) weights. With
+``act_order`` columns are visited in decreasing ``diag(H)``; the groups keep the storage
+layout (``group`` consecutive input features, MatMulNBits), so their scales and zero points
+are computed once, before any update, from the original weights ("static groups").
+
+Outliers (GWQ / SpQR-style): entries in the outlier mask are left out of the group ranges,
+are not quantized (their rounding error is 0, so they push no error onto other columns)
+and are stored in fp16 with the value they hold when their column is reached, i.e. they
+keep absorbing the updates of earlier columns like any unquantized weight.
+
+Storage is exactly ``weight_only.quantize_groupwise``'s: packed codes, fp16 scales, packed
+zero points and fp16 CSR outliers, so every backend runs the result unchanged.
+
+The Hessian of one layer at a time is collected by running the (partly quantized) graph on
+the calibration samples up to the layer's input (``layer_hessian``): layers are processed
+in graph order, each one's inputs come through the already quantized earlier layers.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import torch
+import torch.fx as fx
+
+from ...errors import PassError
+from ...rewrite.calibration import progress as iterate
+from ...rewrite.graph import Graph
+from ...rewrite.quant_ops import pack_bits
+from .outliers import to_csr
+from .weight_only import GroupwiseWeight, group_params
+
+
+class _Reached(Exception):
+    pass
+
+
+class _UpTo(fx.Interpreter):
+    """Runs the graph until ``node`` is computed, hands its value to ``fn`` and stops."""
+
+    def __init__(self, gm: fx.GraphModule, node: fx.Node, fn):
+        super().__init__(gm)
+        self.node, self.fn = node, fn
+
+    def run_node(self, n: fx.Node) -> Any:
+        value = super().run_node(n)
+        if n is self.node:
+            self.fn(value)
+            raise _Reached
+        return value
+
+
+def layer_hessian(graph: Graph, node: fx.Node, samples: Sequence[tuple], progress=None,
+                  description: str = "") -> tuple[torch.Tensor, int]:
+    """``H = 2 X^T X / n`` (float64 [K, K]) of the values ``node`` takes on ``samples``,
+    rows of X = every position of the last dimension; and n."""
+    acc: dict[str, Any] = {"sum": None, "rows": 0}
+
+    def fn(v):
+        x = v.detach().reshape(-1, v.shape[-1]).double()
+        acc["sum"] = x.T @ x if acc["sum"] is None else acc["sum"] + x.T @ x
+        acc["rows"] += x.shape[0]
+
+    runner = _UpTo(graph.gm, node, fn)
+    with torch.no_grad():
+        for sample in iterate(progress, description, samples):
+            try:
+                runner.run(*sample)
+            except _Reached:
+                pass
+    if acc["sum"] is None:
+        raise PassError(f"the graph never computed {node.name} on the calibration data",
+                        "report this model", pass_name="quantize")
+    return 2.0 * acc["sum"] / max(1, acc["rows"]), acc["rows"]
+
+
+def _inverse_cholesky(h: torch.Tensor, damp: float) -> tuple[torch.Tensor, float]:
+    """Upper Cholesky factor of ``(H + d I)^-1``; the dampening is raised until H is
+    positive definite. Returns the factor and the relative dampening used."""
+    mean_diag = float(torch.diagonal(h).mean())
+    eye = torch.eye(h.shape[0], dtype=h.dtype)
+    for attempt in range(8):
+        d = damp * (10 ** attempt)
+        chol, info = torch.linalg.cholesky_ex(h + d * mean_diag * eye)
+        if int(info) == 0:
+            u, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(chol), upper=True)
+            if int(info) == 0:
+                return u, d
+    raise PassError("the layer's input Hessian is not positive definite even with strong "
+                    "dampening", "pass more calibration samples or a larger damp",
+                    pass_name="quantize")
+
+
+def gptq_quantize(w: torch.Tensor, h: torch.Tensor, bits: int, group: int, *,
+                  outliers: torch.Tensor | None = None, damp: float = 0.01, block: int = 128,
+                  act_order: bool = False,
+                  dtype: torch.dtype = torch.float32) -> tuple[GroupwiseWeight, dict[str, Any]]:
+    """GPTQ of a ``[N, K]`` weight with input Hessian ``h`` ``[K, K]``.
+
+    Returns the stored form (same as ``quantize_groupwise``) and statistics:
+    ``hessian_error`` = ``tr((W - Q) H (W - Q)^T) / tr(W H W^T)`` (the layer's relative
+    output error on the calibration inputs, squared) and the dampening used."""
+    w0 = w.detach().to(dtype)
+    n, k = w0.shape
+    qmax = (1 << bits) - 1
+    n_groups = math.ceil(k / group)
+    keep0 = outliers.bool() if outliers is not None else torch.zeros(n, k, dtype=torch.bool)
+    h = h.detach().double().clone()                    # factorised in float64, used in dtype
+    h_plain = h.clone()
+    dead = torch.diagonal(h) == 0
+    h[dead, dead] = 1.0
+
+    scales = torch.zeros(n, n_groups, dtype=torch.float16)
+    zeros = torch.zeros(n, n_groups, dtype=dtype)
+    if act_order:
+        perm = torch.argsort(torch.diagonal(h), descending=True, stable=True)
+        pad = n_groups * group - k
+        wp = torch.nn.functional.pad(w0, (0, pad)).reshape(n, n_groups, group)
+        kp = torch.nn.functional.pad(keep0, (0, pad)).reshape(n, n_groups, group)
+        s16, z = group_params(wp, kp, bits)                 # static groups, original weights
+        scales, zeros = s16, z.to(dtype)
+    else:
+        perm = torch.arange(k)
+    W = w0[:, perm].clone()
+    keep = keep0[:, perm]
+    u, used_damp = _inverse_cholesky(h[perm][:, perm], damp)
+    u = u.to(dtype)
+
+    q_deq = torch.zeros_like(W)                          # dequantized (permuted order)
+    codes = torch.zeros(n, k, dtype=torch.int64)         # original order
+    cols_orig = perm.tolist()
+    for b0 in range(0, k, block):
+        b1 = min(b0 + block, k)
+        w1 = W[:, b0:b1].clone()
+        e1 = torch.zeros_like(w1)
+        u1 = u[b0:b1, b0:b1]
+        for i in range(b1 - b0):
+            col = cols_orig[b0 + i]
+            g = col // group
+            if not act_order and col % group == 0:
+                # group starts: range of the current (updated) weights of its columns;
+                # with power-of-two block and group the group lies inside this block or
+                # starts with it, so no update is pending for its columns
+                span = torch.cat([w1[:, i:], W[:, b1:]], 1)[:, :group]
+                kspan = keep[:, b0 + i:b0 + i + span.shape[1]]
+                s16, z = group_params(span, kspan, bits)
+                scales[:, g], zeros[:, g] = s16, z.to(dtype)
+            s = scales[:, g].to(dtype)
+            z = zeros[:, g]
+            wc = w1[:, i]
+            code = torch.clamp(torch.round(wc / s) + z, 0, qmax)
+            deq = (code - z) * s
+            kc = keep[:, b0 + i]
+            deq = torch.where(kc, wc, deq)               # outliers: not quantized, error 0
+            codes[:, col] = torch.where(kc, z, code).to(torch.int64)
+            q_deq[:, b0 + i] = deq
+            err = (wc - deq) / u1[i, i]
+            w1[:, i + 1:] -= err[:, None] * u1[i, i + 1:][None, :]
+            e1[:, i] = err
+        W[:, b0:b1] = w1
+        if b1 < k:
+            W[:, b1:] -= e1 @ u[b0:b1, b1:]
+
+    inv = torch.argsort(perm)
+    q_final = q_deq[:, inv]
+    keep_final = keep0
+    pad = n_groups * group - k
+    codes_p = torch.cat([codes, zeros.round().to(torch.int64).repeat_interleave(group, 1)[:, k:]], 1) \
+        if pad else codes
+    values, cols, rowptr = to_csr(q_final.float(), keep_final)
+    q = GroupwiseWeight(pack_bits(codes_p.reshape(n, n_groups, group), bits), scales,
+                        pack_bits(zeros.round(), bits), values, cols, rowptr, bits, group, k)
+    stats = {"hessian_error": hessian_relative_error(w0, q_final, h_plain),
+             "damp": used_damp, "act_order": act_order, "block": block}
+    return q, stats
+
+
+def hessian_relative_error(w: torch.Tensor, w_q: torch.Tensor, h: torch.Tensor) -> float:
+    """``tr((W - Q) H (W - Q)^T) / tr(W H W^T)``."""
+    d, w64, h64 = (w_q - w).double(), w.double(), h.double()
+    ref = float(((w64 @ h64) * w64).sum())
+    return float(((d @ h64) * d).sum()) / ref if ref > 0 else 0.0
+
+
+__all__ = ["layer_hessian", "gptq_quantize", "hessian_relative_error"]
