@@ -154,7 +154,7 @@ def _naive_gptq(w, h, bits, group, mask, damp, act_order):
         return s, torch.clamp(torch.round(-lo / s), 0, qmax)
 
     static = {g: params(w[:, g * group:(g + 1) * group], mask[:, g * group:(g + 1) * group])
-              for g in range(k // group)} if act_order else {}
+              for g in range(-(-k // group))} if act_order else {}
     p = torch.tensor([int(c) for c in order])
     w, mask = w[:, p], mask[:, p]
     u = torch.linalg.cholesky(torch.linalg.inv(h[p][:, p]), upper=True)
@@ -179,7 +179,7 @@ def _naive_gptq(w, h, bits, group, mask, damp, act_order):
 
 @pytest.mark.parametrize("n, k, group, block, act_order", [
     (4, 8, 8, 4, False), (4, 8, 8, 4, True), (6, 32, 8, 16, False), (6, 32, 16, 8, False),
-    (6, 32, 8, 16, True)])
+    (6, 32, 8, 16, True), (4, 24, 16, 8, False), (4, 24, 16, 8, True)])   # 24: a padded group
 def test_column_updates_equal_naive_reference(n, k, group, block, act_order):
     g = torch.Generator().manual_seed(k + group + block)
     x = torch.randn(64, 3, generator=g) @ torch.randn(3, k, generator=g) + 0.3 * torch.randn(64, k, generator=g)
