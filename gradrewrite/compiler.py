@@ -6,6 +6,7 @@ succeeded, so a failure never leaves half an OUT behind.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import platform
@@ -113,6 +114,7 @@ def compile_graph(graph: Graph, out: str | Path, options: CompileOptions | None 
     tmp = make_build_dir(out)
     try:
         log = console.log if console is not None else (lambda *a, **k: None)
+        pipeline = specs  # the whole pipeline, for the manifest (prepare runs its inference part)
         graph, specs = training.prepare(graph, specs, opts.train, backend=opts.backend, seed=opts.seed,
                                         calibration=opts.calibration, console=console)
         passes = build_passes(specs)
@@ -218,7 +220,7 @@ def compile_graph(graph: Graph, out: str | Path, options: CompileOptions | None 
                                     if k in graph.meta["train_step"]}
             report["memory_plan"] = memory_report(graph)
         write_json(tmp / "report.json", report)
-        write_json(tmp / "manifest.json", _manifest(tmp, opts, specs, model_file, graph))
+        write_json(tmp / "manifest.json", _manifest(tmp, opts, pipeline, model_file, graph))
         replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -279,6 +281,8 @@ def _manifest(tmp: Path, opts: CompileOptions, specs: list[PassSpec], model_file
               # callables (progress hooks) are not configuration
               "backend_options": as_config(opts.backend_options),
               "inputs": [s.describe() for s in graph.inputs], "seed": opts.seed}
+    if opts.train is not None:  # a training step: its loss, optimizer and lr are configuration too
+        config["train"] = dataclasses.asdict(opts.train)
     versions = {}
     for pkg in ("gradrewrite", "torch", "onnx", "onnxruntime", "onnxruntime-gpu", "onnxscript",
                 "apache-tvm", "numpy"):

@@ -16,6 +16,7 @@ inference graph, then the step is captured and the remaining passes rewrite it.
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -84,7 +85,7 @@ def capture_sgd_step(graph: Graph, train: Train, *, seed: int = 0, status=None) 
     out = graph(*graph.example_inputs)[0]
     spec = parse_input_spec(train.label, len(graph.inputs)) if train.label else default_labels(train.loss, out)
     labels = spec.random(torch.Generator().manual_seed(seed))
-    with (status("capturing the training step …") if status else _nothing()):
+    with (status("capturing the training step …") if status else contextlib.nullcontext()):
         return capture_train_step(graph, train.loss, (*graph.example_inputs, labels), optimizer=train.optimizer,
                                   lr=train.lr, momentum=train.momentum)
 
@@ -112,11 +113,3 @@ def prepare(graph: Graph, specs: Sequence[PassSpec], train: Train | None, *, bac
                             status=console.status if console is not None else None)
     step.meta["train_step"]["captured_after"] = [sp.text() for sp in specs[:n]]
     return step, specs[n:]
-
-
-class _nothing:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
