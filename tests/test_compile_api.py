@@ -38,6 +38,7 @@ def _same_artifact(cli_out: Path, api_out: Path) -> None:
             assert api_hashes[name] == digest, name
 
 
+@pytest.mark.slow
 def test_mcu_training_step_through_the_api_equals_the_cli(tmp_path):
     passes = "fold-bn,sparse-update(bias_last=2,weights='-1:1,-2:1/2')"
     run_cli("compile", "--module", "examples.models:small_cnn", "--train", "--lr", "0.05", "--momentum", "0.9",

@@ -74,6 +74,7 @@ def test_factories_are_deterministic_and_leave_global_rng_alone():
     assert not torch.equal(x1[0], x3[0])
 
 
+@pytest.mark.slow
 def test_mobilenet_v2_size_matches_the_paper_table():
     # MobileNetV2 0.35 @ 128: ~1.66M params and ~20M MACs (published TF-slim table).
     model, inputs = ex.mobilenet_v2()

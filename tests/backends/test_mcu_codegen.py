@@ -36,6 +36,7 @@ def assert_close(got: torch.Tensor, ref: torch.Tensor, rel: float = REL) -> None
     ("mobilenet_v2", lambda: mobilenet_v2(resolution=96)),
     ("tiny_gpt", tiny_gpt),
 ])
+@pytest.mark.slow
 def test_example_models_compile_and_match_torch(name, factory, tmp_path):
     model, x = factory()
     graph = capture(model, x)

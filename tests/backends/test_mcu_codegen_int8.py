@@ -144,6 +144,7 @@ def test_check_lists_every_unsupported_op():
     assert all(p.reason for p in problems)
 
 
+@pytest.mark.slow
 def test_check_cli(tmp_path):
     (tmp_path / "badmod.py").write_text(
         "import torch\nfrom tests.backends.test_mcu_codegen_int8 import Unsupported3\n"

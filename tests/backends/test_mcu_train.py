@@ -215,6 +215,7 @@ def test_more_ops_full_and_sparse(scheme, tmp_path):
     assert losses[0] > losses[-1]
 
 
+@pytest.mark.slow
 def test_cli_compile_train_mcu_host(tmp_path):
     """`gradrewrite compile --train --backend mcu --target host`: the compiler verifies
     one C training step against the torch training-step graph on fresh inputs."""

@@ -109,6 +109,7 @@ def printed_losses(stdout: str, steps: int) -> np.ndarray:
     return np.array([float(v) for _, _, v in found])
 
 
+@pytest.mark.slow
 def test_qemu_training_firmware(tmp_path, digits):
     """compile --train --target cortex-m4 links train.elf within the budget and measures one
     step; `run --train` under QEMU gives the host build's and torch's parameters."""
@@ -145,6 +146,7 @@ def test_qemu_training_firmware(tmp_path, digits):
     np.testing.assert_allclose(host.losses, ref_losses, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_run_train_cli_learns_digits(host_art, digits, tmp_path):
     """30 steps on the host build: the loss falls on a real task, the saved weights are the
     torch SGD result, whole, and the .pt file holds the same tensors."""
@@ -176,6 +178,7 @@ def test_run_train_cli_learns_digits(host_art, digits, tmp_path):
         np.testing.assert_array_equal(again[k].numpy(), v)
 
 
+@pytest.mark.slow
 def test_training_step_over_budget(tmp_path):
     """A full update under a tiny SRAM budget fails at link time with one line."""
     out = tmp_path / "m4"

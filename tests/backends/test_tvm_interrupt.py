@@ -29,6 +29,7 @@ def _state(cache: Path) -> dict:
     return json.loads(path.read_text())
 
 
+@pytest.mark.slow
 def test_interrupt_while_a_candidate_builds_keeps_the_measured_batches(tmp_path, monkeypatch):
     """In process: Ctrl-C (its handler called directly) lands while the builder takes its
     fifth candidate, in MetaSchedule's first round, when the four measured candidates have
@@ -73,6 +74,7 @@ def test_interrupt_while_a_candidate_builds_keeps_the_measured_batches(tmp_path,
     assert art.report["verification"]["relative_error"] < 1e-4
 
 
+@pytest.mark.slow
 def test_ctrl_c_on_the_cli_exits_130_and_keeps_the_records(tmp_path):
     """A real ``gradrewrite compile`` in its own process group, SIGINT to the group (what a
     terminal's Ctrl-C does) once tuning has committed records."""

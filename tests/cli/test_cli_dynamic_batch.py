@@ -45,6 +45,7 @@ def _assert_dynamic_files(out: Path, backend: str) -> None:
         assert meta["dynamic_batch"] is True and meta["static_entry"] is None   # untuned: one entry
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend,flags", BACKENDS, ids=[b for b, _ in BACKENDS])
 def test_cnn_runs_at_any_batch(tmp_path, convbn_pt2, convbn_model, backend, flags):
     out = tmp_path / "out"
@@ -77,6 +78,7 @@ def _zoo_module(tmp_path: Path) -> None:
 @pytest.mark.parametrize("model,backend,flags", [("bert", *BACKENDS[0]), ("bert", *BACKENDS[1]),
                                                  ("bert", *BACKENDS[2]), ("gpt2", *BACKENDS[2])],
                          ids=["bert-torch", "bert-ort", "bert-tvm", "gpt2-tvm"])
+@pytest.mark.slow
 def test_transformer_runs_at_any_batch(tmp_path, model, backend, flags):
     import sys
     sys.path.insert(0, str(TESTS))

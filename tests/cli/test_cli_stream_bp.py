@@ -87,6 +87,7 @@ def test_module_factory_with_input_spec_and_uneven_chunks(tmp_path):
     assert sbp["gradient_check"]["max_relative_error"] < 1e-5
 
 
+@pytest.mark.slow
 def test_bad_requests_are_one_line_errors(compiled, tmp_path):
     _, pt2, out = compiled
     o = tmp_path / "o"
