@@ -285,10 +285,6 @@ def _backend_options(backend: str, *, quiet: bool, **given) -> dict:
         verb = "does" if len(stray) == 1 else "do"
         raise ConfigError(f"{flags} {verb} not apply to --backend {backend}",
                           "drop the flag or pick the backend it belongs to")
-    if "target" in chosen:
-        valid = _valid_targets(backend)
-        if chosen["target"] not in valid:
-            raise ConfigError(f"unknown {backend} target {chosen['target']!r}", f"valid targets: {', '.join(valid)}")
     if backend == "tvm":
         from .backends.tvm import RECOMMENDED_TUNE_TRIALS
 
@@ -296,14 +292,6 @@ def _backend_options(backend: str, *, quiet: bool, **given) -> dict:
         if not quiet:
             chosen["progress"] = _tvm_progress
     return chosen
-
-
-def _valid_targets(backend: str) -> tuple[str, ...]:
-    if backend == "tvm":
-        from .backends.tvm.targets import TARGET_KINDS
-        return TARGET_KINDS
-    from .backends.mcu.targets import TARGETS
-    return tuple(TARGETS)
 
 
 def _tvm_progress(event: dict) -> None:
@@ -474,11 +462,8 @@ def inspect_cmd(model, module, inputs, trust_pickle, passes, recipe, fmt, show_d
     before = _load(model, module, inputs, trust_pickle)
     calibration = _calibration(calib, before)  # samples of the model's inputs (not the labels)
     if train:  # as compile --train: inference passes (fold-bn, quantize) before the capture
-        from . import training
-        n = training.split_inference_passes(specs)
-        training.run_inference_passes(before, specs[:n], calibration=calibration)
-        before = training.capture_sgd_step(before, training.Train(lr=lr), status=err_console.status)
-        specs = specs[n:]
+        from .training import Train, prepare
+        before, specs = prepare(before, specs, Train(lr=lr), backend="torch", calibration=calibration)
     after = None
     error_tables: list[str] = []
     if specs:

@@ -32,7 +32,7 @@ from .training import stream_bp_step
 from . import training
 from .rewrite import dynamic_batch
 from .rewrite.graph import Graph
-from .rewrite.pass_manager import DumpGraphs, Instrument, PassManager, VerifyEachPass
+from .rewrite.pass_manager import DumpGraphs, Instrument, PassManager, VerifyEachPass, console_feedback
 from .rewrite.pipeline import PassSpec, build_passes, load_recipe, parse_pipeline
 from .rewrite.registry import PassContext
 
@@ -124,13 +124,8 @@ def compile_graph(graph: Graph, out: str | Path, options: CompileOptions | None 
             instruments.append(VerifyEachPass(n_inputs=2, seed=opts.seed, rel_tol=opts.rel_tol))
         if opts.dump_graphs:
             instruments.append(DumpGraphs(tmp / "graphs"))
-        if console is not None:
-            from .rewrite.pass_manager import Progress
-            instruments.append(Progress(console))
-        progress = None
-        if console is not None and opts.calibration is not None:
-            from .rewrite.calibration import ConsoleProgress
-            progress = ConsoleProgress(console)
+        shown, progress = console_feedback(console, opts.calibration)
+        instruments += shown
         result = PassManager(passes, instruments).run(
             graph, PassContext(seed=opts.seed, calibration=opts.calibration, progress=progress))
 

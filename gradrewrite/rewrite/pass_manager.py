@@ -139,6 +139,16 @@ class Progress(Instrument):
             self.console.log(f"  {record.name} left {len(skipped)} layer(s) unchanged: {shown}{more}")
 
 
+def console_feedback(console, calibration: Any = None) -> tuple[list[Instrument], Any]:
+    """What a pipeline shows on a console: a line per pass, and (when it observes
+    calibration data) a progress bar for ``PassContext.progress``. Nothing without one."""
+    if console is None:
+        return [], None
+    from .calibration import ConsoleProgress
+
+    return [Progress(console)], (ConsoleProgress(console) if calibration is not None else None)
+
+
 @dataclass
 class PipelineResult:
     graph: Graph

@@ -59,17 +59,12 @@ def run_inference_passes(graph: Graph, specs: Sequence[PassSpec], *, seed: int =
                          console=None) -> None:
     """Run ``specs`` (e.g. fold-bn, quantize(mode=static) calibrated on ``calibration``)
     on the inference graph in place, with the same progress a compile shows."""
-    from ..rewrite.pass_manager import PassManager, Progress, VerifyEachPass
+    from ..rewrite.pass_manager import PassManager, VerifyEachPass, console_feedback
 
     if not specs:
         return
-    instruments: list = [VerifyEachPass(seed=seed)]
-    progress = None
-    if console is not None:  # these run before the step is captured: show them too
-        from ..rewrite.calibration import ConsoleProgress
-        instruments.append(Progress(console))
-        progress = ConsoleProgress(console) if calibration is not None else None
-    PassManager(build_passes(list(specs)), instruments).run(
+    shown, progress = console_feedback(console, calibration)  # these run before the capture: shown too
+    PassManager(build_passes(list(specs)), [VerifyEachPass(seed=seed), *shown]).run(
         graph, PassContext(seed=seed, calibration=calibration, progress=progress))
 
 

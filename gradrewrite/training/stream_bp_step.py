@@ -73,14 +73,14 @@ def token_input(graph: Graph):
 
 
 def write_step(graph: Graph, tmp: Path, analysis: dict, log=None) -> dict[str, Any]:
-    """Write ``model.pt2`` and ``stream_bp.json`` into ``tmp`` and check the chunked
+    """Write ``model.pt2`` and ``stream_bp.json`` into ``tmp`` (the compiler checked
+    ``check_request`` and ``token_input`` before any work) and check the chunked
     gradients against autograd; returns the files, the report section and the
     verification record (a VerificationError when the gradients differ)."""
     from ..backends.base import reexport
 
     (log or (lambda *a, **k: None))("stream-bp: saving the forward, checking chunked gradients against "
                                     "autograd …")
-    token_input(graph)
     cfg = graph.meta["stream_bp"]
     torch.export.save(reexport(graph), str(tmp / MODEL))
     ids = graph.example_inputs[0]
