@@ -85,3 +85,56 @@ def test_bad_quantize_input_writes_nothing(files, tmp_path):
     assert_user_error(run_cli("compile", d / "net.pt2", "--passes", "quantize", "--calib",
                               d / "missing.npz", "-o", out), "does not exist")
     assert not out.exists() and not list(tmp_path.glob(".none*"))
+
+
+BERT = '''
+import torch
+from transformers import BertConfig, BertModel
+
+class Encoder(torch.nn.Module):
+    """ids [B, T] -> hidden states [B, T, H]: an encoder, not a language model."""
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        cfg = BertConfig(vocab_size=300, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                         intermediate_size=128, max_position_embeddings=64)
+        self.bert = BertModel(cfg, add_pooling_layer=False).eval()
+    def forward(self, input_ids):
+        return self.bert(input_ids=input_ids).last_hidden_state
+
+def factory():
+    return Encoder(), (torch.randint(0, 300, (2, 16), generator=torch.Generator().manual_seed(1)),)
+'''
+
+
+@pytest.fixture(scope="module")
+def bert_files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("bert")
+    (d / "bert.py").write_text(BERT)
+    ids = np.random.default_rng(2).integers(0, 300, (4, 2, 16))   # 4 samples of [2, 16] ids
+    np.savez(d / "calib.npz", input_ids=ids.astype(np.int64))
+    return d
+
+
+def test_encoder_gradient_outliers_choose_output_distance(bert_files, tmp_path):
+    """An encoder's ids are not next-token targets: loss=auto must not use causal-lm (it used to
+    fail with 'Target 243 is out of bounds') and must say what it chose and why."""
+    d = bert_files
+    passes = "quantize(mode=weight-only,bits=4,group=32,outliers=0.01,criterion=gradient)"
+    out = tmp_path / "q"
+    run_cli("compile", "--module", "bert:factory", "--passes", passes, "--calib", d / "calib.npz",
+            "-b", "torch", "-o", out, "-q", cwd=d, check=True)
+    q = json.loads((out / "report.json").read_text())["passes"][0]["report"]
+    assert q["loss"] == "mse" and q["criterion"] == "gradient"
+    assert "not vocabulary-wide" in q["loss_reason"] and "300 rows" in q["loss_reason"]
+    assert all(l["outliers"] > 0 for l in q["layers"])
+
+
+def test_encoder_with_causal_lm_loss_is_one_line(bert_files, tmp_path):
+    d = bert_files
+    out = tmp_path / "q"
+    passes = "quantize(mode=weight-only,bits=4,outliers=0.01,criterion=gradient,loss=causal-lm)"
+    assert_user_error(run_cli("compile", "--module", "bert:factory", "--passes", passes, "--calib",
+                              d / "calib.npz", "-o", out, cwd=d),
+                      "loss=causal-lm needs a language model", "loss=mse")
+    assert not out.exists()
