@@ -21,7 +21,7 @@ from ..rewrite.graph import Graph
 from .options import OrtOptions, field_default, make_options
 from .base import Backend, BackendArtifact, register_backend
 from . import onnx_export_fixes, ort_errors
-from . import ort_quant  # ONNX translations of the quantized ops
+from . import ort_quant, ort_quant_embedding  # ONNX translations of the quantized ops
 
 DEFAULT_OPSET = field_default("ort", "opset")
 EXTERNAL_DATA_BYTES = 1 << 30
@@ -83,7 +83,8 @@ def export_onnx(graph: Graph, path: Path, *, opset: int = DEFAULT_OPSET,
         with _quiet():
             program = torch.onnx.export(ep, (), dynamo=True, input_names=input_names,
                                         opset_version=opset, verbose=False,
-                                        custom_translation_table=ort_quant.translation_table())
+                                        custom_translation_table={**ort_quant.translation_table(),
+                                                                  **ort_quant_embedding.translation_table()})
             program.optimize()
             _add_metadata(program, graph.meta.get("export_metadata", {}))
             program.save(str(path), external_data=external_data)

@@ -17,7 +17,8 @@
   the op's own ``groupwise_weight`` (codes, scales, zero points and fp16 outliers) into an
   fp32 constant and the layer runs as an fp32 matmul: it compiles and matches the torch
   backend, but the TVM library stores fp32 weights (no low-bit kernel; ORT's MatMulNBits
-  is the low-bit path).
+  is the low-bit path). ``gradrewrite::groupwise_embedding`` likewise: the table is
+  dequantized at import and looked up with ``take``.
 """
 from __future__ import annotations
 
@@ -27,7 +28,8 @@ import numpy as np
 import torch
 import torch.fx as fx
 
-from ...rewrite.quant_ops import GROUPWISE_LINEAR, groupwise_weight
+from ...rewrite.quant_embedding_ops import GROUPWISE_EMBEDDING
+from ...rewrite.quant_ops import GROUPWISE_LINEAR, dequantize_groupwise, groupwise_weight
 from .int8_ops import INT8_OPS
 
 
@@ -182,13 +184,24 @@ class _Converters:
                                      _const(const.float().numpy(), "float32")))
         return y
 
+    def groupwise_embedding(self, node: fx.Node, importer) -> Any:
+        from tvm import relax
+
+        packed, scales, zeros = (self.need(node, i) for i in (1, 2, 3))
+        with torch.no_grad():
+            table = dequantize_groupwise(packed, scales, zeros, *node.args[4:7])
+        self._count("groupwise_embedding")
+        return importer.block_builder.emit(relax.op.take(_const(table.numpy(), "float32"),
+                                                         importer.env[node.args[0]], axis=0))
+
     def table(self) -> dict[str, Callable]:
         from ...rewrite.quant_ops import DEQUANTIZE_PER_CHANNEL, DEQUANTIZE_PER_TENSOR, QUANTIZE_PER_TENSOR
 
         ops = {INT8_OPS["conv"]: self.int8_conv2d, INT8_OPS["linear"]: self.int8_linear,
                INT8_OPS["add"]: self.int8_add, QUANTIZE_PER_TENSOR: self.quantize_per_tensor,
                DEQUANTIZE_PER_TENSOR: self.dequantize_per_tensor,
-               DEQUANTIZE_PER_CHANNEL: self.dequantize_per_channel, GROUPWISE_LINEAR: self.groupwise_linear}
+               DEQUANTIZE_PER_CHANNEL: self.dequantize_per_channel, GROUPWISE_LINEAR: self.groupwise_linear,
+               GROUPWISE_EMBEDDING: self.groupwise_embedding}
         return {op.__name__: fn for op, fn in ops.items()}
 
 

@@ -24,6 +24,11 @@ scales ``[N, G]``, packed zero points, and optionally the GWQ outliers as fp16 C
 (values, int32 cols, int32 rowptr); buffers are named ``<weight>_packed``,
 ``_scales``, ``_zeros``, ``_outlier_values``, ``_outlier_cols``, ``_outlier_rowptr``.
 
+Embedding tables (``embeddings=auto|on|off``, ``embedding.py``): ``aten.embedding`` becomes
+``gradrewrite::groupwise_embedding(indices, packed, scales, zeros, bits, group, dim)``
+(``rewrite/quant_embedding_ops.py``, same buffers as above, named ``<table>_packed`` …); a
+tied LM head becomes a ``groupwise_linear`` on the same buffers (stored once).
+
 ``method=gptq`` (weight-only, ``gptq.py``) changes only which codes, scales, zero points and
 outlier values are stored (error-compensating, sequential GPTQ); the ops and buffers are
 the same as round-to-nearest's (``method=rtn``, the default).
@@ -43,6 +48,7 @@ from ...errors import ConfigError, InputError
 from ...rewrite.calibration import normalise
 from ...rewrite.graph import Graph
 from ...rewrite.registry import PassContext, PassResult, register_pass
+from .embedding import EmbeddingStep, check_options as check_embedding_options
 from .error_report import layer_error
 from .int8_static import quantize_static
 from .layers import find_layers, layer_input, observe
@@ -88,6 +94,10 @@ class Quantize:
     act_order: bool = field(default=False, metadata={
         "help": "gptq: visit columns by decreasing input energy (groups stay static, set from the "
                 "original weights)"})
+    embeddings: str = field(default="auto", metadata={
+        "help": "weight-only: quantize embedding tables and their tied LM heads: auto (where the "
+                "report shows it pays, see embedding.py) | on | off"})
+    embedding_bits: int = field(default=0, metadata={"help": "bits of embedding tables (0: same as bits)"})
 
     exact = False   # lossy: VerifyEachPass measures the change and does not fail on it
 
@@ -99,6 +109,7 @@ class Quantize:
                 raise ConfigError(f"unknown {key} {value!r} for quantize", f"use one of {', '.join(valid)}")
         if not callable(self.loss):
             resolve_loss_name(self.loss)
+        check_embedding_options(self.embeddings, self.embedding_bits, self.resolved_mode() == "static")
         if self.bits not in BITS:
             raise ConfigError(f"bits={self.bits} is out of range", "use bits=2, 3, 4 or 8")
         if self.group < 16 or self.group & (self.group - 1) or self.group > 4096:
@@ -186,6 +197,8 @@ class Quantize:
             prev = watch.get(x)
             watch[x] = (lambda v, a=prev, b=fn: (a(v), b(v))) if prev else fn
         observe(graph, data, watch, ctx.progress, "observing layer inputs")
+        tables = EmbeddingStep(graph, self.embeddings, self.embedding_bits or self.bits, self.group,
+                               self.exclude, data[:ERROR_SAMPLES])   # fp32 outputs, before any layer
 
         loss_used = loss_reason = None
         if criterion == "gradient":
@@ -242,6 +255,7 @@ class Quantize:
             errors.append({"path": l.path, "kind": "linear", "shape": list(w.shape),
                            "bits_per_weight": round(bpw, 4), "outliers": int(q.values.numel()),
                            **err})
+        embedding_report = tables.run(graph, total_bits, total_numel, skipped, errors)
         graph.commit()
         report = {"mode": "weight-only", "method": self.method, "bits": self.bits, "group": self.group,
                   "outliers": self.outliers, "criterion": criterion,
@@ -257,7 +271,7 @@ class Quantize:
                   "layers": records, "skipped": skipped,
                   "error_data": (f"{len(samples)} calibration samples, first {ERROR_SAMPLES} per layer"
                                  if samples else "2 seeded random inputs (no calibration data given)"),
-                  "error_report": errors}
+                  "error_report": errors, **embedding_report}
         return PassResult(True, report)
 
 
