@@ -29,6 +29,13 @@ class TorchOptions:
 class OrtOptions:
     opset: int = _opt(18, "ONNX opset (--opset)")
     external_data: Optional[bool] = _opt(None, "weights in model.onnx.data (default: only above 1 GiB)")
+    nbits_accuracy_level: int = _opt(0, "MatMulNBits accuracy_level for weight-only layers: 0 = fp32 math, "
+                                        "equal to the torch graph; 4 = int8 activations (faster, not exact)")
+
+    def __post_init__(self) -> None:
+        if self.nbits_accuracy_level not in (0, 1, 2, 3, 4):
+            raise ConfigError(f"nbits_accuracy_level={self.nbits_accuracy_level} is not an ORT accuracy level",
+                              "use 0 (exact fp32, the default) or 4 (int8 activations)")
 
 
 @dataclass(frozen=True)

@@ -68,7 +68,7 @@ def _quiet():
 
 
 def export_onnx(graph: Graph, path: Path, *, opset: int = DEFAULT_OPSET,
-                external_data: bool | None = None) -> dict[str, Any]:
+                external_data: bool | None = None, nbits_accuracy_level: int = 0) -> dict[str, Any]:
     """Write ``graph`` as an ONNX model at ``path``; returns facts for the report."""
     import torch
 
@@ -83,9 +83,11 @@ def export_onnx(graph: Graph, path: Path, *, opset: int = DEFAULT_OPSET,
         with _quiet():
             program = torch.onnx.export(ep, (), dynamo=True, input_names=input_names,
                                         opset_version=opset, verbose=False,
-                                        custom_translation_table={**ort_quant.translation_table(),
+                                        custom_translation_table={**ort_quant.translation_table(
+                                                                      accuracy_level=nbits_accuracy_level),
                                                                   **ort_quant_embedding.translation_table()})
             program.optimize()
+            ort_quant.resolve_at_load(program.model)   # after the exporter's folding: see ort_quant
             _add_metadata(program, graph.meta.get("export_metadata", {}))
             program.save(str(path), external_data=external_data)
     except Exception as exc:
@@ -140,7 +142,8 @@ class OrtBackend(Backend):
 
     def compile(self, graph: Graph, out_dir: Path, *, options: OrtOptions) -> BackendArtifact:
         options = make_options("ort", options)
-        facts = export_onnx(graph, out_dir / "model.onnx", opset=options.opset, external_data=options.external_data)
+        facts = export_onnx(graph, out_dir / "model.onnx", opset=options.opset, external_data=options.external_data,
+                            nbits_accuracy_level=options.nbits_accuracy_level)
         session = make_session(out_dir / "model.onnx")  # fail at compile time, not at run time
         facts["providers"] = session.get_providers()
         target = "onnxruntime-" + ("cuda" if "CUDAExecutionProvider" in facts["providers"] else "cpu")

@@ -7,7 +7,7 @@ quantized graph has them).
 Weight-only low-bit graphs use one custom op, ``gradrewrite::groupwise_linear``::
 
     groupwise_linear(x, packed, scales, zeros, bias?, outlier_values?, outlier_cols?,
-                     outlier_rowptr?, bits, group, in_features) -> y
+                     outlier_counts?, bits, group, in_features) -> y
 
 - ``packed``: uint8 ``[N, n_groups, group*bits/8]``: each group's ``bits``-bit codes
   as a little-endian bit stream (code ``i`` in bits ``i*bits .. i*bits+bits-1``; for
@@ -17,10 +17,14 @@ Weight-only low-bit graphs use one custom op, ``gradrewrite::groupwise_linear``:
 - ``scales``: fp16 ``[N, n_groups]``; ``zeros``: uint8 ``[N, ceil(n_groups*bits/8)]``,
   each row's zero points as the same kind of bit stream (MatMulNBits' layout).
   ``W[n, k] = (code - zero) * scale`` for the group of ``k``.
-- Outliers (all three or none): a CSR matrix ``[N, K]`` of fp16 ``outlier_values``,
-  int32 ``outlier_cols`` and int32 ``outlier_rowptr`` (``N + 1``). Their positions hold
-  the zero point in ``packed`` (so they dequantize to exactly 0) and the sparse term
-  adds them back: ``y = x @ (W_q + S)^T + bias``.
+- Outliers (all three or none): a compressed-row matrix ``S [N, K]`` stored in the
+  narrowest integers that hold it: fp16 ``outlier_values [nnz]`` in row-major order;
+  ``outlier_cols [nnz]``: int16 holding ``col - 32768`` when ``K <= 65536`` (so 16 bits
+  reach every column), else int32 holding ``col``; ``outlier_counts [N]``: each row's
+  number of outliers as uint8 when every row has at most 255, else int16 (at most
+  32767), else int32. Their positions hold the zero point in ``packed`` (so they
+  dequantize to exactly 0) and the sparse term adds them back:
+  ``y = x @ (W_q + S)^T + bias``.
 """
 from __future__ import annotations
 
@@ -65,22 +69,44 @@ def dequantize_groupwise(packed: torch.Tensor, scales: torch.Tensor, zeros: torc
     return w.reshape(n, n_groups * group)[:, :in_features]
 
 
-def csr_to_dense(values: torch.Tensor, cols: torch.Tensor, rowptr: torch.Tensor,
-                 shape: tuple[int, int]) -> torch.Tensor:
-    """CSR (values, int32 cols, int32 rowptr) -> a dense fp32 matrix."""
-    counts = (rowptr[1:] - rowptr[:-1]).to(torch.int64)
-    rows = torch.repeat_interleave(torch.arange(shape[0]), counts)
+COL_OFFSET = 32768     # int16 column indices hold col - COL_OFFSET: 16 bits reach K = 65536
+
+
+def pack_outlier_positions(rows: torch.Tensor, cols: torch.Tensor, n_rows: int,
+                           in_features: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row-major ``(rows, cols)`` -> the stored ``(cols, counts)`` in their narrowest dtypes."""
+    if in_features <= 2 * COL_OFFSET:
+        cols = (cols.to(torch.int32) - COL_OFFSET).to(torch.int16)
+    else:
+        cols = cols.to(torch.int32)
+    counts = torch.bincount(rows.to(torch.int64), minlength=n_rows)
+    top = int(counts.max()) if counts.numel() else 0
+    dtype = torch.uint8 if top <= 255 else torch.int16 if top <= 32767 else torch.int32
+    return cols, counts.to(dtype)
+
+
+def outlier_positions(cols: torch.Tensor, counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stored ``(cols, counts)`` -> int64 ``(rows, cols)`` of every outlier."""
+    rows = torch.repeat_interleave(torch.arange(counts.numel()), counts.to(torch.int64))
+    cols = cols.to(torch.int64) + (COL_OFFSET if cols.dtype == torch.int16 else 0)
+    return rows, cols
+
+
+def outliers_to_dense(values: torch.Tensor, cols: torch.Tensor, counts: torch.Tensor,
+                      shape: tuple[int, int]) -> torch.Tensor:
+    """Stored outliers (values, cols, counts) -> a dense fp32 matrix."""
+    rows, cols = outlier_positions(cols, counts)
     dense = torch.zeros(shape, dtype=torch.float32)
-    dense[rows, cols.to(torch.int64)] = values.to(torch.float32)
+    dense[rows, cols] = values.to(torch.float32)
     return dense
 
 
-def groupwise_weight(packed, scales, zeros, outlier_values, outlier_cols, outlier_rowptr,
+def groupwise_weight(packed, scales, zeros, outlier_values, outlier_cols, outlier_counts,
                      bits: int, group: int, in_features: int) -> torch.Tensor:
     """Dequantized weight plus the fp16 outliers, as fp32 ``[N, K]``."""
     w = dequantize_groupwise(packed, scales, zeros, bits, group, in_features)
     if outlier_values is not None and outlier_values.numel():
-        w = w + csr_to_dense(outlier_values, outlier_cols, outlier_rowptr, tuple(w.shape))
+        w = w + outliers_to_dense(outlier_values, outlier_cols, outlier_counts, tuple(w.shape))
     return w
 
 
@@ -89,17 +115,17 @@ def groupwise_weight(packed, scales, zeros, outlier_values, outlier_cols, outlie
 def groupwise_linear(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor,
                      zeros: torch.Tensor, bias: Optional[torch.Tensor],
                      outlier_values: Optional[torch.Tensor], outlier_cols: Optional[torch.Tensor],
-                     outlier_rowptr: Optional[torch.Tensor], bits: int, group: int,
+                     outlier_counts: Optional[torch.Tensor], bits: int, group: int,
                      in_features: int) -> torch.Tensor:
-    """``linear(x, W_q + S, bias)`` with W_q group-wise low-bit, S fp16 CSR outliers."""
-    w = groupwise_weight(packed, scales, zeros, outlier_values, outlier_cols, outlier_rowptr,
+    """``linear(x, W_q + S, bias)`` with W_q group-wise low-bit, S fp16 sparse outliers."""
+    w = groupwise_weight(packed, scales, zeros, outlier_values, outlier_cols, outlier_counts,
                          bits, group, in_features)
     return torch.nn.functional.linear(x, w.to(x.dtype), bias)
 
 
 @groupwise_linear.register_fake
 def _groupwise_linear_fake(x, packed, scales, zeros, bias, outlier_values, outlier_cols,
-                           outlier_rowptr, bits, group, in_features):
+                           outlier_counts, bits, group, in_features):
     return x.new_empty((*x.shape[:-1], packed.shape[0]))
 
 
@@ -107,4 +133,5 @@ GROUPWISE_LINEAR = torch.ops.gradrewrite.groupwise_linear.default
 
 __all__ = ["QUANTIZE_PER_TENSOR", "DEQUANTIZE_PER_TENSOR", "DEQUANTIZE_PER_CHANNEL",
            "GROUPWISE_LINEAR", "pack_bits", "unpack_bits", "dequantize_groupwise",
-           "csr_to_dense", "groupwise_weight", "groupwise_linear"]
+           "COL_OFFSET", "pack_outlier_positions", "outlier_positions", "outliers_to_dense",
+           "groupwise_weight", "groupwise_linear"]

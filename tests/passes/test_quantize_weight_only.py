@@ -1,4 +1,4 @@
-"""quantize(mode=weight-only): packing, half-step numerics, GWQ outlier selection, CSR."""
+"""quantize(mode=weight-only): packing, half-step numerics, GWQ outlier selection, outlier storage."""
 from __future__ import annotations
 
 import pytest
@@ -12,7 +12,8 @@ from gradrewrite.passes.quantize.layers import find_layers
 from gradrewrite.passes.quantize.weight_only import quantize_groupwise
 from gradrewrite.rewrite.capture import capture
 from gradrewrite.rewrite.graph import op_name
-from gradrewrite.rewrite.quant_ops import GROUPWISE_LINEAR, groupwise_weight, pack_bits, unpack_bits
+from gradrewrite.rewrite.quant_ops import (GROUPWISE_LINEAR, groupwise_weight, outlier_positions, pack_bits,
+                                           unpack_bits)
 from gradrewrite.rewrite.registry import PassContext
 
 
@@ -69,9 +70,32 @@ def test_outliers_are_top_k_and_bit_exact_fp16():
     q = quantize_groupwise(w, 3, 64, mask)
     rows, cols = mask.nonzero(as_tuple=True)
     assert torch.equal(q.values, w[rows, cols].half())                      # bit-exact fp16
-    assert torch.equal(q.cols, cols.int())
-    assert q.rowptr.dtype == torch.int32 and int(q.rowptr[-1]) == k
+    # 16-bit columns (col - 32768), 8-bit per-row counts
+    assert q.cols.dtype == torch.int16 and torch.equal(q.cols.long() + 32768, cols)
+    assert q.counts.dtype == torch.uint8 and q.counts.shape == (32,) and int(q.counts.sum()) == k
+    assert torch.equal(torch.stack(outlier_positions(q.cols, q.counts)), torch.stack([rows, cols]))
     assert torch.equal(q.dequantized()[mask], w[mask].half().float())
+
+
+def test_outlier_storage_widths_and_bits():
+    """Each part counted at its stored width; wider dtypes only where the data needs them."""
+    w = torch.randn(4, 70000)
+    mask = torch.zeros_like(w, dtype=torch.bool)
+    mask[0, :300] = True                                # a row with more than 255 outliers
+    mask[1, 69999] = True                               # a column past 65535
+    q = quantize_groupwise(w, 4, 128, mask)
+    assert q.cols.dtype == torch.int32 and q.counts.dtype == torch.int16
+    rows, cols = outlier_positions(q.cols, q.counts)
+    assert torch.equal(q.dequantized()[rows, cols], w[mask].half().float())
+    bits = q.storage_bits()
+    assert bits["outlier_values"] == 301 * 16 and bits["outlier_cols"] == 301 * 32
+    assert bits["outlier_rows"] == 4 * 16
+    small = quantize_groupwise(torch.randn(8, 256), 4, 64, top_k_mask(torch.rand(8, 256), 0.01))
+    nnz = small.values.numel()
+    assert small.storage_bits() == {"codes": 8 * 256 * 4, "scales": 8 * 4 * 16, "zero_points": 8 * 2 * 8,
+                                    "outlier_values": nnz * 16, "outlier_cols": nnz * 16, "outlier_rows": 8 * 8}
+    none = quantize_groupwise(torch.randn(8, 256), 4, 64).storage_bits()
+    assert none["outlier_values"] == none["outlier_cols"] == none["outlier_rows"] == 0
 
 
 def test_outliers_excluded_from_group_range():
@@ -94,8 +118,9 @@ def test_pass_structure_and_numerics(mlp_graph):
     assert rep["mode"] == "weight-only" and rep["criterion"] == "magnitude"
     fc1 = next(l for l in rep["layers"] if l["path"] == "fc1")
     assert fc1["outliers"] == round(0.01 * 64 * 200)
-    # honest accounting: 4-bit codes (K padded to 256), fp16 scales, packed zeros, CSR
-    expected = (64 * 256 * 4 + 64 * 4 * 16 + 64 * 2 * 8 + fc1["outliers"] * 48 + 65 * 32) / (64 * 200)
+    # honest accounting: 4-bit codes (K padded to 256), fp16 scales, packed zeros, outliers
+    # at 16 (value) + 16 (column) bits and one uint8 count per row
+    expected = (64 * 256 * 4 + 64 * 4 * 16 + 64 * 2 * 8 + fc1["outliers"] * 32 + 64 * 8) / (64 * 200)
     assert fc1["bits_per_weight"] == pytest.approx(expected, abs=1e-3)
     # the big weight is an outlier, stored exactly
     node = next(n for n in g.call_nodes() if n.target == GROUPWISE_LINEAR and "fc1" in str(n.args[1].target))
@@ -159,9 +184,8 @@ def test_gradient_criterion_on_causal_lm_selects_top_k_of_gradients():
     assert res.records[-1].report["loss"] == "causal-lm"
     node = next(n for n in q.call_nodes() if n.target == GROUPWISE_LINEAR
                 and str(n.args[1].target).startswith("lm_head"))
-    rowptr, cols = q.attr(node.args[7]), q.attr(node.args[6])
-    rows = torch.repeat_interleave(torch.arange(64), (rowptr[1:] - rowptr[:-1]).long())
-    kept = set((rows * 32 + cols.long()).tolist())
+    rows, cols = outlier_positions(q.attr(node.args[6]), q.attr(node.args[7]))
+    kept = set((rows * 32 + cols).tolist())
     k = round(0.05 * ref.numel())
     assert kept == set(torch.topk(ref.flatten(), k).indices.tolist())
 

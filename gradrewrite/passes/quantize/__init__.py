@@ -18,11 +18,13 @@ Static int8 (``mode=static``):
 
 Weight-only (``mode=weight-only``, linear layers): ``aten.linear`` becomes
 ``gradrewrite::groupwise_linear(x, packed, scales, zeros, bias, outlier_values,
-outlier_cols, outlier_rowptr, bits, group, in_features)`` (``rewrite/quant_ops.py``):
+outlier_cols, outlier_counts, bits, group, in_features)`` (``rewrite/quant_ops.py``):
 packed ``bits``-bit codes (uint8 ``[N, G, group*bits/8]``, MatMulNBits layout), fp16
-scales ``[N, G]``, packed zero points, and optionally the GWQ outliers as fp16 CSR
-(values, int32 cols, int32 rowptr); buffers are named ``<weight>_packed``,
-``_scales``, ``_zeros``, ``_outlier_values``, ``_outlier_cols``, ``_outlier_rowptr``.
+scales ``[N, G]``, packed zero points, and optionally the GWQ outliers in compressed rows
+(fp16 values; int16 cols holding ``col - 32768``, int32 ``col`` only when K > 65536;
+per-row counts, uint8 unless a row holds more than 255); buffers are named
+``<weight>_packed``, ``_scales``, ``_zeros``, ``_outlier_values``, ``_outlier_cols``,
+``_outlier_counts``.
 
 Embedding tables (``embeddings=auto|on|off``, ``embedding.py``): ``aten.embedding`` becomes
 ``gradrewrite::groupwise_embedding(indices, packed, scales, zeros, bits, group, dim)``

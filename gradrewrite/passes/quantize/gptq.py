@@ -25,7 +25,7 @@ and are stored in fp16 with the value they hold when their column is reached, i.
 keep absorbing the updates of earlier columns like any unquantized weight.
 
 Storage is exactly ``weight_only.quantize_groupwise``'s: packed codes, fp16 scales, packed
-zero points and fp16 CSR outliers, so every backend runs the result unchanged.
+zero points and fp16 sparse outliers, so every backend runs the result unchanged.
 
 The Hessian of one layer at a time is collected by running the (partly quantized) graph on
 the calibration samples up to the layer's input (``layer_hessian``): layers are processed
@@ -183,9 +183,9 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, bits: int, group: int, *,
     pad = n_groups * group - k
     codes_p = torch.cat([codes, zeros.round().to(torch.int64).repeat_interleave(group, 1)[:, k:]], 1) \
         if pad else codes
-    values, cols, rowptr = to_csr(q_final.float(), keep_final)
+    values, cols, counts = to_csr(q_final.float(), keep_final)
     q = GroupwiseWeight(pack_bits(codes_p.reshape(n, n_groups, group), bits), scales,
-                        pack_bits(zeros.round(), bits), values, cols, rowptr, bits, group, k)
+                        pack_bits(zeros.round(), bits), values, cols, counts, bits, group, k)
     stats = {"hessian_error": hessian_relative_error(w0, q_final, h_plain),
              "damp": used_damp, "act_order": act_order, "block": block}
     return q, stats

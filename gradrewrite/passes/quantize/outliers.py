@@ -1,4 +1,4 @@
-"""GWQ outlier selection: per-weight saliency scores, top-k per layer, CSR storage.
+"""GWQ outlier selection: per-weight saliency scores, top-k per layer, compressed-row storage.
 
 Criteria (one option apart, same budget):
 
@@ -24,6 +24,7 @@ from torch.utils import _pytree as pytree
 from ...errors import ConfigError
 from ...rewrite.calibration import progress as iterate
 from ...rewrite.graph import Graph
+from ...rewrite.quant_ops import pack_outlier_positions
 from .layers import QLayer
 
 CRITERIA = ("gradient", "hessian", "magnitude")
@@ -41,12 +42,13 @@ def top_k_mask(score: torch.Tensor, fraction: float) -> torch.Tensor:
 
 
 def to_csr(w: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The masked entries of a 2-D ``w`` as CSR: fp16 values, int32 cols, int32 rowptr."""
+    """The masked entries of a 2-D ``w`` in compressed-row form as the graph stores them
+    (``rewrite/quant_ops.py``): fp16 values, 16-bit cols (int32 past K = 65536) and
+    per-row counts (uint8 unless a row holds more than 255)."""
     rows, cols = mask.nonzero(as_tuple=True)          # row-major: rows sorted, cols within
     values = w.detach()[rows, cols].to(torch.float16)
-    rowptr = torch.zeros(w.shape[0] + 1, dtype=torch.int64)
-    rowptr[1:] = torch.bincount(rows, minlength=w.shape[0]).cumsum(0)
-    return values, cols.to(torch.int32), rowptr.to(torch.int32)
+    cols, counts = pack_outlier_positions(rows, cols, w.shape[0], w.shape[1])
+    return values, cols, counts
 
 
 def magnitude_scores(graph: Graph, layers: Sequence[QLayer]) -> dict[str, torch.Tensor]:

@@ -1,4 +1,4 @@
-"""Weight-only group-wise asymmetric low-bit quantization with fp16 CSR outliers."""
+"""Weight-only group-wise asymmetric low-bit quantization with fp16 sparse outliers."""
 from __future__ import annotations
 
 import math
@@ -19,9 +19,9 @@ class GroupwiseWeight:
     packed: torch.Tensor     # uint8 [N, G, group*bits/8]
     scales: torch.Tensor     # fp16 [N, G]
     zeros: torch.Tensor      # uint8 [N, ceil(G*bits/8)]
-    values: torch.Tensor     # fp16 [nnz]
-    cols: torch.Tensor       # int32 [nnz]
-    rowptr: torch.Tensor     # int32 [N + 1]
+    values: torch.Tensor     # fp16 [nnz], row-major
+    cols: torch.Tensor       # int16 [nnz] (col - 32768; int32 col when K > 65536)
+    counts: torch.Tensor     # uint8 [N] outliers per row (int16 / int32 when a row holds more)
     bits: int
     group: int
     in_features: int
@@ -29,15 +29,19 @@ class GroupwiseWeight:
     def dequantized(self) -> torch.Tensor:
         """fp32 [N, K]: low-bit weights with the outliers added back."""
         vals = self.values if self.values.numel() else None
-        return groupwise_weight(self.packed, self.scales, self.zeros, vals, self.cols, self.rowptr,
+        return groupwise_weight(self.packed, self.scales, self.zeros, vals, self.cols, self.counts,
                                 self.bits, self.group, self.in_features)
 
     def storage_bits(self) -> dict[str, int]:
-        """Bits actually stored, by part (bias, if any, is not part of the weight)."""
-        nnz = self.values.numel()
-        return {"codes": self.packed.numel() * 8, "scales": self.scales.numel() * 16,
-                "zero_points": self.zeros.numel() * 8, "outlier_values": nnz * 16,
-                "outlier_indices": nnz * 32 + (self.rowptr.numel() * 32 if nnz else 0)}
+        """Bits actually stored, by part (bias, if any, is not part of the weight): every
+        tensor the graph holds, at its dtype's width (no outliers: none of the three)."""
+        bits = lambda t: t.numel() * t.element_size() * 8
+        stored = self.values.numel() > 0
+        return {"codes": bits(self.packed), "scales": bits(self.scales),
+                "zero_points": bits(self.zeros),
+                "outlier_values": bits(self.values) if stored else 0,
+                "outlier_cols": bits(self.cols) if stored else 0,
+                "outlier_rows": bits(self.counts) if stored else 0}
 
 
 def quantize_groupwise(w: torch.Tensor, bits: int, group: int,
@@ -56,9 +60,9 @@ def quantize_groupwise(w: torch.Tensor, bits: int, group: int,
     s = scale16.float()                                   # quantize with the stored scale
     codes = torch.clamp(torch.round(wp / s[..., None]) + zero[..., None], 0, qmax)
     codes = torch.where(kp, zero[..., None].expand_as(codes), codes)   # outliers dequantize to 0
-    values, cols, rowptr = to_csr(w, keep)
+    values, cols, counts = to_csr(w, keep)
     return GroupwiseWeight(pack_bits(codes, bits), scale16, pack_bits(zero, bits),
-                           values, cols, rowptr, bits, group, k)
+                           values, cols, counts, bits, group, k)
 
 
 def group_params(wg: torch.Tensor, keep: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -87,14 +91,14 @@ def replace_linear(graph: Graph, layer: QLayer, q: GroupwiseWeight) -> None:
                                                parameter=False)
     packed, scales, zeros = add("packed", q.packed), add("scales", q.scales), add("zeros", q.zeros)
     if q.values.numel():
-        vals, cols, rowptr = (add("outlier_values", q.values), add("outlier_cols", q.cols),
-                              add("outlier_rowptr", q.rowptr))
+        vals, cols, counts = (add("outlier_values", q.values), add("outlier_cols", q.cols),
+                              add("outlier_counts", q.counts))
     else:
-        vals = cols = rowptr = None
+        vals = cols = counts = None
     bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
     with graph.graph.inserting_before(node):
         new = graph.graph.call_function(GROUPWISE_LINEAR, (
-            node.args[0], packed, scales, zeros, bias, vals, cols, rowptr, q.bits, q.group,
+            node.args[0], packed, scales, zeros, bias, vals, cols, counts, q.bits, q.group,
             q.in_features))
     copy_meta(node, new, keep_val=True)
     new.meta.setdefault("gradrewrite", {}).update(

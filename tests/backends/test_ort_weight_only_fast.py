@@ -1,0 +1,134 @@
+"""ORT artifacts of weight-only layers: the file keeps the stored form (codes at their own
+width, 16-bit outlier columns, 8-bit row counts) and equals the torch graph within fp32
+rounding for 2/3/4/8 bits, with and without outliers, K off the group grid, wide K."""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+
+from gradrewrite.backends.ort import export_onnx
+from gradrewrite.compiler import run_pipeline
+from gradrewrite.errors import ConfigError
+from gradrewrite.backends.options import make_options
+from gradrewrite.rewrite.capture import capture
+from gradrewrite.rewrite.quant_ops import GROUPWISE_LINEAR
+
+T = onnx.TensorProto
+
+
+class Net(torch.nn.Module):
+    def __init__(self, k: int, n: int = 24):
+        super().__init__()
+        g = torch.Generator().manual_seed(k)
+        self.fc = torch.nn.Linear(k, n)
+        self.out = torch.nn.Linear(n, 8, bias=False)
+        with torch.no_grad():
+            self.fc.weight.copy_(torch.randn(n, k, generator=g) * 0.05)
+            self.fc.weight[1, 3] = 2.0                     # a clear outlier
+            self.out.weight.copy_(torch.randn(8, n, generator=g) * 0.2)
+
+    def forward(self, x):
+        return self.out(torch.relu(self.fc(x)))
+
+
+def _artifact(tmp_path, k: int, passes: str, rows: int = 3, model=None, **export):
+    graph = capture((model or Net(k)).eval(), (torch.randn(rows, k),))
+    run_pipeline(graph, passes)
+    path = tmp_path / "model.onnx"
+    export_onnx(graph, path, **export)
+    return graph, path
+
+
+def _run(path, x):
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    return sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
+
+
+def _fp32_close(got, ref):
+    # fp32 rounding of a K-term dot product, relative to the output's scale
+    scale = float(np.abs(ref).max())
+    np.testing.assert_allclose(got, ref, rtol=0, atol=1e-5 * scale)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("outliers,rows", [(0.0, 3), (0.02, 1), (0.02, 3)])
+def test_ort_equals_torch_graph(tmp_path, bits, outliers, rows):
+    """rows=1: the decode form (MatMulNBits + sparse term); rows=3: fp32 weights built at load."""
+    k = 200                                                  # not a multiple of the group
+    passes = f"quantize(mode=weight-only,bits={bits},group=32,outliers={outliers},criterion=magnitude)"
+    graph, path = _artifact(tmp_path, k, passes, rows=rows)
+    x = torch.randn(rows, k, generator=torch.Generator().manual_seed(5))
+    _fp32_close(_run(path, x), graph(x)[0].numpy())
+
+
+def test_file_holds_stored_widths(tmp_path):
+    """3-bit codes stay 3-bit in the file (widened only at session load), outlier columns
+    are int16 and row counts uint8; no int64 / fp32 copy of anything weight-sized."""
+    k = 200
+    graph, path = _artifact(tmp_path, k, "quantize(mode=weight-only,bits=3,group=32,outliers=0.02,"
+                                         "criterion=magnitude)", rows=1)
+    model = onnx.load(str(path))
+    inits = {t.name: t for t in model.graph.initializer}
+    packed = next(t for n, t in inits.items() if n.endswith("fc.weight_packed"))
+    assert packed.data_type == T.UINT8 and list(packed.dims) == [24, 7, 32 * 3 // 8]
+    cols = next(t for n, t in inits.items() if n.endswith("fc.weight_outlier_cols"))
+    counts = next(t for n, t in inits.items() if n.endswith("fc.weight_outlier_counts"))
+    assert cols.data_type == T.INT16 and counts.data_type == T.UINT8 and list(counts.dims) == [24]
+    big = [n for n, t in inits.items() if t.data_type in (T.INT64, T.INT32, T.FLOAT) and np.prod(t.dims) > 64
+           and "bias" not in n]
+    assert not big
+    assert not any(n.domain.startswith("gradrewrite") for n in model.graph.node)   # markers resolved
+    assert {o.domain for o in model.opset_import} <= {"", "ai.onnx", "com.microsoft"}
+    # the stored codes are the graph's own
+    node = next(n for n in graph.call_nodes() if n.target == GROUPWISE_LINEAR)
+    np.testing.assert_array_equal(onnx.numpy_helper.to_array(packed), graph.attr(node.args[1]).numpy())
+
+
+def test_session_widens_at_load(tmp_path):
+    """After ORT's load-time folding, no unpacking runs per call: the optimized graph has
+    4-bit MatMulNBits and no bit operations."""
+    _, path = _artifact(tmp_path, 64, "quantize(mode=weight-only,bits=3,group=32,outliers=0.02,"
+                                      "criterion=magnitude)", rows=1)
+    opts = ort.SessionOptions()
+    opts.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    opts.log_severity_level = 3
+    ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    optimized = onnx.load(str(tmp_path / "optimized.onnx"))
+    ops = [n.op_type for n in optimized.graph.node]
+    assert ops.count("MatMulNBits") == 2 and not {"BitShift", "BitwiseAnd", "CumSum", "Range"} & set(ops)
+    assert {a.i for n in optimized.graph.node if n.op_type == "MatMulNBits"
+            for a in n.attribute if a.name == "bits"} == {4}
+
+
+def test_wide_layer_int32_columns(tmp_path):
+    """K > 65536: columns past 16 bits are stored as int32 and still exact on ORT."""
+    k = 65536 + 40
+    model = Net(k)
+    with torch.no_grad():
+        model.fc.weight[2, k - 1] = 3.0                # an outlier past column 65535
+    graph, path = _artifact(tmp_path, k, "quantize(mode=weight-only,bits=4,group=64,outliers=0.001,"
+                                         "criterion=magnitude)", rows=1, model=model)
+    node = next(n for n in graph.call_nodes() if n.target == GROUPWISE_LINEAR
+                and graph.attr(n.args[1]).shape[0] == 24)
+    cols = graph.attr(node.args[6])
+    assert cols.dtype == torch.int32 and int(cols.max()) == k - 1
+    x = torch.randn(1, k, generator=torch.Generator().manual_seed(2))
+    _fp32_close(_run(path, x), graph(x)[0].numpy())
+
+
+def test_accuracy_level_is_opt_in(tmp_path):
+    assert make_options("ort", {}).nbits_accuracy_level == 0
+    with pytest.raises(ConfigError):
+        make_options("ort", {"nbits_accuracy_level": 7})
+    graph, path = _artifact(tmp_path, 128, "quantize(mode=weight-only,bits=4,group=32)", nbits_accuracy_level=4)
+    model = onnx.load(str(path))
+    assert {a.i for n in model.graph.node if n.op_type == "MatMulNBits"
+            for a in n.attribute if a.name == "accuracy_level"} == {4}
+    x = torch.randn(3, 128, generator=torch.Generator().manual_seed(3))
+    ref = graph(x)[0].numpy()                      # int8 activations: close, not fp32-exact
+    np.testing.assert_allclose(_run(path, x), ref, rtol=0, atol=0.05 * float(np.abs(ref).max()))
