@@ -35,6 +35,12 @@ tied LM head becomes a ``groupwise_linear`` on the same buffers (stored once).
 outlier values are stored (error-compensating, sequential GPTQ); the ops and buffers are
 the same as round-to-nearest's (``method=rtn``, the default).
 
+``method=awq`` / ``awq-gptq`` (``awq.py``) first rescales the float graph exactly: per-input-
+channel scales searched on calibration data multiply the weights of the linear layers that
+share an input, and their inverse is folded into the op before (a norm's weight, a previous
+linear's rows) or, where nothing can absorb it, applied by an ``aten.mul(x, <weight>_awq_inv_scale)``
+in front of those layers; then RTN (after a per-group range clip) or GPTQ rounds as above.
+
 Both forms run in the torch backend (the ops dequantize: fake-quant) and export to
 ONNX: QuantizeLinear/DequantizeLinear (ONNX Runtime runs QLinearConv/QLinearMatMul) and
 com.microsoft.MatMulNBits plus a sparse term (``backends/ort_quant.py``).
@@ -55,12 +61,13 @@ from .error_report import layer_error
 from .int8_static import quantize_static
 from .layers import find_layers, layer_input, observe
 from .observers import OBSERVERS
+from .awq import INPUT_MUL, awq_scale
 from .gptq import gptq_quantize, hessian_relative_error, layer_hessian
 from .outliers import (AGGREGATIONS, CRITERIA, LOSSES, choose_loss, gradient_scores, hessian_scores,
                        magnitude_scores, top_k_mask)
 from .weight_only import BITS, quantize_groupwise, replace_linear, rtn_dequantized
 
-METHODS = ("rtn", "gptq")
+METHODS = ("rtn", "gptq", "awq", "awq-gptq")
 
 MODES = ("auto", "static", "weight-only")
 ERROR_SAMPLES = 4   # recorded inputs per layer for the error report
@@ -72,7 +79,7 @@ class Quantize:
     """Quantize conv/linear: static int8 QDQ, or weight-only low-bit with fp16 GWQ outliers.
 
     Outliers are chosen per layer by ``criterion`` (gradient | hessian | magnitude); weight-only
-    codes by ``method`` (rtn | gptq)."""
+    codes by ``method`` (rtn | gptq | awq | awq-gptq)."""
 
     mode: str = field(default="auto", metadata={
         "help": "static (int8 W8A8 QDQ) | weight-only | auto (static when bits=8 and no outliers)"})
@@ -90,12 +97,19 @@ class Quantize:
     exclude: str = field(default="", metadata={"help": "module-path globs to keep float, separated by |"})
     method: str = field(default="rtn", metadata={
         "help": "weight-only rounding: rtn (round to nearest) | gptq (error-compensating, "
-                "sequential, needs calibration data)"})
+                "sequential) | awq (activation-aware scales folded into the graph, then rtn) | "
+                "awq-gptq (awq scales, then gptq); all but rtn need calibration data"})
     damp: float = field(default=0.01, metadata={"help": "gptq: Hessian dampening, fraction of its mean diagonal"})
     block: int = field(default=128, metadata={"help": "gptq: columns per lazy update block (power of two)"})
     act_order: bool = field(default=False, metadata={
         "help": "gptq: visit columns by decreasing input energy (groups stay static, set from the "
                 "original weights)"})
+    clip: bool = field(default=True, metadata={
+        "help": "awq: shrink each group's range where that cuts the output error (method=awq; "
+                "awq-gptq keeps full ranges)"})
+    input_mul: str = field(default="auto", metadata={
+        "help": "awq: scales no previous op can absorb: auto (insert aten.mul of the input where it "
+                "cuts the layers' error >= 5%) | always | never"})
     embeddings: str = field(default="auto", metadata={
         "help": "weight-only: quantize embedding tables and their tied LM heads: auto (where the "
                 "report shows it pays, see embedding.py) | on | off"})
@@ -122,10 +136,14 @@ class Quantize:
                               "give a fraction in [0, 0.5), e.g. outliers=0.01 for 1%")
         if not 50.0 < self.percentile <= 100.0:
             raise ConfigError(f"percentile={self.percentile} is out of range", "use e.g. 99.99")
-        if self.method == "gptq":
-            if self.resolved_mode() == "static":
-                raise ConfigError("method=gptq is for weight-only quantization",
-                                  "use mode=weight-only (e.g. quantize(mode=weight-only,bits=4,method=gptq))")
+        if self.input_mul not in INPUT_MUL:
+            raise ConfigError(f"unknown input_mul {self.input_mul!r} for quantize",
+                              f"use one of {', '.join(INPUT_MUL)}")
+        if self.method != "rtn" and self.resolved_mode() == "static":
+            raise ConfigError(f"method={self.method} is for weight-only quantization",
+                              "use mode=weight-only (e.g. quantize(mode=weight-only,bits=4,"
+                              f"method={self.method}))")
+        if self.method in ("gptq", "awq-gptq"):
             if not 0.0 < self.damp <= 1.0:
                 raise ConfigError(f"damp={self.damp} is out of range", "use a fraction in (0, 1], e.g. 0.01")
             if self.block < 1 or self.block & (self.block - 1) or self.block > 4096:
@@ -176,8 +194,10 @@ class Quantize:
         layers, skipped = find_layers(graph, self.select, self.exclude, kinds=("linear",),
                                       what="quantize (weight-only)")
         criterion = self.criterion if self.outliers > 0 else "none"
-        if self.method == "gptq" and not samples:
-            raise InputError("method=gptq needs calibration data (each layer's input Hessian)",
+        if self.method != "rtn" and not samples:
+            need = {"gptq": "each layer's input Hessian", "awq": "activation statistics for its scales",
+                    "awq-gptq": "activation statistics and input Hessians"}[self.method]
+            raise InputError(f"method={self.method} needs calibration data ({need})",
                              "pass --calib FILE.npz (or .pt), or PassContext(calibration=[...])")
         if criterion in ("gradient", "hessian") and not samples:
             raise InputError(f"outlier criterion {criterion!r} needs calibration data",
@@ -216,8 +236,18 @@ class Quantize:
         else:
             scores = {}
 
+        awq = None
+        if self.method in ("awq", "awq-gptq"):   # exact float rescaling first; rounding below
+            awq = awq_scale(graph, layers, samples, self.bits, self.group,
+                            masks={l.param: top_k_mask(scores[l.param], self.outliers)
+                                   for l in layers} if scores else None,
+                            clip=self.clip and self.method == "awq", input_mul=self.input_mul,
+                            progress=ctx.progress)
+            for key, xs in kept.items():   # the error report compares what the layers now read
+                kept[key] = [x / awq.scales[key] for x in xs]
+
         records, errors, total_bits, total_numel = [], [], 0, 0
-        if self.method == "gptq":   # sequential: graph order, earlier layers already quantized
+        if self.method in ("gptq", "awq-gptq"):   # sequential: graph order, earlier layers quantized
             order = {n: i for i, n in enumerate(graph.nodes)}
             layers = sorted(layers, key=lambda l: order[l.node])
         hessian: tuple = (None, None, 0)   # (input node, H, rows): one Hessian at a time
@@ -225,7 +255,7 @@ class Quantize:
             w = graph.attr(l.weight_node).detach().float()
             mask = top_k_mask(scores[l.param], self.outliers) if scores else None
             gptq_stats = None
-            if self.method == "gptq":
+            if self.method in ("gptq", "awq-gptq"):
                 x_node = layer_input(l)
                 if hessian[0] is not x_node:
                     hessian = (None, None, 0)
@@ -238,8 +268,9 @@ class Quantize:
                     w, quantize_groupwise(w, self.bits, self.group, mask).dequantized(), hessian[1])
                 gptq_stats["hessian_rows"] = hessian[2]
                 gptq_stats = {k: round(v, 8) if isinstance(v, float) else v for k, v in gptq_stats.items()}
-            else:
-                q = quantize_groupwise(w, self.bits, self.group, mask)
+            else:   # awq: round the range-clipped weights (the float graph keeps w)
+                q = quantize_groupwise(awq.to_round.get(l.param, w) if awq else w, self.bits,
+                                       self.group, mask)
             w_q = q.dequantized()
             bias = l.node.args[2] if len(l.node.args) > 2 else None
             b = graph.attr(bias) if isinstance(bias, torch.fx.Node) else None
@@ -253,7 +284,8 @@ class Quantize:
             replace_linear(graph, l, q)
             records.append({"path": l.path, "weight": l.param, "shape": list(w.shape),
                             "outliers": int(q.values.numel()), "bits_per_weight": round(bpw, 4),
-                            "storage_bits": bits, **({"gptq": gptq_stats} if gptq_stats else {})})
+                            "storage_bits": bits, **({"gptq": gptq_stats} if gptq_stats else {}),
+                            **({"awq": awq.info[l.param]} if awq else {})})
             errors.append({"path": l.path, "kind": "linear", "shape": list(w.shape),
                            "bits_per_weight": round(bpw, 4), "outliers": int(q.values.numel()),
                            **err})
