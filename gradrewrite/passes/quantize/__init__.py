@@ -105,8 +105,9 @@ class Quantize:
         "help": "gptq: visit columns by decreasing input energy (groups stay static, set from the "
                 "original weights)"})
     clip: bool = field(default=True, metadata={
-        "help": "awq: shrink each group's range where that cuts the output error (method=awq; "
-                "awq-gptq keeps full ranges)"})
+        "help": "awq / gptq: shrink each group's range where that cuts the error (awq: the "
+                "layer's output error; gptq: the rounding error weighted by diag(H), not with "
+                "act_order)"})
     input_mul: str = field(default="auto", metadata={
         "help": "awq: scales no previous op can absorb: auto (insert aten.mul of the input where it "
                 "cuts the layers' error >= 5%) | always | never"})
@@ -263,7 +264,8 @@ class Quantize:
                                               f"gptq layer {index + 1}/{len(layers)} {l.path}: inputs")
                     hessian = (x_node, h, n_rows)
                 q, gptq_stats = gptq_quantize(w, hessian[1], self.bits, self.group, outliers=mask,
-                                              damp=self.damp, block=self.block, act_order=self.act_order)
+                                              damp=self.damp, block=self.block, act_order=self.act_order,
+                                              clip=self.clip and not self.act_order)
                 gptq_stats["hessian_error_rtn"] = hessian_relative_error(
                     w, quantize_groupwise(w, self.bits, self.group, mask).dequantized(), hessian[1])
                 gptq_stats["hessian_rows"] = hessian[2]

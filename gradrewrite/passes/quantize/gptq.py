@@ -109,7 +109,7 @@ def _inverse_cholesky(h: torch.Tensor, damp: float) -> tuple[torch.Tensor, float
 
 def gptq_quantize(w: torch.Tensor, h: torch.Tensor, bits: int, group: int, *,
                   outliers: torch.Tensor | None = None, damp: float = 0.01, block: int = 128,
-                  act_order: bool = False,
+                  act_order: bool = False, clip: bool = False,
                   dtype: torch.dtype = torch.float32) -> tuple[GroupwiseWeight, dict[str, Any]]:
     """GPTQ of a ``[N, K]`` weight with input Hessian ``h`` ``[K, K]``.
 
@@ -141,6 +141,7 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, bits: int, group: int, *,
     keep = keep0[:, perm]
     u, used_damp = _inverse_cholesky(h[perm][:, perm], damp)
     u = u.to(dtype)
+    hdiag = torch.diagonal(h)[perm].to(dtype)
 
     q_deq = torch.zeros_like(W)                          # dequantized (permuted order)
     codes = torch.zeros(n, k, dtype=torch.int64)         # original order
@@ -159,7 +160,8 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, bits: int, group: int, *,
                 # starts with it, so no update is pending for its columns
                 span = torch.cat([w1[:, i:], W[:, b1:]], 1)[:, :group]
                 kspan = keep[:, b0 + i:b0 + i + span.shape[1]]
-                s16, z = group_params(span, kspan, bits)
+                s16, z = (clipped_group_params(span, kspan, bits, hdiag[b0 + i:b0 + i + span.shape[1]])
+                          if clip else group_params(span, kspan, bits))
                 scales[:, g], zeros[:, g] = s16, z.to(dtype)
             s = scales[:, g].to(dtype)
             z = zeros[:, g]
@@ -189,6 +191,31 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, bits: int, group: int, *,
     stats = {"hessian_error": hessian_relative_error(w0, q_final, h_plain),
              "damp": used_damp, "act_order": act_order, "block": block}
     return q, stats
+
+
+CLIP_FACTORS = tuple(1.0 - 0.025 * i for i in range(17))   # keep 100% .. 60% of the range
+
+
+def clipped_group_params(span: torch.Tensor, keep: torch.Tensor, bits: int,
+                         hdiag: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and zero point of each row's group ``span [N, g]`` with the range shrunk by the
+    factor (``CLIP_FACTORS``) whose rounding error, weighted by the inputs' energy
+    ``diag(H)``, is least: a wide range wastes levels on a few large weights that the
+    error compensation can absorb. Outliers (``keep``) stay out of the range and the error."""
+    qmax = (1 << bits) - 1
+    best = best_s = best_z = None
+    for f in CLIP_FACTORS:
+        s16, z = group_params(span * f, keep, bits)
+        s = s16.float()[:, None]
+        q = (torch.clamp(torch.round(span / s) + z[:, None], 0, qmax) - z[:, None]) * s
+        err = (torch.where(keep, 0.0, span - q) ** 2 * hdiag[None, :]).sum(1)
+        if best is None:
+            best, best_s, best_z = err, s16, z
+        else:
+            better = err < best
+            best = torch.where(better, err, best)
+            best_s, best_z = torch.where(better, s16, best_s), torch.where(better, z, best_z)
+    return best_s, best_z
 
 
 def hessian_relative_error(w: torch.Tensor, w_q: torch.Tensor, h: torch.Tensor) -> float:
