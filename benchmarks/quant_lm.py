@@ -31,9 +31,13 @@ CACHE = _report.QUICK   # gitignored
 CONFIG = dict(vocab_size=256, hidden_size=512, intermediate_size=1536, num_hidden_layers=6,
               num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=512,
               rms_norm_eps=1e-5, tie_word_embeddings=False, rope_theta=10000.0)
-RECIPE = dict(seq=256, batch=16, lr=1e-3, warmup=100, eval_every=150, eval_windows=64,
-              flat_rel=0.01, max_steps=3000, max_seconds=2400, cooldown=0.15, weight_decay=0.05,
+RECIPE = dict(seq=256, batch=16, lr=2e-3, warmup=100, eval_every=100, eval_windows=64,
+              flat_rel=0.02, max_steps=4000, max_seconds=4500, cooldown=0.15, weight_decay=0.05,
               seed=0, autocast="bf16")
+# --quick runs of the benchmark: a small model and a short run, cached the same way
+QUICK_CONFIG = {**CONFIG, "hidden_size": 128, "intermediate_size": 384, "num_hidden_layers": 2,
+                "num_attention_heads": 4, "num_key_value_heads": 4}
+QUICK_RECIPE = {**RECIPE, "seq": 128, "batch": 8, "eval_every": 50, "max_steps": 150, "max_seconds": 600}
 
 
 class Logits(torch.nn.Module):
@@ -63,17 +67,17 @@ def windows(arr: torch.Tensor, seq: int, n: int, gen: torch.Generator) -> torch.
     return torch.stack([arr[s:s + seq] for s in starts])
 
 
-def build() -> torch.nn.Module:
+def build(config: dict = CONFIG, seed: int = 0) -> torch.nn.Module:
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    torch.manual_seed(RECIPE["seed"])
-    cfg = LlamaConfig(**CONFIG, attn_implementation="sdpa")
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(**config, attn_implementation="sdpa")
     return Logits(LlamaForCausalLM(cfg))
 
 
-def cache_key() -> str:
+def cache_key(config: dict = CONFIG, recipe: dict = RECIPE) -> str:
     files = [(p.name, p.stat().st_size) for p in stdlib_files(False)]
-    blob = json.dumps([CONFIG, RECIPE, files, sys.version_info[:2]], sort_keys=True).encode()
+    blob = json.dumps([config, recipe, files, sys.version_info[:2]], sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
@@ -88,15 +92,15 @@ def held_out_loss(model, held: torch.Tensor, batch: int = 16) -> float:
     return total / count
 
 
-def trained(verbose: bool = True) -> tuple[torch.nn.Module, dict]:
-    """The trained model (eval mode, fp32) and its training record."""
-    key = cache_key()
+def trained(verbose: bool = True, quick: bool = False) -> tuple[torch.nn.Module, dict]:
+    """The trained model (eval mode, fp32) and its training record (``quick``: the small one)."""
+    config, r = (QUICK_CONFIG, QUICK_RECIPE) if quick else (CONFIG, RECIPE)
+    key = cache_key(config, r)
     weights, record_path = CACHE / f"quant_lm_{key}.pt", CACHE / f"quant_lm_{key}.json"
-    model = build()
+    model = build(config, r["seed"])
     if weights.exists() and record_path.exists():
         model.load_state_dict(torch.load(weights, weights_only=True))
         return model.eval(), {**json.loads(record_path.read_text()), "cached": True}
-    r = RECIPE
     train, held_arr = corpus(False), corpus(True)
     held = windows(held_arr, r["seq"] + 1, r["eval_windows"], torch.Generator().manual_seed(123))
     gen = torch.Generator().manual_seed(r["seed"])
@@ -150,7 +154,7 @@ def trained(verbose: bool = True) -> tuple[torch.nn.Module, dict]:
     final = held_out_loss(model, held)
     curve.append({"step": step, "train_loss": round(loss.item(), 4), "held_out_loss": round(final, 4),
                   "seconds": round(time.perf_counter() - t0, 1)})
-    record = {"key": key, "config": CONFIG, "recipe": RECIPE, "steps": step, "curve": curve,
+    record = {"key": key, "config": config, "recipe": r, "steps": step, "curve": curve,
               "train_seconds": round(time.perf_counter() - t0, 1), "held_out_ppl_fp32": round(math.exp(final), 4),
               "parameters": sum(p.numel() for p in model.parameters()),
               "train_tokens": step * r["batch"] * r["seq"]}
@@ -162,5 +166,5 @@ def trained(verbose: bool = True) -> tuple[torch.nn.Module, dict]:
 
 if __name__ == "__main__":
     torch.set_num_threads(2)
-    m, rec = trained()
+    m, rec = trained(quick="--quick" in sys.argv)
     print(json.dumps({k: v for k, v in rec.items() if k != "curve"}, indent=1))

@@ -146,15 +146,26 @@ def _static_rows(x, k: int) -> int | None:
     return rows
 
 
-def _add_sparse(op, y, x, ell_cols, ell_vals, n: int, k: int):
-    """``y + x @ S^T`` for one input row, S in padded rows: one GatherElements of the
-    inputs the outliers read (ORT's Gather along the last axis cost several times more
-    per element), a Mul by their values, a ReduceSum per output feature."""
-    picked = op.GatherElements(op.Reshape(x, _ints(op, [1, k])), op.Reshape(ell_cols, _ints(op, [1, -1])),
-                               axis=1)                                             # [1, N*c]
-    prod = op.Mul(picked, op.Reshape(ell_vals, _ints(op, [1, -1])))
-    term = op.ReduceSum(op.Reshape(prod, _ints(op, [n, -1])), _ints(op, [-1]), keepdims=0)   # [N]
-    return op.Add(y, term)
+def _sparse_term(op, x, ell_cols, ell_vals, n: int, k: int):
+    """``(x @ S^T)`` as ``[N]`` for one input row, S in padded rows: one GatherElements of
+    the inputs the outliers read (ORT's Gather along the last axis cost several times more
+    per element), a Mul by their values, a ReduceSum per output feature. The indices take
+    x's rank (leading 1s), so x needs no reshape; the result feeds MatMulNBits' bias input,
+    so no Add either: per call the term is four small ops."""
+    rank = _rank(x)
+    lead = [1] * (rank - 1)
+    picked = op.GatherElements(x if rank else op.Reshape(x, _ints(op, [1, k])),
+                               op.Reshape(ell_cols, _ints(op, (lead or [1]) + [-1])), axis=-1)
+    prod = op.Mul(picked, op.Reshape(ell_vals, _ints(op, (lead or [1]) + [-1])))
+    return op.ReduceSum(op.Reshape(prod, _ints(op, [n, -1])), _ints(op, [-1]), keepdims=0)   # [N]
+
+
+def _rank(x) -> int:
+    """x's rank when the exporter knows it (0: unknown)."""
+    try:
+        return len(x.shape)
+    except (TypeError, AttributeError):
+        return 0
 
 
 def _dense_weight(op, packed, scales, zeros, values, cols, counts, bits, group, n, n_groups, k):
@@ -192,14 +203,18 @@ def _groupwise_linear(x, packed, scales, zeros, bias, outlier_values, outlier_co
         if bits != 4:
             packed = _as_4bit(op, _at_load(op, packed), bits, group, 3)
             zeros = _as_4bit(op, _at_load(op, zeros), bits, n_groups, 2)
-        # scales stay fp16 in the file (the exporter would store the fp32 cast)
-        y = _matmulnbits_op()(x, packed, op.CastLike(op.Reshape(_at_load(op, scales), _ints(op, [-1])), x),
-                              op.Reshape(zeros, _ints(op, [-1])), K=k, N=n, bits=4,
-                              block_size=int(group), accuracy_level=int(accuracy_level))
+        # the outlier term (and the layer's bias) go in as MatMulNBits' bias: no extra Add
+        extra = bias
         if has_outliers:
             ell_cols, ell_vals = _ell(op, _at_load(op, outlier_values), _at_load(op, outlier_cols),
                                       _at_load(op, outlier_counts), int(outlier_values.shape[0]), k)
-            y = _add_sparse(op, y, x, ell_cols, op.CastLike(ell_vals, x), n, k)
+            term = _sparse_term(op, x, ell_cols, op.CastLike(ell_vals, x), n, k)
+            extra = term if bias is None else op.Add(term, bias)
+        # scales stay fp16 in the file (the exporter would store the fp32 cast)
+        y = _matmulnbits_op()(x, packed, op.CastLike(op.Reshape(_at_load(op, scales), _ints(op, [-1])), x),
+                              op.Reshape(zeros, _ints(op, [-1])), None, extra, K=k, N=n, bits=4,
+                              block_size=int(group), accuracy_level=int(accuracy_level))
+        return y
     if bias is not None:
         y = op.Add(y, bias)
     return y

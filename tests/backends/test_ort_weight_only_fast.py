@@ -132,3 +132,23 @@ def test_accuracy_level_is_opt_in(tmp_path):
     x = torch.randn(3, 128, generator=torch.Generator().manual_seed(3))
     ref = graph(x)[0].numpy()                      # int8 activations: close, not fp32-exact
     np.testing.assert_allclose(_run(path, x), ref, rtol=0, atol=0.05 * float(np.abs(ref).max()))
+
+
+@pytest.mark.parametrize("spread", ["layer", "rows"])
+def test_decode_term_feeds_matmulnbits_bias(tmp_path, spread):
+    """At one input row the outliers' term goes into MatMulNBits' bias input: per call a
+    GatherElements, a Mul and a ReduceSum, and no Add after the kernel (the layer's bias is
+    added to the term instead)."""
+    passes = f"quantize(mode=weight-only,bits=4,group=32,outliers=0.03,criterion=magnitude,spread={spread})"
+    graph, path = _artifact(tmp_path, 96, passes, rows=1)
+    x = torch.randn(1, 96)
+    with torch.no_grad():
+        _fp32_close(_run(path, x), graph(x)[0].numpy())
+    nodes = onnx.load(str(path)).graph.node
+    nbits = [n for n in nodes if n.op_type == "MatMulNBits"]
+    assert len(nbits) == 2 and all(len(n.input) == 6 and n.input[5] for n in nbits)
+    assert sum(n.op_type == "GatherElements" for n in nodes) == 2
+    produced_by = {o: n for n in nodes for o in n.output}
+    consumers = [n for n in nodes for i in n.input if any(i == m.output[0] for m in nbits)]
+    assert all(c.op_type != "Add" for c in consumers)
+    assert produced_by[nbits[0].input[5]].op_type in ("ReduceSum", "Add")

@@ -222,3 +222,16 @@ def test_model_without_linear_layers_is_refused():
     with pytest.raises(GradrewriteError, match="no layer can be quantized"):
         run_pipeline(graph, "quantize(bits=4)")
     assert all(op_name(n) != "gradrewrite.groupwise_linear" for n in graph.call_nodes())
+
+
+def test_spread_rows_keeps_the_same_number_in_every_row(mlp_graph):
+    score = torch.rand(32, 200)
+    mask = top_k_mask(score, 0.02, "rows")
+    assert (mask.sum(1) == 4).all()                        # round(0.02 * 200) per row
+    assert torch.equal(mask, score >= score.topk(4, dim=1).values[:, -1:])
+    g = mlp_graph.clone()
+    rep = run_pipeline(g, "quantize(mode=weight-only,bits=4,group=16,outliers=0.05,criterion=magnitude,"
+                          "spread=rows)").records[-1].report
+    for layer in rep["layers"]:
+        n, k = layer["shape"]
+        assert layer["outliers"] == n * round(0.05 * k)

@@ -32,8 +32,19 @@ AGGREGATIONS = ("abs", "square")
 LOSSES = ("auto", "causal-lm", "mse")
 
 
-def top_k_mask(score: torch.Tensor, fraction: float) -> torch.Tensor:
-    """Boolean mask of the ``round(fraction * numel)`` highest scores."""
+SPREADS = ("layer", "rows")
+
+
+def top_k_mask(score: torch.Tensor, fraction: float, spread: str = "layer") -> torch.Tensor:
+    """Boolean mask of the highest scores: ``round(fraction * numel)`` of the layer
+    (``spread=layer``), or ``round(fraction * K)`` in every output row (``rows``: equal rows
+    need no padding in the ORT decode term, which gathers rows padded to the longest)."""
+    if spread == "rows" and score.dim() == 2:
+        k = int(round(fraction * score.shape[1]))
+        mask = torch.zeros(score.shape, dtype=torch.bool)
+        if k > 0:
+            mask.scatter_(1, torch.topk(score.double(), k, dim=1, sorted=False).indices, True)
+        return mask
     k = int(round(fraction * score.numel()))
     mask = torch.zeros(score.numel(), dtype=torch.bool)
     if k > 0:
@@ -198,5 +209,5 @@ def gradient_scores(graph: Graph, layers: Sequence[QLayer], samples: Sequence[tu
     return acc
 
 
-__all__ = ["CRITERIA", "AGGREGATIONS", "LOSSES", "top_k_mask", "to_csr", "magnitude_scores",
+__all__ = ["CRITERIA", "AGGREGATIONS", "LOSSES", "SPREADS", "top_k_mask", "to_csr", "magnitude_scores",
            "hessian_scores", "gradient_scores", "resolve_loss", "choose_loss"]
