@@ -54,6 +54,10 @@ def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
 
 def unpack_bits(packed: torch.Tensor, bits: int, length: int) -> torch.Tensor:
     """Inverse of ``pack_bits``: uint8 ``[..., B]`` -> int32 codes ``[..., length]``."""
+    if bits in (2, 4, 8):      # codes never straddle a byte: shift/mask per code, not per bit
+        per = 8 // bits
+        wide = packed.to(torch.int32).unsqueeze(-1) >> (torch.arange(per, dtype=torch.int32) * bits)
+        return (wide & ((1 << bits) - 1)).flatten(-2)[..., :length]
     stream = (packed.to(torch.int32).unsqueeze(-1) >> torch.arange(8, dtype=torch.int32)) & 1
     stream = stream.flatten(-2)[..., : length * bits].unflatten(-1, (length, bits))
     return (stream << torch.arange(bits, dtype=torch.int32)).sum(-1)

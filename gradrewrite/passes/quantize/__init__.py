@@ -256,6 +256,7 @@ class Quantize:
             order = {n: i for i, n in enumerate(graph.nodes)}
             layers = sorted(layers, key=lambda l: order[l.node])
         hessian: tuple = (None, None, 0)   # (input node, H, rows): one Hessian at a time
+        dequantized: dict = {}             # quantized layers' weights, for the runs up to later layers
         for index, l in enumerate(layers):
             w = graph.attr(l.weight_node).detach().float()
             mask = top_k_mask(scores[l.param], self.outliers, self.spread) if scores else None
@@ -265,7 +266,8 @@ class Quantize:
                 if hessian[0] is not x_node:
                     hessian = (None, None, 0)
                     h, n_rows = layer_hessian(graph, x_node, samples, ctx.progress,
-                                              f"gptq layer {index + 1}/{len(layers)} {l.path}: inputs")
+                                              f"gptq layer {index + 1}/{len(layers)} {l.path}: inputs",
+                                              weights=dequantized)
                     hessian = (x_node, h, n_rows)
                 q, gptq_stats = gptq_quantize(w, hessian[1], self.bits, self.group, outliers=mask,
                                               damp=self.damp, block=self.block, act_order=self.act_order,

@@ -42,7 +42,7 @@ import torch.fx as fx
 from ...errors import PassError
 from ...rewrite.calibration import progress as iterate
 from ...rewrite.graph import Graph
-from ...rewrite.quant_ops import pack_bits
+from ...rewrite.quant_ops import GROUPWISE_LINEAR, groupwise_weight, pack_bits
 from .outliers import to_csr
 from .weight_only import GroupwiseWeight, group_params
 
@@ -54,9 +54,21 @@ class _Reached(Exception):
 class _UpTo(fx.Interpreter):
     """Runs the graph until ``node`` is computed, hands its value to ``fn`` and stops."""
 
-    def __init__(self, gm: fx.GraphModule, node: fx.Node, fn):
+    def __init__(self, gm: fx.GraphModule, node: fx.Node, fn, weights: dict | None = None):
         super().__init__(gm)
         self.node, self.fn = node, fn
+        self.weights = {} if weights is None else weights
+
+    weights: dict = {}    # per instance (set in __init__): dequantized weights of quantized layers
+
+    def call_function(self, target, args, kwargs):
+        # earlier layers are already quantized: dequantize each once, not per sample
+        if target is GROUPWISE_LINEAR:
+            key = id(args[1])
+            if key not in self.weights:
+                self.weights[key] = groupwise_weight(*args[1:4], *args[5:11])
+            return torch.nn.functional.linear(args[0], self.weights[key].to(args[0].dtype), args[4])
+        return super().call_function(target, args, kwargs)
 
     def run_node(self, n: fx.Node) -> Any:
         value = super().run_node(n)
@@ -67,7 +79,7 @@ class _UpTo(fx.Interpreter):
 
 
 def layer_hessian(graph: Graph, node: fx.Node, samples: Sequence[tuple], progress=None,
-                  description: str = "") -> tuple[torch.Tensor, int]:
+                  description: str = "", weights: dict | None = None) -> tuple[torch.Tensor, int]:
     """``H = 2 X^T X / n`` (float64 [K, K]) of the values ``node`` takes on ``samples``,
     rows of X = every position of the last dimension; and n."""
     acc: dict[str, Any] = {"sum": None, "rows": 0}
@@ -77,7 +89,7 @@ def layer_hessian(graph: Graph, node: fx.Node, samples: Sequence[tuple], progres
         acc["sum"] = x.T @ x if acc["sum"] is None else acc["sum"] + x.T @ x
         acc["rows"] += x.shape[0]
 
-    runner = _UpTo(graph.gm, node, fn)
+    runner = _UpTo(graph.gm, node, fn, weights)
     with torch.no_grad():
         for sample in iterate(progress, description, samples):
             try:
