@@ -109,8 +109,7 @@ class Quantize:
                 "original weights)"})
     clip: bool = field(default=True, metadata={
         "help": "awq / gptq: shrink each group's range where that cuts the error (awq: the "
-                "layer's output error; gptq: the rounding error weighted by diag(H), not with "
-                "act_order)"})
+                "layer's output error; gptq: the rounding error weighted by diag(H))"})
     input_mul: str = field(default="auto", metadata={
         "help": "awq: scales no previous op can absorb: auto (insert aten.mul of the input where it "
                 "cuts the layers' error >= 5%) | always | never"})
@@ -271,7 +270,7 @@ class Quantize:
                     hessian = (x_node, h, n_rows)
                 q, gptq_stats = gptq_quantize(w, hessian[1], self.bits, self.group, outliers=mask,
                                               damp=self.damp, block=self.block, act_order=self.act_order,
-                                              clip=self.clip and not self.act_order)
+                                              clip=self.clip)
                 gptq_stats["hessian_error_rtn"] = hessian_relative_error(
                     w, quantize_groupwise(w, self.bits, self.group, mask).dequantized(), hessian[1])
                 gptq_stats["hessian_rows"] = hessian[2]

@@ -145,7 +145,12 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, bits: int, group: int, *,
         pad = n_groups * group - k
         wp = torch.nn.functional.pad(w0, (0, pad)).reshape(n, n_groups, group)
         kp = torch.nn.functional.pad(keep0, (0, pad)).reshape(n, n_groups, group)
-        s16, z = group_params(wp, kp, bits)                 # static groups, original weights
+        if clip:
+            hd = torch.nn.functional.pad(torch.diagonal(h).to(dtype), (0, pad)).reshape(n_groups, group)
+            parts = [clipped_group_params(wp[:, g], kp[:, g], bits, hd[g]) for g in range(n_groups)]
+            s16, z = torch.stack([a for a, _ in parts], 1), torch.stack([b for _, b in parts], 1)
+        else:
+            s16, z = group_params(wp, kp, bits)             # static groups, original weights
         scales, zeros = s16, z.to(dtype)
     else:
         perm = torch.arange(k)
