@@ -418,6 +418,25 @@ def targets(minilm, lm, ort_lm) -> list[dict]:
 
 
 # ----------------------------------------------------------------------------- report
+def training_stop(record: dict) -> str:
+    """Why training stopped, from its record: the flattening rule or the time budget."""
+    r, curve = record.get("recipe", {}), record.get("curve", [])
+    if not r or len(curve) < 4:
+        return "training record incomplete"
+    cool_from = int(record["steps"] / (1 + r["cooldown"]))
+    before = [c for c in curve if c["step"] <= cool_from]
+    if len(before) < 3:
+        return "stopped early"
+    a, b = before[-3]["held_out_loss"], before[-1]["held_out_loss"]
+    gain = (a - b) / a
+    why = ("the held-out loss had flattened" if gain < r["flat_rel"] else
+           f"stopped by the time budget ({r['max_seconds']} s on a shared 2-core machine), not flat")
+    return (f"held-out loss {curve[0]['held_out_loss']} -> {curve[-1]['held_out_loss']}; the "
+            f"{before[-1]['step'] - before[-3]['step']} steps before the cool-down gained {gain:.1%} "
+            f"(flat means < {r['flat_rel']:.0%}): {why}; then a linear cool-down")
+
+
+
 def quality_table(part, metrics) -> tuple[list, list]:
     cols = ["budget", "method", "bits", "bits/weight", "weight KiB"] + [c for c, _ in metrics]
     ok = [r for r in part["rows"] if "error" not in r]
@@ -496,7 +515,7 @@ def main() -> None:
         sections.append({"heading": "Byte-level Llama LM (d=512, 6 layers) at equal stored bits",
                          "text": f"transformers LlamaForCausalLM, {tr.get('parameters')} parameters, trained here "
                                  f"{tr.get('steps')} steps ({tr.get('train_tokens')} tokens, bf16 autocast) on "
-                                 f"the standard library's source until the held-out loss flattened; fp32 held-out "
+                                 f"the standard library's source; {training_stop(tr)}; fp32 held-out "
                                  f"perplexity {lm['fp32_perplexity']} over {lm['held_out_tokens']} bytes of held-out "
                                  f"files; {lm['calibration_sequences']} calibration sequences of 256 bytes. GWQ: "
                                  f"gradient criterion, next-token cross-entropy (loss=auto).",
