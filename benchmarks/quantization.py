@@ -147,11 +147,32 @@ def run_peer(model, row: dict):
                "note": f"g{info.get('group')}, {kept:.3f} bpw as kept with fp32 metadata"}
 
 
+def code_key() -> str:
+    """Hash of the code a row's numbers depend on (the quantize passes, the peers' wrapper,
+    this script): measured rows are kept under it, so an interrupted run resumes."""
+    import hashlib
+
+    files = sorted((ROOT / "gradrewrite" / "passes" / "quantize").glob("*.py")) + \
+        [ROOT / "gradrewrite" / "rewrite" / "quant_ops.py", ROOT / "benchmarks" / "quant_peers.py", Path(__file__)]
+    return hashlib.sha256(b"".join(f.read_bytes() for f in files)).hexdigest()[:12]
+
+
 def measure_rows(name: str, model, graph, calib, evaluate, rows_in: list[dict]) -> list[dict]:
     """Each row quantized (ours on the graph, a peer on the eager model) and scored by
-    ``evaluate(callable inputs -> output) -> metrics``; a failure is recorded, not raised."""
+    ``evaluate(callable inputs -> output) -> metrics``; a failure is recorded, not raised.
+    Rows already measured with the same code (``code_key``) are read back, not rerun."""
+    done_path = _report.QUICK / f"quantization_rows_{name}_{code_key()}.jsonl"
+    done = {}
+    if done_path.exists():
+        for line in done_path.read_text().splitlines():
+            r = json.loads(line)
+            done[(r["label"], r["bits"])] = r
     rows = []
     for row in rows_in:
+        if (row["label"], row["bits"]) in done:
+            rows.append(done[(row["label"], row["bits"])])
+            print(f"{name} {row['label']} {row['bits']}b: measured before (same code), reused", flush=True)
+            continue
         try:
             if row["family"] == "peer":
                 m, info = run_peer(model, row)
@@ -164,6 +185,9 @@ def measure_rows(name: str, model, graph, calib, evaluate, rows_in: list[dict]) 
             print(f"{name} {row['label']} {row['bits']}b: FAILED {rows[-1]['error']}", flush=True)
             continue
         rows.append({**row, **info, **res})
+        done_path.parent.mkdir(parents=True, exist_ok=True)
+        with done_path.open("a") as f:
+            f.write(json.dumps(rows[-1]) + "\n")
         shown = " ".join(f"{k} {v}" for k, v in res.items())
         print(f"{name} {row['label']:30s} {row['bits']}b: bpw {info['bits_per_weight']:.3f} {shown} "
               f"({info['seconds']}s)", flush=True)
@@ -233,7 +257,7 @@ def minilm_part(quick: bool, avail: dict) -> dict:
         return {"cosine": round(float(F.cosine_similarity(emb, ref, dim=-1).mean()), 5),
                 "retrieval_agreement": round(float((top1(emb) == ref_nn).float().mean()), 4)}
 
-    rows = measure_rows("minilm", model, graph, cal_b, score, methods(quick=quick) + peer_rows(avail, (3, 4)))
+    rows = measure_rows("minilm_quick" if quick else "minilm", model, graph, cal_b, score, methods(quick=quick) + peer_rows(avail, (3, 4)))
     return {"held_out": len(held), "calibration": len(cal), "seq": seq, "rows": rows}
 
 
@@ -271,7 +295,7 @@ def lm_part(quick: bool, avail: dict) -> dict:
     grid = [r for r in methods((4,), quick) if not r.get("whole_model")]
     grid += [r for r in methods((3,), quick) if r["label"] in ("RTN g128", "GPTQ g128", "GPTQ g128 act-order",
                                                                "AWQ+GPTQ g128")]
-    rows = measure_rows("lm", model, graph, cal_b, evaluate, grid + peer_rows(avail, (3, 4)))
+    rows = measure_rows("lm_quick" if quick else "lm", model, graph, cal_b, evaluate, grid + peer_rows(avail, (3, 4)))
     return {"fp32_perplexity": round(base, 4), "held_out_tokens": int(held[:, 1:].numel()),
             "calibration_sequences": sum(len(b[0]) for b in cal_b), "train": {k: v for k, v in train.items()},
             "rows": rows}
@@ -489,6 +513,9 @@ def main() -> None:
     # parts not run this time keep the last full run's results
     previous = _report.RESULTS / "quantization.json"
     old = json.loads(previous.read_text()) if previous.exists() and not args.quick else {}
+    old = {k: v for k, v in old.items()        # parts written by an older layout of this script
+           if not (isinstance(v, dict) and "rows" in v and not all("label" in r or "model" in r or "setting" in r
+                                                                   for r in v["rows"]))}
     minilm, lm = minilm or old.get("minilm"), lm or old.get("lm")
     ort_lm, int8 = ort_lm or old.get("ort_lm"), int8 or old.get("int8")
     checks = targets(minilm, lm, ort_lm)
