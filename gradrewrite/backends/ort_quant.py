@@ -153,10 +153,10 @@ def _sparse_term(op, x, ell_cols, ell_vals, n: int, k: int):
     x's rank (leading 1s), so x needs no reshape; the result feeds MatMulNBits' bias input,
     so no Add either: per call the term is four small ops."""
     rank = _rank(x)
-    lead = [1] * (rank - 1)
+    flat = _ints(op, [1] * (max(rank, 2) - 1) + [-1])     # the indices' shape: x's rank, all in the last axis
     picked = op.GatherElements(x if rank else op.Reshape(x, _ints(op, [1, k])),
-                               op.Reshape(ell_cols, _ints(op, (lead or [1]) + [-1])), axis=-1)
-    prod = op.Mul(picked, op.Reshape(ell_vals, _ints(op, (lead or [1]) + [-1])))
+                               op.Reshape(ell_cols, flat), axis=-1)
+    prod = op.Mul(picked, op.Reshape(ell_vals, flat))
     return op.ReduceSum(op.Reshape(prod, _ints(op, [n, -1])), _ints(op, [-1]), keepdims=0)   # [N]
 
 

@@ -57,9 +57,7 @@ class _UpTo(fx.Interpreter):
     def __init__(self, gm: fx.GraphModule, node: fx.Node, fn, weights: dict | None = None):
         super().__init__(gm)
         self.node, self.fn = node, fn
-        self.weights = {} if weights is None else weights
-
-    weights: dict = {}    # per instance (set in __init__): dequantized weights of quantized layers
+        self.weights = {} if weights is None else weights   # dequantized weights of quantized layers
 
     def call_function(self, target, args, kwargs):
         # earlier layers are already quantized: dequantize each once, not per sample
