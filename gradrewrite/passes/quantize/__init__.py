@@ -62,7 +62,8 @@ from .int8_static import quantize_static
 from .layers import find_layers, layer_input, observe
 from .observers import OBSERVERS
 from .awq import INPUT_MUL, awq_scale
-from .gptq import gptq_quantize, hessian_relative_error, layer_hessian
+from .gptq import choose_damp, gptq_quantize, hessian_relative_error, layer_hessian
+from .padding import PaddingRows, resolve as resolve_padding
 from .outliers import (AGGREGATIONS, CRITERIA, LOSSES, SPREADS, choose_loss, gradient_scores, hessian_scores,
                        magnitude_scores, top_k_mask)
 from .weight_only import BITS, quantize_groupwise, replace_linear, rtn_dequantized
@@ -102,7 +103,9 @@ class Quantize:
         "help": "weight-only rounding: rtn (round to nearest) | gptq (error-compensating, "
                 "sequential) | awq (activation-aware scales folded into the graph, then rtn) | "
                 "awq-gptq (awq scales, then gptq); all but rtn need calibration data"})
-    damp: float = field(default=0.01, metadata={"help": "gptq: Hessian dampening, fraction of its mean diagonal"})
+    damp: float | str = field(default="auto", metadata={
+        "help": "gptq: Hessian dampening, fraction of its mean diagonal, or auto (per layer, the "
+                "value with the least error on held-out calibration samples)"})
     block: int = field(default=128, metadata={"help": "gptq: columns per lazy update block (power of two)"})
     act_order: bool = field(default=False, metadata={
         "help": "gptq: visit columns by decreasing input energy (groups stay static, set from the "
@@ -117,6 +120,9 @@ class Quantize:
         "help": "weight-only: quantize embedding tables and their tied LM heads: auto (where the "
                 "report shows it pays, see embedding.py) | on | off"})
     embedding_bits: int = field(default=0, metadata={"help": "bits of embedding tables (0: same as bits)"})
+    padding_mask: str = field(default="auto", metadata={
+        "help": "weight-only calibration: leave padded tokens out of Hessians and statistics: auto "
+                "(a 2-D input named attention_mask / *_mask) | off | an input name"})
 
     exact = False   # lossy: VerifyEachPass measures the change and does not fail on it
 
@@ -148,8 +154,11 @@ class Quantize:
                               "use mode=weight-only (e.g. quantize(mode=weight-only,bits=4,"
                               f"method={self.method}))")
         if self.method in ("gptq", "awq-gptq"):
-            if not 0.0 < self.damp <= 1.0:
-                raise ConfigError(f"damp={self.damp} is out of range", "use a fraction in (0, 1], e.g. 0.01")
+            if isinstance(self.damp, str) and self.damp != "auto":
+                raise ConfigError(f"damp={self.damp!r} is not a number", "use auto or a fraction in (0, 1]")
+            if not isinstance(self.damp, str) and not 0.0 < self.damp <= 1.0:
+                raise ConfigError(f"damp={self.damp} is out of range",
+                                  "use a fraction in (0, 1], e.g. 0.01, or damp=auto")
             if self.block < 1 or self.block & (self.block - 1) or self.block > 4096:
                 raise ConfigError(f"block={self.block} is out of range",
                                   "use a power of two from 1 to 4096 (default 128)")
@@ -206,6 +215,8 @@ class Quantize:
         if criterion in ("gradient", "hessian") and not samples:
             raise InputError(f"outlier criterion {criterion!r} needs calibration data",
                              "pass --calib FILE.npz (or .pt), or use criterion=magnitude")
+        pad_index, pad_reason = resolve_padding(graph, self.padding_mask)
+        pad = PaddingRows(pad_index)   # real-token rows of calibration activations
         # inputs of every layer: E[x^2] per feature (hessian) and a few for the error report
         data = samples or [graph.random_inputs(ctx.seed + 500 + i) for i in range(2)]
         sq = {l.param: 0.0 for l in layers}
@@ -214,15 +225,15 @@ class Quantize:
         watch = {}
         for l in layers:
             def fn(v, key=l.param):
-                flat = v.detach().float().reshape(-1, v.shape[-1])
+                flat = pad.rows(v.detach()).float()
                 sq[key] = sq[key] + (flat * flat).sum(0)
                 rows[key] += flat.shape[0]
                 if len(kept[key]) < ERROR_SAMPLES:
-                    kept[key].append(v.detach().clone())
+                    kept[key].append(flat.to(v.dtype).clone())
             x = layer_input(l)
             prev = watch.get(x)
             watch[x] = (lambda v, a=prev, b=fn: (a(v), b(v))) if prev else fn
-        observe(graph, data, watch, ctx.progress, "observing layer inputs")
+        observe(graph, pad.track(data), watch, ctx.progress, "observing layer inputs")
         tables = EmbeddingStep(graph, self.embeddings, self.embedding_bits or self.bits, self.group,
                                self.exclude, data[:ERROR_SAMPLES])   # fp32 outputs, before any layer
 
@@ -246,7 +257,7 @@ class Quantize:
                             masks={l.param: top_k_mask(scores[l.param], self.outliers, self.spread)
                                    for l in layers} if scores else None,
                             clip=self.clip and self.method == "awq", input_mul=self.input_mul,
-                            progress=ctx.progress)
+                            progress=ctx.progress, padding=pad)
             for key, xs in kept.items():   # the error report compares what the layers now read
                 kept[key] = [x / awq.scales[key] for x in xs]
 
@@ -254,7 +265,7 @@ class Quantize:
         if self.method in ("gptq", "awq-gptq"):   # sequential: graph order, earlier layers quantized
             order = {n: i for i, n in enumerate(graph.nodes)}
             layers = sorted(layers, key=lambda l: order[l.node])
-        hessian: tuple = (None, None, 0)   # (input node, H, rows): one Hessian at a time
+        hessian: tuple = (None, None, 0, None)   # (input node, H, rows, halves): one at a time
         dequantized: dict = {}             # quantized layers' weights, for the runs up to later layers
         for index, l in enumerate(layers):
             w = graph.attr(l.weight_node).detach().float()
@@ -263,14 +274,19 @@ class Quantize:
             if self.method in ("gptq", "awq-gptq"):
                 x_node = layer_input(l)
                 if hessian[0] is not x_node:
-                    hessian = (None, None, 0)
-                    h, n_rows = layer_hessian(graph, x_node, samples, ctx.progress,
-                                              f"gptq layer {index + 1}/{len(layers)} {l.path}: inputs",
-                                              weights=dequantized)
-                    hessian = (x_node, h, n_rows)
-                q, gptq_stats = gptq_quantize(w, hessian[1], self.bits, self.group, outliers=mask,
-                                              damp=self.damp, block=self.block, act_order=self.act_order,
-                                              clip=self.clip)
+                    hessian = (None, None, 0, None)
+                    h, n_rows, halves = layer_hessian(
+                        graph, x_node, samples, ctx.progress,
+                        f"gptq layer {index + 1}/{len(layers)} {l.path}: inputs",
+                        weights=dequantized, padding=pad)
+                    hessian = (x_node, h, n_rows, halves)
+                opts = dict(outliers=mask, block=self.block, act_order=self.act_order, clip=self.clip)
+                damp, damp_errors = self.damp, None
+                if damp == "auto":
+                    damp, damp_errors = choose_damp(w, hessian[1], hessian[3], self.bits, self.group, **opts)
+                q, gptq_stats = gptq_quantize(w, hessian[1], self.bits, self.group, damp=damp, **opts)
+                if damp_errors:
+                    gptq_stats["damp_held_out_error"] = damp_errors
                 gptq_stats["hessian_error_rtn"] = hessian_relative_error(
                     w, quantize_groupwise(w, self.bits, self.group, mask).dequantized(), hessian[1])
                 gptq_stats["hessian_rows"] = hessian[2]
@@ -305,9 +321,10 @@ class Quantize:
                            "user callable" if loss_used is not None else None),
                   "loss_reason": loss_reason,
                   "calibration_samples": len(samples),
+                  "padding": pad.summary(pad_reason),
                   "bits_per_weight": round(total_bits / max(1, total_numel), 4),
                   "bits_per_weight_note": "stored bits of codes, fp16 scales, packed zero points, "
-                                          "fp16 outlier values, int32 column indices and row pointers, "
+                                          "fp16 outlier values, int16 column indices and per-row counts, "
                                           "over the quantized layers' weights (biases stay fp32)",
                   "layers": records, "skipped": skipped,
                   "error_data": (f"{len(samples)} calibration samples, first {ERROR_SAMPLES} per layer"

@@ -376,7 +376,7 @@ def search_clip(w: torch.Tensor, x: torch.Tensor, bits: int, group: int,
 # ------------------------------------------------------------------------------ the step
 def awq_scale(graph: Graph, layers: Sequence[QLayer], samples: Sequence[tuple], bits: int, group: int,
               *, masks: dict[str, torch.Tensor] | None = None, clip: bool = True,
-              input_mul: str = "auto", progress=None) -> AwqResult:
+              input_mul: str = "auto", progress=None, padding=None) -> AwqResult:
     """Search, fold / insert and (optionally) clip; the graph is rewritten in place (float
     weights rescaled, ``1/s`` folded or multiplied in), nothing is rounded yet."""
     masks = masks or {}
@@ -394,13 +394,14 @@ def awq_scale(graph: Graph, layers: Sequence[QLayer], samples: Sequence[tuple], 
 
     def watch_fn(x: fx.Node):
         def fn(v: torch.Tensor) -> None:
-            flat = v.detach().float().reshape(-1, v.shape[-1])
+            flat = (padding.rows(v.detach()) if padding else v.detach().reshape(-1, v.shape[-1])).float()
             abs_sum[x] = abs_sum[x] + flat.abs().sum(0)
             n_rows[x] += flat.shape[0]
             idx = torch.linspace(0, flat.shape[0] - 1, min(per_sample, flat.shape[0])).round().long()
             rows[x].append(flat[idx].clone())
         return fn
-    observe(graph, samples, {x: watch_fn(x) for x in inputs}, progress, "awq: observing layer inputs")
+    observe(graph, padding.track(samples) if padding else samples, {x: watch_fn(x) for x in inputs},
+            progress, "awq: observing layer inputs")
 
     result = AwqResult()
     clip_rows: dict[fx.Node, torch.Tensor] = {}

@@ -10,8 +10,9 @@ factor ``U`` of ``H^-1`` (``H^-1 = U^T U``):
 
 which is the optimal (OBS) update of the remaining weights when column ``j`` is fixed.
 Updates are applied lazily per block of ``block`` columns (same result, fewer passes
-over W). ``damp`` adds ``damp * mean(diag H)`` to the diagonal; inputs that are always 0
-get ``H[j, j] = 1``.
+over W). ``damp`` adds ``damp * mean(diag H)`` to the diagonal (``damp="auto"``, the
+pass's default, picks it per layer by cross-validation on the calibration samples:
+``choose_damp``); inputs that are always 0 get ``H[j, j] = 1``.
 
 Groups: without ``act_order`` a group's fp16 scale and zero point are computed when
 its first column is reached, from the then-current (already error-updated) weights. With
@@ -77,40 +78,109 @@ class _UpTo(fx.Interpreter):
 
 
 def layer_hessian(graph: Graph, node: fx.Node, samples: Sequence[tuple], progress=None,
-                  description: str = "", weights: dict | None = None) -> tuple[torch.Tensor, int]:
+                  description: str = "", weights: dict | None = None,
+                  padding=None) -> tuple[torch.Tensor, int, list[tuple[torch.Tensor, int]]]:
     """``H = 2 X^T X / n`` (float64 [K, K]) of the values ``node`` takes on ``samples``,
-    rows of X = every position of the last dimension; and n."""
-    acc: dict[str, Any] = {"sum": None, "rows": 0}
+    rows of X = every position of the last dimension (real tokens only, given a
+    ``padding.PaddingRows``); n; and the same for two halves of the samples (even / odd
+    sample index), which ``damp="auto"`` cross-validates on."""
+    sums: list = [None, None]
+    rows = [0, 0]
+    index = {"i": 0}
 
     def fn(v):
-        x = v.detach().reshape(-1, v.shape[-1]).double()
-        acc["sum"] = x.T @ x if acc["sum"] is None else acc["sum"] + x.T @ x
-        acc["rows"] += x.shape[0]
+        x = (padding.rows(v.detach()) if padding else v.detach().reshape(-1, v.shape[-1])).double()
+        part = index["i"] % 2
+        sums[part] = x.T @ x if sums[part] is None else sums[part] + x.T @ x
+        rows[part] += x.shape[0]
 
     runner = _UpTo(graph.gm, node, fn, weights)
     with torch.no_grad():
-        for sample in iterate(progress, description, samples):
+        for i, sample in enumerate(iterate(progress, description,
+                                           padding.track(samples) if padding else samples)):
+            index["i"] = i
             try:
                 runner.run(*sample)
             except _Reached:
                 pass
-    if acc["sum"] is None:
+    if sums[0] is None:
         raise PassError(f"the graph never computed {node.name} on the calibration data",
                         "report this model", pass_name="quantize")
-    return 2.0 * acc["sum"] / max(1, acc["rows"]), acc["rows"]
+    if sums[1] is None:
+        sums[1] = torch.zeros_like(sums[0])
+    total = sums[0] + sums[1]
+    n = rows[0] + rows[1]
+    halves = [(2.0 * s / max(1, r), r) for s, r in zip(sums, rows)]
+    return 2.0 * total / max(1, n), n, halves
+
+
+DAMP_CANDIDATES = (0.01, 0.03, 0.1, 0.3)
+DAMP_ROWS = 128   # output rows the cross-validation quantizes
+
+
+def choose_damp(w: torch.Tensor, h: torch.Tensor, halves: Sequence[tuple[torch.Tensor, int]],
+                bits: int, group: int, *, outliers: torch.Tensor | None = None, block: int = 128,
+                act_order: bool = False, clip: bool = False,
+                dtype: torch.dtype = torch.float32) -> tuple[float, dict[str, float]]:
+    """``damp="auto"``: the dampening whose GPTQ, fitted on one half of the calibration
+    samples, leaves the least output error on the other half (two folds, summed).
+
+    Dampening is the only regulariser of GPTQ's least-squares fit: with few calibration
+    rows per input feature the fit follows the sample (a small damp overfits, the held-out
+    error grows) and with many a large damp throws information away. Which one is right
+    depends on the layer and the data, so it is measured, not guessed. The folds share the
+    full Hessian's column order and static groups; all candidates run as one batch, on
+    ``DAMP_ROWS`` evenly spread output rows."""
+    if any(r == 0 for _, r in halves):      # one sample: nothing to hold out
+        return DAMP_CANDIDATES[0], {}
+    w0 = w.detach().to(dtype)
+    keep0 = outliers.bool() if outliers is not None else torch.zeros(w0.shape, dtype=torch.bool)
+    if w0.shape[0] > DAMP_ROWS:   # rows are independent given H: a spread of them estimates the error
+        rows = torch.linspace(0, w0.shape[0] - 1, DAMP_ROWS).round().long()
+        w0, keep0 = w0[rows], keep0[rows]
+    setup = _Setup(w0, keep0, h.detach().double(), bits, group, act_order, clip, dtype)
+    perm = setup.perm
+    problems = [(d, fit, held) for d in DAMP_CANDIDATES
+                for fit, held in ((halves[0][0], halves[1][0]), (halves[1][0], halves[0][0]))]
+    # a batch of problems costs B * (N*K + K*K) floats: keep it near 256 MB
+    per = (w0.numel() * 4 + h.shape[0] ** 2) * 4
+    chunk = max(1, min(len(problems), (256 << 20) // max(1, per)))
+    errors = {f"{d:g}": 0.0 for d in DAMP_CANDIDATES}
+    inv = torch.argsort(perm)
+    for c0 in range(0, len(problems), chunk):
+        part = problems[c0:c0 + chunk]
+        us = []
+        for d, fit, _ in part:
+            fit = fit.float()   # float32 is plenty to rank dampenings, and twice as fast
+            dead = torch.diagonal(fit) == 0
+            fit[dead, dead] = 1.0
+            us.append(_inverse_cholesky(fit[perm][:, perm], d)[0].to(dtype))
+        q_deq = _columns(setup, torch.stack(us), block)[0]
+        for (d, _, held), q in zip(part, q_deq):
+            diff = q[:, inv].double() - w0.double()
+            errors[f"{d:g}"] += float(((diff @ held) * diff).sum())
+    best = min(errors, key=errors.get)
+    ref = errors[best] or 1.0
+    return float(best), {k: round(v / ref, 4) for k, v in errors.items()}
 
 
 def _inverse_cholesky(h: torch.Tensor, damp: float) -> tuple[torch.Tensor, float]:
-    """Upper Cholesky factor of ``(H + d I)^-1``; the dampening is raised until H is
-    positive definite. Returns the factor and the relative dampening used."""
+    """Upper Cholesky factor ``U`` of ``(H + d I)^-1`` (``= U^T U``); the dampening is raised
+    until H is positive definite. Returns the factor and the relative dampening used.
+
+    One factorisation and one triangular inverse: with ``J`` the reversal permutation and
+    ``J H J = M M^T`` (M lower), ``H = R R^T`` for the upper ``R = J M J``, so
+    ``H^-1 = R^-T R^-1`` and ``U = R^-1 = J M^-1 J``."""
     mean_diag = float(torch.diagonal(h).mean())
-    eye = torch.eye(h.shape[0], dtype=h.dtype)
+    k = h.shape[0]
+    eye = torch.eye(k, dtype=h.dtype)
+    rev = torch.arange(k - 1, -1, -1)
     for attempt in range(8):
         d = damp * (10 ** attempt)
-        chol, info = torch.linalg.cholesky_ex(h + d * mean_diag * eye)
+        m, info = torch.linalg.cholesky_ex((h + d * mean_diag * eye)[rev][:, rev])
         if int(info) == 0:
-            u, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(chol), upper=True)
-            if int(info) == 0:
+            u = torch.linalg.solve_triangular(m, eye, upper=False)[rev][:, rev]
+            if bool(torch.isfinite(u).all()):
                 return u, d
     raise PassError("the layer's input Hessian is not positive definite even with strong "
                     "dampening", "pass more calibration samples or a larger damp",
@@ -128,79 +198,20 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, bits: int, group: int, *,
     output error on the calibration inputs, squared) and the dampening used."""
     w0 = w.detach().to(dtype)
     n, k = w0.shape
-    qmax = (1 << bits) - 1
     n_groups = math.ceil(k / group)
     keep0 = outliers.bool() if outliers is not None else torch.zeros(n, k, dtype=torch.bool)
-    h = h.detach().double().clone()                    # factorised in float64, used in dtype
-    h_plain = h.clone()
-    dead = torch.diagonal(h) == 0
-    h[dead, dead] = 1.0
+    h_plain = h.detach().double()
+    setup = _Setup(w0, keep0, h_plain, bits, group, act_order, clip, dtype)
+    u, used_damp = _inverse_cholesky(setup.h[setup.perm][:, setup.perm], damp)
+    q_deq, codes, scales, zeros = _columns(setup, u.to(dtype)[None], block)
+    q_deq, codes, scales, zeros = q_deq[0], codes[0], scales[0], zeros[0]
 
-    scales = torch.zeros(n, n_groups, dtype=torch.float16)
-    zeros = torch.zeros(n, n_groups, dtype=dtype)
-    if act_order:
-        perm = torch.argsort(torch.diagonal(h), descending=True, stable=True)
-        pad = n_groups * group - k
-        wp = torch.nn.functional.pad(w0, (0, pad)).reshape(n, n_groups, group)
-        kp = torch.nn.functional.pad(keep0, (0, pad)).reshape(n, n_groups, group)
-        if clip:
-            hd = torch.nn.functional.pad(torch.diagonal(h).to(dtype), (0, pad)).reshape(n_groups, group)
-            parts = [clipped_group_params(wp[:, g], kp[:, g], bits, hd[g]) for g in range(n_groups)]
-            s16, z = torch.stack([a for a, _ in parts], 1), torch.stack([b for _, b in parts], 1)
-        else:
-            s16, z = group_params(wp, kp, bits)             # static groups, original weights
-        scales, zeros = s16, z.to(dtype)
-    else:
-        perm = torch.arange(k)
-    W = w0[:, perm].clone()
-    keep = keep0[:, perm]
-    u, used_damp = _inverse_cholesky(h[perm][:, perm], damp)
-    u = u.to(dtype)
-    hdiag = torch.diagonal(h)[perm].to(dtype)
-
-    q_deq = torch.zeros_like(W)                          # dequantized (permuted order)
-    codes = torch.zeros(n, k, dtype=torch.int64)         # original order
-    cols_orig = perm.tolist()
-    for b0 in range(0, k, block):
-        b1 = min(b0 + block, k)
-        w1 = W[:, b0:b1].clone()
-        e1 = torch.zeros_like(w1)
-        u1 = u[b0:b1, b0:b1]
-        for i in range(b1 - b0):
-            col = cols_orig[b0 + i]
-            g = col // group
-            if not act_order and col % group == 0:
-                # group starts: range of the current (updated) weights of its columns;
-                # with power-of-two block and group the group lies inside this block or
-                # starts with it, so no update is pending for its columns
-                span = torch.cat([w1[:, i:], W[:, b1:]], 1)[:, :group]
-                kspan = keep[:, b0 + i:b0 + i + span.shape[1]]
-                s16, z = (clipped_group_params(span, kspan, bits, hdiag[b0 + i:b0 + i + span.shape[1]])
-                          if clip else group_params(span, kspan, bits))
-                scales[:, g], zeros[:, g] = s16, z.to(dtype)
-            s = scales[:, g].to(dtype)
-            z = zeros[:, g]
-            wc = w1[:, i]
-            code = torch.clamp(torch.round(wc / s) + z, 0, qmax)
-            deq = (code - z) * s
-            kc = keep[:, b0 + i]
-            deq = torch.where(kc, wc, deq)               # outliers: not quantized, error 0
-            codes[:, col] = torch.where(kc, z, code).to(torch.int64)
-            q_deq[:, b0 + i] = deq
-            err = (wc - deq) / u1[i, i]
-            w1[:, i + 1:] -= err[:, None] * u1[i, i + 1:][None, :]
-            e1[:, i] = err
-        W[:, b0:b1] = w1
-        if b1 < k:
-            W[:, b1:] -= e1 @ u[b0:b1, b1:]
-
-    inv = torch.argsort(perm)
+    inv = torch.argsort(setup.perm)
     q_final = q_deq[:, inv]
-    keep_final = keep0
     pad = n_groups * group - k
     codes_p = torch.cat([codes, zeros.round().to(torch.int64).repeat_interleave(group, 1)[:, k:]], 1) \
         if pad else codes
-    values, cols, counts = to_csr(q_final.float(), keep_final)
+    values, cols, counts = to_csr(q_final.float(), keep0)
     q = GroupwiseWeight(pack_bits(codes_p.reshape(n, n_groups, group), bits), scales,
                         pack_bits(zeros.round(), bits), values, cols, counts, bits, group, k)
     stats = {"hessian_error": hessian_relative_error(w0, q_final, h_plain),
@@ -208,12 +219,98 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, bits: int, group: int, *,
     return q, stats
 
 
+class _Setup:
+    """What every GPTQ run of one layer shares: column order, outliers, static groups."""
+
+    def __init__(self, w0, keep0, h, bits, group, act_order, clip, dtype):
+        n, k = w0.shape
+        self.w0, self.bits, self.group, self.act_order, self.clip, self.dtype = \
+            w0, bits, group, act_order, clip, dtype
+        self.n_groups = math.ceil(k / group)
+        h = h.clone()
+        dead = torch.diagonal(h) == 0
+        h[dead, dead] = 1.0
+        self.h = h
+        self.static = None
+        if act_order:
+            self.perm = torch.argsort(torch.diagonal(h), descending=True, stable=True)
+            pad = self.n_groups * group - k
+            wp = torch.nn.functional.pad(w0, (0, pad)).reshape(n, self.n_groups, group)
+            kp = torch.nn.functional.pad(keep0, (0, pad)).reshape(n, self.n_groups, group)
+            if clip:
+                hd = torch.nn.functional.pad(torch.diagonal(h).to(dtype), (0, pad)).reshape(self.n_groups, group)
+                parts = [clipped_group_params(wp[:, g], kp[:, g], bits, hd[g]) for g in range(self.n_groups)]
+                s16, z = torch.stack([a for a, _ in parts], 1), torch.stack([b for _, b in parts], 1)
+            else:
+                s16, z = group_params(wp, kp, bits)             # static groups, original weights
+            self.static = (s16, z.to(dtype))
+        else:
+            self.perm = torch.arange(k)
+        self.keep = keep0[:, self.perm]
+        self.hdiag = torch.diagonal(h)[self.perm].to(dtype)
+
+
+def _columns(setup: _Setup, u: torch.Tensor, block: int):
+    """The column loop on a batch of problems: ``u [B, K, K]`` (the permuted inverse-Hessian
+    factors, e.g. one per dampening) against the same weight. Returns the dequantized
+    weights (permuted order), codes (original order), fp16 scales and zero points, each
+    with the batch dimension first. One Python loop serves the whole batch."""
+    bsz = u.shape[0]
+    n, k = setup.w0.shape
+    bits, group, dtype = setup.bits, setup.group, setup.dtype
+    qmax = (1 << bits) - 1
+    keep = setup.keep[None].expand(bsz, n, k)
+    if setup.static is not None:
+        scales = setup.static[0][None].expand(bsz, n, setup.n_groups).clone()
+        zeros = setup.static[1][None].expand(bsz, n, setup.n_groups).clone()
+    else:
+        scales = torch.zeros(bsz, n, setup.n_groups, dtype=torch.float16)
+        zeros = torch.zeros(bsz, n, setup.n_groups, dtype=dtype)
+    W = setup.w0[:, setup.perm][None].repeat(bsz, 1, 1)
+    q_deq = torch.zeros_like(W)
+    codes = torch.zeros(bsz, n, k, dtype=torch.int64)     # original order
+    cols_orig = setup.perm.tolist()
+    for b0 in range(0, k, block):
+        b1 = min(b0 + block, k)
+        w1 = W[:, :, b0:b1].clone()
+        e1 = torch.zeros_like(w1)
+        u1 = u[:, b0:b1, b0:b1]
+        for i in range(b1 - b0):
+            col = cols_orig[b0 + i]
+            g = col // group
+            if setup.static is None and col % group == 0:
+                # group starts: range of the current (updated) weights of its columns;
+                # with power-of-two block and group the group lies inside this block or
+                # starts with it, so no update is pending for its columns
+                span = torch.cat([w1[:, :, i:], W[:, :, b1:]], 2)[:, :, :group]
+                kspan = keep[:, :, b0 + i:b0 + i + span.shape[2]]
+                s16, z = (clipped_group_params(span, kspan, bits, setup.hdiag[b0 + i:b0 + i + span.shape[2]])
+                          if setup.clip else group_params(span, kspan, bits))
+                scales[:, :, g], zeros[:, :, g] = s16, z.to(dtype)
+            s = scales[:, :, g].to(dtype)
+            z = zeros[:, :, g]
+            wc = w1[:, :, i]
+            code = torch.clamp(torch.round(wc / s) + z, 0, qmax)
+            deq = (code - z) * s
+            kc = keep[:, :, b0 + i]
+            deq = torch.where(kc, wc, deq)               # outliers: not quantized, error 0
+            codes[:, :, col] = torch.where(kc, z, code).to(torch.int64)
+            q_deq[:, :, b0 + i] = deq
+            err = (wc - deq) / u1[:, i, i, None]
+            w1[:, :, i + 1:] -= err[:, :, None] * u1[:, None, i, i + 1:]
+            e1[:, :, i] = err
+        W[:, :, b0:b1] = w1
+        if b1 < k:
+            W[:, :, b1:] -= e1 @ u[:, b0:b1, b1:]
+    return q_deq, codes, scales, zeros
+
+
 CLIP_FACTORS = tuple(1.0 - 0.025 * i for i in range(17))   # keep 100% .. 60% of the range
 
 
 def clipped_group_params(span: torch.Tensor, keep: torch.Tensor, bits: int,
                          hdiag: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scale and zero point of each row's group ``span [N, g]`` with the range shrunk by the
+    """Scale and zero point of each row's group ``span [..., N, g]`` with the range shrunk by the
     factor (``CLIP_FACTORS``) whose rounding error, weighted by the inputs' energy
     ``diag(H)``, is least: a wide range wastes levels on a few large weights that the
     error compensation can absorb. Outliers (``keep``) stay out of the range and the error."""
@@ -221,9 +318,9 @@ def clipped_group_params(span: torch.Tensor, keep: torch.Tensor, bits: int,
     best = best_s = best_z = None
     for f in CLIP_FACTORS:
         s16, z = group_params(span * f, keep, bits)
-        s = s16.float()[:, None]
-        q = (torch.clamp(torch.round(span / s) + z[:, None], 0, qmax) - z[:, None]) * s
-        err = (torch.where(keep, 0.0, span - q) ** 2 * hdiag[None, :]).sum(1)
+        s = s16.float()[..., None]
+        q = (torch.clamp(torch.round(span / s) + z[..., None], 0, qmax) - z[..., None]) * s
+        err = (torch.where(keep, 0.0, span - q) ** 2 * hdiag).sum(-1)
         if best is None:
             best, best_s, best_z = err, s16, z
         else:
@@ -240,4 +337,4 @@ def hessian_relative_error(w: torch.Tensor, w_q: torch.Tensor, h: torch.Tensor) 
     return float(((d @ h64) * d).sum()) / ref if ref > 0 else 0.0
 
 
-__all__ = ["layer_hessian", "gptq_quantize", "hessian_relative_error"]
+__all__ = ["layer_hessian", "gptq_quantize", "hessian_relative_error", "choose_damp", "DAMP_CANDIDATES"]
