@@ -94,6 +94,11 @@ def methods(bits_list=(3, 4), quick: bool = False) -> list[dict]:
         for frac in ((0.01,) if quick else (0.002, 0.01)):
             rows.append({"label": f"GWQ {100 * frac:g}% + GPTQ g128", "family": "gwq+gptq", "bits": b,
                          "spec": wq(b, method="gptq", outliers=frac, criterion="gradient")})
+        # whole-column outliers: the structure the ORT decode term runs fastest
+        rows.append({"label": "GWQ 1% g128, spread=cols", "family": "gwq", "bits": b,
+                     "spec": wq(b, outliers=0.01, criterion="gradient", spread="cols")})
+        rows.append({"label": "GWQ 1% + GPTQ g128, spread=cols", "family": "gwq+gptq", "bits": b,
+                     "spec": wq(b, method="gptq", outliers=0.01, criterion="gradient", spread="cols")})
         # the whole model: embedding tables too where the pass's auto rule takes them
         rows.append({"label": "GPTQ g128, embeddings=auto", "family": "gptq", "bits": b,
                      "spec": wq(b, method="gptq", embeddings="auto"), "whole_model": True})
@@ -307,6 +312,8 @@ ORT_SETTINGS = {"fp32": None, "RTN 4b g128": wq(4), "GPTQ 4b g128": wq(4, method
                 "GWQ 4b g128 + 1%": wq(4, outliers=0.01, criterion="gradient", loss="mse"),
                 "GWQ 4b g128 + 1%, spread=rows": wq(4, outliers=0.01, criterion="gradient", loss="mse",
                                                     spread="rows"),
+                "GWQ 4b g128 + 1%, spread=cols": wq(4, outliers=0.01, criterion="gradient", loss="mse",
+                                                    spread="cols"),
                 "GPTQ 3b g128": wq(3, method="gptq")}
 
 

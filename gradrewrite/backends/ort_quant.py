@@ -23,6 +23,8 @@ measured the forms on ORT CPU (1 and 2 threads, decode and prompt shapes):
   also dequantized at load into fp32, outliers included (MatMulNBits at M = 64 ran at
   fp32 speed, and every sparse form added 3-10x on top). The file is unchanged; the
   session holds fp32 weights.
+- Whole-column outliers (``spread=cols``) at one input row: a Gather of the ``c`` inputs
+  they read and a ``[1, c] x [c, N]`` MatMul into MatMulNBits' bias.
 - Outliers at one input row (batch-1 decode), 2, 3, 4 bits: padded rows (ELL, each row padded to the longest) built at
   load from the stored counts; per call a GatherElements of the inputs they read, a Mul
   by their values, a ReduceSum per row and an Add: the cheapest form measured (a CSR
@@ -134,6 +136,20 @@ def _ell(op, values, cols, counts, nnz: int, k: int):
     return op.Cast(ell_cols, to=6), ell_vals
 
 
+def _column_indices(op, cols, k: int):
+    """Stored whole-column indices ``[c]`` -> int64 columns (built at load)."""
+    cols = op.Cast(cols, to=7)
+    if k <= 2 * COL_OFFSET:
+        cols = op.Add(cols, _ints(op, [COL_OFFSET]))
+    return cols
+
+
+def _column_term(op, x, cols, values_t):
+    """``x[..., cols] @ V^T`` for whole-column outliers: a Gather of the ``c`` inputs they
+    read and one small dense MatMul with ``V^T [c, N]`` (fp32, cast at load)."""
+    return op.MatMul(op.Gather(x, cols, axis=-1), values_t)
+
+
 def _static_rows(x, k: int) -> int | None:
     """Rows of ``x`` viewed as ``[M, K]`` when its shape is static, else None."""
     try:
@@ -176,7 +192,13 @@ def _dense_weight(op, packed, scales, zeros, values, cols, counts, bits, group, 
     w = op.Mul(op.Sub(codes, op.Unsqueeze(zp, _ints(op, [-1]))),
                op.Unsqueeze(op.Cast(_at_load(op, scales), to=1), _ints(op, [-1])))
     w = op.Slice(op.Reshape(w, _ints(op, [n, -1])), _ints(op, [0]), _ints(op, [k]), _ints(op, [1]))
-    if values is not None:
+    if values is not None and len(values.shape) == 2:   # whole columns: [N, c] at [c] columns
+        at = op.Expand(op.Unsqueeze(_column_indices(op, _at_load(op, cols), k), _ints(op, [0])),
+                       _ints(op, [n, int(values.shape[1])]))
+        outliers = op.ScatterElements(op.Mul(w, op.Constant(value_float=0.0)), at,
+                                      op.Cast(_at_load(op, values), to=1), axis=1, reduction="add")
+        w = op.Add(w, outliers)
+    elif values is not None:
         ell_cols, ell_vals = _ell(op, _at_load(op, values), _at_load(op, cols), _at_load(op, counts),
                                   int(values.shape[0]), k)
         # padding adds 0.0 at column 0; torch adds the same dense S (zeros elsewhere)
@@ -205,7 +227,12 @@ def _groupwise_linear(x, packed, scales, zeros, bias, outlier_values, outlier_co
             zeros = _as_4bit(op, _at_load(op, zeros), bits, n_groups, 2)
         # the outlier term (and the layer's bias) go in as MatMulNBits' bias: no extra Add
         extra = bias
-        if has_outliers:
+        if has_outliers and len(outlier_values.shape) == 2:
+            values_t = op.Transpose(op.Cast(_at_load(op, outlier_values), to=1), perm=[1, 0])
+            term = op.Reshape(_column_term(op, x, _column_indices(op, _at_load(op, outlier_cols), k),
+                                           op.CastLike(values_t, x)), _ints(op, [-1]))    # [N]
+            extra = term if bias is None else op.Add(term, bias)
+        elif has_outliers:
             ell_cols, ell_vals = _ell(op, _at_load(op, outlier_values), _at_load(op, outlier_cols),
                                       _at_load(op, outlier_counts), int(outlier_values.shape[0]), k)
             term = _sparse_term(op, x, ell_cols, op.CastLike(ell_vals, x), n, k)

@@ -25,6 +25,10 @@ Weight-only low-bit graphs use one custom op, ``gradrewrite::groupwise_linear``:
   32767), else int32. Their positions hold the zero point in ``packed`` (so they
   dequantize to exactly 0) and the sparse term adds them back:
   ``y = x @ (W_q + S)^T + bias``.
+- Whole-column outliers (``quantize(spread=cols)``: every row holds the same ``c``
+  columns) are stored without row counts: ``outlier_values`` fp16 ``[N, c]`` (2-D: that
+  rank marks the form), ``outlier_cols [c]`` as above, ``outlier_counts`` None. 16 bits
+  per outlier, and the decode term is a gather of ``c`` inputs and a small dense matmul.
 """
 from __future__ import annotations
 
@@ -96,11 +100,15 @@ def outlier_positions(cols: torch.Tensor, counts: torch.Tensor) -> tuple[torch.T
     return rows, cols
 
 
-def outliers_to_dense(values: torch.Tensor, cols: torch.Tensor, counts: torch.Tensor,
+def outliers_to_dense(values: torch.Tensor, cols: torch.Tensor, counts: Optional[torch.Tensor],
                       shape: tuple[int, int]) -> torch.Tensor:
-    """Stored outliers (values, cols, counts) -> a dense fp32 matrix."""
-    rows, cols = outlier_positions(cols, counts)
+    """Stored outliers (values, cols, counts; or whole columns: 2-D values) -> dense fp32."""
     dense = torch.zeros(shape, dtype=torch.float32)
+    if values.dim() == 2:
+        dense[:, cols.to(torch.int64) + (COL_OFFSET if cols.dtype == torch.int16 else 0)] = \
+            values.to(torch.float32)
+        return dense
+    rows, cols = outlier_positions(cols, counts)
     dense[rows, cols] = values.to(torch.float32)
     return dense
 

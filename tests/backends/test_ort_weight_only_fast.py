@@ -56,11 +56,14 @@ def _fp32_close(got, ref):
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
-@pytest.mark.parametrize("outliers,rows", [(0.0, 3), (0.02, 1), (0.02, 3)])
-def test_ort_equals_torch_graph(tmp_path, bits, outliers, rows):
-    """rows=1: the decode form (MatMulNBits + sparse term); rows=3: fp32 weights built at load."""
+@pytest.mark.parametrize("outliers,rows,spread", [(0.0, 3, "layer"), (0.02, 1, "layer"), (0.02, 3, "layer"),
+                                                  (0.02, 1, "cols"), (0.02, 3, "cols")])
+def test_ort_equals_torch_graph(tmp_path, bits, outliers, rows, spread):
+    """rows=1: the decode form (MatMulNBits + sparse or column term); rows=3: fp32 weights
+    built at load."""
     k = 200                                                  # not a multiple of the group
-    passes = f"quantize(mode=weight-only,bits={bits},group=32,outliers={outliers},criterion=magnitude)"
+    passes = (f"quantize(mode=weight-only,bits={bits},group=32,outliers={outliers},criterion=magnitude,"
+              f"spread={spread})")
     graph, path = _artifact(tmp_path, k, passes, rows=rows)
     x = torch.randn(rows, k, generator=torch.Generator().manual_seed(5))
     _fp32_close(_run(path, x), graph(x)[0].numpy())
@@ -152,3 +155,47 @@ def test_decode_term_feeds_matmulnbits_bias(tmp_path, spread):
     consumers = [n for n in nodes for i in n.input if any(i == m.output[0] for m in nbits)]
     assert all(c.op_type != "Add" for c in consumers)
     assert produced_by[nbits[0].input[5]].op_type in ("ReduceSum", "Add")
+
+
+def test_column_outliers_store_no_counts_and_gather_once(tmp_path):
+    """spread=cols: the file holds fp16 [N, c] values and c int16 columns (no row counts);
+    at one input row the term is a Gather of c inputs and a small MatMul into MatMulNBits'
+    bias, and the session runs no per-element gather of weights."""
+    k = 128
+    passes = "quantize(mode=weight-only,bits=4,group=32,outliers=0.03,criterion=magnitude,spread=cols)"
+    graph, path = _artifact(tmp_path, k, passes, rows=1)
+    node = next(n for n in graph.call_nodes() if n.target == GROUPWISE_LINEAR
+                and graph.attr(n.args[1]).shape[0] == 24)
+    c = round(0.03 * k)
+    assert tuple(graph.attr(node.args[5]).shape) == (24, c) and node.args[7] is None
+    model = onnx.load(str(path))
+    inits = {t.name: t for t in model.graph.initializer}
+    vals = next(t for n, t in inits.items() if n.endswith("fc.weight_outlier_values"))
+    cols = next(t for n, t in inits.items() if n.endswith("fc.weight_outlier_cols"))
+    assert vals.data_type == T.FLOAT16 and list(vals.dims) == [24, c]
+    assert cols.data_type == T.INT16 and list(cols.dims) == [c]
+    assert not any(n.endswith("outlier_counts") for n in inits)
+    nodes = model.graph.node
+    assert not any(n.op_type == "GatherElements" for n in nodes)
+    nbits = [n for n in nodes if n.op_type == "MatMulNBits"]
+    assert len(nbits) == 2 and all(len(n.input) == 6 and n.input[5] for n in nbits)
+    x = torch.randn(1, k, generator=torch.Generator().manual_seed(4))
+    _fp32_close(_run(path, x), graph(x)[0].numpy())
+
+
+def test_column_outliers_bits_per_weight():
+    """Whole columns cost 16 bits per outlier plus 16 per column: less than compressed rows."""
+    from gradrewrite.passes.quantize.outliers import top_k_mask
+    from gradrewrite.passes.quantize.weight_only import quantize_groupwise
+
+    w = torch.randn(64, 256, generator=torch.Generator().manual_seed(0))
+    score = w.abs()
+    by_cols = quantize_groupwise(w, 4, 64, top_k_mask(score, 0.02, "cols")).storage_bits()
+    by_rows = quantize_groupwise(w, 4, 64, top_k_mask(score, 0.02, "rows")).storage_bits()
+    c = round(0.02 * 256)
+    assert by_cols["outlier_values"] == 64 * c * 16 and by_cols["outlier_cols"] == c * 16
+    assert by_cols["outlier_rows"] == 0
+    assert sum(by_cols.values()) < sum(by_rows.values())
+    q = quantize_groupwise(w, 4, 64, top_k_mask(score, 0.02, "cols"))
+    kept = top_k_mask(score, 0.02, "cols")
+    torch.testing.assert_close(q.dequantized()[kept], w[kept].half().float())

@@ -90,8 +90,9 @@ class Quantize:
         "help": "fraction of each layer's weights kept in fp16 (GWQ uses 0.01)"})
     criterion: str = field(default="gradient", metadata={"help": "outlier choice: gradient | hessian | magnitude"})
     spread: str = field(default="layer", metadata={
-        "help": "outliers: the top fraction of each layer (layer) or the same number in every "
-                "output row (rows: a faster ORT decode term, no row padding)"})
+        "help": "outliers: the top fraction of each layer (layer), the same number in every "
+                "output row (rows: no row padding in the ORT decode term), or whole input columns "
+                "(cols: 16 bits per outlier, the fastest ORT decode term)"})
     aggregation: str = field(default="abs", metadata={"help": "gradient aggregation over samples: abs | square"})
     loss: Any = field(default="auto", metadata={
         "help": "gradient loss: auto | causal-lm | mse (Python: a callable (outputs, inputs) -> scalar)"})

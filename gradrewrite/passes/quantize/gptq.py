@@ -44,7 +44,7 @@ from ...errors import PassError
 from ...rewrite.calibration import progress as iterate
 from ...rewrite.graph import Graph
 from ...rewrite.quant_ops import GROUPWISE_LINEAR, groupwise_weight, pack_bits
-from .outliers import to_csr
+from .outliers import store_outliers
 from .weight_only import GroupwiseWeight, group_params
 
 
@@ -211,7 +211,7 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, bits: int, group: int, *,
     pad = n_groups * group - k
     codes_p = torch.cat([codes, zeros.round().to(torch.int64).repeat_interleave(group, 1)[:, k:]], 1) \
         if pad else codes
-    values, cols, counts = to_csr(q_final.float(), keep0)
+    values, cols, counts = store_outliers(q_final.float(), keep0)
     q = GroupwiseWeight(pack_bits(codes_p.reshape(n, n_groups, group), bits), scales,
                         pack_bits(zeros.round(), bits), values, cols, counts, bits, group, k)
     stats = {"hessian_error": hessian_relative_error(w0, q_final, h_plain),

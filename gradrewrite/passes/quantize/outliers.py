@@ -32,13 +32,21 @@ AGGREGATIONS = ("abs", "square")
 LOSSES = ("auto", "causal-lm", "mse")
 
 
-SPREADS = ("layer", "rows")
+SPREADS = ("layer", "rows", "cols")
 
 
 def top_k_mask(score: torch.Tensor, fraction: float, spread: str = "layer") -> torch.Tensor:
     """Boolean mask of the highest scores: ``round(fraction * numel)`` of the layer
-    (``spread=layer``), or ``round(fraction * K)`` in every output row (``rows``: equal rows
-    need no padding in the ORT decode term, which gathers rows padded to the longest)."""
+    (``spread=layer``), ``round(fraction * K)`` in every output row (``rows``: equal rows
+    need no padding in the ORT decode term, which gathers rows padded to the longest), or
+    the ``round(fraction * K)`` input columns (at least one) with the highest summed score,
+    whole (``cols``: the decode term is a gather of a few inputs and a small dense matmul)."""
+    if spread == "cols" and score.dim() == 2:
+        k = max(1, int(round(fraction * score.shape[1]))) if fraction > 0 else 0
+        mask = torch.zeros(score.shape, dtype=torch.bool)
+        if k > 0:
+            mask[:, torch.topk(score.double().sum(0), k, sorted=False).indices] = True
+        return mask
     if spread == "rows" and score.dim() == 2:
         k = int(round(fraction * score.shape[1]))
         mask = torch.zeros(score.shape, dtype=torch.bool)
@@ -52,10 +60,18 @@ def top_k_mask(score: torch.Tensor, fraction: float, spread: str = "layer") -> t
     return mask.reshape(score.shape)
 
 
-def to_csr(w: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The masked entries of a 2-D ``w`` in compressed-row form as the graph stores them
-    (``rewrite/quant_ops.py``): fp16 values, 16-bit cols (int32 past K = 65536) and
-    per-row counts (uint8 unless a row holds more than 255)."""
+def store_outliers(w: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor,
+                                                                  torch.Tensor | None]:
+    """The masked entries of a 2-D ``w`` as the graph stores them (``rewrite/quant_ops.py``):
+    whole columns (every row masked at the same columns) as fp16 ``[N, c]`` values and the
+    ``c`` columns, no counts; otherwise compressed rows: fp16 values, 16-bit cols (int32
+    past K = 65536) and per-row counts (uint8 unless a row holds more than 255)."""
+    col_hits = mask.sum(0)
+    if mask.any() and bool(((col_hits == 0) | (col_hits == mask.shape[0])).all()):
+        cols = col_hits.nonzero().flatten()
+        values = w.detach()[:, cols].to(torch.float16)
+        packed, _ = pack_outlier_positions(torch.zeros_like(cols), cols, 1, w.shape[1])
+        return values, packed, None
     rows, cols = mask.nonzero(as_tuple=True)          # row-major: rows sorted, cols within
     values = w.detach()[rows, cols].to(torch.float16)
     cols, counts = pack_outlier_positions(rows, cols, w.shape[0], w.shape[1])
@@ -209,5 +225,5 @@ def gradient_scores(graph: Graph, layers: Sequence[QLayer], samples: Sequence[tu
     return acc
 
 
-__all__ = ["CRITERIA", "AGGREGATIONS", "LOSSES", "SPREADS", "top_k_mask", "to_csr", "magnitude_scores",
+__all__ = ["CRITERIA", "AGGREGATIONS", "LOSSES", "SPREADS", "top_k_mask", "store_outliers", "magnitude_scores",
            "hessian_scores", "gradient_scores", "resolve_loss", "choose_loss"]

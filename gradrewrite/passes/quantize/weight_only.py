@@ -9,7 +9,7 @@ import torch
 from ...rewrite.graph import Graph, copy_meta
 from ...rewrite.quant_ops import GROUPWISE_LINEAR, groupwise_weight, pack_bits
 from .layers import QLayer
-from .outliers import to_csr
+from .outliers import store_outliers
 
 BITS = (2, 3, 4, 8)
 
@@ -19,9 +19,10 @@ class GroupwiseWeight:
     packed: torch.Tensor     # uint8 [N, G, group*bits/8]
     scales: torch.Tensor     # fp16 [N, G]
     zeros: torch.Tensor      # uint8 [N, ceil(G*bits/8)]
-    values: torch.Tensor     # fp16 [nnz], row-major
-    cols: torch.Tensor       # int16 [nnz] (col - 32768; int32 col when K > 65536)
-    counts: torch.Tensor     # uint8 [N] outliers per row (int16 / int32 when a row holds more)
+    values: torch.Tensor     # fp16 [nnz], row-major (whole columns: [N, c])
+    cols: torch.Tensor       # int16 [nnz] (col - 32768; int32 col when K > 65536); columns: [c]
+    counts: torch.Tensor | None   # uint8 [N] outliers per row (int16 / int32 when a row holds
+                                  # more); None for whole columns
     bits: int
     group: int
     in_features: int
@@ -41,7 +42,7 @@ class GroupwiseWeight:
                 "zero_points": bits(self.zeros),
                 "outlier_values": bits(self.values) if stored else 0,
                 "outlier_cols": bits(self.cols) if stored else 0,
-                "outlier_rows": bits(self.counts) if stored else 0}
+                "outlier_rows": bits(self.counts) if stored and self.counts is not None else 0}
 
 
 def quantize_groupwise(w: torch.Tensor, bits: int, group: int,
@@ -60,7 +61,7 @@ def quantize_groupwise(w: torch.Tensor, bits: int, group: int,
     s = scale16.float()                                   # quantize with the stored scale
     codes = torch.clamp(torch.round(wp / s[..., None]) + zero[..., None], 0, qmax)
     codes = torch.where(kp, zero[..., None].expand_as(codes), codes)   # outliers dequantize to 0
-    values, cols, counts = to_csr(w, keep)
+    values, cols, counts = store_outliers(w, keep)
     return GroupwiseWeight(pack_bits(codes, bits), scale16, pack_bits(zero, bits),
                            values, cols, counts, bits, group, k)
 
@@ -91,8 +92,8 @@ def replace_linear(graph: Graph, layer: QLayer, q: GroupwiseWeight) -> None:
                                                parameter=False)
     packed, scales, zeros = add("packed", q.packed), add("scales", q.scales), add("zeros", q.zeros)
     if q.values.numel():
-        vals, cols, counts = (add("outlier_values", q.values), add("outlier_cols", q.cols),
-                              add("outlier_counts", q.counts))
+        vals, cols = add("outlier_values", q.values), add("outlier_cols", q.cols)
+        counts = add("outlier_counts", q.counts) if q.counts is not None else None
     else:
         vals = cols = counts = None
     bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
