@@ -350,7 +350,9 @@ def ort_lm_part(quick: bool) -> dict:
                                "initializer_bytes": _initializer_bytes(d / "model.onnx"),
                                "ops": sorted(set(art.info["onnx_ops"])), "ref": ref})
         for threads in (1, 2):
-            sessions = {k: make_session(d / "model.onnx", threads=threads) for k, (d, _) in arts.items()}
+            # interleaved sessions: idle workers must not spin on the cores the next session runs on
+            sessions = {k: make_session(d / "model.onnx", threads=threads, spinning=False)
+                        for k, (d, _) in arts.items()}
             feed = x.numpy()
             for k, s in sessions.items():
                 got = s.run(None, {s.get_inputs()[0].name: feed})[0]

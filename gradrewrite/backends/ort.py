@@ -118,11 +118,15 @@ def _add_metadata(program, metadata: dict[str, Any]) -> None:
         program.model.metadata_props[f"gradrewrite.{key}"] = json.dumps(value, sort_keys=True, default=str)
 
 
-def make_session(path: Path, *, threads: int | None = None):
+def make_session(path: Path, *, threads: int | None = None, spinning: bool | None = None):
+    """An ORT CPU session; ``spinning=False`` stops idle intra-op workers from busy-waiting
+    (several sessions timed in turn on few cores would otherwise steal each other's CPU)."""
     ort = _ort()
     opts = ort.SessionOptions()
     if threads:
         opts.intra_op_num_threads = threads
+    if spinning is not None:
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
     opts.log_severity_level = 3
     try:
         return ort.InferenceSession(str(path), sess_options=opts, providers=providers())
