@@ -59,7 +59,7 @@ from ...rewrite.registry import PassContext, PassResult, register_pass
 from .embedding import EmbeddingStep, check_options as check_embedding_options
 from .error_report import layer_error
 from .int8_static import quantize_static
-from .layers import find_layers, layer_input, observe
+from .layers import find_layers, layer_input, linear_form, observe
 from .observers import OBSERVERS
 from .awq import INPUT_MUL, awq_scale
 from .gptq import choose_damp, gptq_quantize, hessian_relative_error, layer_hessian
@@ -205,6 +205,7 @@ class Quantize:
 
     # ------------------------------------------------------------------ weight-only
     def _weight_only(self, graph: Graph, ctx: PassContext, samples: list) -> PassResult:
+        linearized = linear_form(graph)   # GPT-2 Conv1D (addmm) layers become plain linears
         layers, skipped = find_layers(graph, self.select, self.exclude, kinds=("linear",),
                                       what="quantize (weight-only)")
         criterion = self.criterion if self.outliers > 0 else "none"
@@ -322,6 +323,7 @@ class Quantize:
                            "user callable" if loss_used is not None else None),
                   "loss_reason": loss_reason,
                   "calibration_samples": len(samples),
+                  "linearized": linearized,
                   "padding": pad.summary(pad_reason),
                   "bits_per_weight": round(total_bits / max(1, total_numel), 4),
                   "bits_per_weight_note": "stored bits of codes, fp16 scales, packed zero points, "

@@ -86,6 +86,39 @@ def find_layers(graph: Graph, select: str, exclude: str, *, kinds: Sequence[str]
     return layers, skipped
 
 
+def linear_form(graph: Graph) -> list[str]:
+    """``addmm(bias, x, W)`` / ``mm(x, W)`` with a stored ``W [K, N]`` that no other node reads
+    (GPT-2's ``Conv1D``, some exported models) -> ``linear(x, W^T, bias)``: the same
+    product, in the form the weight-only pass quantizes (its ``[N, K]`` rows are what
+    groups, GPTQ and outliers work on). Returns the weights rewritten."""
+    done = []
+    for node in list(graph.graph.nodes):
+        if node.op != "call_function" or node.target not in (aten.addmm.default, aten.mm.default) or node.kwargs:
+            continue
+        bias, x, w = node.args if node.target == aten.addmm.default else (None, *node.args)
+        if not (isinstance(w, fx.Node) and w.op == "get_attr"):
+            continue
+        t = graph.attr(w)
+        readers = {u for n in graph.nodes if n.op == "get_attr" and n.target == w.target for u in n.users}
+        if t.dim() != 2 or not t.dtype.is_floating_point or readers != {node}:
+            continue
+        if bias is not None and not (isinstance(bias, fx.Node) and bias.op == "get_attr"
+                                     and graph.attr(bias).dim() == 1
+                                     and graph.attr(bias).shape[0] == t.shape[1]):
+            continue   # a broadcast 2-D "bias" is not a linear layer's
+        graph.set_attr(w, t.detach().t().contiguous())
+        with graph.graph.inserting_before(node):
+            new = graph.graph.call_function(aten.linear.default, (x, w) + ((bias,) if bias is not None else ()))
+        new.meta.update(node.meta)
+        node.replace_all_uses_with(new)
+        graph.graph.erase_node(node)
+        done.append(str(w.target))
+    if done:
+        graph.graph.lint()
+        graph.gm.recompile()
+    return done
+
+
 class _Recorder(fx.Interpreter):
     def __init__(self, gm: fx.GraphModule, watch: dict[fx.Node, Callable[[Any], None]]):
         super().__init__(gm)
@@ -117,4 +150,4 @@ def layer_input(layer: QLayer) -> fx.Node:
     return x
 
 
-__all__ = ["QLayer", "find_layers", "observe", "layer_input", "CONV_TARGETS", "LINEAR_TARGETS"]
+__all__ = ["QLayer", "find_layers", "linear_form", "observe", "layer_input", "CONV_TARGETS", "LINEAR_TARGETS"]
