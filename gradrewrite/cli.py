@@ -514,8 +514,9 @@ def inspect_cmd(model, module, inputs, trust_pickle, passes, recipe, fmt, show_d
               show_default=True, help="mcu target to check against.")
 @_friendly
 def check_cmd(model, module, inputs, trust_pickle, passes, recipe, target):
-    """List every op of MODEL the mcu backend cannot generate (exit 1 if any), before building."""
-    from .backends.mcu.check import check_graph
+    """List every op of MODEL the mcu backend cannot generate (exit 1 if any), before building;
+    for an int8 graph also the ops that stay fp32 between the int8 layers, and why."""
+    from .backends.mcu.check import check_graph, fp32_ops
     from .compiler import pipeline_specs, run_pipeline
     from .rewrite.pipeline import build_passes
 
@@ -531,6 +532,8 @@ def check_cmd(model, module, inputs, trust_pickle, passes, recipe, target):
     problems = check_graph(graph, target)
     for p in problems:
         click.echo(p.line())
+    for p in fp32_ops(graph):   # int8 graphs: what runs fp32 between the int8 layers, and why
+        click.echo(f"stays fp32: {p.line()}")
     if problems:
         click.echo(f"{len(problems)} op(s) cannot be generated for {target}; rewrite them with a pass "
                    "or export the model without them", err=True)

@@ -1,4 +1,5 @@
-"""``gradrewrite check``: every op the mcu backend cannot generate, all at once.
+"""``gradrewrite check``: every op the mcu backend cannot generate, all at once, and in
+an int8 graph every op that stays fp32 between the int8 layers, with the reason.
 
 Runs the lowering in collect mode (nothing is written or built): an unsupported node
 is recorded with its module path and reason, given a stand-in buffer of its shape,
@@ -8,8 +9,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ...rewrite.graph import Graph
+from ...rewrite.graph import Graph, module_path, op_name
 from .inference.lowering import unsupported_ops
+from .inference.lowering.int8_elementwise import QDQ, VIEWS
+from .inference.lowering.lowerer import Lowerer
 from .targets import get_target
 
 
@@ -28,3 +31,21 @@ def check_graph(graph: Graph, target: str = "host") -> list[UnsupportedOp]:
     The kernels are portable C99, so the list is the same for every target."""
     get_target(target)
     return [UnsupportedOp(op, path, reason) for op, path, reason in unsupported_ops(graph)]
+
+
+def fp32_ops(graph: Graph) -> list[UnsupportedOp]:
+    """The ops of an int8 graph that run as fp32 kernels (with quantize/dequantize glue
+    around them), each with the reason it is not int8; empty for a float graph. Views
+    and the int8 patterns' own float nodes (their kernels replace them) are left out."""
+    lw = Lowerer(graph, collect=True, sparse=False)
+    if not lw.qlayers:
+        return []
+    plan = lw.qelems
+    out = []
+    for n in graph.gm.graph.nodes:
+        if n.op != "call_function" or n in lw.skip or n in lw.qlayers or n in plan.elems or n in plan.aliases \
+                or n.target in QDQ or n.target in VIEWS or lw.is_const(n):
+            continue
+        out.append(UnsupportedOp(op_name(n), module_path(n) or "<root>",
+                                 plan.fp32.get(n, "no int8 kernel for this op")))
+    return out

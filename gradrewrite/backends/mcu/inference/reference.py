@@ -5,8 +5,9 @@ At compile time the backend saves the rewritten graph next to the C project
 torch backend would run). ``compare`` reruns it on the same inputs and checks the
 device's outputs:
 
-- graphs with int8 layers (static QDQ): against ``int8.integer_reference`` (every
-  int8 conv/linear chain in integer arithmetic, the rest as the torch graph), and
+- graphs with int8 layers (static QDQ): against ``integer_reference`` (every int8
+  conv/linear chain and every op ``lowering.int8_elementwise`` plans between them in
+  integer arithmetic, the rest as the torch graph), and
   they must be **bit-exact** — unless fp32 kernels whose libm rounding differs from
   torch's (softmax, gelu, layer norm: listed in model.json's ``int8_check``) sit
   between the int8 layers; then within ``INT8_REL_TOL``, as compile checks;
@@ -23,6 +24,7 @@ import numpy as np
 import torch
 
 from ....errors import BackendError, VerificationError
+from ....rewrite import int8_layers as int8
 from ....rewrite.graph import Graph
 from ....rewrite.verify import compare_outputs
 from ...base import reexport
@@ -52,17 +54,115 @@ def load_reference(project_dir: str | Path) -> Graph:
 
 def reference_outputs(graph: Graph, inputs: Sequence[np.ndarray]) -> tuple[list[np.ndarray], bool]:
     """(reference outputs, whether the int8 integer reference was used)."""
-    from ....rewrite import int8_layers as int8
 
     tensors = [torch.from_numpy(np.array(x)) for x in inputs]  # a writable copy
     is_int8 = bool(int8.find(graph))
     with torch.no_grad():
         if is_int8:
-            outs = int8.integer_reference(graph, *tensors)
+            outs = integer_reference(graph, *tensors)
         else:
             from torch.utils import _pytree as pytree
             outs = [t for t in pytree.tree_leaves(graph.gm(*tensors)) if isinstance(t, torch.Tensor)]
     return [o.detach().cpu().numpy() for o in outs], is_int8
+
+
+def _rq(acc: np.ndarray, mult, shift) -> np.ndarray:
+    """The kernels' requantization (rounding half up) in int64."""
+    return int8.requantize(np.asarray(acc, np.int64), np.asarray(mult, np.int64), np.asarray(shift, np.int64))
+
+
+def _sat(v: np.ndarray, lo: int = -128, hi: int = 127) -> np.ndarray:
+    return np.clip(v, lo, hi).astype(np.int8)
+
+
+def _rescaled(x: np.ndarray, in_q, out_q, r) -> np.ndarray:
+    """``x`` at ``out_q``: a copy when the parameters match, else one requantization."""
+    if r is None:
+        return x.astype(np.int8)
+    return _sat(_rq(x.astype(np.int64) - in_q[1], r[0], r[1]) + out_q[1])
+
+
+def run_int8_elem(qe, *xs: torch.Tensor) -> torch.Tensor:
+    """What the C kernel of planned int8 op ``qe`` (``lowering.int8_elementwise``) computes."""
+    p, (so, zo) = qe.p, qe.out_q
+    v = [x.numpy().astype(np.int64) for x in xs]
+    shape = tuple(int(d) for d in qe.node.meta["val"].shape)
+    if qe.kind == "add":   # TFLite's int8 add (gr_add_s8)
+        m, e = p["mult"], p["shift"]
+        a = _rq((v[0] - qe.in_q[0][1]) << int8.ADD_SHIFT, m[1], e[1])
+        b = _rq((v[1] - qe.in_q[1][1]) << int8.ADD_SHIFT, m[2], e[2])
+        y = _sat(_rq(a + b, m[0], e[0]) + zo)
+    elif qe.kind == "mul":
+        ai = p["a"]
+        a = (v[ai] - qe.in_q[ai][1]).reshape(p["outer"], p["inner"])
+        b = (v[1 - ai] - qe.in_q[1 - ai][1]).reshape(p["outer"], p["b_inner"])
+        y = _sat(_rq(a * b, p["mult"], p["shift"]) + zo)
+    elif qe.kind == "lut":
+        y = p["table"][v[0] + 128]
+    elif qe.kind == "view":
+        y = v[0]
+    elif qe.kind == "avg":
+        y = _avg_pool(v[0] - qe.in_q[0][1], p, zo)
+    elif qe.kind == "cat":
+        parts = [_rescaled(x, q, qe.out_q, r) for x, q, r in zip(v, qe.in_q, p["rescale"])]
+        y = np.concatenate(parts, axis=p["dim"])
+    else:   # pad
+        top, bottom, left, right = p["pads"]
+        x = _rescaled(v[0], qe.in_q[0], qe.out_q, p["rescale"])
+        width = [(0, 0)] * (x.ndim - 2) + [(top, bottom), (left, right)]
+        y = np.pad(x, width, constant_values=p["value"])
+    return torch.from_numpy(np.ascontiguousarray(y).reshape(shape).astype(np.int8))
+
+
+def _avg_pool(x: np.ndarray, p: dict, zo: int) -> np.ndarray:
+    """Window sums of ``x - in_zp`` requantized by the table entry of each window's divisor
+    (torch's divisor rule: the window clipped to the padded input, or to the input
+    without count_include_pad, unless a divisor is given)."""
+    n, c, h, w = x.shape
+    oh, ow = p["oh"], p["ow"]
+    y = np.empty((n, c, oh, ow), np.int64)
+
+    def edges(o, s, k, pad, size):
+        start = o * s - pad
+        end = min(start + k, size + pad)
+        return max(start, 0), min(end, size), end - start
+
+    for i in range(oh):
+        y0, y1, ph = edges(i, p["s"][0], p["k"][0], p["pad"][0], h)
+        for j in range(ow):
+            x0, x1, pw = edges(j, p["s"][1], p["k"][1], p["pad"][1], w)
+            acc = x[:, :, y0:y1, x0:x1].sum(axis=(2, 3))
+            d = p["div"] or (ph * pw if p["cip"] else (y1 - y0) * (x1 - x0))
+            y[:, :, i, j] = _rq(acc, p["mult"][d], p["shift"][d]) + zo if d > 0 else zo
+    return _sat(y)
+
+
+def integer_reference(graph: Graph, *inputs: torch.Tensor) -> list[torch.Tensor]:
+    """``int8.integer_reference`` plus the int8 ops the mcu backend plans between the
+    int8 layers: each computed from its int8 inputs as its C kernel does, and a quantize
+    of such an op's result is that result."""
+    import torch.fx as fx
+    from torch.utils import _pytree as pytree
+
+    from .lowering.int8_elementwise import plan
+
+    layers = int8.find(graph)
+    qplan = plan(graph, layers)
+
+    class _Interp(fx.Interpreter):
+        def run_node(self, n):
+            if n in layers:
+                return int8.run_layer(layers[n], *(self.env[x] for x in layers[n].inputs))
+            if n in qplan.elems:
+                qe = qplan.elems[n]
+                return run_int8_elem(qe, *(self.env[x] for x in qe.srcs))
+            if n in qplan.aliases:
+                return self.env[qplan.aliases[n]]
+            return super().run_node(n)
+
+    with torch.no_grad():
+        out = _Interp(graph.gm, garbage_collect_values=False).run(*inputs)
+    return [t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
 
 
 def _inexact_fp32_kernels(project_dir: str | Path) -> list[str]:

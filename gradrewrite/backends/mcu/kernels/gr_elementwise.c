@@ -1,5 +1,6 @@
 /* Elementwise, normalization and reduction kernels (fp32). */
 #include <math.h>
+#include <string.h>
 #include "gr_kernels.h"
 
 static float apply(int32_t op, float a, float b) {
@@ -134,6 +135,26 @@ void gr_reduce_f32(const float *x, float *y, int32_t outer, int32_t red, int32_t
             float acc = 0.0f;
             for (r = 0; r < red; r++) acc += x[((size_t)o * red + r) * inner + i];
             y[(size_t)o * inner + i] = mean ? acc / (float)red : acc;
+        }
+    }
+}
+
+void gr_pad_f32(const float *x, float *y, int32_t outer, int32_t h, int32_t w, int32_t top, int32_t bottom,
+                int32_t left, int32_t right, float value) {
+    const int32_t oh = h + top + bottom, ow = w + left + right;
+    int32_t o, r, c;
+    for (o = 0; o < outer; o++) {
+        const float *xo = x + (size_t)o * h * w;
+        float *yo = y + (size_t)o * oh * ow;
+        for (r = 0; r < oh; r++) {
+            float *yr = yo + (size_t)r * ow;
+            if (r < top || r >= top + h) {
+                for (c = 0; c < ow; c++) yr[c] = value;
+                continue;
+            }
+            for (c = 0; c < left; c++) yr[c] = value;
+            memcpy(yr + left, xo + (size_t)(r - top) * w, (size_t)w * sizeof(float));
+            for (c = left + w; c < ow; c++) yr[c] = value;
         }
     }
 }

@@ -41,6 +41,9 @@ void gr_layer_norm_f32(const float *x, const float *gamma, const float *beta, fl
                        int32_t rows, int32_t cols, float eps);
 /* mean/sum over the middle axis of [outer, red, inner] */
 void gr_reduce_f32(const float *x, float *y, int32_t outer, int32_t red, int32_t inner, int32_t mean);
+/* constant pad of the last two dims of [outer, h, w] */
+void gr_pad_f32(const float *x, float *y, int32_t outer, int32_t h, int32_t w, int32_t top, int32_t bottom,
+                int32_t left, int32_t right, float value);
 
 /* ---- convolution / linear fp32 (gr_conv.c, gr_linalg.c) */
 typedef struct {
@@ -122,5 +125,29 @@ void gr_conv2d_nm_f32(const gr_conv_shape *s, const gr_nm *p, const float *x, co
 void gr_conv2d_nm_s8(const gr_conv_shape *s, const gr_nm *p, const gr_quant_params *q,
                      const int8_t *x, const int8_t *vals, const int32_t *bias, int8_t *y,
                      int32_t *scratch);
+
+/* ---- int8 elementwise, pooling and data movement (gr_int8_elementwise.c) */
+typedef struct {
+    int32_t in_zp, out_zp, mult, shift;   /* y = clamp(out_zp + requant(x - in_zp, mult, shift)) */
+} gr_rescale_s8;
+/* y = table[x + 128]: any int8 -> int8 function (hardswish, sigmoid, ...) */
+void gr_lut_s8(const int8_t *x, int8_t *y, int32_t n, const int8_t *table);
+/* y[o, i] = clamp(out_zp + requant((a[o, i] - a_zp) * (b[o, i or 0] - b_zp))); b_inner 1 or inner */
+void gr_mul_s8(const int8_t *a, int32_t a_zp, const int8_t *b, int32_t b_zp, int8_t *y,
+               int32_t outer, int32_t inner, int32_t b_inner, int32_t mult, int32_t shift, int32_t out_zp,
+               int32_t act_min, int32_t act_max);
+/* TFLite's int8 add with each input's rescaled term tabulated: ta/tb[x + 128] =
+ * requant((x - zp) << 20, m, e); y = clamp(out_zp + requant(ta[a] + tb[b], mult, shift)) */
+void gr_add_lut_s8(const int8_t *a, const int8_t *b, int8_t *y, int32_t n, const int32_t *ta, const int32_t *tb,
+                   int32_t mult, int32_t shift, int32_t out_zp, int32_t act_min, int32_t act_max);
+/* average pooling: requant(sum(x - in_zp), mult[d], shift[d]) + out_zp for a window of divisor d */
+void gr_avg_pool2d_s8(const gr_pool_shape *s, const int8_t *x, int8_t *y, int32_t in_zp, int32_t out_zp,
+                      const int32_t *mult, const int32_t *shift);
+/* one input of a concat: x [outer, inner] into y [outer, out_inner] at column offset (r NULL: copy) */
+void gr_concat_s8(const int8_t *x, int32_t outer, int32_t inner, int32_t out_inner, int32_t offset,
+                  const gr_rescale_s8 *r, int8_t *y);
+/* constant pad of the last two dims of [outer, h, w]; value is the int8 pad (r NULL: copy) */
+void gr_pad_s8(const int8_t *x, int8_t *y, int32_t outer, int32_t h, int32_t w, int32_t top, int32_t bottom,
+               int32_t left, int32_t right, int32_t value, const gr_rescale_s8 *r);
 
 #endif

@@ -124,3 +124,20 @@ def _batch_norm(lw: Lowerer, node: fx.Node) -> Any:
     for op, const in (("GR_MUL", sv), ("GR_ADD", hv)):
         y = _broadcast_binary(lw, op, y, const, x.shape, 1.0)
     return (y, None, None) if node.target != aten.batch_norm.default else y
+
+
+@handles(aten.pad.default, aten.constant_pad_nd.default)
+def _pad(lw: Lowerer, node: fx.Node) -> Val:
+    """Constant padding of the last two dims (EfficientNet's "same" padding)."""
+    from .int8_elementwise import NotInt8, pad_value, pads
+    x = float_in(lw, node.args[0])
+    try:
+        top, bottom, left, right = pads(node)
+    except NotInt8 as exc:
+        raise Unsupported(str(exc)) from None
+    y = lw.new(shape_of(node), "f32")
+    outer, h, w = numel(x.shape[:-2]), x.shape[-2], x.shape[-1]
+    lw.emit("gr_pad_f32", "gr_elementwise.c",
+            f"gr_pad_f32({x.ptr()}, {y.out()}, {outer}, {h}, {w}, {top}, {bottom}, {left}, {right}, "
+            f"{c_float(pad_value(node))});", [x], [y])
+    return y

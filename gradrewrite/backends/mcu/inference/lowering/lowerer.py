@@ -21,12 +21,15 @@ from .....rewrite.quant_ops import DEQUANTIZE_PER_CHANNEL, QUANTIZE_PER_TENSOR
 from .....rewrite import int8_layers as int8
 from .. import nm
 from ...program import ITEMSIZE, TORCH_DTYPES, Buf, Program, Step, Val, c_ints, contiguous_strides, numel
+from . import int8_elementwise as int8_elem
 from .base import HANDLERS, Unsupported, ident, kernel_dtype, val_meta
 from .int8 import Int8Layers
 
 
 class Lowerer(Int8Layers):
     """One walk over ``graph`` (``run``): its buffers, constants and kernel steps so far."""
+
+    int8_elementwise = True   # plan int8 ops between the int8 layers (int8_elementwise.py)
 
     def __init__(self, graph: Graph, *, collect: bool = False, sparse: bool = True,
                  quantized_inputs: bool = False, stream: bool = True):
@@ -52,6 +55,8 @@ class Lowerer(Int8Layers):
         self._fusable: dict[fx.Node, Step] = {}
         self._names: set[str] = set()
         self.qlayers = int8.find(graph)
+        self.qelems = int8_elem.plan(graph, self.qlayers) if self.int8_elementwise \
+            else int8_elem.Plan({}, {}, {})
         self.skip = self._dead_after_patterns()
         self.nm_layers = 0
         self.current: fx.Node | None = None
@@ -75,7 +80,8 @@ class Lowerer(Int8Layers):
             if n in needed:
                 continue
             needed.add(n)
-            deps = self.qlayers[n].inputs if n in self.qlayers else n.all_input_nodes
+            deps = self.qlayers[n].inputs if n in self.qlayers else \
+                (int8_elem.deps(self.qelems, n) or n.all_input_nodes)
             stack.extend(deps)
         return {n for n in self.graph.gm.graph.nodes if n.op == "call_function" and n not in needed}
 
@@ -246,6 +252,10 @@ class Lowerer(Int8Layers):
                 result = self._fused.pop(node)
             elif node in self.qlayers:
                 result = self._qlayer(self.qlayers[node])
+            elif node in self.qelems.elems:
+                result = int8_elem.lower(self, self.qelems.elems[node])
+            elif node in self.qelems.aliases:  # quantizes an int8 op's result: that result
+                result = self.vals[self.qelems.aliases[node]]
             else:
                 handler = HANDLERS.get(node.target)
                 if handler is None:

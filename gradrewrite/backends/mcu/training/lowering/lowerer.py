@@ -32,6 +32,8 @@ aten = torch.ops.aten
 class TrainLowerer(Lowerer):
     """One walk over a training-step graph (see the module docstring)."""
 
+    int8_elementwise = False   # the step's float ops keep the float semantics its reference has
+
     def __init__(self, graph: Graph):
         ts = graph.meta.get("train_step")
         if not ts:
