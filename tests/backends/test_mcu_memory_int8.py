@@ -84,8 +84,9 @@ def test_streamed_expand_depthwise_is_bit_exact_and_smaller(stride, size, batch,
     """Odd and even sizes (pointwise rows of 4 plus a tail, border taps of the depthwise)."""
     graph = graph_of(Block(stride=stride), torch.randn(batch, 4, size, size))
     kernels = _kernels(graph)
-    assert kernels.count("gr_pw_dw_s8") == 1 and kernels.count("gr_conv2d_s8") == 1, kernels  # + project
-    assert _kernels(graph, stream=False).count("gr_conv2d_s8") == 3
+    assert kernels.count("gr_pw_dw_s8") == 1 and kernels.count("gr_pointwise_s8") == 1, kernels  # + project
+    assert _kernels(graph, stream=False) == ["gr_pointwise_s8", "gr_depthwise3x3_s8", "gr_pointwise_s8",
+                                             "gr_dequantize_i8_f32"]
     assert _arena(graph) < _arena(graph, stream=False)
     x = torch.randn(batch, 4, size, size, generator=torch.Generator().manual_seed(1)) * 2
     _bit_exact(graph, tmp_path, x)
@@ -97,7 +98,7 @@ def test_expanded_tensor_read_twice_is_not_streamed(tmp_path):
     assert "gr_pw_dw_s8" not in kernels
     # its other reader (the output's dequantize) runs before the depthwise, which may then
     # write over it: the returned expanded tensor must still be right
-    assert kernels == ["gr_conv2d_s8", "gr_dequantize_i8_f32", "gr_depthwise_inplace_s8", "gr_conv2d_s8",
+    assert kernels == ["gr_pointwise_s8", "gr_dequantize_i8_f32", "gr_depthwise3x3_s8", "gr_pointwise_s8",
                        "gr_dequantize_i8_f32"]
     _bit_exact(graph, tmp_path, torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(2)))
 
@@ -106,11 +107,13 @@ def test_expanded_tensor_read_twice_is_not_streamed(tmp_path):
 def test_depthwise_writes_over_its_dying_input(stride, batch, tmp_path):
     graph = graph_of(Block(cin=2, mid=16, cout=2, expand=False, stride=stride), torch.randn(batch, 2, 11, 11))
     prog = lower(graph)
-    dw = next(s for s in prog.steps if s.kernel == "gr_depthwise_inplace_s8")
+    dw = next(s for s in prog.steps if s.kernel == "gr_depthwise3x3_s8")
+    assert dw.op.endswith(" in place")
     plan = plan_arena(prog).plan
-    x_buf, y_buf, plane = dw.reads[0], dw.writes[0], dw.writes[1]
+    x_buf, y_buf, pad = dw.reads[0], dw.writes[0], dw.writes[1]
     assert y_buf.inplace_of is x_buf and plan.offsets[y_buf.name] == plan.offsets[x_buf.name]
-    assert plane.nbytes == (11 if stride == 1 else 6) ** 2
+    # the zero-point-padded input plane the kernel reads: 13 x 13 (stride 2: 13 x 13 too) + 4
+    assert pad.nbytes == 13 * 13 + 4
     assert plan.arena_bytes < _arena(graph, stream=False)
     _bit_exact(graph, tmp_path, torch.randn(batch, 2, 11, 11, generator=torch.Generator().manual_seed(3)) * 2)
 
@@ -118,7 +121,7 @@ def test_depthwise_writes_over_its_dying_input(stride, batch, tmp_path):
 def test_depthwise_input_read_later_is_not_overwritten(tmp_path):
     """The residual add reads the depthwise input again: the depthwise writes elsewhere."""
     graph = graph_of(Block(mid=4, expand=False, residual=True), torch.randn(1, 4, 7, 7))
-    assert "gr_depthwise_inplace_s8" not in _kernels(graph)
+    assert not any(s.op.endswith(" in place") for s in lower(graph).steps)
     _bit_exact(graph, tmp_path, torch.randn(1, 4, 7, 7, generator=torch.Generator().manual_seed(4)))
 
 
@@ -135,7 +138,8 @@ def test_mobilenet_v2_int8_arena_shrinks_and_stays_bit_exact(tmp_path):
     facts = art.report["mcu"]
     assert facts["int8_check"]["bit_exact_expected"] and facts["int8_check"]["bit_exact"]
     kernels = [op["kernel"] for op in facts["ops"]]
-    assert kernels.count("gr_pw_dw_s8") == 16 and kernels.count("gr_depthwise_inplace_s8") == 1
+    assert kernels.count("gr_pw_dw_s8") == 16
+    assert sum(op["op"].endswith(" in place") for op in facts["ops"]) == 1
     assert facts["arena_bytes"] == facts["lower_bound_bytes"]
     # the largest expanded tensor (block 2: 48 x 16 x 16 int8) is never stored
     assert facts["arena_bytes"] < 48 * 16 * 16

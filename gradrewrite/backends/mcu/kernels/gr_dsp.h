@@ -19,5 +19,9 @@ static inline uint32_t load4(const int8_t *p) {
     memcpy(&v, p, 4);
     return v;
 }
+
+/* two words and advance by 8 bytes in one LDRD (gcc pairs adjacent loads only sometimes);
+ * p must be 4-byte aligned */
+#define LDRD_POST(p, a, b) __asm__("ldrd %0, %1, [%2], #8" : "=r"(a), "=r"(b), "+r"(p) : : "memory")
 #endif
 #endif

@@ -235,21 +235,6 @@ static void depthwise3x3_s8(const gr_conv_shape *s, const gr_quant_params *q, co
                                 q->act_min, q->act_max, y + ((size_t)n * s->oc + c) * s->oh * s->ow);
 }
 
-/* Channel c's output plane goes to `plane` first, then to its place in y. With y at x's
- * start (the planner's in-place reuse) that place ends at byte (c + 1) * oh * ow <=
- * (c + 1) * h * w, so it only covers input planes 0 .. c, which are read already. */
-void gr_depthwise_inplace_s8(const gr_conv_shape *s, const gr_quant_params *q, const int8_t *x,
-                             const int8_t *w, const int32_t *bias, int8_t *y, int8_t *plane) {
-    const int32_t ohw = s->oh * s->ow;
-    int32_t n, c;
-    for (n = 0; n < s->n; n++) for (c = 0; c < s->c; c++) {
-        size_t p = (size_t)n * s->c + c;
-        depthwise3x3_channel_s8(s, x + p * s->h * s->w, w + (size_t)c * 9, bias ? bias[c] : 0, q->in_zp,
-                                q->mult[c], q->shift[c], q->out_zp, q->act_min, q->act_max, plane);
-        memcpy(y + p * ohw, plane, (size_t)ohw);
-    }
-}
-
 /* A pointwise (1x1, stride 1) expand conv followed by a depthwise 3x3, one expanded
  * channel at a time: channel c of the expand goes to `plane` (h * w bytes), the
  * depthwise reads it from there, so the expanded tensor never exists. Same integer
@@ -276,6 +261,330 @@ void gr_pw_dw_s8(const gr_conv_shape *ps, const gr_quant_params *pq, const int8_
             depthwise3x3_channel_s8(ds, plane, dw + (size_t)o * 9, db ? db[o] : 0, dq->in_zp, dq->mult[o],
                                     dq->shift[o], dq->out_zp, dq->act_min, dq->act_max,
                                     y + ((size_t)n * ds->oc + o) * ds->oh * ds->ow);
+        }
+    }
+}
+
+/* ---- kernels whose constants the code generator prepares: `base` is the bias with the
+ * input zero point folded in (bias - in_zp * sum of the channel's weights), so no kernel
+ * sums weights at run time. */
+
+/* requantization of one channel for the fast paths: acc * mult + 2^(total - 1) as one
+ * 64-bit multiply-accumulate whose high word, shifted by total - 32, is the result. Exact
+ * for total >= 32 (the usual case: the channel's scale is below 0.5); rq_init returns 0
+ * otherwise and the caller takes requant_s8 */
+typedef struct {
+    int32_t mult, rhi, sh;
+    uint32_t rlo;
+} rq_s8;
+
+static inline int32_t rq_init(rq_s8 *r, int32_t mult, int32_t shift) {
+    int32_t total = 31 - shift;
+    r->mult = mult;
+    r->sh = total - 32;
+    r->rlo = total == 32 ? 0x80000000u : 0u;
+    r->rhi = total > 32 ? (int32_t)1 << (total - 33) : 0;
+    return total >= 32;
+}
+
+static inline int32_t rq_apply(int32_t acc, int32_t mult, uint32_t rlo, int32_t rhi, int32_t sh, int32_t ozp,
+                               int32_t lo, int32_t hi) {
+    int64_t p = (int64_t)(((uint64_t)(uint32_t)rhi << 32) | rlo) + (int64_t)acc * mult;
+    int32_t r = ((int32_t)(p >> 32) >> sh) + ozp;
+    r = r < lo ? lo : r;
+    return r > hi ? hi : r;
+}
+
+/* four int8 as one word, on any target (the DSP build's load4 is in gr_dsp.h) */
+static inline uint32_t word4(const int8_t *p) {
+    uint32_t v;
+    memcpy(&v, p, 4);
+    return v;
+}
+
+#if defined(__ARM_FEATURE_DSP)
+#define SX_LO(v) __sxtb16(v)
+#define SX_HI(v) sxtb16_ror8(v)
+#define DUAL(a, b, acc) __smlad((a), (b), (acc))
+#define LOAD2(p, a, b) LDRD_POST(p, a, b)
+#else
+/* the same arithmetic in portable C: the host build runs the very same data layout */
+static inline int32_t sx_lo(uint32_t v) {
+    return (int32_t)(((uint32_t)(int32_t)(int8_t)(v & 0xff) & 0xffffu) | ((uint32_t)(int32_t)(int8_t)(v >> 16) << 16));
+}
+static inline int32_t dual(int32_t a, int32_t b, int32_t acc) {
+    return acc + (int16_t)(a & 0xffff) * (int16_t)(b & 0xffff) + (a >> 16) * (b >> 16);
+}
+#define SX_LO(v) sx_lo(v)
+#define SX_HI(v) sx_lo((v) >> 8)
+#define DUAL(a, b, acc) dual((a), (b), (acc))
+#define LOAD2(p, a, b) do { (a) = (p)[0]; (b) = (p)[1]; (p) += 2; } while (0)
+#endif
+/* halfword pairs (lo of a, lo of b) and (hi of a, hi of b) */
+#define PACK_LO(a, b) ((int32_t)(((uint32_t)(a) & 0xffffu) | ((uint32_t)(b) << 16)))
+#define PACK_HI(a, b) ((int32_t)(((uint32_t)(b) & 0xffff0000u) | ((uint32_t)(a) >> 16)))
+
+/* Pointwise conv input for four output pixels as int16 channel pairs: word 4 * k + j holds
+ * channels 2k and 2k + 1 of pixel j (zero past cin or past the last pixel). Contiguous
+ * pixels (stride 1, all four real) take two word loads per channel pair. */
+static GR_NOINLINE void pointwise_gather_s8(const gr_conv_shape *s, const int8_t *xn, int32_t p, int32_t cin4,
+                                            int32_t *xs) {
+    const int32_t hw = s->h * s->w, cin = s->c, ohw = s->oh * s->ow;
+    int32_t c, j;
+    if (s->sh == 1 && s->sw == 1 && p + 4 <= ohw) {
+        const int8_t *xc = xn + p;
+        for (c = 0; c + 1 < cin; c += 2, xc += 2 * hw, xs += 4) {
+            uint32_t v0 = word4(xc), v1 = word4(xc + hw);
+            int32_t e0 = SX_LO(v0), d0 = SX_HI(v0), e1 = SX_LO(v1), d1 = SX_HI(v1);
+            xs[0] = PACK_LO(e0, e1); xs[1] = PACK_LO(d0, d1);
+            xs[2] = PACK_HI(e0, e1); xs[3] = PACK_HI(d0, d1);
+        }
+        if (c < cin) {
+            for (j = 0; j < 4; j++) xs[j] = (int32_t)((uint32_t)(int32_t)xc[j] & 0xffffu);
+            xs += 4; c += 2;
+        }
+    } else {
+        int32_t idx[4], n = ohw - p < 4 ? ohw - p : 4;
+        for (j = 0; j < 4; j++) {
+            int32_t q = p + (j < n ? j : 0);
+            idx[j] = (q / s->ow) * s->sh * s->w + (q % s->ow) * s->sw;
+        }
+        for (c = 0; c < cin; c += 2, xs += 4)
+            for (j = 0; j < 4; j++) {
+                int32_t a = j < n ? xn[(size_t)c * hw + idx[j]] : 0;
+                int32_t b = j < n && c + 1 < cin ? xn[(size_t)(c + 1) * hw + idx[j]] : 0;
+                xs[j] = PACK_LO(a, b);
+            }
+    }
+    for (; c < cin4; c += 2, xs += 4) xs[0] = xs[1] = xs[2] = xs[3] = 0;
+}
+
+/* four pixels of one output channel: w holds cin4 weights as groups (c0, c2, c1, c3), so
+ * SXTB16 gives the pairs (c0, c1) and (c2, c3) that meet the gathered input pairs */
+static GR_NOINLINE void pointwise_block_s8(const int32_t *xs, const int8_t *w, int32_t groups, int32_t *acc) {
+    int32_t a0 = acc[0], a1 = a0, a2 = a0, a3 = a0, g;
+    for (g = 0; g < groups; g++, w += 4) {
+        uint32_t wv = word4(w);
+        int32_t wa = SX_LO(wv), wb = SX_HI(wv), x0, x1;
+        LOAD2(xs, x0, x1); a0 = DUAL(wa, x0, a0); a1 = DUAL(wa, x1, a1);
+        LOAD2(xs, x0, x1); a2 = DUAL(wa, x0, a2); a3 = DUAL(wa, x1, a3);
+        LOAD2(xs, x0, x1); a0 = DUAL(wb, x0, a0); a1 = DUAL(wb, x1, a1);
+        LOAD2(xs, x0, x1); a2 = DUAL(wb, x0, a2); a3 = DUAL(wb, x1, a3);
+    }
+    acc[0] = a0; acc[1] = a1; acc[2] = a2; acc[3] = a3;
+}
+
+void gr_pointwise_s8(const gr_conv_shape *s, const gr_quant_params *q, const int8_t *x, const int8_t *w,
+                     const int32_t *base, int8_t *y, int32_t *xs) {
+    const int32_t ohw = s->oh * s->ow, cin4 = (s->c + 3) & ~3, ozp = q->out_zp, lo = q->act_min, hi = q->act_max;
+    int32_t n, p, o, j;
+    for (n = 0; n < s->n; n++) {
+        const int8_t *xn = x + (size_t)n * s->c * s->h * s->w;
+        int8_t *yn = y + (size_t)n * s->oc * ohw;
+        /* blocks of four pixels; a last block of 1-3 computes four and stores the real ones */
+        for (p = 0; p < ohw; p += 4) {
+            const int32_t cnt = ohw - p < 4 ? ohw - p : 4;
+            const int8_t *wo = w;
+            int8_t *yo = yn + p;
+            pointwise_gather_s8(s, xn, p, cin4, xs);
+            for (o = 0; o < s->oc; o++, wo += cin4, yo += ohw) {
+                int32_t acc[4];
+                rq_s8 r;
+                acc[0] = base[o];
+                pointwise_block_s8(xs, wo, cin4 >> 2, acc);
+                if (rq_init(&r, q->mult[o], q->shift[o])) {
+                    if (cnt == 4) {
+                        yo[0] = (int8_t)rq_apply(acc[0], r.mult, r.rlo, r.rhi, r.sh, ozp, lo, hi);
+                        yo[1] = (int8_t)rq_apply(acc[1], r.mult, r.rlo, r.rhi, r.sh, ozp, lo, hi);
+                        yo[2] = (int8_t)rq_apply(acc[2], r.mult, r.rlo, r.rhi, r.sh, ozp, lo, hi);
+                        yo[3] = (int8_t)rq_apply(acc[3], r.mult, r.rlo, r.rhi, r.sh, ozp, lo, hi);
+                    } else {
+                        for (j = 0; j < cnt; j++) yo[j] = (int8_t)rq_apply(acc[j], r.mult, r.rlo, r.rhi, r.sh, ozp, lo, hi);
+                    }
+                } else {
+                    for (j = 0; j < cnt; j++) yo[j] = requant_s8(acc[j], q->mult[o], 31 - q->shift[o], ozp, lo, hi);
+                }
+            }
+        }
+    }
+}
+
+/* one output row of a depthwise 3x3 over the zero-point-padded plane: row r0 (stride pw
+ * bytes), horizontal stride sw. wp[k] = (w[3k], w[3k + 2]) as halfwords, wm = (w1, w4), w7. */
+typedef struct {
+    int32_t wp0, wp1, wp2, wm, w7, base;
+} dw_taps;
+
+#define DW_FAST(ACC) (int8_t)rq_apply((ACC), r->mult, r->rlo, r->rhi, r->sh, ozp, lo, hi)
+#define DW_SLOW(ACC) requant_s8((ACC), mult, total, ozp, lo, hi)
+/* stride 1: the word at r + k holds x_k .. x_k+3: its even bytes (x_k, x_k+2) meet (w0, w2)
+ * for output k, its odd bytes (x_k+1, x_k+3) for output k + 1; the middle taps take one
+ * SMLAxy each. Two outputs per three word loads. */
+#define DW_ROW_S1(REQ)                                                                           \
+    for (; ox + 1 < ow; ox += 2, r0 += 2) {                                                      \
+        int32_t a0 = t->base, a1 = a0, e, d;                                                     \
+        uint32_t v = word4(r0);                                                                  \
+        e = SX_LO(v); d = SX_HI(v);                                                              \
+        a0 = DUAL(t->wp0, e, a0); a1 = DUAL(t->wp0, d, a1);                                      \
+        a0 = MID_B(t->wm, d, a0); a1 = MID_T(t->wm, e, a1);                                      \
+        v = word4(r0 + pw);                                                                      \
+        e = SX_LO(v); d = SX_HI(v);                                                              \
+        a0 = DUAL(t->wp1, e, a0); a1 = DUAL(t->wp1, d, a1);                                      \
+        a0 = MID_TB(t->wm, d, a0); a1 = MID_TT(t->wm, e, a1);                                    \
+        v = word4(r0 + 2 * pw);                                                                  \
+        e = SX_LO(v); d = SX_HI(v);                                                              \
+        a0 = DUAL(t->wp2, e, a0); a1 = DUAL(t->wp2, d, a1);                                      \
+        a0 = MID_B(t->w7, d, a0); a1 = MID_T(t->w7, e, a1);                                      \
+        yr[ox] = REQ(a0); yr[ox + 1] = REQ(a1);                                                  \
+    }
+/* any stride (and stride 1's odd last output): one word load per row per output */
+#define DW_ROW_ANY(REQ)                                                                          \
+    for (; ox < ow; ox++, r0 += sw) {                                                            \
+        int32_t a = t->base, e, d;                                                               \
+        uint32_t v = word4(r0);                                                                  \
+        e = SX_LO(v); d = SX_HI(v);                                                              \
+        a = DUAL(t->wp0, e, a); a = MID_B(t->wm, d, a);                                          \
+        v = word4(r0 + pw);                                                                      \
+        e = SX_LO(v); d = SX_HI(v);                                                              \
+        a = DUAL(t->wp1, e, a); a = MID_TB(t->wm, d, a);                                         \
+        v = word4(r0 + 2 * pw);                                                                  \
+        e = SX_LO(v); d = SX_HI(v);                                                              \
+        a = DUAL(t->wp2, e, a); a = MID_B(t->w7, d, a);                                          \
+        yr[ox] = REQ(a);                                                                         \
+    }
+#if defined(__ARM_FEATURE_DSP)
+#define MID_B(w, x, a) SMLABB((w), (x), (a))
+#define MID_T(w, x, a) SMLABT((w), (x), (a))
+#define MID_TB(w, x, a) SMLATB((w), (x), (a))
+#define MID_TT(w, x, a) SMLATT((w), (x), (a))
+#else
+#define MID_B(w, x, a) ((a) + (int16_t)((w) & 0xffff) * (int16_t)((x) & 0xffff))
+#define MID_T(w, x, a) ((a) + (int16_t)((w) & 0xffff) * ((x) >> 16))
+#define MID_TB(w, x, a) ((a) + ((w) >> 16) * (int16_t)((x) & 0xffff))
+#define MID_TT(w, x, a) ((a) + ((w) >> 16) * ((x) >> 16))
+#endif
+
+static GR_NOINLINE void dw_row_fast_s8(const int8_t *r0, int32_t pw, int32_t sw, int32_t ow, const dw_taps *t,
+                                       const rq_s8 *r, int32_t ozp, int32_t lo, int32_t hi, int8_t *yr) {
+    int32_t ox = 0;
+    if (sw == 1) {
+        DW_ROW_S1(DW_FAST)
+    }
+    DW_ROW_ANY(DW_FAST)
+}
+
+static GR_NOINLINE void dw_row_slow_s8(const int8_t *r0, int32_t pw, int32_t sw, int32_t ow, const dw_taps *t,
+                                       int32_t mult, int32_t total, int32_t ozp, int32_t lo, int32_t hi,
+                                       int8_t *yr) {
+    int32_t ox = 0;
+    if (sw == 1) {
+        DW_ROW_S1(DW_SLOW)
+    }
+    DW_ROW_ANY(DW_SLOW)
+}
+
+/* Depthwise 3x3, dilation 1, any stride and padding. Each input plane is copied into
+ * `pad` ((oh - 1) * sh + 3 rows of (ow - 1) * sw + 3 bytes, + 4), whose border holds the
+ * input zero point (real 0, cancelled by the folded base), so every output takes the same
+ * path. y may start at x (in place): output plane c covers input planes <= c only, and
+ * plane c is in `pad` before output plane c is written. */
+void gr_depthwise3x3_s8(const gr_conv_shape *s, const gr_quant_params *q, const int8_t *x, const int8_t *w,
+                        const int32_t *base, int8_t *y, int8_t *pad) {
+    const int32_t ph = (s->oh - 1) * s->sh + 3, pw = (s->ow - 1) * s->sw + 3;
+    const int32_t ozp = q->out_zp, lo = q->act_min, hi = q->act_max;
+    /* the input rows / columns that land inside pad */
+    const int32_t y0 = s->ph, x0 = s->pw;
+    const int32_t rows = s->h < ph - y0 ? s->h : ph - y0, cols = s->w < pw - x0 ? s->w : pw - x0;
+    int32_t n, c, oy, iy;
+    memset(pad, q->in_zp, (size_t)ph * pw + 4);
+    for (n = 0; n < s->n; n++) for (c = 0; c < s->c; c++) {
+        const size_t plane = (size_t)n * s->c + c;
+        const int8_t *xc = x + plane * s->h * s->w, *wc = w + (size_t)c * 9;
+        int8_t *yc = y + plane * s->oh * s->ow;
+        dw_taps t;
+        rq_s8 r;
+        for (iy = 0; iy < rows; iy++) memcpy(pad + (size_t)(iy + y0) * pw + x0, xc + (size_t)iy * s->w, (size_t)cols);
+        t.wp0 = PACK_LO(wc[0], wc[2]); t.wp1 = PACK_LO(wc[3], wc[5]); t.wp2 = PACK_LO(wc[6], wc[8]);
+        t.wm = PACK_LO(wc[1], wc[4]); t.w7 = wc[7]; t.base = base[c];
+        if (rq_init(&r, q->mult[c], q->shift[c])) {
+            for (oy = 0; oy < s->oh; oy++)
+                dw_row_fast_s8(pad + (size_t)oy * s->sh * pw, pw, s->sw, s->ow, &t, &r, ozp, lo, hi, yc + oy * s->ow);
+        } else {
+            for (oy = 0; oy < s->oh; oy++)
+                dw_row_slow_s8(pad + (size_t)oy * s->sh * pw, pw, s->sw, s->ow, &t, q->mult[c], 31 - q->shift[c],
+                               ozp, lo, hi, yc + oy * s->ow);
+        }
+    }
+}
+
+/* Fully connected layer: y[i, j] = requant(base[j] + sum_t x[i, t] w[j, t]). The columns
+ * go in groups of four (a last group of 1-2 in a group of two; absent columns have zero
+ * weights and are not stored). A group's weights are interleaved by the code generator:
+ * for each four t, four bytes of each of its columns, then the k % 4 tail column by
+ * column, so one pointer walks them with LDRD. x and the weights are both contiguous along
+ * t: SXTB16 of either gives (t, t + 2) and (t + 1, t + 3), which SMLAD pairs. */
+static GR_NOINLINE void fc_cols4_s8(const int8_t *x, const int32_t *w, int32_t k, int32_t *acc) {
+    int32_t a0 = acc[0], a1 = acc[1], a2 = acc[2], a3 = acc[3], t, u;
+    for (t = 0; t + 3 < k; t += 4) {
+        uint32_t xv = word4(x + t);
+        int32_t xe = SX_LO(xv), xd = SX_HI(xv), v0, v1;
+        LOAD2(w, v0, v1);
+        a0 = DUAL(xe, SX_LO(v0), a0); a0 = DUAL(xd, SX_HI(v0), a0);
+        a1 = DUAL(xe, SX_LO(v1), a1); a1 = DUAL(xd, SX_HI(v1), a1);
+        LOAD2(w, v0, v1);
+        a2 = DUAL(xe, SX_LO(v0), a2); a2 = DUAL(xd, SX_HI(v0), a2);
+        a3 = DUAL(xe, SX_LO(v1), a3); a3 = DUAL(xd, SX_HI(v1), a3);
+    }
+    if (t < k) {
+        const int8_t *wt = (const int8_t *)w;
+        const int32_t r = k - t;
+        for (u = 0; u < r; u++) {
+            const int32_t xv = x[t + u];
+            a0 += xv * wt[u]; a1 += xv * wt[r + u]; a2 += xv * wt[2 * r + u]; a3 += xv * wt[3 * r + u];
+        }
+    }
+    acc[0] = a0; acc[1] = a1; acc[2] = a2; acc[3] = a3;
+}
+
+static GR_NOINLINE void fc_cols2_s8(const int8_t *x, const int32_t *w, int32_t k, int32_t *acc) {
+    int32_t a0 = acc[0], a1 = acc[1], t, u;
+    for (t = 0; t + 3 < k; t += 4) {
+        uint32_t xv = word4(x + t);
+        int32_t xe = SX_LO(xv), xd = SX_HI(xv), v0, v1;
+        LOAD2(w, v0, v1);
+        a0 = DUAL(xe, SX_LO(v0), a0); a0 = DUAL(xd, SX_HI(v0), a0);
+        a1 = DUAL(xe, SX_LO(v1), a1); a1 = DUAL(xd, SX_HI(v1), a1);
+    }
+    if (t < k) {
+        const int8_t *wt = (const int8_t *)w;
+        const int32_t r = k - t;
+        for (u = 0; u < r; u++) { a0 += x[t + u] * wt[u]; a1 += x[t + u] * wt[r + u]; }
+    }
+    acc[0] = a0; acc[1] = a1;
+}
+
+/* w: the interleaved weights (4-byte aligned); base: n entries */
+void gr_fc_s8(const gr_quant_params *q, const int8_t *x, const int8_t *w, const int32_t *base, int8_t *y,
+              int32_t m, int32_t k, int32_t n) {
+    const int32_t ozp = q->out_zp, lo = q->act_min, hi = q->act_max;
+    int32_t i, j, u;
+    for (i = 0; i < m; i++, x += k, y += n) {
+        const int8_t *wg = w;
+        for (j = 0; j < n; ) {
+            const int32_t cols = n - j >= 3 ? 4 : 2, cnt = n - j < cols ? n - j : cols;
+            int32_t acc[4];
+            for (u = 0; u < cols; u++) acc[u] = u < cnt ? base[j + u] : 0;
+            if (cols == 4) fc_cols4_s8(x, (const int32_t *)(const void *)wg, k, acc);
+            else fc_cols2_s8(x, (const int32_t *)(const void *)wg, k, acc);
+            for (u = 0; u < cnt; u++) {
+                rq_s8 r;
+                y[j + u] = rq_init(&r, q->mult[j + u], q->shift[j + u])
+                    ? (int8_t)rq_apply(acc[u], r.mult, r.rlo, r.rhi, r.sh, ozp, lo, hi)
+                    : requant_s8(acc[u], q->mult[j + u], 31 - q->shift[j + u], ozp, lo, hi);
+            }
+            /* the next group starts 4-byte aligned: the tail is padded to a word */
+            wg += (size_t)cols * (((size_t)k + 3) & ~(size_t)3);
+            j += cnt;
         }
     }
 }

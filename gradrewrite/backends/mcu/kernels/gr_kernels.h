@@ -89,10 +89,19 @@ typedef struct {
 } gr_quant_params;
 void gr_conv2d_s8(const gr_conv_shape *s, const gr_quant_params *q, const int8_t *x,
                   const int8_t *w, const int32_t *bias, int8_t *y);
-/* depthwise 3x3 (dilation 1) whose output may start at its input's first byte (y == x):
- * each output plane goes through `plane` (oh * ow bytes, apart from x and y) */
-void gr_depthwise_inplace_s8(const gr_conv_shape *s, const gr_quant_params *q, const int8_t *x,
-                             const int8_t *w, const int32_t *bias, int8_t *y, int8_t *plane);
+/* Inference kernels whose constants the code generator prepares: base[o] = bias[o] -
+ * in_zp * sum of output channel o's weights (the input zero point folded in). */
+/* 1x1 conv, no padding, one group, any stride: w is [oc][cin rounded up to 4], each group of
+ * four input channels stored as (c0, c2, c1, c3), zero past cin; xs: 2 * that many int32 */
+void gr_pointwise_s8(const gr_conv_shape *s, const gr_quant_params *q, const int8_t *x, const int8_t *w,
+                     const int32_t *base, int8_t *y, int32_t *xs);
+/* depthwise 3x3, dilation 1, any stride / padding; y may start at x (in place); pad:
+ * ((oh - 1) * sh + 3) * ((ow - 1) * sw + 3) + 4 bytes apart from x and y */
+void gr_depthwise3x3_s8(const gr_conv_shape *s, const gr_quant_params *q, const int8_t *x, const int8_t *w,
+                        const int32_t *base, int8_t *y, int8_t *pad);
+/* fully connected: x [m, k], w [n, k], y [m, n] */
+void gr_fc_s8(const gr_quant_params *q, const int8_t *x, const int8_t *w, const int32_t *base, int8_t *y,
+              int32_t m, int32_t k, int32_t n);
 /* 1x1 stride-1 expand conv (ps, pq) then depthwise 3x3 (ds, dq), streamed one expanded
  * channel at a time through `plane` (h * w bytes): the expanded tensor is never stored */
 void gr_pw_dw_s8(const gr_conv_shape *ps, const gr_quant_params *pq, const int8_t *x, const int8_t *pw,

@@ -8,6 +8,8 @@ and lets a depthwise conv overwrite its input when that input dies there.
 """
 from __future__ import annotations
 
+import numpy as np
+
 from .....rewrite.graph import module_path, op_name
 from .....rewrite.quant_ops import DEQUANTIZE_PER_TENSOR
 from .....rewrite import int8_layers as int8
@@ -101,7 +103,7 @@ class Int8Layers:
 
     def _depthwise_in_place(self, outputs: list[Val]) -> None:
         """Depthwise convs whose int8 input dies at their step write over it (the planner
-        then gives the output the input's start); the kernel goes through a one-plane scratch."""
+        then gives the output the input's start); the kernel copies each input plane out first."""
         if not self._dw_inplace:
             return
         last: dict[int, int] = {}
@@ -111,16 +113,12 @@ class Int8Layers:
         for v in outputs:
             last[id(v.buf)] = len(self.steps)
         index = {id(st): i for i, st in enumerate(self.steps)}
-        for step, x, y, code in self._dw_inplace:
+        for step, x, y in self._dw_inplace:
             if x.buf.kind != "arena" or x.offset or not x.is_contiguous() or x.nbytes != x.buf.nbytes \
                     or last.get(id(x.buf)) != index[id(step)] or y.buf.nbytes > x.buf.nbytes:
                 continue
-            plane = self.new((y.shape[2] * y.shape[3],), "i8", name=y.buf.name + "_plane")
-            y.buf.inplace_of = x.buf
-            step.code = code.replace("@PLANE@", plane.out())
-            step.kernel = "gr_depthwise_inplace_s8"
+            y.buf.inplace_of = x.buf  # gr_depthwise3x3_s8 copies each plane out before writing its output
             step.op += " in place"
-            step.writes.append(plane.buf)
 
     def _qadd(self, ql: int8.QLayer, a: Val, y: Val) -> None:
         b = self.contig(self.val(ql.x2))
@@ -157,14 +155,29 @@ class Int8Layers:
                 step = self.emit("gr_conv2d_nm_s8", "gr_nm.c", code, [x], [y, acc],
                                  macs * packed.n // packed.m, op=op + f" {packed.n}:{packed.m}")
                 step.writes.append(acc.buf)
+            elif pointwise(ql) and self._constants_fixed(name):
+                wv = self.add_const(name + "_w", pointwise_weights(w), "i8")
+                base = self.add_const(name + "_base", folded_base(ql), "i32")
+                xs = self.new((2 * _round4(int(w.shape[1])),), "i32", name=ql.head.name + "_xs")
+                code = (f"{{ {s} {qp}\n  gr_pointwise_s8(&s, &q, {x.ptr()}, {wv.name}, {base.name}, "
+                        f"{y.out()}, {xs.out()}); }}")
+                self.emit("gr_pointwise_s8", "gr_int8.c", code, [x], [y, xs], macs, op=op)
+            elif depthwise3x3(ql) and self._constants_fixed(name):
+                wv = self.add_const(name + "_w", w.numpy().reshape(-1), "i8")
+                base = self.add_const(name + "_base", folded_base(ql), "i32")
+                sh, sw = ql.conv["stride"]
+                rows, cols = (out_shape[2] - 1) * sh + 3, (out_shape[3] - 1) * sw + 3
+                pad = self.new((rows * cols + 4,), "i8", name=ql.head.name + "_pad")
+                code = (f"{{ {s} {qp}\n  gr_depthwise3x3_s8(&s, &q, {x.ptr()}, {wv.name}, {base.name}, "
+                        f"{y.out()}, {pad.out()}); }}")
+                step = self.emit("gr_depthwise3x3_s8", "gr_int8.c", code, [x], [y, pad], macs, op=op)
+                if self.stream:  # in place if x dies here (known at the end)
+                    self._dw_inplace.append((step, x, y))
             else:
                 wv = self.add_const(name + "_w", w.numpy().reshape(-1), "i8")
                 code = (f"{{ {s} {qp}\n  gr_conv2d_s8(&s, &q, {x.ptr()}, {wv.name}, {bias.name}, "
                         f"{y.out()}); }}")
-                step = self.emit("gr_conv2d_s8", "gr_int8.c", code, [x], [y], macs, op=op)
-                if self.stream and depthwise3x3(ql):  # in place if x dies here (known at the end)
-                    self._dw_inplace.append((step, x, y, f"{{ {s} {qp}\n  gr_depthwise_inplace_s8(&s, &q, "
-                                                         f"{x.ptr()}, {wv.name}, {bias.name}, {y.out()}, @PLANE@); }}"))
+                self.emit("gr_conv2d_s8", "gr_int8.c", code, [x], [y], macs, op=op)
         else:
             k, n_out = int(w.shape[1]), int(w.shape[0])
             rows = x.numel // k
@@ -176,8 +189,75 @@ class Int8Layers:
                         f"{rows}, {n_out}, {acc.out()}); }}")
                 self.emit("gr_linear_nm_s8", "gr_nm.c", code, [x], [y, acc],
                           rows * k * n_out * packed.n // packed.m, op=op + f" {packed.n}:{packed.m}")
+            elif self._constants_fixed(name):
+                wv = self.add_const(name + "_w", fc_weights(w), "i32")  # int32: word-aligned for LDRD
+                base = self.add_const(name + "_base", folded_base(ql), "i32")
+                code = (f"{{ {qp}\n  gr_fc_s8(&q, {x.ptr()}, (const int8_t *){wv.name}, {base.name}, "
+                        f"{y.out()}, {rows}, {k}, {n_out}); }}")
+                self.emit("gr_fc_s8", "gr_int8.c", code, [x], [y], rows * k * n_out, op=op)
             else:
                 wv = self.add_const(name + "_w", w.numpy().reshape(-1), "i8")
                 code = (f"{{ {qp}\n  gr_linear_s8(&q, {x.ptr()}, {wv.name}, {bias.name}, {y.out()}, "
                         f"{rows}, {k}, {n_out}); }}")
                 self.emit("gr_linear_s8", "gr_int8.c", code, [x], [y], rows * k * n_out, op=op)
+
+    def _constants_fixed(self, name: str) -> bool:
+        """Whether layer ``name``'s weight and bias are the constants the quantizer made.
+        The kernels that take rearranged weights and a folded bias need that; the training
+        lowerer swaps in buffers its step updates (``_intercept``), which only the plain
+        kernels read as they are."""
+        swapped = getattr(self, "_intercept", {})
+        return name + "_w" not in swapped and name + "_bias_q" not in swapped
+
+
+def _round4(n: int) -> int:
+    return -(-n // 4) * 4
+
+
+def pointwise(ql: int8.QLayer) -> bool:
+    """A 1x1 conv without padding or groups (any stride): ``gr_pointwise_s8``."""
+    c = ql.conv
+    return ql.kind == "conv" and c is not None and tuple(ql.weight.shape[2:]) == (1, 1) \
+        and c["padding"] == (0, 0) and c["groups"] == 1
+
+
+def folded_base(ql: int8.QLayer) -> np.ndarray:
+    """bias_q - in_zp * (sum of each output channel's weights): the input zero point leaves
+    the kernels' loops at code-generation time (sum w (x - zp) = sum w x - zp sum w)."""
+    w = ql.weight.numpy().astype(np.int64).reshape(ql.weight.shape[0], -1)
+    bias = ql.bias_q.astype(np.int64) if ql.bias_q is not None else np.zeros(w.shape[0], np.int64)
+    base = bias - int(ql.in_zp) * w.sum(1)
+    if np.abs(base).max(initial=0) >= 2 ** 31:
+        raise Unsupported("the folded int8 bias overflows int32")
+    return base.astype(np.int32)
+
+
+def pointwise_weights(w) -> np.ndarray:
+    """[oc, cin] int8 as ``gr_pointwise_s8`` reads it: cin zero-padded to a multiple of 4,
+    each group of four stored (c0, c2, c1, c3) so SXTB16 yields the pairs (c0, c1), (c2, c3)."""
+    a = w.numpy().reshape(w.shape[0], -1)
+    out = np.zeros((a.shape[0], _round4(a.shape[1])), np.int8)
+    out[:, :a.shape[1]] = a
+    return np.ascontiguousarray(out.reshape(a.shape[0], -1, 4)[:, :, [0, 2, 1, 3]]).reshape(-1)
+
+
+def fc_weights(w) -> np.ndarray:
+    """[n, k] int8 as ``gr_fc_s8`` reads it, viewed as int32: columns in groups of four (a
+    last group of 1-2 as a group of two, missing columns zero); per group, for each four k
+    the four bytes of each column, then the k % 4 tail column after column, zero-padded to
+    a whole word per column."""
+    a = w.numpy().reshape(w.shape[0], -1)
+    n, k = a.shape
+    main, tail = k // 4 * 4, k % 4
+    parts, j = [], 0
+    while j < n:
+        cols = 4 if n - j >= 3 else 2
+        g = np.zeros((cols, k), np.int8)
+        g[:min(cols, n - j)] = a[j:j + cols]
+        parts.append(g[:, :main].reshape(cols, -1, 4).transpose(1, 0, 2).reshape(-1))
+        if tail:
+            t = np.zeros(cols * 4, np.int8)
+            t[:cols * tail] = g[:, main:].reshape(-1)
+            parts.append(t)
+        j += min(cols, n - j)
+    return np.concatenate(parts).view(np.int32)
