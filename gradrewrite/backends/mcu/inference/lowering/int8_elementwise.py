@@ -9,8 +9,9 @@ tensor input is int8 (a dequantize's input, or another planned op's result) and
 every reader of the result is int8 too (a quantize, which then costs nothing, or
 another planned op). The result's scale and zero point come from that quantize;
 without one, sigmoid/hardsigmoid take TFLite's fixed 1/256, -128, pad/pooling/relu
-keep their input's, and the others cover the range their int8 inputs can reach. The walk repeats until no op drops out (an op that cannot run
-int8 takes its inputs' and readers' chances with it).
+keep their input's, and the others cover the range their int8 inputs can reach. The
+walk repeats until no op drops out (an op that cannot run int8 takes its inputs' and
+readers' chances with it).
 
 This changes what the model computes: a planned op reads the *quantized* tensors
 (TFLite's semantics), not the float values the fake-quant graph passes around.
@@ -124,7 +125,7 @@ def _tensor_args(node: fx.Node) -> list[fx.Node]:
     if node.target in CAT:
         return list(node.args[0])
     if node.target in ADD + MUL:
-        return [a for a in node.args[:2]]
+        return list(node.args[:2])
     return [node.args[0]]
 
 
@@ -250,7 +251,7 @@ def plan(graph, qlayers: dict[fx.Node, int8.QLayer]) -> Plan:
                 dropped = True
         if not dropped:
             break
-    aliases = {u: n for n in elems for u in n.users if u.target == QUANTIZE_PER_TENSOR}
+    aliases = {u: n for n in elems for u in n.users if _is_quantize(u, n)}   # same parameters (_plan_one)
     return Plan(elems, aliases, reasons)
 
 
