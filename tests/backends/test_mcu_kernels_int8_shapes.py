@@ -1,6 +1,6 @@
-"""mcu int8 kernels at odd shapes: gr_pointwise_s8, gr_depthwise3x3_s8 and gr_fc_s8
-bit-exact against the integer reference, on the host build and under QEMU on Cortex-M4
-and Cortex-M7 (whose DSP paths differ from the host's portable C).
+"""mcu int8 kernels at odd shapes: gr_pointwise_s8, gr_depthwise3x3_s8, gr_pw_dw_s8 and
+gr_fc_s8 bit-exact against the integer reference, on the host build and under QEMU on
+Cortex-M4 and Cortex-M7 (whose DSP paths differ from the host's portable C).
 
 Each model is a chain of hand-quantized layers (the QDQ form the quantize pass writes)
 whose shapes hit the kernels' edges: 1x1 maps, channel counts that are not multiples of 4,
@@ -100,6 +100,9 @@ CASES = {
                   {"gr_depthwise3x3_s8": 4}),
     # a 1x1 map: every tap but the centre is padding; two images
     "depthwise 1x1 map": ((2, 3, 1, 1), [_dw(3, relu6=True), _dw(3, 2)], {"gr_depthwise3x3_s8": 2}),
+    # an expand conv streamed into the depthwise after it (gr_pw_dw_s8: one expanded plane at
+    # a time through the same padded-plane depthwise path), stride 2 on an odd size
+    "expand + depthwise": ((1, 5, 7, 9), [_pw(5, 10, relu6=True), _dw(10, 2, z_out=4)], {"gr_pw_dw_s8": 1}),
     # k % 4 tails, column groups of 4 + 3 (a zero column), 4 + 1 (a group of two), 2; one row
     "fully connected": ((1, 13), [_fc(13, 7), _fc(7, 5, relu6=True), _fc(5, 2), _fc(2, 6)], {"gr_fc_s8": 4}),
     # two rows

@@ -235,36 +235,6 @@ static void depthwise3x3_s8(const gr_conv_shape *s, const gr_quant_params *q, co
                                 q->act_min, q->act_max, y + ((size_t)n * s->oc + c) * s->oh * s->ow);
 }
 
-/* A pointwise (1x1, stride 1) expand conv followed by a depthwise 3x3, one expanded
- * channel at a time: channel c of the expand goes to `plane` (h * w bytes), the
- * depthwise reads it from there, so the expanded tensor never exists. Same integer
- * arithmetic as the two kernels one after the other. */
-void gr_pw_dw_s8(const gr_conv_shape *ps, const gr_quant_params *pq, const int8_t *x, const int8_t *pw,
-                 const int32_t *pb, const gr_conv_shape *ds, const gr_quant_params *dq, const int8_t *dw,
-                 const int32_t *db, int8_t *y, int8_t *plane) {
-    const int32_t hw = ps->h * ps->w, cin = ps->c, zp = pq->in_zp;
-    int32_t n, o, c, p;
-    for (n = 0; n < ps->n; n++) {
-        const int8_t *xn = x + (size_t)n * cin * hw;
-        for (o = 0; o < ps->oc; o++) {
-            const int8_t *wo = pw + (size_t)o * cin;
-            int32_t wsum = 0;
-            channel_out co;
-            for (c = 0; c < cin; c++) wsum += wo[c];
-            co.base = (pb ? pb[o] : 0) - zp * wsum; co.mult = pq->mult[o]; co.total = 31 - pq->shift[o];
-            co.ozp = pq->out_zp; co.lo = pq->act_min; co.hi = pq->act_max;
-            for (p = pointwise_rows_s8(xn, wo, cin, hw, hw, &co, plane); p < hw; p++) {
-                int32_t acc = co.base;
-                for (c = 0; c < cin; c++) acc += (int32_t)wo[c] * (int32_t)xn[(size_t)c * hw + p];
-                plane[p] = requant_s8(acc, co.mult, co.total, co.ozp, co.lo, co.hi);
-            }
-            depthwise3x3_channel_s8(ds, plane, dw + (size_t)o * 9, db ? db[o] : 0, dq->in_zp, dq->mult[o],
-                                    dq->shift[o], dq->out_zp, dq->act_min, dq->act_max,
-                                    y + ((size_t)n * ds->oc + o) * ds->oh * ds->ow);
-        }
-    }
-}
-
 /* ---- kernels whose constants the code generator prepares: `base` is the bias with the
  * input zero point folded in (bias - in_zp * sum of the channel's weights), so no kernel
  * sums weights at run time. */
@@ -483,6 +453,34 @@ static GR_NOINLINE void dw_row_slow_s8(const int8_t *r0, int32_t pw, int32_t sw,
     DW_ROW_ANY(DW_SLOW)
 }
 
+static void depthwise_pad_init(const gr_conv_shape *s, int32_t in_zp, int8_t *pad) {
+    memset(pad, in_zp, (size_t)((s->oh - 1) * s->sh + 3) * ((s->ow - 1) * s->sw + 3) + 4);
+}
+
+/* one channel: plane xc into pad's interior (its border already holds the zero point), then
+ * every output row from pad; base: the bias with the zero point folded in */
+static void depthwise_plane_s8(const gr_conv_shape *s, const gr_quant_params *q, int32_t c, const int8_t *xc,
+                               const int8_t *wc, int32_t base, int8_t *yc, int8_t *pad) {
+    const int32_t ph = (s->oh - 1) * s->sh + 3, pw = (s->ow - 1) * s->sw + 3;
+    const int32_t ozp = q->out_zp, lo = q->act_min, hi = q->act_max;
+    const int32_t y0 = s->ph, x0 = s->pw;  /* where input pixel (0, 0) lands in pad */
+    const int32_t rows = s->h < ph - y0 ? s->h : ph - y0, cols = s->w < pw - x0 ? s->w : pw - x0;
+    int32_t oy, iy;
+    dw_taps t;
+    rq_s8 r;
+    for (iy = 0; iy < rows; iy++) memcpy(pad + (size_t)(iy + y0) * pw + x0, xc + (size_t)iy * s->w, (size_t)cols);
+    t.wp0 = PACK_LO(wc[0], wc[2]); t.wp1 = PACK_LO(wc[3], wc[5]); t.wp2 = PACK_LO(wc[6], wc[8]);
+    t.wm = PACK_LO(wc[1], wc[4]); t.w7 = wc[7]; t.base = base;
+    if (rq_init(&r, q->mult[c], q->shift[c])) {
+        for (oy = 0; oy < s->oh; oy++)
+            dw_row_fast_s8(pad + (size_t)oy * s->sh * pw, pw, s->sw, s->ow, &t, &r, ozp, lo, hi, yc + oy * s->ow);
+    } else {
+        for (oy = 0; oy < s->oh; oy++)
+            dw_row_slow_s8(pad + (size_t)oy * s->sh * pw, pw, s->sw, s->ow, &t, q->mult[c], 31 - q->shift[c],
+                           ozp, lo, hi, yc + oy * s->ow);
+    }
+}
+
 /* Depthwise 3x3, dilation 1, any stride and padding. Each input plane is copied into
  * `pad` ((oh - 1) * sh + 3 rows of (ow - 1) * sw + 3 bytes, + 4), whose border holds the
  * input zero point (real 0, cancelled by the folded base), so every output takes the same
@@ -490,29 +488,46 @@ static GR_NOINLINE void dw_row_slow_s8(const int8_t *r0, int32_t pw, int32_t sw,
  * plane c is in `pad` before output plane c is written. */
 void gr_depthwise3x3_s8(const gr_conv_shape *s, const gr_quant_params *q, const int8_t *x, const int8_t *w,
                         const int32_t *base, int8_t *y, int8_t *pad) {
-    const int32_t ph = (s->oh - 1) * s->sh + 3, pw = (s->ow - 1) * s->sw + 3;
-    const int32_t ozp = q->out_zp, lo = q->act_min, hi = q->act_max;
-    /* the input rows / columns that land inside pad */
-    const int32_t y0 = s->ph, x0 = s->pw;
-    const int32_t rows = s->h < ph - y0 ? s->h : ph - y0, cols = s->w < pw - x0 ? s->w : pw - x0;
-    int32_t n, c, oy, iy;
-    memset(pad, q->in_zp, (size_t)ph * pw + 4);
+    int32_t n, c;
+    depthwise_pad_init(s, q->in_zp, pad);
     for (n = 0; n < s->n; n++) for (c = 0; c < s->c; c++) {
         const size_t plane = (size_t)n * s->c + c;
-        const int8_t *xc = x + plane * s->h * s->w, *wc = w + (size_t)c * 9;
-        int8_t *yc = y + plane * s->oh * s->ow;
-        dw_taps t;
-        rq_s8 r;
-        for (iy = 0; iy < rows; iy++) memcpy(pad + (size_t)(iy + y0) * pw + x0, xc + (size_t)iy * s->w, (size_t)cols);
-        t.wp0 = PACK_LO(wc[0], wc[2]); t.wp1 = PACK_LO(wc[3], wc[5]); t.wp2 = PACK_LO(wc[6], wc[8]);
-        t.wm = PACK_LO(wc[1], wc[4]); t.w7 = wc[7]; t.base = base[c];
-        if (rq_init(&r, q->mult[c], q->shift[c])) {
-            for (oy = 0; oy < s->oh; oy++)
-                dw_row_fast_s8(pad + (size_t)oy * s->sh * pw, pw, s->sw, s->ow, &t, &r, ozp, lo, hi, yc + oy * s->ow);
-        } else {
-            for (oy = 0; oy < s->oh; oy++)
-                dw_row_slow_s8(pad + (size_t)oy * s->sh * pw, pw, s->sw, s->ow, &t, q->mult[c], 31 - q->shift[c],
-                               ozp, lo, hi, yc + oy * s->ow);
+        depthwise_plane_s8(s, q, c, x + plane * s->h * s->w, w + (size_t)c * 9, base[c], y + plane * s->oh * s->ow,
+                           pad);
+    }
+}
+
+/* A pointwise (1x1, stride 1) expand conv followed by a depthwise 3x3, one expanded
+ * channel at a time: channel c of the expand goes to `plane` (h * w bytes), the depthwise
+ * reads it from there (through `pad`, as gr_depthwise3x3_s8), so the expanded tensor never
+ * exists. Same integer arithmetic as the two kernels one after the other. */
+void gr_pw_dw_s8(const gr_conv_shape *ps, const gr_quant_params *pq, const int8_t *x, const int8_t *pw,
+                 const int32_t *pb, const gr_conv_shape *ds, const gr_quant_params *dq, const int8_t *dw,
+                 const int32_t *db, int8_t *y, int8_t *plane, int8_t *pad) {
+    const int32_t hw = ps->h * ps->w, cin = ps->c, zp = pq->in_zp;
+    int32_t n, o, c, p;
+    depthwise_pad_init(ds, dq->in_zp, pad);
+    for (n = 0; n < ps->n; n++) {
+        const int8_t *xn = x + (size_t)n * cin * hw;
+        for (o = 0; o < ps->oc; o++) {
+            const int8_t *wo = pw + (size_t)o * cin;
+            int32_t wsum = 0;
+            channel_out co;
+            for (c = 0; c < cin; c++) wsum += wo[c];
+            co.base = (pb ? pb[o] : 0) - zp * wsum; co.mult = pq->mult[o]; co.total = 31 - pq->shift[o];
+            co.ozp = pq->out_zp; co.lo = pq->act_min; co.hi = pq->act_max;
+            for (p = pointwise_rows_s8(xn, wo, cin, hw, hw, &co, plane); p < hw; p++) {
+                int32_t acc = co.base;
+                for (c = 0; c < cin; c++) acc += (int32_t)wo[c] * (int32_t)xn[(size_t)c * hw + p];
+                plane[p] = requant_s8(acc, co.mult, co.total, co.ozp, co.lo, co.hi);
+            }
+            {   /* the bias and trained-weight buffers may change between runs: sums here */
+                const int8_t *wd = dw + (size_t)o * 9;
+                int32_t wd_sum = 0;
+                for (c = 0; c < 9; c++) wd_sum += wd[c];
+                depthwise_plane_s8(ds, dq, o, plane, wd, (db ? db[o] : 0) - dq->in_zp * wd_sum,
+                                   y + ((size_t)n * ds->oc + o) * ds->oh * ds->ow, pad);
+            }
         }
     }
 }

@@ -79,6 +79,7 @@ class Int8Layers:
         mid_shape, out_shape = shape_of(pw.head), shape_of(dw.head)
         y = self.new(out_shape, "i8", name=dw.head.name)
         plane = self.new((mid_shape[2] * mid_shape[3],), "i8", name=dw.head.name + "_plane")
+        pad = self.new((_pad_bytes(dw, out_shape),), "i8", name=dw.head.name + "_pad")
         parts, macs, reads = [], 0, [x]
         for tag, ql, xs, ys in (("p", pw, x.shape, mid_shape), ("d", dw, mid_shape, out_shape)):
             name = ident(module_path(ql.layer) or ql.layer.name)
@@ -97,8 +98,8 @@ class Int8Layers:
         op = "int8 expand+depthwise " + "+".join(op_name(n) for n in (pw.layer, pw.act, dw.layer, dw.act)
                                                   if n is not None)
         code = (f"{{ {ps}\n  {ds}\n  gr_pw_dw_s8(&ps, &pq, {x.ptr()}, {pwn}, {pbn}, &ds, &dq, {dwn}, {dbn}, "
-                f"{y.out()}, {plane.out()}); }}")
-        self.emit("gr_pw_dw_s8", "gr_int8.c", code, reads, [y, plane], macs, op=op)
+                f"{y.out()}, {plane.out()}, {pad.out()}); }}")
+        self.emit("gr_pw_dw_s8", "gr_int8.c", code, reads, [y, plane, pad], macs, op=op)
         return y
 
     def _depthwise_in_place(self, outputs: list[Val]) -> None:
@@ -165,9 +166,7 @@ class Int8Layers:
             elif depthwise3x3(ql) and self._constants_fixed(name):
                 wv = self.add_const(name + "_w", w.numpy().reshape(-1), "i8")
                 base = self.add_const(name + "_base", folded_base(ql), "i32")
-                sh, sw = ql.conv["stride"]
-                rows, cols = (out_shape[2] - 1) * sh + 3, (out_shape[3] - 1) * sw + 3
-                pad = self.new((rows * cols + 4,), "i8", name=ql.head.name + "_pad")
+                pad = self.new((_pad_bytes(ql, out_shape),), "i8", name=ql.head.name + "_pad")
                 code = (f"{{ {s} {qp}\n  gr_depthwise3x3_s8(&s, &q, {x.ptr()}, {wv.name}, {base.name}, "
                         f"{y.out()}, {pad.out()}); }}")
                 step = self.emit("gr_depthwise3x3_s8", "gr_int8.c", code, [x], [y, pad], macs, op=op)
@@ -208,6 +207,12 @@ class Int8Layers:
         kernels read as they are."""
         swapped = getattr(self, "_intercept", {})
         return name + "_w" not in swapped and name + "_bias_q" not in swapped
+
+
+def _pad_bytes(ql: int8.QLayer, out_shape) -> int:
+    """The zero-point-padded input plane a depthwise 3x3 reads (+ 4: its last word load)."""
+    sh, sw = ql.conv["stride"]
+    return ((out_shape[2] - 1) * sh + 3) * ((out_shape[3] - 1) * sw + 3) + 4
 
 
 def _round4(n: int) -> int:
