@@ -100,15 +100,21 @@ def _out_scales(graph):
     return [(float(n.args[1]), int(n.args[2])) for n in out.args[0]]
 
 
-def test_plan_keeps_ops_fp32_with_a_reason():
-    class Mixed(OpNet):
-        def forward(self, x):
-            x = _dq(_q(x, 0.03, 3), 0.03, 3)
-            a = self.conv(x, "w1", 0.02, -7)
-            h = F.hardswish(a)                       # read by an fp32 softmax: stays fp32
-            return torch.softmax(h, 1), _dq(_q(F.pad(x, (1, 0, 0, 0)) * 2, 0.1, 0), 0.1, 0)
+class Mixed(OpNet):
+    def forward(self, x):
+        x = _dq(_q(x, 0.03, 3), 0.03, 3)
+        a = self.conv(x, "w1", 0.02, -7)
+        h = F.hardswish(a)                       # read by an fp32 softmax: stays fp32
+        return torch.softmax(h, -1), _dq(_q(F.pad(x, (1, 0, 0, 0)) * 2, 0.1, 0), 0.1, 0)
 
-    graph = graph_of(Mixed("x"), torch.randn(1, 3, 4, 4))
+
+def make_mixed():
+    return Mixed("x").eval(), (torch.randn(1, 3, 4, 4),)
+
+
+def test_plan_keeps_ops_fp32_with_a_reason():
+    model, example = make_mixed()
+    graph = graph_of(model, *example)
     plan = ie.plan(graph, int8.find(graph))
     reasons = {n.name: r for n, r in plan.fp32.items()}
     assert "softmax" in reasons["hardswish"] and "fp32" in reasons["hardswish"]
@@ -118,6 +124,30 @@ def test_plan_keeps_ops_fp32_with_a_reason():
     assert all(listed.values())
     assert "constant operand" in listed["aten.mul.Tensor"]
     assert fp32_ops(graph_of(nn.Conv2d(3, 4, 1), torch.randn(1, 3, 4, 4))) == []   # float graph
+
+
+class InputPad(OpNet):
+    def forward(self, x):
+        x = F.pad(x, (0, 1, 2, 0), value=self.value)
+        return (self.conv(_dq(_q(x, 0.03, 3), 0.03, 3), "w1", 0.02, -7),)
+
+
+@pytest.mark.parametrize("value", [0.0, 0.5])
+def test_zero_pad_of_the_input_pads_the_int8_input(value, tmp_path):
+    """quantize(pad(x, 0)) == pad(quantize(x), zero point): the caller's int8 input is
+    padded; another constant keeps the float input, an fp32 pad and a quantize."""
+    net = InputPad("x")
+    net.value = value
+    x = torch.randn(1, 3, 5, 4, generator=torch.Generator().manual_seed(2))
+    graph = graph_of(net, x)
+    prog = lower(graph)
+    kernels = [s.kernel for s in prog.steps]
+    if value == 0.0:
+        assert kernels[0] == "gr_pad_s8" and prog.inputs[0].dtype == "i8", kernels
+    else:
+        assert kernels[:2] == ["gr_pad_f32", "gr_quantize_f32_i8"] and prog.inputs[0].dtype == "f32", kernels
+    (got,), _ = build_and_run(graph, tmp_path, x)
+    assert torch.equal(got, integer_reference(graph, x)[0])
 
 
 def test_fp32_pad_matches_torch(tmp_path):
@@ -196,18 +226,23 @@ def test_se_net_cli_cortex_m4_bit_exact_and_check(tmp_path):
         assert {"gr_add_lut_s8", "gr_mul_s8", "gr_lut_s8", "gr_avg_pool2d_s8", "gr_concat_s8",
                 "gr_pad_s8"} <= set(kernels), kernels
         assert facts["int8_check"]["bit_exact_expected"] and facts["int8_check"]["bit_exact"]
-        # fp32 only before the first layer: the pad of the float input
-        assert [k for k in kernels if not k.endswith("_s8")] == ["gr_pad_f32", "gr_quantize_f32_i8",
-                                                                  "gr_dequantize_i8_f32"], kernels
+        # int8 from the input (zero-padded with its zero point) to the dequantized logits
+        assert [k for k in kernels if not k.endswith("_s8")] == ["gr_dequantize_i8_f32"], kernels
+        assert kernels[0] == "gr_pad_s8" and facts["inputs"][0]["dtype"] == "int8"
         x = tmp_path / "x.npy"
         np.save(x, np.random.default_rng(3).standard_normal((1, 3, 16, 16)).astype(np.float32))
         proc = run_cli("run", out, "--input", x, "--compare", "-o", tmp_path / "y.npz", check=True)
         assert "compare: ok (int8, bit-exact against the integer reference" in proc.stdout
         chk = run_cli("check", out / "mcu" / "reference.pt2", "--target", "cortex-m4", check=True)
+        mixed = run_cli("check", "--module", "tests.backends.test_mcu_int8_elementwise:make_mixed", check=True)
     finally:
         if old is None:
             os.environ.pop("PYTHONPATH")
         else:
             os.environ["PYTHONPATH"] = old
-    fp32 = [l for l in chk.stdout.splitlines() if l.startswith("stays fp32:")]
-    assert fp32 == ["stays fp32: aten.pad at <root>: input x is not int8 (placeholder runs fp32)"], chk.stdout
+    assert "stays fp32" not in chk.stdout and "can be generated" in chk.stdout
+    fp32 = [l for l in mixed.stdout.splitlines() if l.startswith("stays fp32:")]
+    assert fp32 == ["stays fp32: aten.hardswish at <root>: its result is read by aten.softmax.int, which runs fp32",
+                    "stays fp32: aten.softmax.int at <root>: no int8 kernel for this op",
+                    "stays fp32: aten.pad at <root>: its result is read by aten.mul.Tensor, which runs fp32",
+                    "stays fp32: aten.mul.Tensor at <root>: a constant operand"], mixed.stdout

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from ...rewrite.graph import Graph, module_path, op_name
 from .inference.lowering import unsupported_ops
-from .inference.lowering.int8_elementwise import QDQ, VIEWS
+from .inference.lowering.int8_elementwise import PAD, QDQ, VIEWS
 from .inference.lowering.lowerer import Lowerer
 from .targets import get_target
 
@@ -46,6 +46,9 @@ def fp32_ops(graph: Graph) -> list[UnsupportedOp]:
         if n.op != "call_function" or n in lw.skip or n in lw.qlayers or n in plan.elems or n in plan.aliases \
                 or n.target in QDQ or n.target in VIEWS or lw.is_const(n):
             continue
+        x = n.args[0] if n.args else None
+        if n.target in PAD and getattr(x, "op", None) == "placeholder" and Lowerer._input_quantize(x, True):
+            continue   # pads the caller's int8 input
         out.append(UnsupportedOp(op_name(n), module_path(n) or "<root>",
                                  plan.fp32.get(n, "no int8 kernel for this op")))
     return out

@@ -422,10 +422,40 @@ def emit_add(lw, a: Val, b: Val, y: Val, zps, mult: np.ndarray, shift: np.ndarra
             f"{int(shift[0])}, {out_zp}, {act_min}, {act_max});", [a, b], [y], op=op)
 
 
+def input_readers(node: fx.Node) -> list[fx.Node] | None:
+    """The readers of float input ``node`` with its zero constant pads looked through
+    (None: a pad of another kind). pad(quantize(x), zero point) == quantize(pad(x, 0))
+    exactly, so when they all quantize alike the caller's int8 input is padded instead."""
+    out = []
+    for u in node.users:
+        if u.target in PAD and u.args[0] is node:
+            try:
+                pads(u)
+            except NotInt8:
+                return None
+            if pad_value(u) != 0.0 or not u.users:
+                return None
+            out += list(u.users)
+        else:
+            out.append(u)
+    return out
+
+
+def lower_input_pad(lw, node: fx.Node, x: Val, zp: int) -> Val:
+    """``gr_pad_s8`` of the int8 model input ``x`` (zero pad ``node``) with its zero point."""
+    top, bottom, left, right = pads(node)
+    lw.current = node
+    y = lw.new(_shape(node), "i8")
+    lw.emit("gr_pad_s8", "gr_int8_elementwise.c",
+            f"gr_pad_s8({x.ptr()}, {y.out()}, {numel(x.shape[:-2])}, {x.shape[-2]}, {x.shape[-1]}, {top}, "
+            f"{bottom}, {left}, {right}, {zp}, NULL);", [x], [y], op="int8 " + op_name(node))
+    return y
+
+
 def _rescale_struct(var: str, in_q, out_q, r) -> str:
     if r is None:
         return ""
     return f"static const gr_rescale_s8 {var} = {{{in_q[1]}, {out_q[1]}, {r[0]}, {r[1]}}};"
 
 
-__all__ = ["NotInt8", "Plan", "QElem", "plan", "deps", "lower", "emit_add", "lut_table", "round_half_up", "VIEWS", "QDQ"]
+__all__ = ["NotInt8", "Plan", "QElem", "plan", "deps", "lower", "emit_add", "input_readers", "lower_input_pad", "lut_table", "round_half_up", "VIEWS", "QDQ"]

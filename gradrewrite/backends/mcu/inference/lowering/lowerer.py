@@ -194,7 +194,7 @@ class Lowerer(Int8Layers):
                         raise Unsupported(f"input {node.name}: {exc}") from None
                     self.unsupported.append(("input", node.name, str(exc)))
                     dt = "f32"
-                quant = self._input_quantize(node) if self.quantized_inputs else None
+                quant = self._input_quantize(node, self.int8_elementwise) if self.quantized_inputs else None
                 if quant is not None:
                     dt = "i8"
                 shape = tuple(int(s) for s in val.shape)
@@ -205,8 +205,12 @@ class Lowerer(Int8Layers):
                 self.input_quant.append(quant)
                 if quant is not None:  # the caller quantized it: its quantize nodes are the input
                     for user in node.users:
-                        self.vals[user] = self.vals[node]
+                        self.vals[user] = self.vals[node] if user.target == QUANTIZE_PER_TENSOR else \
+                            int8_elem.lower_input_pad(self, user, self.vals[node], quant["zero_point"])
                         self.skip.add(user)
+                        for q in (user.users if user.target != QUANTIZE_PER_TENSOR else ()):
+                            self.vals[q] = self.vals[user]   # quantize(pad(x)): the padded int8 input
+                            self.skip.add(q)
             elif node.op == "output":
                 outs = [a for a in torch.utils._pytree.tree_leaves(node.args[0]) if isinstance(a, fx.Node)]
                 outputs = [self._output(a) for a in outs]
@@ -219,16 +223,17 @@ class Lowerer(Int8Layers):
                         "input_quantize": self.input_quant})
 
     @staticmethod
-    def _input_quantize(node: fx.Node) -> dict | None:
+    def _input_quantize(node: fx.Node, pads: bool = False) -> dict | None:
         """(scale, zero point) when every reader of float input ``node`` is the same int8
-        quantize_per_tensor, else None."""
+        quantize_per_tensor (``pads``: or a zero pad only such quantizes read), else None."""
         val = node.meta.get("val")
         if not isinstance(val, torch.Tensor) or val.dtype != torch.float32 or not node.users:
             return None
         params = set()
-        for user in node.users:
-            if user.op != "call_function" or user.target != QUANTIZE_PER_TENSOR or user.args[0] is not node \
-                    or user.kwargs or len(user.args) != 6:
+        readers = int8_elem.input_readers(node) if pads else list(node.users)
+        for user in readers or ():
+            if user.op != "call_function" or user.target != QUANTIZE_PER_TENSOR \
+                    or user.args[0] not in (node, *node.users) or user.kwargs or len(user.args) != 6:
                 return None
             scale, zp, qmin, qmax, dtype = user.args[1:6]
             if dtype != torch.int8 or (int(qmin), int(qmax)) != (-128, 127) \
