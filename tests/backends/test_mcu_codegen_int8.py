@@ -185,7 +185,7 @@ def test_quantize_pass_output_compiles_bit_exact(tmp_path):
     facts = art.report["mcu"]
     assert facts["int8_check"]["bit_exact_expected"] and facts["int8_check"]["bit_exact"]
     kernels = {op["kernel"] for op in facts["ops"]}
-    assert {"gr_conv2d_s8", "gr_fc_s8", "gr_add_s8", "gr_max_pool2d_s8"} <= kernels
+    assert {"gr_conv2d_s8", "gr_fc_s8", "gr_add_lut_s8", "gr_max_pool2d_s8"} <= kernels
     # int8 activations: the arena is far below the fp32 build's
     assert facts["arena_bytes"] < 40_000
 

@@ -16,6 +16,7 @@ from .....rewrite import int8_layers as int8
 from .. import nm
 from ...program import Val
 from .base import Unsupported, conv_shape, ident, nm_struct, pair, pool_shape, shape_of
+from .int8_elementwise import emit_add
 
 
 def depthwise3x3(ql: int8.QLayer) -> bool:
@@ -125,14 +126,11 @@ class Int8Layers:
         b = self.contig(self.val(ql.x2))
         self.current = ql.layer
         name = ident(module_path(ql.layer) or ql.layer.name)
-        mult = self.add_const(name + "_mult", ql.mult, "i32")
-        shift = self.add_const(name + "_shift", ql.shift, "i32")
         y.buf.inplace_of = a.buf if a.buf.kind == "arena" and a.buf.nbytes == y.buf.nbytes \
             and a.is_contiguous() and a.offset == 0 and b.buf is not a.buf else None
         op = "int8 " + op_name(ql.layer) + ("+" + op_name(ql.act) if ql.act is not None else "")
-        self.emit("gr_add_s8", "gr_int8.c",
-                  f"gr_add_s8({a.ptr()}, {ql.in_zp}, {b.ptr()}, {ql.in2_zp}, {y.out()}, {y.numel}, "
-                  f"{mult.name}, {shift.name}, {ql.out_zp}, {ql.act_min}, {ql.act_max});", [a, b], [y], op=op)
+        emit_add(self, a, b, y, (ql.in_zp, ql.in2_zp), ql.mult, ql.shift, ql.out_zp, ql.act_min, ql.act_max,
+                 name, op)   # gr_add_s8's values, per-input terms tabulated
 
     def _qmac(self, ql: int8.QLayer, x: Val, y: Val, out_shape: tuple[int, ...]) -> None:
         name = ident(module_path(ql.layer) or ql.layer.name)
