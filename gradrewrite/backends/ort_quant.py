@@ -123,9 +123,7 @@ def _u32(v: int):
 def _ell(op, values, cols, counts, nnz: int, k: int):
     """Stored outliers -> rows padded to the longest: int32 cols ``[N, c]`` and fp32 values
     ``[N, c]`` (padding reads column 0 with value 0)."""
-    cols = op.Cast(cols, to=7)
-    if k <= 2 * COL_OFFSET:                           # int16 storage holds col - COL_OFFSET
-        cols = op.Add(cols, _ints(op, [COL_OFFSET]))
+    cols = _column_indices(op, cols, k)
     counts = op.Cast(counts, to=7)                                               # INT64
     starts = op.CumSum(counts, _ints(op, [0]), exclusive=1)
     slots = op.Range(op.Constant(value_int=0), op.ReduceMax(counts, keepdims=0), op.Constant(value_int=1))
@@ -137,9 +135,9 @@ def _ell(op, values, cols, counts, nnz: int, k: int):
 
 
 def _column_indices(op, cols, k: int):
-    """Stored whole-column indices ``[c]`` -> int64 columns (built at load)."""
+    """Stored column indices -> int64 columns (built at load)."""
     cols = op.Cast(cols, to=7)
-    if k <= 2 * COL_OFFSET:
+    if k <= 2 * COL_OFFSET:                           # int16 storage holds col - COL_OFFSET
         cols = op.Add(cols, _ints(op, [COL_OFFSET]))
     return cols
 

@@ -96,8 +96,12 @@ def pack_outlier_positions(rows: torch.Tensor, cols: torch.Tensor, n_rows: int,
 def outlier_positions(cols: torch.Tensor, counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Stored ``(cols, counts)`` -> int64 ``(rows, cols)`` of every outlier."""
     rows = torch.repeat_interleave(torch.arange(counts.numel()), counts.to(torch.int64))
-    cols = cols.to(torch.int64) + (COL_OFFSET if cols.dtype == torch.int16 else 0)
-    return rows, cols
+    return rows, stored_columns(cols)
+
+
+def stored_columns(cols: torch.Tensor) -> torch.Tensor:
+    """Stored outlier columns (int16 ``col - COL_OFFSET`` or int32 ``col``) -> int64 columns."""
+    return cols.to(torch.int64) + (COL_OFFSET if cols.dtype == torch.int16 else 0)
 
 
 def outliers_to_dense(values: torch.Tensor, cols: torch.Tensor, counts: Optional[torch.Tensor],
@@ -105,8 +109,7 @@ def outliers_to_dense(values: torch.Tensor, cols: torch.Tensor, counts: Optional
     """Stored outliers (values, cols, counts; or whole columns: 2-D values) -> dense fp32."""
     dense = torch.zeros(shape, dtype=torch.float32)
     if values.dim() == 2:
-        dense[:, cols.to(torch.int64) + (COL_OFFSET if cols.dtype == torch.int16 else 0)] = \
-            values.to(torch.float32)
+        dense[:, stored_columns(cols)] = values.to(torch.float32)
         return dense
     rows, cols = outlier_positions(cols, counts)
     dense[rows, cols] = values.to(torch.float32)
@@ -145,5 +148,5 @@ GROUPWISE_LINEAR = torch.ops.gradrewrite.groupwise_linear.default
 
 __all__ = ["QUANTIZE_PER_TENSOR", "DEQUANTIZE_PER_TENSOR", "DEQUANTIZE_PER_CHANNEL",
            "GROUPWISE_LINEAR", "pack_bits", "unpack_bits", "dequantize_groupwise",
-           "COL_OFFSET", "pack_outlier_positions", "outlier_positions", "outliers_to_dense",
+           "COL_OFFSET", "pack_outlier_positions", "outlier_positions", "stored_columns", "outliers_to_dense",
            "groupwise_weight", "groupwise_linear"]

@@ -151,9 +151,7 @@ def choose_damp(w: torch.Tensor, h: torch.Tensor, halves: Sequence[tuple[torch.T
         part = problems[c0:c0 + chunk]
         us = []
         for d, fit, _ in part:
-            fit = fit.float()   # float32 is plenty to rank dampenings, and twice as fast
-            dead = torch.diagonal(fit) == 0
-            fit[dead, dead] = 1.0
+            fit = _undead(fit.float())   # float32 is plenty to rank dampenings, and twice as fast
             us.append(_inverse_cholesky(fit[perm][:, perm], d)[0].to(dtype))
         q_deq = _columns(setup, torch.stack(us), block)[0]
         for (d, _, held), q in zip(part, q_deq):
@@ -219,6 +217,14 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, bits: int, group: int, *,
     return q, stats
 
 
+def _undead(h: torch.Tensor) -> torch.Tensor:
+    """A copy of ``h`` whose always-zero inputs get ``H[j, j] = 1`` (they stay factorisable)."""
+    h = h.clone()
+    dead = torch.diagonal(h) == 0
+    h[dead, dead] = 1.0
+    return h
+
+
 class _Setup:
     """What every GPTQ run of one layer shares: column order, outliers, static groups."""
 
@@ -227,10 +233,7 @@ class _Setup:
         self.w0, self.bits, self.group, self.act_order, self.clip, self.dtype = \
             w0, bits, group, act_order, clip, dtype
         self.n_groups = math.ceil(k / group)
-        h = h.clone()
-        dead = torch.diagonal(h) == 0
-        h[dead, dead] = 1.0
-        self.h = h
+        self.h = _undead(h)
         self.static = None
         if act_order:
             self.perm = torch.argsort(torch.diagonal(h), descending=True, stable=True)
