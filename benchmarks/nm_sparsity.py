@@ -11,8 +11,13 @@ then ``nm-finalize`` and test accuracy:
 - dense: no sparsity, fine-tuned the same number of steps (the reference);
 - one-shot: ``nm-sparsity(mode=oneshot)`` magnitude masks, no fine-tune;
 - one-shot + FT: the same masks, fine-tuned with the mask held fixed;
-- SR-STE, PGF mask decay, PGF structure decay: ``nm-sparsity(mode=...)`` training rules
-  (dense warm-up 10% of the steps, decay / schedule 70%, fixed mask 20%).
+- SR-STE, PGF mask decay (both β decays, ``decay=linear`` and ``decay=exp``, side by
+  side), PGF structure decay: ``nm-sparsity(mode=...)`` training rules (dense warm-up 10%
+  of the steps, decay / schedule 70%, fixed mask 20%).
+
+Every row names its variant (the mask-decay rows their β decay, and which one is the
+pass default), and the run prints, per model and ratio, whether PGF mask decay with the
+pass's default decay reaches SR-STE's mean accuracy, and which decay measured better.
 
 The first layer (Mixer patch embedding, 4 pixels per patch; CNN conv1, 1 input
 channel) and the classifier head stay dense; the pass's skip list is recorded.
@@ -28,6 +33,7 @@ Speed. Not measured here: see the section text.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gzip
 import math
 import statistics
@@ -45,12 +51,24 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import gradrewrite as gr  # noqa: E402
 from benchmarks import _report  # noqa: E402
+from gradrewrite.passes.nm_sparsity import NMSparsity  # noqa: E402
+from gradrewrite.passes.nm_sparsity.training import NMTrainConfig  # noqa: E402
 
 RATIOS = [(2, 4), (1, 4), (1, 8), (1, 16)]
-METHODS = ["oneshot", "oneshot+ft", "srste", "pgf-mask", "pgf-structure"]
+# The pass's own default β decay (read from the pass, so the labels follow it).
+DEFAULT_DECAY = next(f.default for f in dataclasses.fields(NMSparsity) if f.name == "decay")
+DECAYS = ("linear", "exp")
+# Training variants: benchmark key -> nm-sparsity options (the mode plus what tells it apart).
+TRAINING = {"srste": {"mode": "srste"},
+            **{f"pgf-mask-{d}": {"mode": "pgf-mask", "decay": d} for d in DECAYS},
+            "pgf-structure": {"mode": "pgf-structure"}}
+METHODS = ["oneshot", "oneshot+ft", *TRAINING]
+PGF_DEFAULT = f"pgf-mask-{DEFAULT_DECAY}"
 LABELS = {"dense": "dense (fine-tuned)", "oneshot": "one-shot magnitude",
           "oneshot+ft": "one-shot + masked FT", "srste": "SR-STE",
-          "pgf-mask": "PGF mask decay", "pgf-structure": "PGF structure decay"}
+          **{f"pgf-mask-{d}": f"PGF mask decay, {d} β" + (" (pass default)" if d == DEFAULT_DECAY
+                                                          else "") for d in DECAYS},
+          "pgf-structure": "PGF structure decay"}
 BATCH = 64
 PRETRAIN_LR = 3e-3
 FT_LR = 1e-3
@@ -179,13 +197,27 @@ def accuracy(module: nn.Module, data) -> float:
 
 
 # --------------------------------------------------------------------------- one run
-def nm_spec(n: int, m: int, mode: str, exclude: str, steps: int) -> str:
-    spec = f"nm-sparsity(n={n},m={m},mode={mode},exclude='{exclude}'"
-    if mode != "oneshot":
-        warmup = int(round(WARMUP_FRAC * steps))
-        decay = max(1, int(round(DECAY_FRAC * steps)))
+def phase_steps(steps: int) -> tuple[int, int]:
+    """(warm-up, decay) steps of a ``steps``-step fine-tune."""
+    return int(round(WARMUP_FRAC * steps)), max(1, int(round(DECAY_FRAC * steps)))
+
+
+def nm_spec(n: int, m: int, method: str, exclude: str, steps: int) -> str:
+    """The pipeline text of one method (a key of TRAINING, or ``oneshot``)."""
+    options = TRAINING.get(method, {"mode": method})
+    spec = f"nm-sparsity(n={n},m={m},exclude='{exclude}'"
+    spec += "".join(f",{k}={v}" for k, v in options.items())
+    if options["mode"] != "oneshot":
+        warmup, decay = phase_steps(steps)
         spec += f",warmup_steps={warmup},decay_steps={decay}"
     return spec + ")"
+
+
+def mean_beta(decay: str, steps: int) -> float:
+    """pgf-mask's β averaged over the decay phase of a ``steps``-step fine-tune."""
+    warmup, d = phase_steps(steps)
+    cfg = NMTrainConfig("pgf-mask", 1, 4, decay=decay, warmup_steps=warmup, decay_steps=d)
+    return statistics.mean(cfg.beta(warmup + tau) for tau in range(d))
 
 
 def layer_density(graph, report: dict[str, Any]) -> tuple[int, int]:
@@ -228,7 +260,7 @@ def run_method(base, data, method: str, n: int, m: int, exclude: str, steps: int
                 p = g.attr(layer["weight"])
                 masks[layer["weight"]] = (p, (p != 0).to(p.dtype))
             train(g.gm, data, steps, FT_LR, seed + 1, masks=masks)
-    else:
+    else:   # a training variant
         gr.run_pipeline(g, nm_spec(n, m, method, exclude, steps))
         trainer = g.gm.nm_trainer
         train(g.gm, data, steps, FT_LR, seed + 1, trainer=trainer)
@@ -354,7 +386,7 @@ def main() -> None:
             dense = run_method(base, data, "dense", 0, 0, exclude, ft_steps, seed)
             for r in ratios:
                 acc[name]["dense"][r].append(dense["accuracy"])
-            print(f"[{name} seed {seed}] {'dense':14s} -   : {100 * dense['accuracy']:.1f}% "
+            print(f"[{name} seed {seed}] {'dense':15s} -   : {100 * dense['accuracy']:.1f}% "
                   f"({dense['seconds']:.1f}s)", flush=True)
             if seed == 0:
                 storage_inputs[f"{name}:dense"] = (base, {})
@@ -370,7 +402,7 @@ def main() -> None:
                     extra = (f", mask flips/update {res['mask_change_rate_decay_mean']:.4f} mean, "
                              f"{res['mask_change_rate_decay_last']:.4f} last"
                              if res.get("mask_change_rate_decay_mean") is not None else "")
-                    print(f"[{name} seed {seed}] {method:14s} {r:4s}: {100 * res['accuracy']:.1f}%, "
+                    print(f"[{name} seed {seed}] {method:15s} {r:4s}: {100 * res['accuracy']:.1f}%, "
                           f"density {res['sparsified_density']:.4f} of {res['sparsified_params']} "
                           f"sparsified weights ({res['seconds']:.1f}s{extra})", flush=True)
     train_seconds = time.perf_counter() - t_start
@@ -410,7 +442,7 @@ def main() -> None:
 
     dyn_rows = []
     for name in MODELS:
-        for meth in ("srste", "pgf-mask", "pgf-structure"):
+        for meth in TRAINING:
             row = [name, LABELS[meth]]
             for r in ratios:
                 mean = [d["mask_change_rate_decay_mean"] for d in detail[name][meth][r]
@@ -421,12 +453,15 @@ def main() -> None:
                            if mean else "—")
             dyn_rows.append(row)
 
+    pgf_rows, pgf_check, better = pgf_vs_srste(acc, ratios)
+
     diffs = [rec["ort_bytes"] - rec["dense_ort_bytes"] for by_r in storage_rec.values()
              for rec in by_r.values()]
     extra_kib = (f"{min(diffs) / 1024:+.1f}" if min(diffs) == max(diffs)
                  else f"{min(diffs) / 1024:+.1f} to {max(diffs) / 1024:+.1f}")
-    png = _plot(acc, ratios)
-    warm, decay = int(round(WARMUP_FRAC * ft_steps)), max(1, int(round(DECAY_FRAC * ft_steps)))
+    png = _plot(acc, ratios, "tmp/nm_sparsity_quick" if args.quick else "nm_sparsity")
+    warm, decay = phase_steps(ft_steps)
+    betas = {d: mean_beta(d, ft_steps) for d in DECAYS}
     protocol = {
         "dataset": "sklearn load_digits, 8x8, 10 classes; stratified 75/25 split (random_state=0), "
                    "standardised by the training set's mean/std",
@@ -437,6 +472,11 @@ def main() -> None:
         "warmup_steps": warm, "decay_steps": decay, "fixed_mask_steps": ft_steps - warm - decay,
         "exclude": {name: ex for name, (_, ex) in MODELS.items()},
         "quick": args.quick, "threads": args.threads,
+        "variants": {meth: {"label": LABELS[meth], "options": TRAINING.get(meth, {})}
+                     for meth in ["dense", *METHODS]},
+        "pgf_mask_beta": {"linear": "max(0, 1 - tau/D)", "exp": "exp(-tau*ln(1000)/D)",
+                          "mean_over_decay": betas},
+        "pass_default_decay": DEFAULT_DECAY,
     }
     sections = [
         {"heading": f"Test accuracy on digits (%, mean ± std over {args.seeds} seed"
@@ -449,12 +489,25 @@ def main() -> None:
                  "`nm-finalize`, and test accuracy. *dense (fine-tuned)* gets the same fine-tune "
                  "with no sparsity (its value is repeated in every column); *one-shot magnitude* is "
                  "`nm-sparsity(mode=oneshot)` with no fine-tune; *one-shot + masked FT* fine-tunes "
-                 "those masks held fixed. SR-STE (λ = 2e-4) and PGF (mask decay: linear β, "
-                 "pass-through gradient; structure decay: the default schedule, e.g. 1:8 → 7:8, "
-                 f"4:8, 2:8, 1:8) train with a dense warm-up of {warm} steps, {decay} decay steps "
-                 f"and {ft_steps - warm - decay} steps with the final mask fixed. The test set has "
+                 "those masks held fixed. SR-STE (λ = 2e-4) and PGF (mask decay, pass-through "
+                 "gradient, once per β decay: *linear* β(τ) = 1 − τ/D and *exp* β(τ) = "
+                 "exp(−τ·ln(1000)/D), the forward W·(M + β(1−M)); structure decay: the default "
+                 "schedule, e.g. 1:8 → 7:8, 4:8, 2:8, 1:8) train with a dense warm-up of "
+                 f"{warm} steps, D = {decay} decay steps and {ft_steps - warm - decay} steps with "
+                 f"the final mask fixed. Averaged over the decay steps, β is "
+                 f"{betas['linear']:.3f} (linear) and {betas['exp']:.3f} (exp): the linear decay "
+                 "keeps the pruned weights at half strength on average and its forward is nearly "
+                 "sparse only at the end; the exp decay's β is down to 0.1 a third of the way "
+                 f"through. `decay={DEFAULT_DECAY}` is the pass default. The test set has "
                  f"{len(data['xte'])} images: one image is {100 / len(data['xte']):.2f} points.",
          "columns": ["model", "method", *ratios], "rows": acc_rows, "image": png},
+        {"heading": "PGF mask decay against SR-STE",
+         "text": "Mean test accuracy (%) of the PGF mask-decay rows per β decay and of SR-STE, "
+                 "same seeds and batch order. *PGF (default) ≥ SR-STE* compares the means of the "
+                 f"pass-default decay (`decay={DEFAULT_DECAY}`) and SR-STE. {better['text']}",
+         "columns": ["model", "ratio", *(LABELS[f"pgf-mask-{d}"] for d in DECAYS), "SR-STE",
+                     f"PGF ({DEFAULT_DECAY}, default) − SR-STE", "PGF (default) ≥ SR-STE"],
+         "rows": pgf_rows},
         {"heading": "Achieved density and layers left dense",
          "text": "Density = nonzero fraction of the sparsified weights, counted in the finalized "
                  "graphs of every sparse run (all methods, all seeds); whole-model density counts "
@@ -499,7 +552,7 @@ def main() -> None:
                  "tensors on sparse tensor cores) on a lent GPU; this machine has no GPU, so no such "
                  "numbers are reported here."},
     ]
-    _report.write("nm_sparsity", {
+    data = {
         "title": "N:M sparsity: accuracy, storage, speed",
         "protocol": protocol,
         "runtime_seconds": {"training": round(train_seconds, 1), "total": round(total_seconds, 1)},
@@ -508,11 +561,49 @@ def main() -> None:
         "accuracy_summary": {name: {meth: {r: dict(zip(("mean", "std"), mean_std(v)))
                                            for r, v in by_r.items()}
                                     for meth, by_r in by_m.items()} for name, by_m in acc.items()},
-        "runs": detail, "skipped": skips, "storage": storage_rec, "sections": sections})
-    print(f"total {total_seconds:.0f}s; wrote {_report.regenerate()}", flush=True)
+        "pgf_vs_srste": pgf_check, "better_decay": better,
+        "runs": detail, "skipped": skips, "storage": storage_rec, "sections": sections}
+    for c in pgf_check:
+        print(f"PGF ({DEFAULT_DECAY}, the default decay) >= SR-STE at {c['model']} {c['ratio']}: "
+              f"{'holds' if c['holds'] else 'does not hold'} ({c['pgf_default']:.1f} vs "
+              f"{c['srste']:.1f})", flush=True)
+    print(better["text"], flush=True)
+    print(f"total {total_seconds:.0f}s", flush=True)
+    _report.publish("nm_sparsity", data, quick=args.quick)
 
 
-def _plot(acc, ratios) -> str:
+def pgf_vs_srste(acc, ratios) -> tuple[list[list[str]], list[dict[str, Any]], dict[str, Any]]:
+    """Table rows, per (model, ratio) checks of "PGF (default decay) >= SR-STE", and which
+    β decay measured better (more (model, ratio) cells won, then the higher mean)."""
+    def mu(name: str, meth: str, r: str) -> float:
+        return mean_std([100 * v for v in acc[name][meth][r]])[0]
+
+    rows, checks = [], []
+    wins = {d: 0 for d in DECAYS}
+    for name in acc:
+        for r in ratios:
+            pgf = {d: mu(name, f"pgf-mask-{d}", r) for d in DECAYS}
+            sr = mu(name, "srste", r)
+            top = max(pgf.values())
+            for d in DECAYS:
+                wins[d] += pgf[d] == top
+            holds = pgf[DEFAULT_DECAY] >= sr
+            checks.append({"model": name, "ratio": r, "pgf_default": pgf[DEFAULT_DECAY],
+                           "srste": sr, "holds": holds, "pgf": pgf})
+            rows.append([name, r, *(fmt_pct(acc[name][f"pgf-mask-{d}"][r]) for d in DECAYS),
+                         fmt_pct(acc[name]["srste"][r]), f"{pgf[DEFAULT_DECAY] - sr:+.1f}",
+                         "yes" if holds else "no"])
+    means = {d: statistics.mean(c["pgf"][d] for c in checks) for d in DECAYS}
+    best = max(DECAYS, key=lambda d: (wins[d], means[d]))
+    text = (f"Better β decay: {best} (highest mean in {wins[best]} of {len(checks)} model × ratio "
+            "cells, ties counted for both; mean over all cells "
+            + ", ".join(f"{d} {means[d]:.1f}%" for d in DECAYS) + "); the pass default is "
+            f"{DEFAULT_DECAY}" + (" (the same)." if best == DEFAULT_DECAY else " (differs)."))
+    return rows, checks, {"decay": best, "wins": wins, "mean": means, "text": text,
+                          "is_pass_default": best == DEFAULT_DECAY}
+
+
+def _plot(acc, ratios, name: str) -> str:
     """One column per model; top row all methods, bottom row a zoom on the fine-tuned ones."""
     import matplotlib
     matplotlib.use("Agg")
@@ -522,7 +613,8 @@ def _plot(acc, ratios) -> str:
     fig, axes = plt.subplots(2, len(names), figsize=(5.2 * len(names), 7.2), squeeze=False,
                              height_ratios=[1, 1])
     x = np.arange(len(ratios))
-    markers = {"oneshot": "x", "oneshot+ft": "s", "srste": "^", "pgf-mask": "o", "pgf-structure": "D"}
+    markers = {"oneshot": "x", "oneshot+ft": "s", "srste": "^", "pgf-mask-linear": "v",
+               "pgf-mask-exp": "o", "pgf-structure": "D"}
     colors = dict(zip(METHODS, plt.rcParams["axes.prop_cycle"].by_key()["color"]))
     for col, name in enumerate(names):
         mu, sd = mean_std([100 * v for v in acc[name]["dense"][ratios[0]]])
@@ -536,7 +628,7 @@ def _plot(acc, ratios) -> str:
                     continue
                 stats = [mean_std([100 * v for v in acc[name][meth][r]]) for r in ratios]
                 lows += [s[0] - s[1] for s in stats]
-                ax.errorbar(x + (i - 2) * 0.05, [s[0] for s in stats], yerr=[s[1] for s in stats],
+                ax.errorbar(x + (i - (len(METHODS) - 1) / 2) * 0.04, [s[0] for s in stats], yerr=[s[1] for s in stats],
                             marker=markers[meth], color=colors[meth], capsize=3,
                             label=LABELS[meth])
             ax.set_ylim(max(0, min(lows) - 2), 100.5)
@@ -549,7 +641,7 @@ def _plot(acc, ratios) -> str:
     for row in range(2):
         axes[row, 0].set_ylabel("test accuracy, %\n(mean ± std over seeds)")
     axes[0, -1].legend(fontsize=8, loc="lower left")
-    return _report.save_png(fig, "nm_sparsity")
+    return _report.save_png(fig, name)
 
 
 if __name__ == "__main__":

@@ -144,7 +144,7 @@ def test_gradcheck_chain_rule_and_ste_differs():
 
 # --------------------------------------------------------------------------- schedules
 def test_phases_and_linear_beta():
-    cfg = NMTrainConfig("pgf-mask", 1, 8, warmup_steps=10, decay_steps=100)
+    cfg = NMTrainConfig("pgf-mask", 1, 8, decay="linear", warmup_steps=10, decay_steps=100)
     assert [cfg.phase(t) for t in (0, 9, 10, 109, 110, 500)] == \
         ["dense", "dense", "decay", "decay", "fixed-mask", "fixed-mask"]
     assert cfg.rate() == pytest.approx(0.01)
@@ -154,7 +154,8 @@ def test_phases_and_linear_beta():
     assert cfg.beta(60) == pytest.approx(0.5)     # tau = D/2
     assert cfg.beta(109) == pytest.approx(0.01)   # last decay step: 1/D
     assert cfg.beta(110) == 0.0 and cfg.beta(10_000) == 0.0
-    fast = NMTrainConfig("pgf-mask", 1, 8, warmup_steps=10, decay_steps=100, decay_rate=0.02)
+    fast = NMTrainConfig("pgf-mask", 1, 8, decay="linear", warmup_steps=10, decay_steps=100,
+                         decay_rate=0.02)
     assert fast.beta(35) == pytest.approx(0.5)
     assert fast.beta(60) == 0.0 and fast.beta(90) == 0.0   # clamped at 0 inside decay
 
@@ -171,6 +172,102 @@ def test_exp_beta():
     assert cfg.beta(205) == 0.0                   # fixed phase
     given = NMTrainConfig("pgf-mask", 2, 4, decay="exp", decay_steps=200, decay_rate=0.1)
     assert given.beta(10) == pytest.approx(math.exp(-1.0))
+
+
+def test_default_decay_is_exp():
+    """exp is the default β decay of both the pass and the training config (the one that
+    measured better in benchmarks/nm_sparsity.py; see BENCHMARKS.md)."""
+    from gradrewrite.passes.nm_sparsity import NMSparsity
+
+    assert NMTrainConfig("pgf-mask", 2, 4).decay == "exp"
+    assert NMSparsity(mode="pgf-mask").train_config().decay == "exp"
+
+
+def _pass_trainer(captured, spec):
+    """The captured graph (a clone) with ``spec``'s training rewrites installed by the pass."""
+    _, graph = captured
+    graph = graph.clone()
+    gradrewrite.run_pipeline(graph, spec, verify=False)
+    return graph, graph.gm.nm_trainer
+
+
+def _exp_beta(tau, decay_steps):
+    return math.exp(-math.log(1000) * tau / decay_steps)
+
+
+def test_default_exp_beta_follows_its_formula(mlp_captured):
+    """Structure: with the pass's default decay, beta at clock t is
+    exp(-ln(1000) * (t - warmup) / D) in the decay phase, 1 before it and 0 after it, and
+    the effective weight is W * (M + beta * (1 - M)) with that beta."""
+    warm, d = 2, 10
+    graph, trainer = _pass_trainer(
+        mlp_captured, f"nm-sparsity(n=2,m=4,mode=pgf-mask,warmup_steps={warm},decay_steps={d})")
+    assert trainer.cfg.decay == "exp"
+    x = torch.randn(8, 16, generator=torch.Generator().manual_seed(7))
+    opt = torch.optim.SGD([p for p in graph.gm.parameters() if p.requires_grad], lr=0.05)
+    trainer.attach(opt)
+    for t in range(warm + d + 1):
+        assert trainer.t == t
+        if t < warm:
+            assert trainer.beta() == 1.0
+        elif t < warm + d:
+            beta = _exp_beta(t - warm, d)
+            assert trainer.beta() == pytest.approx(beta, rel=1e-12)
+            assert trainer.history[-1]["step"] == t
+            assert trainer.history[-1]["beta"] == pytest.approx(beta, rel=1e-12)
+            eff = trainer.effective_weights()
+            for layer in trainer.layers.values():
+                w = layer.bound_weight.detach()
+                keep = layer.mask.to(w.dtype)
+                torch.testing.assert_close(eff[layer.path], w * (keep + beta * (1 - keep)),
+                                           rtol=1e-6, atol=0)
+        else:
+            assert trainer.beta() == 0.0
+        opt.zero_grad()
+        graph.gm(x).square().mean().backward()
+        opt.step()
+    # the schedule at a few decay times, read straight from the formula
+    assert trainer.beta(warm) == 1.0
+    assert trainer.beta(warm + d // 2) == pytest.approx(1000 ** -0.5)
+    assert trainer.beta(warm + d - 1) == pytest.approx(1000 ** (-(d - 1) / d))
+
+
+@pytest.mark.parametrize("decay", ["linear", "exp"])
+def test_both_decays_end_on_the_exact_nm_mask(mlp_captured, decay):
+    """At the end of the decay phase (either decay) beta reaches 0: the forward uses
+    exactly W * M with M an n:m mask, and nm-finalize bakes that same mask."""
+    warm, d = 1, 6
+    graph, trainer = _pass_trainer(
+        mlp_captured, f"nm-sparsity(n=2,m=4,mode=pgf-mask,decay={decay},warmup_steps={warm},"
+                      f"decay_steps={d})")
+    assert trainer.cfg.decay == decay
+    x = torch.randn(8, 16, generator=torch.Generator().manual_seed(8))
+    _train(graph, trainer, x, steps=warm + d - 1)
+    # last decay step: pruned weights still flow, scaled by a beta in (0, 1)
+    assert trainer.phase() == "decay" and 0.0 < trainer.beta() < 1.0
+    eff = trainer.effective_weights()
+    for layer in trainer.layers.values():
+        w = layer.bound_weight.detach()
+        assert bool((eff[layer.path][~layer.mask] != 0).any())
+        torch.testing.assert_close(eff[layer.path][~layer.mask], trainer.beta() * w[~layer.mask],
+                                   rtol=1e-6, atol=0)
+    _train(graph, trainer, x, steps=1)
+    assert trainer.t == warm + d and trainer.phase() == "fixed-mask" and trainer.beta() == 0.0
+    eff = trainer.effective_weights()
+    frozen = {}
+    for layer in trainer.layers.values():
+        w = layer.bound_weight.detach()
+        assert layer.mask_nm == (2, 4) and check_nm(layer.mask, 2, 4, "linear")
+        assert torch.equal(eff[layer.path], w * layer.mask.to(w.dtype))
+        assert torch.equal(eff[layer.path] != 0, layer.mask)
+        frozen[layer.path] = layer.mask.clone()
+    trained = graph(x)[0]
+    gradrewrite.run_pipeline(graph, "nm-finalize", verify=False)
+    torch.testing.assert_close(graph(x)[0], trained, rtol=0, atol=0)
+    for path, mask in frozen.items():
+        w = params(graph)[path]
+        assert torch.equal(w != 0, mask)
+        assert torch.equal(graph.meta["nm_sparsity"][path]["mask"], mask)
 
 
 def test_default_schedules():
@@ -436,7 +533,7 @@ def _expected_structure(cfg, t):
 
 CONFIGS = [
     NMTrainConfig("srste", 2, 4, warmup_steps=1, decay_steps=3, srste_lambda=0.5),
-    NMTrainConfig("pgf-mask", 2, 4, warmup_steps=1, decay_steps=4),
+    NMTrainConfig("pgf-mask", 2, 4, decay="linear", warmup_steps=1, decay_steps=4),
     NMTrainConfig("pgf-mask", 1, 4, decay_steps=4, decay="exp", gradient="chain-rule"),
     NMTrainConfig("pgf-structure", 1, 8, warmup_steps=1, decay_steps=4),
 ]

@@ -6,7 +6,9 @@ Two ways to get there:
   becomes ``W * nm_mask(|W|)`` (exact zeros, same parameter name); biases are untouched.
 - ``mode=srste | pgf-mask | pgf-structure``: training-time rules (SR-STE, Progressive
   Gradient Flow) are installed on the graph (``training.insert_training_rewrites``); after
-  training, the ``nm-finalize`` pass bakes the final masks into the weights.
+  training, the ``nm-finalize`` pass bakes the final masks into the weights. PGF mask
+  decay's β decays exponentially by default (``decay=exp``; ``decay=linear`` is the other
+  choice): why is in ``training``'s docstring, the measurements in BENCHMARKS.md.
 
 Either way, each sparsified layer node is annotated (``sparsity``, ``density``, shown by
 ``gradrewrite inspect``), ``graph.meta["nm_sparsity"][param]`` keeps the mask, and a
@@ -310,7 +312,8 @@ class NMSparsity:
     on_indivisible: str = field(default="skip", metadata={
         "help": "K not a multiple of m: skip the layer, or pad its last group"})
     srste_lambda: float = field(default=2e-4, metadata={"help": "SR-STE decay of pruned weights"})
-    decay: str = field(default="linear", metadata={"help": "pgf-mask beta(t) decay: linear | exp"})
+    decay: str = field(default="exp", metadata={
+        "help": "pgf-mask beta(t) decay: exp (default; see the module docstring) | linear"})
     decay_rate: float = field(default=0.0, metadata={
         "help": "pgf-mask beta decay rate a (0: derived from decay_steps)"})
     schedule: str = field(default="", metadata={

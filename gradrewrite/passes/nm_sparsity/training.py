@@ -27,13 +27,25 @@ weight, and gradients are w.r.t. ``W``. In the decay phase, per method:
 - ``pgf-mask``: forward ``W*(M + beta(tau)*(1-M))`` (``MaskDecayFunction``); backward
   ``g`` (``gradient="pass-through"``) or ``g*(M + beta*(1-M))`` (``"chain-rule"``).
 
+  - exp (``decay="exp"``, the default): ``beta(tau) = exp(-a*tau)``, ``a = decay_rate``
+    or, if 0, ``ln(1000)/decay_steps``: beta(0) = 1, beta(D/3) = 0.1, beta(D/2) =
+    1000**-0.5, beta(D) = 1e-3 (extrapolated: the fixed phase, which starts at tau = D,
+    uses beta = 0).
   - linear: ``beta(tau) = max(0, 1 - a*tau)``, ``a = decay_rate`` or, if 0,
     ``1/decay_steps``: beta(0) = 1, beta(D/2) = 0.5, beta(D-1) = 1/D (the last decay
     step), and the fixed phase then uses beta = 0.
-  - exp: ``beta(tau) = exp(-a*tau)``, ``a = decay_rate`` or, if 0,
-    ``ln(1000)/decay_steps``: beta(0) = 1, beta(D/2) = 1000**-0.5, beta(D) = 1e-3
-    (extrapolated: the fixed phase, which starts at tau = D, uses beta = 0).
   - ``beta()`` reads 1.0 in the dense phase and 0.0 in the fixed phase.
+
+  Why exp is the default. Both decays reach the exact n:m forward when the fixed phase
+  starts; they differ in how the window is spent. Linear beta tied to the whole decay
+  window averages 0.5 over it: the pruned weights keep half their strength on average,
+  and the forward the network adapts to is close to the sparse one only in the last
+  steps of the window. Exp beta is down to 0.1 a third of the way in, so most of the
+  window trains a nearly sparse forward while the (pass-through) gradient still reaches
+  the pruned weights and lets the mask change. It is the variant the PGF paper favours
+  (its MDGF-Exponential), and it is the one that measured better in
+  ``benchmarks/nm_sparsity.py``, which trains both decays side by side with SR-STE on
+  the same seeds (BENCHMARKS.md, "PGF mask decay against SR-STE").
 - ``pgf-structure``: the ``S = len(schedule)`` stages split the decay phase evenly:
   stage ``i = min(floor(tau*S/decay_steps), S-1)``, i.e. stage i is active for
   ``tau`` in ``[i*L, (i+1)*L)`` with ``L = decay_steps/S``. Forward ``W*M`` with the
@@ -106,7 +118,7 @@ class NMTrainConfig:
     n: int
     m: int
     srste_lambda: float = 2e-4
-    decay: str = "linear"  # pgf-mask beta(t): "linear" | "exp"
+    decay: str = "exp"     # pgf-mask beta(t): "exp" (default) | "linear"
     decay_rate: float = 0.0   # a; 0 -> linear 1/decay_steps, exp ln(1000)/decay_steps
     schedule: tuple[tuple[int, int], ...] = ()   # pgf-structure stages; () -> default
     warmup_steps: int = 0  # dense phase
