@@ -603,7 +603,7 @@ def pgf_vs_srste(acc, ratios) -> tuple[list[list[str]], list[dict[str, Any]], di
                           "is_pass_default": best == DEFAULT_DECAY}
 
 
-def _plot(acc, ratios, name: str) -> str:
+def _plot(acc, ratios, png_name: str) -> str:
     """One column per model; top row all methods, bottom row a zoom on the fine-tuned ones."""
     import matplotlib
     matplotlib.use("Agg")
@@ -641,7 +641,7 @@ def _plot(acc, ratios, name: str) -> str:
     for row in range(2):
         axes[row, 0].set_ylabel("test accuracy, %\n(mean ± std over seeds)")
     axes[0, -1].legend(fontsize=8, loc="lower left")
-    return _report.save_png(fig, name)
+    return _report.save_png(fig, png_name)
 
 
 if __name__ == "__main__":
