@@ -39,6 +39,11 @@ def machine() -> dict[str, Any]:
     return info
 
 
+def _summaries(samples: dict[str, list[float]]) -> dict[str, dict[str, float]]:
+    return {k: {"median_ms": statistics.median(v), "p10_ms": sorted(v)[len(v) // 10],
+                "p90_ms": sorted(v)[(9 * len(v)) // 10], "runs": len(v)} for k, v in samples.items()}
+
+
 def interleaved_medians(fns: dict[str, Callable[[], Any]], *, runs: int = 50,
                         warmup: int = 5) -> dict[str, dict[str, float]]:
     """Time several callables round-robin so machine noise hits them alike."""
@@ -51,8 +56,26 @@ def interleaved_medians(fns: dict[str, Callable[[], Any]], *, runs: int = 50,
             t0 = time.perf_counter()
             fn()
             samples[name].append((time.perf_counter() - t0) * 1e3)
-    return {k: {"median_ms": statistics.median(v), "p10_ms": sorted(v)[len(v) // 10],
-                "p90_ms": sorted(v)[(9 * len(v)) // 10], "runs": len(v)} for k, v in samples.items()}
+    return _summaries(samples)
+
+
+def blocked_medians(fns: dict[str, Callable[[], Any]], *, blocks: int = 15, per_block: int = 20,
+                    warmup: int = 5, pause_s: float = 0.05) -> dict[str, dict[str, float]]:
+    """Time several callables round-robin by blocks: each block runs one callable
+    ``warmup + per_block`` times back to back (as a decode loop runs one model token after
+    token, its weights warm in cache) and times the last ``per_block``. The pause before a
+    block lets the previous callable's idle threads stop spinning on the cores."""
+    samples: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(blocks):
+        for name, fn in fns.items():
+            time.sleep(pause_s)
+            for _ in range(warmup):
+                fn()
+            for _ in range(per_block):
+                t0 = time.perf_counter()
+                fn()
+                samples[name].append((time.perf_counter() - t0) * 1e3)
+    return _summaries(samples)
 
 
 def write(name: str, data: dict[str, Any], *, folder: Path = RESULTS) -> Path:

@@ -34,6 +34,10 @@ CONFIG = dict(vocab_size=256, hidden_size=512, intermediate_size=1536, num_hidde
 RECIPE = dict(seq=256, batch=16, lr=2e-3, warmup=100, eval_every=100, eval_windows=64,
               flat_rel=0.02, max_steps=4000, max_seconds=4500, cooldown=0.15, weight_decay=0.05,
               seed=0, autocast="bf16")
+# the same with no total time budget: stops when the held-out loss is flat (or at
+# max_steps), trained over as many resumable sittings as that takes (--long --seconds N).
+# The benchmark switches to it (RECIPE = LONG_RECIPE) once its weights are cached.
+LONG_RECIPE = {**RECIPE, "max_steps": 8000, "max_seconds": None}
 # --quick runs of the benchmark: a small model and a short run, cached the same way
 QUICK_CONFIG = {**CONFIG, "hidden_size": 128, "intermediate_size": 384, "num_hidden_layers": 2,
                 "num_attention_heads": 4, "num_key_value_heads": 4}
@@ -92,11 +96,26 @@ def held_out_loss(model, held: torch.Tensor, batch: int = 16) -> float:
     return total / count
 
 
-def trained(verbose: bool = True, quick: bool = False) -> tuple[torch.nn.Module, dict]:
-    """The trained model (eval mode, fp32) and its training record (``quick``: the small one)."""
-    config, r = (QUICK_CONFIG, QUICK_RECIPE) if quick else (CONFIG, RECIPE)
+class NotTrainedYet(RuntimeError):
+    """Training stopped at this invocation's time limit; its checkpoint resumes it."""
+
+
+def _paths(key: str) -> tuple[Path, Path, Path]:
+    return (CACHE / f"quant_lm_{key}.pt", CACHE / f"quant_lm_{key}.json", CACHE / f"quant_lm_{key}.ckpt.pt")
+
+
+def trained(verbose: bool = True, quick: bool = False, recipe: dict | None = None,
+            session_seconds: float | None = None) -> tuple[torch.nn.Module, dict]:
+    """The trained model (eval mode, fp32) and its training record (``quick``: the small one).
+
+    Training resumes from its checkpoint (written at every evaluation) when one exists, so a
+    run that needs more time than one sitting takes several: ``session_seconds`` stops this
+    invocation after that long (checkpoint written, ``NotTrainedYet`` raised). ``max_seconds``
+    in the recipe is a budget over all sittings (None: train until flat or ``max_steps``)."""
+    config = QUICK_CONFIG if quick else CONFIG
+    r = recipe or (QUICK_RECIPE if quick else RECIPE)
     key = cache_key(config, r)
-    weights, record_path = CACHE / f"quant_lm_{key}.pt", CACHE / f"quant_lm_{key}.json"
+    weights, record_path, ckpt_path = _paths(key)
     model = build(config, r["seed"])
     if weights.exists() and record_path.exists():
         model.load_state_dict(torch.load(weights, weights_only=True))
@@ -108,7 +127,17 @@ def trained(verbose: bool = True, quick: bool = False) -> tuple[torch.nn.Module,
     rest = [p for n, p in model.named_parameters() if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": r["weight_decay"]},
                              {"params": rest, "weight_decay": 0.0}], lr=r["lr"], betas=(0.9, 0.95))
-    curve, t0, step, cool_from = [], time.perf_counter(), 0, None
+    curve, before, step, cool_from = [], 0.0, 0, None
+    if ckpt_path.exists():   # our own file, written below: plain tensors and numbers only
+        ck = torch.load(ckpt_path, weights_only=True)
+        model.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["opt"])
+        gen.set_state(ck["gen"])
+        curve, step, before = json.loads(ck["curve"]), int(ck["step"]), float(ck["seconds"])
+        cool_from = None if int(ck["cool_from"]) < 0 else int(ck["cool_from"])
+        if verbose:
+            print(f"lm: resuming from step {step} ({before:.0f} s trained before)", flush=True)
+    t0 = time.perf_counter()
 
     def lr_at(s: int) -> float:
         if s < r["warmup"]:
@@ -117,6 +146,14 @@ def trained(verbose: bool = True, quick: bool = False) -> tuple[torch.nn.Module,
             return r["lr"]
         n_cool = max(1, int(cool_from * r["cooldown"]))
         return r["lr"] * max(0.02, 1 - (s - cool_from) / n_cool)
+
+    def checkpoint():
+        CACHE.mkdir(parents=True, exist_ok=True)
+        tmp = ckpt_path.with_suffix(".tmp")
+        torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "gen": gen.get_state(),
+                    "curve": json.dumps(curve), "step": step, "seconds": before + time.perf_counter() - t0,
+                    "cool_from": -1 if cool_from is None else cool_from}, tmp)
+        tmp.replace(ckpt_path)   # a killed run leaves the previous checkpoint whole
 
     model.train()
     while True:
@@ -131,7 +168,7 @@ def trained(verbose: bool = True, quick: bool = False) -> tuple[torch.nn.Module,
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         step += 1
-        elapsed = time.perf_counter() - t0
+        elapsed = before + time.perf_counter() - t0
         if cool_from is not None and step >= cool_from + max(1, int(cool_from * r["cooldown"])):
             break
         if step % r["eval_every"] == 0:
@@ -145,26 +182,50 @@ def trained(verbose: bool = True, quick: bool = False) -> tuple[torch.nn.Module,
                 print(f"lm step {step}: train {loss.item():.3f} held-out {h:.3f} "
                       f"(ppl {math.exp(h):.3f}, {elapsed:.0f}s)", flush=True)
             flat = len(curve) >= 3 and (curve[-3]["held_out_loss"] - h) < r["flat_rel"] * curve[-3]["held_out_loss"]
-            if cool_from is None and (flat or step >= r["max_steps"] or elapsed >= r["max_seconds"]):
+            budget_out = step >= r["max_steps"] or (r["max_seconds"] is not None and elapsed >= r["max_seconds"])
+            if cool_from is None and (flat or budget_out):
                 cool_from = step   # flattened (or out of budget): linear cool-down, then stop
                 if verbose:
                     print(f"lm: held-out loss flat ({'yes' if flat else 'budget'}), cooling down from step {step}",
                           flush=True)
+            checkpoint()
+            if session_seconds is not None and time.perf_counter() - t0 >= session_seconds:
+                raise NotTrainedYet(f"stopped at step {step} after this sitting's {session_seconds:.0f} s; "
+                                    f"rerun to resume from {ckpt_path.name}")
     model.eval()
     final = held_out_loss(model, held)
     curve.append({"step": step, "train_loss": round(loss.item(), 4), "held_out_loss": round(final, 4),
-                  "seconds": round(time.perf_counter() - t0, 1)})
+                  "seconds": round(before + time.perf_counter() - t0, 1)})
     record = {"key": key, "config": config, "recipe": r, "steps": step, "curve": curve,
-              "train_seconds": round(time.perf_counter() - t0, 1), "held_out_ppl_fp32": round(math.exp(final), 4),
+              "train_seconds": round(before + time.perf_counter() - t0, 1),
+              "held_out_ppl_fp32": round(math.exp(final), 4),
               "parameters": sum(p.numel() for p in model.parameters()),
               "train_tokens": step * r["batch"] * r["seq"]}
     CACHE.mkdir(parents=True, exist_ok=True)
     torch.save(model.state_dict(), weights)
     record_path.write_text(json.dumps(record, indent=1))
+    ckpt_path.unlink(missing_ok=True)
     return model, {**record, "cached": False}
 
 
-if __name__ == "__main__":
+def main() -> None:
+    import argparse
+
+    ap = argparse.ArgumentParser(description="train (or load) the benchmark's LM and print its record")
+    ap.add_argument("--quick", action="store_true", help="the small model of --quick benchmark runs")
+    ap.add_argument("--long", action="store_true",
+                    help="the recipe with no total time budget: trains until the held-out loss is flat")
+    ap.add_argument("--seconds", type=float, default=None,
+                    help="stop this sitting after about this long (resumable: rerun to continue)")
+    args = ap.parse_args()
     torch.set_num_threads(2)
-    m, rec = trained(quick="--quick" in sys.argv)
+    try:
+        m, rec = trained(quick=args.quick, recipe=LONG_RECIPE if args.long else None, session_seconds=args.seconds)
+    except NotTrainedYet as exc:
+        print(f"lm: {exc}")
+        raise SystemExit(3)
     print(json.dumps({k: v for k, v in rec.items() if k != "curve"}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -327,13 +327,45 @@ def _initializer_bytes(path: Path) -> int:
     return sum(onnx.numpy_helper.to_array(t).nbytes for t in onnx.load(str(path)).graph.initializer)
 
 
+# "loop": a decode loop's view: one model runs block after block of calls (weights warm in
+# cache), ORT's default thread spinning; "per call": every call follows the other models'
+# calls (their weights pushed this one's out of cache), spinning off so idle workers of one
+# session cannot take the cores the next needs. The targets are judged on "loop".
+TIMINGS = ("loop", "per call")
+
+
+def _time_ort(arts: dict, feed, shape_name: str, t: int, threads: int, timing: str, quick: bool) -> list[dict]:
+    from gradrewrite.backends.ort import make_session
+
+    sessions = {k: make_session(d / "model.onnx", threads=threads, spinning=None if timing == "loop" else False)
+                for k, (d, _) in arts.items()}
+    calls = {k: (lambda s=s: s.run(None, {s.get_inputs()[0].name: feed})) for k, s in sessions.items()}
+    for k, s in sessions.items():
+        arts[k][1]["max_abs_vs_torch"] = float(np.abs(calls[k]()[0] - arts[k][1]["ref"]).max())
+    load_before = os.getloadavg()[0]
+    if timing == "loop":
+        tm = _report.blocked_medians(calls, blocks=3 if quick else 15, per_block=20 if t == 1 else 4)
+    else:
+        tm = _report.interleaved_medians(calls, runs=20 if quick else (300 if t == 1 else 60), warmup=5)
+    # other jobs on the machine distort the timings: record the load to say so
+    load = round(max(load_before, os.getloadavg()[0]), 2)
+    rows = []
+    for k in sessions:
+        info = {kk: v for kk, v in arts[k][1].items() if kk != "ref"}
+        rows.append({"shape": shape_name, "tokens": t, "threads": threads, "timing": timing, "setting": k,
+                     "load": load, "busy": load > threads + 0.5, "ms": round(tm[k]["median_ms"], 4),
+                     "fp32_over_this": round(tm["fp32"]["median_ms"] / tm[k]["median_ms"], 3), **info})
+        print(f"lm ort {shape_name} {threads}t {timing:8s} {k:30s}: {tm[k]['median_ms']:.3f} ms "
+              f"(fp32/this {rows[-1]['fp32_over_this']:.2f}), file {info['file_bytes'] / 2**20:.2f} MiB", flush=True)
+    return rows
+
+
 def ort_lm_part(quick: bool) -> dict:
     """Each setting compiled for a decode-shaped ([1, 1]) and a prompt-shaped ([1, 128]) input,
     quantized on calibration samples of that shape (the gradient criterion uses the output
     distance: a 1-token input has no next-token target). Speed depends on bits, group and
     the outlier count, not on the values the calibration picks."""
     from gradrewrite.backends.base import get_backend
-    from gradrewrite.backends.ort import make_session
 
     model, _ = quant_lm.trained(quick=quick)
     train_arr = quant_lm.corpus(False)
@@ -353,29 +385,10 @@ def ort_lm_part(quick: bool) -> dict:
             arts[label] = (d, {"file_bytes": sum((d / f).stat().st_size for f in art.files),
                                "initializer_bytes": _initializer_bytes(d / "model.onnx"),
                                "ops": sorted(set(art.info["onnx_ops"])), "ref": ref})
+        feed = x.numpy()
         for threads in (1, 2):
-            # interleaved sessions: idle workers must not spin on the cores the next session runs on
-            sessions = {k: make_session(d / "model.onnx", threads=threads, spinning=False)
-                        for k, (d, _) in arts.items()}
-            feed = x.numpy()
-            for k, s in sessions.items():
-                got = s.run(None, {s.get_inputs()[0].name: feed})[0]
-                arts[k][1]["max_abs_vs_torch"] = float(np.abs(got - arts[k][1]["ref"]).max())
-            load_before = os.getloadavg()[0]
-            tm = _report.interleaved_medians({k: (lambda s=s: s.run(None, {s.get_inputs()[0].name: feed}))
-                                              for k, s in sessions.items()},
-                                             runs=20 if quick else (300 if t == 1 else 60), warmup=5)
-            # other jobs on the machine distort the timings: record the load to say so
-            load = round(max(load_before, os.getloadavg()[0]), 2)
-            for k in sessions:
-                info = {kk: v for kk, v in arts[k][1].items() if kk != "ref"}
-                out.append({"shape": shape_name, "tokens": t, "threads": threads, "setting": k, "load": load,
-                            "busy": load > threads + 0.5,
-                            "ms": round(tm[k]["median_ms"], 4),
-                            "fp32_over_this": round(tm["fp32"]["median_ms"] / tm[k]["median_ms"], 3), **info})
-                print(f"lm ort {shape_name} {threads}t {k:18s}: {tm[k]['median_ms']:.3f} ms "
-                      f"(fp32/this {out[-1]['fp32_over_this']:.2f}), file {info['file_bytes'] / 2**20:.2f} MiB",
-                      flush=True)
+            for timing in TIMINGS:
+                out += _time_ort(arts, feed, shape_name, t, threads, timing, quick)
     return {"rows": out}
 
 
@@ -450,7 +463,10 @@ def targets(minilm, lm, ort_lm) -> list[dict]:
                         "holds": ratio <= TARGETS["lm_ratio"]})
     if ort_lm:
         for threads in (1, 2):
-            by = {r["setting"]: r for r in ort_lm["rows"] if r["shape"] == "decode" and r["threads"] == threads}
+            by = {r["setting"]: r for r in ort_lm["rows"]
+                  if r["shape"] == "decode" and r["threads"] == threads and r.get("timing") == "loop"}
+            per_call = {r["setting"]: r["ms"] for r in ort_lm["rows"]
+                        if r["shape"] == "decode" and r["threads"] == threads and r.get("timing") == "per call"}
             r = by.get("RTN 4b g128")
             g = min((v for k, v in by.items() if k.startswith("GWQ 4b")), key=lambda v: v["ms"], default=None)
             if g and r and (g.get("busy") or r.get("busy")):
@@ -460,7 +476,10 @@ def targets(minilm, lm, ort_lm) -> list[dict]:
                 vs_rtn = g["ms"] / r["ms"]
                 out.append({"target": f"ORT decode ({threads} thread{'s' * (threads > 1)}): 4-bit + 1% outliers "
                                       f">= {TARGETS['ort_vs_fp32']}x fp32 and within {TARGETS['ort_vs_rtn']}x of RTN 4-bit",
-                            "measured": f"{g['setting']}: {g['fp32_over_this']}x fp32; {vs_rtn:.3f}x RTN's time",
+                            "measured": f"{g['setting']}: {g['fp32_over_this']}x fp32; {vs_rtn:.3f}x RTN's time"
+                                        + (f" (per call: {per_call['fp32'] / per_call[g['setting']]:.2f}x fp32, "
+                                           f"{per_call[g['setting']] / per_call['RTN 4b g128']:.3f}x RTN)"
+                                           if {'fp32', g['setting'], 'RTN 4b g128'} <= set(per_call) else ""),
                             "holds": g["fp32_over_this"] >= TARGETS["ort_vs_fp32"] and vs_rtn <= TARGETS["ort_vs_rtn"]})
     return out
 
@@ -478,6 +497,7 @@ def training_stop(record: dict) -> str:
     a, b = before[-3]["held_out_loss"], before[-1]["held_out_loss"]
     gain = (a - b) / a
     why = ("the held-out loss had flattened" if gain < r["flat_rel"] else
+           f"stopped at max_steps ({r['max_steps']}), not flat" if r.get("max_seconds") is None else
            f"stopped by the time budget ({r['max_seconds']} s on a shared 2-core machine), not flat")
     return (f"held-out loss {curve[0]['held_out_loss']} -> {curve[-1]['held_out_loss']}; the "
             f"{before[-1]['step'] - before[-3]['step']} steps before the cool-down gained {gain:.1%} "
@@ -545,7 +565,7 @@ def main() -> None:
     checks = targets(minilm, lm, ort_lm)
     for c in checks:
         print(f"target {'HOLDS' if c['holds'] else 'MISSED'}: {c['target']}: {c['measured']}", flush=True)
-    threads = f"torch {torch.get_num_threads()} thread(s) for quality; ORT 1 and 2 threads (intra-op), no spinning"
+    threads = f"torch {torch.get_num_threads()} thread(s) for quality; ORT 1 and 2 threads (intra-op)"
     sections = [{"heading": "Targets (issue 17)", "text": f"Stored bits per weight over the quantized layers. {threads}.",
                  "columns": ["target", "measured", "holds"],
                  "rows": [[c["target"], c["measured"], "yes" if c["holds"] else "**no**"] for c in checks]}]
@@ -574,13 +594,18 @@ def main() -> None:
     if ort_lm:
         sections.append({"heading": "The LM on ONNX Runtime CPU: decode and prompt latency",
                          "text": "Batch 1; decode = 1 token in, prompt = 128 tokens (no KV cache: the "
-                                 "decode row is the per-token cost of the weight matrices). Medians of "
-                                 "interleaved runs in one process per thread count. file = model.onnx and "
+                                 "decode row is the per-token cost of the weight matrices). Medians, all "
+                                 "settings in one process per thread count, timed two ways: *loop* = "
+                                 "round-robin blocks of back-to-back calls of one model, as a decode loop "
+                                 "runs (ORT's default thread spinning; 50 ms pause between blocks); *per "
+                                 "call* = round-robin call by call, each call after the other models' "
+                                 "(caches cold, spinning off). Targets are judged on loop. file = model.onnx and "
                                  "its data; tensors = the initializers alone (fp32 embeddings and norms "
                                  "included).",
-                         "columns": ["input", "threads", "setting", "ms", "fp32/this", "file MiB", "tensors MiB",
+                         "columns": ["input", "threads", "timing", "setting", "ms", "fp32/this", "file MiB", "tensors MiB",
                                      "max abs vs torch graph", "load avg"],
-                         "rows": [[f"{r['shape']} ({r['tokens']})", r["threads"], r["setting"], r["ms"],
+                         "rows": [[f"{r['shape']} ({r['tokens']})", r["threads"], r.get("timing", "per call"),
+                                   r["setting"], r["ms"],
                                    r["fp32_over_this"], round(r["file_bytes"] / 2**20, 2),
                                    round(r["initializer_bytes"] / 2**20, 2), f"{r['max_abs_vs_torch']:.2e}",
                                    r.get("load", "—") if not r.get("busy") else f"**{r['load']} (busy)**"]
