@@ -1,5 +1,5 @@
-"""mcu int8 kernels at odd shapes: gr_pointwise_s8, gr_depthwise3x3_s8, gr_pw_dw_s8 and
-gr_fc_s8 bit-exact against the integer reference, on the host build and under QEMU on
+"""mcu int8 kernels at odd shapes: gr_pointwise_s8, gr_depthwise3x3_s8, gr_pw_dw_s8 (with
+passes of several expanded planes, a last partial one) and gr_fc_s8 bit-exact against the integer reference, on the host build and under QEMU on
 Cortex-M4 and Cortex-M7 (whose DSP paths differ from the host's portable C).
 
 Each model is a chain of hand-quantized layers (the QDQ form the quantize pass writes)
@@ -103,6 +103,11 @@ CASES = {
     # an expand conv streamed into the depthwise after it (gr_pw_dw_s8: one expanded plane at
     # a time through the same padded-plane depthwise path), stride 2 on an odd size
     "expand + depthwise": ((1, 5, 7, 9), [_pw(5, 10, relu6=True), _dw(10, 2, z_out=4)], {"gr_pw_dw_s8": 1}),
+    # three planes per pass (7 channels: a last pass of one), 15 pixels (a partial block)
+    "expand + depthwise, partial pass": ((1, 6, 5, 3), [_pw(6, 7, relu6=True), _dw(7, 1, (1, 0))],
+                                         {"gr_pw_dw_s8": 1}),
+    # a 1x1 map, two images, five planes per pass then one
+    "expand + depthwise 1x1 map": ((2, 5, 1, 1), [_pw(5, 6, relu6=True), _dw(6, z_out=4)], {"gr_pw_dw_s8": 1}),
     # k % 4 tails, column groups of 4 + 3 (a zero column), 4 + 1 (a group of two), 2; one row
     "fully connected": ((1, 13), [_fc(13, 7), _fc(7, 5, relu6=True), _fc(5, 2), _fc(2, 6)], {"gr_fc_s8": 4}),
     # two rows

@@ -344,37 +344,44 @@ static GR_NOINLINE void pointwise_block_s8(const int32_t *xs, const int8_t *w, i
     acc[0] = a0; acc[1] = a1; acc[2] = a2; acc[3] = a3;
 }
 
+/* output channels o0 .. o1 - 1 of one gathered block of four pixels (cnt of them real):
+ * channel o goes to yo + (o - o0) * ystride */
+static void pointwise_outputs_s8(const gr_quant_params *q, const int32_t *xs, const int8_t *w, const int32_t *base,
+                                 int32_t cin4, int32_t o0, int32_t o1, int32_t cnt, int8_t *yo, int32_t ystride) {
+    const int32_t ozp = q->out_zp, lo = q->act_min, hi = q->act_max;
+    const int8_t *wo = w + (size_t)o0 * cin4;
+    int32_t o, j;
+    for (o = o0; o < o1; o++, wo += cin4, yo += ystride) {
+        int32_t acc[4];
+        rq_s8 r;
+        acc[0] = base[o];
+        pointwise_block_s8(xs, wo, cin4 >> 2, acc);
+        if (rq_init(&r, q->mult[o], q->shift[o])) {
+            if (cnt == 4) {
+                yo[0] = (int8_t)rq_apply(acc[0], r.mult, r.rlo, r.rhi, r.sh, ozp, lo, hi);
+                yo[1] = (int8_t)rq_apply(acc[1], r.mult, r.rlo, r.rhi, r.sh, ozp, lo, hi);
+                yo[2] = (int8_t)rq_apply(acc[2], r.mult, r.rlo, r.rhi, r.sh, ozp, lo, hi);
+                yo[3] = (int8_t)rq_apply(acc[3], r.mult, r.rlo, r.rhi, r.sh, ozp, lo, hi);
+            } else {
+                for (j = 0; j < cnt; j++) yo[j] = (int8_t)rq_apply(acc[j], r.mult, r.rlo, r.rhi, r.sh, ozp, lo, hi);
+            }
+        } else {
+            for (j = 0; j < cnt; j++) yo[j] = requant_s8(acc[j], q->mult[o], 31 - q->shift[o], ozp, lo, hi);
+        }
+    }
+}
+
 void gr_pointwise_s8(const gr_conv_shape *s, const gr_quant_params *q, const int8_t *x, const int8_t *w,
                      const int32_t *base, int8_t *y, int32_t *xs) {
-    const int32_t ohw = s->oh * s->ow, cin4 = (s->c + 3) & ~3, ozp = q->out_zp, lo = q->act_min, hi = q->act_max;
-    int32_t n, p, o, j;
+    const int32_t ohw = s->oh * s->ow, cin4 = (s->c + 3) & ~3;
+    int32_t n, p;
     for (n = 0; n < s->n; n++) {
         const int8_t *xn = x + (size_t)n * s->c * s->h * s->w;
         int8_t *yn = y + (size_t)n * s->oc * ohw;
         /* blocks of four pixels; a last block of 1-3 computes four and stores the real ones */
         for (p = 0; p < ohw; p += 4) {
-            const int32_t cnt = ohw - p < 4 ? ohw - p : 4;
-            const int8_t *wo = w;
-            int8_t *yo = yn + p;
             pointwise_gather_s8(s, xn, p, cin4, xs);
-            for (o = 0; o < s->oc; o++, wo += cin4, yo += ohw) {
-                int32_t acc[4];
-                rq_s8 r;
-                acc[0] = base[o];
-                pointwise_block_s8(xs, wo, cin4 >> 2, acc);
-                if (rq_init(&r, q->mult[o], q->shift[o])) {
-                    if (cnt == 4) {
-                        yo[0] = (int8_t)rq_apply(acc[0], r.mult, r.rlo, r.rhi, r.sh, ozp, lo, hi);
-                        yo[1] = (int8_t)rq_apply(acc[1], r.mult, r.rlo, r.rhi, r.sh, ozp, lo, hi);
-                        yo[2] = (int8_t)rq_apply(acc[2], r.mult, r.rlo, r.rhi, r.sh, ozp, lo, hi);
-                        yo[3] = (int8_t)rq_apply(acc[3], r.mult, r.rlo, r.rhi, r.sh, ozp, lo, hi);
-                    } else {
-                        for (j = 0; j < cnt; j++) yo[j] = (int8_t)rq_apply(acc[j], r.mult, r.rlo, r.rhi, r.sh, ozp, lo, hi);
-                    }
-                } else {
-                    for (j = 0; j < cnt; j++) yo[j] = requant_s8(acc[j], q->mult[o], 31 - q->shift[o], ozp, lo, hi);
-                }
-            }
+            pointwise_outputs_s8(q, xs, w, base, cin4, 0, s->oc, ohw - p < 4 ? ohw - p : 4, yn + p, ohw);
         }
     }
 }
@@ -497,37 +504,29 @@ void gr_depthwise3x3_s8(const gr_conv_shape *s, const gr_quant_params *q, const 
     }
 }
 
-/* A pointwise (1x1, stride 1) expand conv followed by a depthwise 3x3, one expanded
- * channel at a time: channel c of the expand goes to `plane` (h * w bytes), the depthwise
- * reads it from there (through `pad`, as gr_depthwise3x3_s8), so the expanded tensor never
- * exists. Same integer arithmetic as the two kernels one after the other. */
+/* A pointwise (1x1, stride 1) expand conv followed by a depthwise 3x3, `group` expanded
+ * channels at a time: the expand (gr_pointwise_s8's gathered four-pixel blocks, weights and
+ * folded base pw / pbase laid out as for it) writes channels o .. o + group - 1 into
+ * `planes` (group * h * w bytes), the depthwise (gr_depthwise3x3_s8's padded-plane path,
+ * folded base dbase) reads them from there, so the expanded tensor never exists. Same
+ * integer arithmetic as the two kernels one after the other. xs: gr_pointwise_s8's gather. */
 void gr_pw_dw_s8(const gr_conv_shape *ps, const gr_quant_params *pq, const int8_t *x, const int8_t *pw,
-                 const int32_t *pb, const gr_conv_shape *ds, const gr_quant_params *dq, const int8_t *dw,
-                 const int32_t *db, int8_t *y, int8_t *plane, int8_t *pad) {
-    const int32_t hw = ps->h * ps->w, cin = ps->c, zp = pq->in_zp;
-    int32_t n, o, c, p;
+                 const int32_t *pbase, const gr_conv_shape *ds, const gr_quant_params *dq, const int8_t *dw,
+                 const int32_t *dbase, int8_t *y, int8_t *planes, int8_t *pad, int32_t *xs, int32_t group) {
+    const int32_t hw = ps->h * ps->w, cin4 = (ps->c + 3) & ~3, dhw = ds->oh * ds->ow;
+    int32_t n, o0, o, p;
     depthwise_pad_init(ds, dq->in_zp, pad);
     for (n = 0; n < ps->n; n++) {
-        const int8_t *xn = x + (size_t)n * cin * hw;
-        for (o = 0; o < ps->oc; o++) {
-            const int8_t *wo = pw + (size_t)o * cin;
-            int32_t wsum = 0;
-            channel_out co;
-            for (c = 0; c < cin; c++) wsum += wo[c];
-            co.base = (pb ? pb[o] : 0) - zp * wsum; co.mult = pq->mult[o]; co.total = 31 - pq->shift[o];
-            co.ozp = pq->out_zp; co.lo = pq->act_min; co.hi = pq->act_max;
-            for (p = pointwise_rows_s8(xn, wo, cin, hw, hw, &co, plane); p < hw; p++) {
-                int32_t acc = co.base;
-                for (c = 0; c < cin; c++) acc += (int32_t)wo[c] * (int32_t)xn[(size_t)c * hw + p];
-                plane[p] = requant_s8(acc, co.mult, co.total, co.ozp, co.lo, co.hi);
+        const int8_t *xn = x + (size_t)n * ps->c * hw;
+        for (o0 = 0; o0 < ps->oc; o0 += group) {
+            const int32_t o1 = ps->oc - o0 < group ? ps->oc : o0 + group;
+            for (p = 0; p < hw; p += 4) {
+                pointwise_gather_s8(ps, xn, p, cin4, xs);
+                pointwise_outputs_s8(pq, xs, pw, pbase, cin4, o0, o1, hw - p < 4 ? hw - p : 4, planes + p, hw);
             }
-            {   /* the bias and trained-weight buffers may change between runs: sums here */
-                const int8_t *wd = dw + (size_t)o * 9;
-                int32_t wd_sum = 0;
-                for (c = 0; c < 9; c++) wd_sum += wd[c];
-                depthwise_plane_s8(ds, dq, o, plane, wd, (db ? db[o] : 0) - dq->in_zp * wd_sum,
-                                   y + ((size_t)n * ds->oc + o) * ds->oh * ds->ow, pad);
-            }
+            for (o = o0; o < o1; o++)
+                depthwise_plane_s8(ds, dq, o, planes + (size_t)(o - o0) * hw, dw + (size_t)o * 9, dbase[o],
+                                   y + ((size_t)n * ds->oc + o) * dhw, pad);
         }
     }
 }

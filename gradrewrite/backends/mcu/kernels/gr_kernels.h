@@ -102,12 +102,13 @@ void gr_depthwise3x3_s8(const gr_conv_shape *s, const gr_quant_params *q, const 
 /* fully connected: x [m, k], w [n, k], y [m, n] */
 void gr_fc_s8(const gr_quant_params *q, const int8_t *x, const int8_t *w, const int32_t *base, int8_t *y,
               int32_t m, int32_t k, int32_t n);
-/* 1x1 stride-1 expand conv (ps, pq) then depthwise 3x3 (ds, dq), streamed one expanded
- * channel at a time through `plane` (h * w bytes) and `pad` (gr_depthwise3x3_s8's): the
- * expanded tensor is never stored; pb / db are plain biases (summed with the weights here) */
+/* 1x1 stride-1 expand conv (ps, pq) then depthwise 3x3 (ds, dq), streamed `group` expanded
+ * channels at a time through `planes` (group * h * w bytes), `pad` (gr_depthwise3x3_s8's)
+ * and `xs` (gr_pointwise_s8's): the expanded tensor is never stored; pw / pbase and dw /
+ * dbase are laid out as for gr_pointwise_s8 and gr_depthwise3x3_s8 */
 void gr_pw_dw_s8(const gr_conv_shape *ps, const gr_quant_params *pq, const int8_t *x, const int8_t *pw,
-                 const int32_t *pb, const gr_conv_shape *ds, const gr_quant_params *dq, const int8_t *dw,
-                 const int32_t *db, int8_t *y, int8_t *plane, int8_t *pad);
+                 const int32_t *pbase, const gr_conv_shape *ds, const gr_quant_params *dq, const int8_t *dw,
+                 const int32_t *dbase, int8_t *y, int8_t *planes, int8_t *pad, int32_t *xs, int32_t group);
 void gr_linear_s8(const gr_quant_params *q, const int8_t *x, const int8_t *w,
                   const int32_t *bias, int8_t *y, int32_t m, int32_t k, int32_t n);
 

@@ -3,7 +3,7 @@
 
 ``Int8Layers`` is mixed into ``Lowerer``; it uses the lowerer's buffers (``new``,
 ``emit``, ``add_const``). Beyond one kernel per layer it streams a pointwise expand
-into the depthwise 3x3 conv that alone reads it (``gr_pw_dw_s8``, one plane at a time)
+into the depthwise 3x3 conv that alone reads it (``gr_pw_dw_s8``, a few planes at a time)
 and lets a depthwise conv overwrite its input when that input dies there.
 """
 from __future__ import annotations
@@ -60,7 +60,7 @@ class Int8Layers:
 
     def _stream_partner(self, ql: int8.QLayer) -> int8.QLayer | None:
         """The depthwise 3x3 layer that is the only reader of pointwise expand ``ql``'s
-        output, when both are plain (dense, no pooling) int8 convs, else None."""
+        output, when both are plain (dense, no pooling, constant) int8 convs, else None."""
         if not (ql.kind == "conv" and not ql.post and tuple(ql.weight.shape[2:]) == (1, 1)
                 and ql.conv["stride"] == (1, 1) and ql.conv["padding"] == (0, 0) and ql.conv["groups"] == 1):
             return None
@@ -73,34 +73,41 @@ class Int8Layers:
             return None
         if self.sparse and (nm.detect(ql.weight, "conv") or nm.detect(dw.weight, "conv")):
             return None
+        if not all(self._constants_fixed(ident(module_path(q.layer) or q.layer.name)) for q in (ql, dw)):
+            return None  # rearranged weights and folded bases need the quantizer's constants
         return dw
 
     def _expand_depthwise(self, pw: int8.QLayer, dw: int8.QLayer, x: Val) -> Val:
-        """One ``gr_pw_dw_s8`` step for ``dw(pw(x))`` through a one-plane scratch."""
+        """One ``gr_pw_dw_s8`` step for ``dw(pw(x))``: ``stream_group`` expanded channels at a
+        time through a scratch of that many planes; weights and folded bases as the
+        unstreamed kernels take them."""
         mid_shape, out_shape = shape_of(pw.head), shape_of(dw.head)
+        hw, cin = mid_shape[2] * mid_shape[3], int(pw.weight.shape[1])
+        group = stream_group(hw, mid_shape[1], x.nbytes)
         y = self.new(out_shape, "i8", name=dw.head.name)
-        plane = self.new((mid_shape[2] * mid_shape[3],), "i8", name=dw.head.name + "_plane")
+        planes = self.new((group * hw,), "i8", name=dw.head.name + "_planes")
         pad = self.new((_pad_bytes(dw, out_shape),), "i8", name=dw.head.name + "_pad")
-        parts, macs, reads = [], 0, [x]
-        for tag, ql, xs, ys in (("p", pw, x.shape, mid_shape), ("d", dw, mid_shape, out_shape)):
+        xs = self.new((2 * _round4(cin),), "i32", name=dw.head.name + "_xs")
+        parts, macs = [], 0
+        for tag, ql, xs_shape, ys, weights in (("p", pw, x.shape, mid_shape, pointwise_weights(pw.weight)),
+                                               ("d", dw, mid_shape, out_shape, dw.weight.numpy().reshape(-1))):
             name = ident(module_path(ql.layer) or ql.layer.name)
-            consts = [self.add_const(name + suffix, arr, dt) for suffix, arr, dt in
-                      (("_mult", ql.mult, "i32"), ("_shift", ql.shift, "i32"), ("_bias_q", ql.bias_q, "i32"),
-                       ("_w", ql.weight.numpy().reshape(-1), "i8"))]
-            mult, shift, bias, wv = consts
-            s, m = conv_shape(xs, tuple(ql.weight.shape), ys, ql.conv)
+            mult, shift, base, wv = (self.add_const(name + suffix, arr, dt) for suffix, arr, dt in
+                                     (("_mult", ql.mult, "i32"), ("_shift", ql.shift, "i32"),
+                                      ("_base", folded_base(ql), "i32"), ("_w", weights, "i8")))
+            s, m = conv_shape(xs_shape, tuple(ql.weight.shape), ys, ql.conv)
             macs += m
             parts.append(s.replace("gr_conv_shape s =", f"gr_conv_shape {tag}s =") +
                          f" static const gr_quant_params {tag}q = {{{ql.in_zp}, {ql.out_zp}, {ql.act_min}, "
                          f"{ql.act_max}, {mult.name}, {shift.name}}};")
-            parts.append((wv.name, bias.name))
+            parts.append((wv.name, base.name))
         (ps, (pwn, pbn), ds, (dwn, dbn)) = parts
         self.current = dw.layer
         op = "int8 expand+depthwise " + "+".join(op_name(n) for n in (pw.layer, pw.act, dw.layer, dw.act)
                                                   if n is not None)
         code = (f"{{ {ps}\n  {ds}\n  gr_pw_dw_s8(&ps, &pq, {x.ptr()}, {pwn}, {pbn}, &ds, &dq, {dwn}, {dbn}, "
-                f"{y.out()}, {plane.out()}, {pad.out()}); }}")
-        self.emit("gr_pw_dw_s8", "gr_int8.c", code, reads, [y, plane, pad], macs, op=op)
+                f"{y.out()}, {planes.out()}, {pad.out()}, {xs.out()}, {group}); }}")
+        self.emit("gr_pw_dw_s8", "gr_int8.c", code, [x], [y, planes, pad, xs], macs, op=op)
         return y
 
     def _depthwise_in_place(self, outputs: list[Val]) -> None:
@@ -211,6 +218,13 @@ def _pad_bytes(ql: int8.QLayer, out_shape) -> int:
     """The zero-point-padded input plane a depthwise 3x3 reads (+ 4: its last word load)."""
     sh, sw = ql.conv["stride"]
     return ((out_shape[2] - 1) * sh + 3) * ((out_shape[3] - 1) * sw + 3) + 4
+
+
+def stream_group(hw: int, channels: int, input_bytes: int) -> int:
+    """Expanded channels per pass of ``gr_pw_dw_s8``: as many planes as fit in half the
+    expand's input, so the scratch stays well below the tensors live around it while the
+    pointwise gather is shared by that many output channels."""
+    return max(1, min(channels, input_bytes // 2 // hw))
 
 
 def _round4(n: int) -> int:
