@@ -231,7 +231,15 @@ def _compile_summary(out, r: dict) -> str:
         dyn = r["dynamic_batch"]
         error += (f" at batches {' and '.join(map(str, dyn['verified']))} (dynamic batch: runs at any batch "
                   f"{dyn['min']}..{dyn['max']})")
-    if int8.get("bit_exact"):  # the float comparison only shows int8 resolution
+    if int8.get("bit_exact") and "parameters" in v:  # an int8 step: checked per parameter in its int8 steps
+        worst = max(v["parameters"].items(), key=lambda kv: kv[1]["rms_error_steps"] / (1 + kv[1]["rms_update_steps"]),
+                    default=None)
+        error = (f"int8 C code bit-exact against the integer reference ({int8['steps']} training steps); against "
+                 f"{against} over {v['inputs_compared']} inputs: loss relative error {v['loss_relative_error']:.3g}"
+                 + (f", parameters in quantization steps (rms; worst {worst[0]}: "
+                    f"{worst[1]['rms_error_steps']:.3g} off for an update of {worst[1]['rms_update_steps']:.3g})"
+                    if worst else ""))
+    elif int8.get("bit_exact"):  # the float comparison only shows int8 resolution
         what = f"{int8['steps']} training steps" if "steps" in int8 else f"{int8.get('inputs', '')} inputs"
         error = (f"int8 C code bit-exact against the integer reference ({what}); {error}, "
                  "the float model's difference at int8 resolution")
@@ -516,7 +524,7 @@ def inspect_cmd(model, module, inputs, trust_pickle, passes, recipe, fmt, show_d
 def check_cmd(model, module, inputs, trust_pickle, passes, recipe, target):
     """List every op of MODEL the mcu backend cannot generate (exit 1 if any), before building;
     for an int8 graph also the ops that stay fp32 between the int8 layers, and why."""
-    from .backends.mcu.check import check_graph, fp32_ops
+    from .backends.mcu.check import check_graph, fp32_ops, patch_plan
     from .compiler import pipeline_specs, run_pipeline
     from .rewrite.pipeline import build_passes
 
@@ -534,6 +542,9 @@ def check_cmd(model, module, inputs, trust_pickle, passes, recipe, target):
         click.echo(p.line())
     for p in fp32_ops(graph):   # int8 graphs: what runs fp32 between the int8 layers, and why
         click.echo(f"stays fp32: {p.line()}")
+    plan = None if problems else patch_plan(graph)   # the first stage patch by patch: split, grid, recompute
+    if plan:
+        click.echo(plan)
     if problems:
         click.echo(f"{len(problems)} op(s) cannot be generated for {target}; rewrite them with a pass "
                    "or export the model without them", err=True)

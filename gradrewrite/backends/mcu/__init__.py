@@ -20,7 +20,8 @@ The package, by graph kind (rewrite/ -> backends/mcu, one way within it too):
 Options (``backends.options.McuOptions``): ``target`` (host, cortex-m4, cortex-m7),
 ``ram_kb``, ``flash_kb`` (the budget), ``sparse`` (pack N:M weights), ``stream`` (int8
 depthwise convs over their dying input, pointwise expand + depthwise pairs computed one
-channel at a time), ``measure`` (run Cortex-M images once under QEMU for stack and
+channel at a time), ``patches`` and ``patch_overhead`` (the first CNN stage run patch by
+patch, ``inference/patches.py``), ``measure`` (run Cortex-M images once under QEMU for stack and
 instruction counts).
 """
 from __future__ import annotations
@@ -56,7 +57,7 @@ class McuBackend(Backend):
             facts = compile_train(graph, project, target=target, ram_kb=ram_kb, flash_kb=flash_kb, measure=measure)
             info: dict[str, Any] = {"mcu": facts}
             if facts.get("int8"):  # compile_train checked it bit for bit against the integer reference;
-                # against the torch step, whose forward is fake-quantized floats, it agrees to int8 resolution
+                # against the torch step it agrees to int8 resolution (check_artifact: quantization steps)
                 info["rel_tol"] = INT8_REL_TOL
             if not get_target(target).is_host:
                 info["no_wall_latency"] = ("the host build's time is not device time; see "
@@ -65,6 +66,7 @@ class McuBackend(Backend):
             from .inference.compile import compile_inference
             facts = compile_inference(graph, project, target=target, ram_kb=ram_kb, flash_kb=flash_kb,
                                       sparse=options.sparse, stream=options.stream,
+                                      patches=options.patches, patch_overhead=options.patch_overhead,
                                       measure=measure)
             info = {"mcu": facts}
             if not get_target(target).is_host:
@@ -72,6 +74,16 @@ class McuBackend(Backend):
                                            "mcu.runtime.instructions (instructions per inference)")
         files = sorted(str(p.relative_to(out_dir)) for p in project.rglob("*") if p.is_file())
         return BackendArtifact(files, f"mcu-{target}", info)
+
+    def check_artifact(self, runner, graph: Graph, info: dict[str, Any], *, n_inputs: int,
+                       seed: int) -> dict[str, Any] | None:
+        """An int8 training step: per parameter in quantization steps (``training/step_check.py``)."""
+        facts = info.get("mcu", {})
+        if not (facts.get("train_step") and facts.get("int8")):
+            return None
+        from .training.step_check import check_int8_artifact
+        return {**check_int8_artifact(runner, graph, facts, n_inputs=n_inputs, seed=seed),
+                "integer_reference": facts.get("int8_check")}
 
     def load(self, out_dir: Path, artifact: dict[str, Any]):
         project = Path(out_dir) / PROJECT
