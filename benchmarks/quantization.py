@@ -84,6 +84,12 @@ def methods(bits_list=(3, 4), quick: bool = False) -> list[dict]:
                          "spec": wq(b, method="gptq", act_order="true")})
             rows.append({"label": "GWQ 0.2% + GPTQ g128 act-order", "family": "gwq+gptq", "bits": b,
                          "spec": wq(b, method="gptq", act_order="true", outliers=0.002, criterion="gradient")})
+            # groups that follow the visiting order (the input read permuted) instead of static groups
+            rows.append({"label": "GPTQ g128 act-order, ordered groups", "family": "gptq", "bits": b,
+                         "spec": wq(b, method="gptq", act_order="true", act_groups="ordered")})
+            rows.append({"label": "GWQ 0.2% + GPTQ g128 act-order, ordered groups", "family": "gwq+gptq",
+                         "bits": b, "spec": wq(b, method="gptq", act_order="true", act_groups="ordered",
+                                               outliers=0.002, criterion="gradient")})
         if "awq" in METHODS:
             rows.append({"label": "AWQ g128", "family": "awq", "bits": b, "spec": wq(b, method="awq")})
         if "awq-gptq" in METHODS:

@@ -336,7 +336,7 @@ class Graph:
         target = f"{owner_path}.{leaf}" if owner_path else leaf
         with self.graph.inserting_before(before):
             node = self.graph.get_attr(target)
-        node.meta["val"] = _fake_like(value, before)
+        node.meta["val"] = fake_like(value, before)
         return node
 
     def set_attr(self, node: fx.Node, value: torch.Tensor) -> None:
@@ -351,7 +351,7 @@ class Graph:
             owner._parameters[leaf] = torch.nn.Parameter(value.detach().clone(), requires_grad=False)
         else:
             owner._buffers[leaf] = value.detach().clone()
-        node.meta["val"] = _fake_like(value, node)
+        node.meta["val"] = fake_like(value, node)
 
     def commit(self) -> None:
         """Drop unused weights, check the graph and regenerate its code."""
@@ -396,7 +396,7 @@ def _infer_module_paths(gm: fx.GraphModule) -> None:
             node.meta["nn_module_stack"] = {owners[0]: (owners[0], "")}
 
 
-def _fake_like(value: torch.Tensor, near: fx.Node) -> torch.Tensor:
+def fake_like(value: torch.Tensor, near: fx.Node) -> torch.Tensor:
     """A ``meta['val']`` for a new constant, using the graph's fake mode if present."""
     for node in near.graph.nodes:
         val = node.meta.get("val")

@@ -93,7 +93,8 @@ def test_outlier_storage_widths_and_bits():
     small = quantize_groupwise(torch.randn(8, 256), 4, 64, top_k_mask(torch.rand(8, 256), 0.01))
     nnz = small.values.numel()
     assert small.storage_bits() == {"codes": 8 * 256 * 4, "scales": 8 * 4 * 16, "zero_points": 8 * 2 * 8,
-                                    "outlier_values": nnz * 16, "outlier_cols": nnz * 16, "outlier_rows": 8 * 8}
+                                    "outlier_values": nnz * 16, "outlier_cols": nnz * 16, "outlier_rows": 8 * 8,
+                                    "input_order": 0}
     none = quantize_groupwise(torch.randn(8, 256), 4, 64).storage_bits()
     assert none["outlier_values"] == none["outlier_cols"] == none["outlier_rows"] == 0
 

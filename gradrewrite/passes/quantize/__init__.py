@@ -62,13 +62,15 @@ from .int8_static import quantize_static
 from .layers import find_layers, layer_input, linear_form, observe
 from .observers import OBSERVERS
 from .awq import INPUT_MUL, awq_scale
-from .gptq import choose_damp, gptq_quantize, hessian_relative_error, layer_hessian
+from .gptq import (choose_damp, gptq_quantize, hessian_relative_error, layer_hessian, permuted_problem,
+                   visiting_order)
 from .padding import PaddingRows, resolve as resolve_padding
 from .outliers import (AGGREGATIONS, CRITERIA, LOSSES, SPREADS, choose_loss, gradient_scores, hessian_scores,
                        magnitude_scores, top_k_mask)
-from .weight_only import BITS, quantize_groupwise, replace_linear, rtn_dequantized
+from .weight_only import BITS, permuted_input, quantize_groupwise, replace_linear, rtn_dequantized
 
 METHODS = ("rtn", "gptq", "awq", "awq-gptq")
+ACT_GROUPS = ("static", "ordered")
 
 MODES = ("auto", "static", "weight-only")
 ERROR_SAMPLES = 4   # recorded inputs per layer for the error report
@@ -109,8 +111,11 @@ class Quantize:
                 "value with the least error on held-out calibration samples)"})
     block: int = field(default=128, metadata={"help": "gptq: columns per lazy update block (power of two)"})
     act_order: bool = field(default=False, metadata={
-        "help": "gptq: visit columns by decreasing input energy (groups stay static, set from the "
-                "original weights)"})
+        "help": "gptq: visit columns by decreasing input energy"})
+    act_groups: str = field(default="static", metadata={
+        "help": "gptq with act_order: static (groups of consecutive input features, set from the "
+                "original weights) | ordered (groups follow the visiting order; the layer reads its "
+                "input permuted by a stored 16-bit index, shared by layers that read the same input)"})
     clip: bool = field(default=True, metadata={
         "help": "awq / gptq: shrink each group's range where that cuts the error (awq: the "
                 "layer's output error; gptq: the rounding error weighted by diag(H))"})
@@ -131,7 +136,8 @@ class Quantize:
         for key, value, valid in (("mode", self.mode, MODES), ("criterion", self.criterion, CRITERIA),
                                   ("aggregation", self.aggregation, AGGREGATIONS),
                                   ("spread", self.spread, SPREADS),
-                                  ("observer", self.observer, OBSERVERS), ("method", self.method, METHODS)):
+                                  ("observer", self.observer, OBSERVERS), ("method", self.method, METHODS),
+                                  ("act_groups", self.act_groups, ACT_GROUPS)):
             if value not in valid:
                 raise ConfigError(f"unknown {key} {value!r} for quantize", f"use one of {', '.join(valid)}")
         if not callable(self.loss):
@@ -160,6 +166,9 @@ class Quantize:
             if not isinstance(self.damp, str) and not 0.0 < self.damp <= 1.0:
                 raise ConfigError(f"damp={self.damp} is out of range",
                                   "use a fraction in (0, 1], e.g. 0.01, or damp=auto")
+            if self.act_groups == "ordered" and not self.act_order:
+                raise ConfigError("act_groups=ordered needs act_order=true (it is the visiting order "
+                                  "the groups follow)", "add act_order=true, or drop act_groups")
             if self.block < 1 or self.block & (self.block - 1) or self.block > 4096:
                 raise ConfigError(f"block={self.block} is out of range",
                                   "use a power of two from 1 to 4096 (default 128)")
@@ -269,6 +278,7 @@ class Quantize:
             layers = sorted(layers, key=lambda l: order[l.node])
         hessian: tuple = (None, None, 0, None)   # (input node, H, rows, halves): one at a time
         dequantized: dict = {}             # quantized layers' weights, for the runs up to later layers
+        reordered: dict = {}               # act_groups=ordered: input node -> (order, permuted input)
         for index, l in enumerate(layers):
             w = graph.attr(l.weight_node).detach().float()
             mask = top_k_mask(scores[l.param], self.outliers, self.spread) if scores else None
@@ -283,10 +293,19 @@ class Quantize:
                         weights=dequantized, padding=pad)
                     hessian = (x_node, h, n_rows, halves)
                 opts = dict(outliers=mask, block=self.block, act_order=self.act_order, clip=self.clip)
+                w_fit, h_fit, halves = w, hessian[1], hessian[3]
+                order = None
+                if self.act_order and self.act_groups == "ordered":   # consecutive groups of the permuted problem
+                    order = visiting_order(h_fit)
+                    w_fit, h_fit, halves, opts["outliers"] = permuted_problem(w_fit, h_fit, halves, mask, order)
+                    opts["act_order"] = False
                 damp, damp_errors = self.damp, None
                 if damp == "auto":
-                    damp, damp_errors = choose_damp(w, hessian[1], hessian[3], self.bits, self.group, **opts)
-                q, gptq_stats = gptq_quantize(w, hessian[1], self.bits, self.group, damp=damp, **opts)
+                    damp, damp_errors = choose_damp(w_fit, h_fit, halves, self.bits, self.group, **opts)
+                q, gptq_stats = gptq_quantize(w_fit, h_fit, self.bits, self.group, damp=damp, **opts)
+                if order is not None:
+                    q.order = order.to(torch.int16 if w.shape[1] <= 32767 else torch.int32)
+                    gptq_stats.update(act_order=True, act_groups="ordered")
                 if damp_errors:
                     gptq_stats["damp_held_out_error"] = damp_errors
                 gptq_stats["hessian_error_rtn"] = hessian_relative_error(
@@ -302,11 +321,14 @@ class Quantize:
             with torch.no_grad():
                 err = layer_error([(torch.nn.functional.linear(x.float(), w, b),
                                     torch.nn.functional.linear(x.float(), w_q, b)) for x in kept[l.param]])
+            x_read = None
+            if q.order is not None:
+                x_read, q.order_bits = permuted_input(graph, l, q.order, reordered)
             bits = q.storage_bits()
             bpw = sum(bits.values()) / w.numel()
             total_bits += sum(bits.values())
             total_numel += w.numel()
-            replace_linear(graph, l, q)
+            replace_linear(graph, l, q, x_read)
             records.append({"path": l.path, "weight": l.param, "shape": list(w.shape),
                             "outliers": int(q.values.numel()), "bits_per_weight": round(bpw, 4),
                             "storage_bits": bits, **({"gptq": gptq_stats} if gptq_stats else {}),
@@ -328,6 +350,7 @@ class Quantize:
                   "bits_per_weight": round(total_bits / max(1, total_numel), 4),
                   "bits_per_weight_note": "stored bits of codes, fp16 scales, packed zero points, "
                                           "fp16 outlier values, int16 column indices and per-row counts, "
+                                          "int16 input orders (act_groups=ordered, once per shared input), "
                                           "over the quantized layers' weights (biases stay fp32)",
                   "layers": records, "skipped": skipped,
                   "error_data": (f"{len(samples)} calibration samples, first {ERROR_SAMPLES} per layer"

@@ -16,9 +16,14 @@ pass's default, picks it per layer by cross-validation on the calibration sample
 
 Groups: without ``act_order`` a group's fp16 scale and zero point are computed when
 its first column is reached, from the then-current (already error-updated) weights. With
-``act_order`` columns are visited in decreasing ``diag(H)``; the groups keep the storage
-layout (``group`` consecutive input features, MatMulNBits), so their scales and zero points
-are computed once, before any update, from the original weights ("static groups").
+``act_order`` columns are visited in decreasing ``diag(H)`` (``visiting_order``); by
+default the groups keep the storage layout (``group`` consecutive input features,
+MatMulNBits), so their scales and zero points are computed once, before any update, from
+the original weights ("static groups"). ``act_groups=ordered`` makes the groups follow the
+visiting order instead: the layer is quantized as the problem permuted by that order
+(``permuted_problem``: ``W[:, p]``, ``H[p][:, p]``, groups of consecutive permuted
+columns, parameters set as each group is reached), and reads its input permuted the same
+way (``weight_only.permuted_input``), so the stored form is still plain consecutive groups.
 
 Outliers (GWQ / SpQR-style): entries in the outlier mask are left out of the group ranges,
 are not quantized (their rounding error is 0, so they push no error onto other columns)
@@ -217,6 +222,21 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, bits: int, group: int, *,
     return q, stats
 
 
+def visiting_order(h: torch.Tensor) -> torch.Tensor:
+    """act_order's column order: decreasing input energy ``diag(H)`` (ties: lower index first)."""
+    return torch.argsort(torch.diagonal(h), descending=True, stable=True)
+
+
+def permuted_problem(w: torch.Tensor, h: torch.Tensor, halves, outliers: torch.Tensor | None,
+                     order: torch.Tensor):
+    """A layer's GPTQ problem with its input features in ``order``: weight columns, both
+    Hessian axes (the full one and each half) and the outlier mask permuted alike; the
+    error ``tr((W-Q) H (W-Q)^T)`` is unchanged by it."""
+    ph = lambda m: m[order][:, order]
+    return (w[:, order], ph(h), [(ph(m), r) for m, r in halves],
+            None if outliers is None else outliers[:, order])
+
+
 def _undead(h: torch.Tensor) -> torch.Tensor:
     """A copy of ``h`` whose always-zero inputs get ``H[j, j] = 1`` (they stay factorisable)."""
     h = h.clone()
@@ -236,7 +256,7 @@ class _Setup:
         self.h = _undead(h)
         self.static = None
         if act_order:
-            self.perm = torch.argsort(torch.diagonal(h), descending=True, stable=True)
+            self.perm = visiting_order(h)
             pad = self.n_groups * group - k
             wp = torch.nn.functional.pad(w0, (0, pad)).reshape(n, self.n_groups, group)
             kp = torch.nn.functional.pad(keep0, (0, pad)).reshape(n, self.n_groups, group)
@@ -340,4 +360,5 @@ def hessian_relative_error(w: torch.Tensor, w_q: torch.Tensor, h: torch.Tensor) 
     return float(((d @ h64) * d).sum()) / ref if ref > 0 else 0.0
 
 
-__all__ = ["layer_hessian", "gptq_quantize", "hessian_relative_error", "choose_damp", "DAMP_CANDIDATES"]
+__all__ = ["layer_hessian", "gptq_quantize", "hessian_relative_error", "choose_damp", "DAMP_CANDIDATES",
+           "visiting_order", "permuted_problem"]

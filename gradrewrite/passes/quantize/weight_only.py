@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ...rewrite.graph import Graph, copy_meta
+from ...rewrite.graph import Graph, copy_meta, fake_like
 from ...rewrite.quant_ops import GROUPWISE_LINEAR, groupwise_weight, pack_bits
 from .layers import QLayer
 from .outliers import store_outliers
@@ -26,12 +26,19 @@ class GroupwiseWeight:
     bits: int
     group: int
     in_features: int
+    # gptq act_groups=ordered: everything above is stored for the input permuted by ``order``
+    # (int16 [K]: stored column j reads input feature order[j]); None: the input as it is
+    order: torch.Tensor | None = None
+    order_bits: int = 0      # 16 * K where this layer stores the order, 0 where it reuses a sibling's
 
     def dequantized(self) -> torch.Tensor:
-        """fp32 [N, K]: low-bit weights with the outliers added back."""
+        """fp32 [N, K] in the input's own feature order: low-bit weights with the outliers added back."""
         vals = self.values if self.values.numel() else None
-        return groupwise_weight(self.packed, self.scales, self.zeros, vals, self.cols, self.counts,
-                                self.bits, self.group, self.in_features)
+        w = groupwise_weight(self.packed, self.scales, self.zeros, vals, self.cols, self.counts,
+                             self.bits, self.group, self.in_features)
+        if self.order is not None:
+            w = w[:, torch.argsort(self.order.long())]
+        return w
 
     def storage_bits(self) -> dict[str, int]:
         """Bits actually stored, by part (bias, if any, is not part of the weight): every
@@ -42,7 +49,8 @@ class GroupwiseWeight:
                 "zero_points": bits(self.zeros),
                 "outlier_values": bits(self.values) if stored else 0,
                 "outlier_cols": bits(self.cols) if stored else 0,
-                "outlier_rows": bits(self.counts) if stored and self.counts is not None else 0}
+                "outlier_rows": bits(self.counts) if stored and self.counts is not None else 0,
+                "input_order": self.order_bits}
 
 
 def quantize_groupwise(w: torch.Tensor, bits: int, group: int,
@@ -85,8 +93,32 @@ def rtn_dequantized(w: torch.Tensor, bits: int, group: int) -> torch.Tensor:
     return quantize_groupwise(w, bits, group).dequantized()
 
 
-def replace_linear(graph: Graph, layer: QLayer, q: GroupwiseWeight) -> None:
-    """``linear(x, W, b)`` -> ``groupwise_linear(x, packed, scales, zeros, b, outliers…)``."""
+def permuted_input(graph: Graph, layer: QLayer, order: torch.Tensor, shared: dict) -> tuple[object, int]:
+    """The layer's input with its features in ``order`` (``x[..., order]``: an index_select
+    before the layer), and the bits this costs in storage. Layers that read the same input in
+    the same order (q/k/v, gate/up: their Hessians are equal) share one stored order and one
+    index_select: ``shared`` maps an input node to ``(order, permuted node)``."""
+    x = layer.node.args[0]
+    hit = shared.get(x)
+    if hit is not None and torch.equal(hit[0], order):
+        return hit[1], 0
+    node = layer.node
+    attr = graph.add_attr(f"{layer.param}_input_order", order.to(torch.int16), before=node, parameter=False)
+    with graph.graph.inserting_before(node):
+        index = graph.graph.call_function(torch.ops.aten._to_copy.default, (attr,), {"dtype": torch.int32})
+        picked = graph.graph.call_function(torch.ops.aten.index_select.default, (x, -1, index))
+    for new in (index, picked):
+        copy_meta(node, new)
+    index.meta["val"] = fake_like(order.to(torch.int32), node)
+    if "val" in getattr(x, "meta", {}):
+        picked.meta["val"] = x.meta["val"]    # same shape and dtype
+    shared[x] = (order, picked)
+    return picked, 16 * order.numel()
+
+
+def replace_linear(graph: Graph, layer: QLayer, q: GroupwiseWeight, x=None) -> None:
+    """``linear(x, W, b)`` -> ``groupwise_linear(x, packed, scales, zeros, b, outliers…)``
+    (``x``: the input node to read instead of the layer's own, e.g. ``permuted_input``'s)."""
     node = layer.node
     add = lambda suffix, value: graph.add_attr(f"{layer.param}_{suffix}", value, before=node,
                                                parameter=False)
@@ -99,7 +131,7 @@ def replace_linear(graph: Graph, layer: QLayer, q: GroupwiseWeight) -> None:
     bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
     with graph.graph.inserting_before(node):
         new = graph.graph.call_function(GROUPWISE_LINEAR, (
-            node.args[0], packed, scales, zeros, bias, vals, cols, counts, q.bits, q.group,
+            node.args[0] if x is None else x, packed, scales, zeros, bias, vals, cols, counts, q.bits, q.group,
             q.in_features))
     copy_meta(node, new, keep_val=True)
     new.meta.setdefault("gradrewrite", {}).update(
@@ -108,4 +140,5 @@ def replace_linear(graph: Graph, layer: QLayer, q: GroupwiseWeight) -> None:
     graph.graph.erase_node(node)
 
 
-__all__ = ["BITS", "GroupwiseWeight", "quantize_groupwise", "group_params", "rtn_dequantized", "replace_linear"]
+__all__ = ["BITS", "GroupwiseWeight", "quantize_groupwise", "group_params", "rtn_dequantized", "replace_linear",
+           "permuted_input"]
