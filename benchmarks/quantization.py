@@ -270,7 +270,8 @@ def minilm_part(quick: bool, avail: dict) -> dict:
 
     # every method at 4 bits; at 3 bits the main ones (each GPTQ-type row costs minutes here)
     keep3 = ("RTN g32", "RTN g128", "GPTQ g128", "GPTQ g128, no range search", "GPTQ g128 act-order",
-             "GWQ 0.2% + GPTQ g128 act-order", "AWQ+GPTQ g128")
+             "GWQ 0.2% + GPTQ g128 act-order", "AWQ+GPTQ g128", "GPTQ g128 act-order, ordered groups",
+             "GWQ 0.2% + GPTQ g128 act-order, ordered groups")
     grid = methods((4,), quick) + [r for r in methods((3,), quick) if quick or r["label"] in keep3]
     rows = measure_rows("minilm_quick" if quick else "minilm", model, graph, cal_b, score, grid + peer_rows(avail, (3, 4)))
     return {"held_out": len(held), "calibration": len(cal), "seq": seq, "rows": rows}
@@ -310,7 +311,8 @@ def lm_part(quick: bool, avail: dict) -> dict:
     # row costs minutes here); the byte vocabulary's table is too small for embeddings=auto
     skip4 = ("GPTQ g128, no range search", "GWQ 0.2% + GPTQ g128")
     grid = [r for r in methods((4,), quick) if not r.get("whole_model") and r["label"] not in skip4]
-    grid += [r for r in methods((3,), quick) if r["label"] in ("RTN g128", "GPTQ g128 act-order", "AWQ+GPTQ g128")]
+    grid += [r for r in methods((3,), quick) if r["label"] in ("RTN g128", "GPTQ g128 act-order", "AWQ+GPTQ g128",
+                                                                  "GPTQ g128 act-order, ordered groups")]
     rows = measure_rows("lm_quick" if quick else "lm", model, graph, cal_b, evaluate, grid + peer_rows(avail, (3, 4)))
     return {"fp32_perplexity": round(base, 4), "held_out_tokens": int(held[:, 1:].numel()),
             "calibration_sequences": sum(len(b[0]) for b in cal_b), "train": {k: v for k, v in train.items()},
@@ -324,6 +326,8 @@ ORT_SETTINGS = {"fp32": None, "RTN 4b g128": wq(4), "GPTQ 4b g128": wq(4, method
                                                     spread="rows"),
                 "GWQ 4b g128 + 1%, spread=cols": wq(4, outliers=0.01, criterion="gradient", loss="mse",
                                                     spread="cols"),
+                "GPTQ 4b g128 act-order, ordered groups": wq(4, method="gptq", act_order="true",
+                                                             act_groups="ordered"),
                 "GPTQ 3b g128": wq(3, method="gptq")}
 
 
