@@ -66,10 +66,18 @@ class McuOptions:
     measure: bool = _opt(True, "measure stack and instructions under QEMU")
     sparse: bool = _opt(True, "compressed N:M kernels for N:M-masked layers")
     stream: bool = _opt(True, "stream activations through the planned arena")
+    patches: str = _opt("auto", "patch-based execution of the first CNN stage: auto (on when it lowers "
+                                "the peak SRAM) | on | off | N or RxC (that grid of patches)")
+    patch_overhead: int = _opt(20, "patches: the most recompute allowed, in % of the model's MACs")
 
     def __post_init__(self) -> None:
         if self.ram_kb <= 0 or self.flash_kb <= 0:
             raise ConfigError(f"ram_kb={self.ram_kb}, flash_kb={self.flash_kb}", "budgets are positive KB")
+        import re
+        if self.patches not in ("auto", "on", "off") and not re.fullmatch(r"[1-9]\d*(x[1-9]\d*)?", self.patches):
+            raise ConfigError(f"unknown mcu patches {self.patches!r}", "valid patches: auto, on, off, N, RxC (e.g. 4x4)")
+        if self.patch_overhead < 0:
+            raise ConfigError(f"patch_overhead={self.patch_overhead}", "a percentage >= 0")
 
 
 OPTIONS: dict[str, type] = {"torch": TorchOptions, "ort": OrtOptions, "tvm": TvmOptions, "mcu": McuOptions}

@@ -52,3 +52,24 @@ def fp32_ops(graph: Graph) -> list[UnsupportedOp]:
         out.append(UnsupportedOp(op_name(n), module_path(n) or "<root>",
                                  plan.fp32.get(n, "no int8 kernel for this op")))
     return out
+
+
+def patch_plan(graph: Graph, max_overhead: float | None = None) -> str | None:
+    """What patch-based execution (``inference/patches.py``) would do at the default
+    options: the split, the grid, the recompute and the arena before and after; None when
+    the graph does not lower (the unsupported ops say why)."""
+    from .inference.lowering import Unsupported, lower
+    from .inference.patches import DEFAULT_MAX_OVERHEAD, apply
+
+    try:
+        prog = lower(graph)
+    except Unsupported:
+        return None
+    _, r = apply(prog, "auto", DEFAULT_MAX_OVERHEAD if max_overhead is None else max_overhead)
+    if "split_step" not in r:
+        return f"patches: off ({r.get('reason', 'no candidate')})"
+    plan = (f"split after {r['split_path'] or r['split_op']} ({'x'.join(map(str, r['split_shape']))}), "
+            f"{'x'.join(map(str, r['grid']))} patches, {100 * r['macs_overhead']:.1f}% more MACs "
+            f"(limit {100 * r['max_overhead']:.0f}%), arena {r['arena_unpatched_bytes'] / 1024:.1f} -> "
+            f"{r['arena_bytes'] / 1024:.1f} KB (the input read window by window, not in the arena)")
+    return f"patches: on, {plan}" if r["applied"] else f"patches: off by default ({r['reason']}); best: {plan}"

@@ -65,6 +65,8 @@ def arena_buffers(prog: Program, inputs: list[Buf] | None = None) -> list[Buffer
         last[id(v.buf)] = end
     buffers = []
     inputs = input_bufs(prog) if inputs is None else inputs
+    if prog.notes.get("input_streamed"):  # read window by window from the caller's input (patches.py)
+        inputs = []
     in_bytes = sum(b.nbytes for b in inputs)
     if in_bytes:
         buffers.append(Buffer(INPUT_BUFFER, in_bytes, 0, max([0] + [last.get(id(b), 0) for b in inputs])))
@@ -147,7 +149,7 @@ def model_h(prog: Program, arena: ArenaPlan, weight_bytes: int) -> str:
         f"#define MODEL_ARENA_BYTES {max(ALIGN, arena.plan.arena_bytes)}",
         f"#define MODEL_WEIGHT_BYTES {weight_bytes}",
         *io_macros("INPUT", prog.inputs, prog.notes.get("input_quantize")),
-        *io_macros("OUTPUT", prog.outputs), "", *INPUT_BUFFER_H, "",
+        *io_macros("OUTPUT", prog.outputs), "", *prog.notes.get("input_h", INPUT_BUFFER_H), "",
         "/* Runs one inference: reads MODEL_INPUT_BYTES from in, writes MODEL_OUTPUT_BYTES",
         "   to out. Returns 0 on success. Not reentrant (one static arena). */",
         "int model_run(const void *in, void *out);", "", "#endif", ""])
@@ -160,9 +162,9 @@ def model_c(prog: Program, arena: ArenaPlan, source: str) -> str:
     for b in prog.arena:
         if b.name in arena.plan.offsets:
             lines.append(f"#define {b.name.upper()}_OFF {arena.plan.offsets[b.name]}")
-    lines += [*input_arena_c(arena.plan.offsets),
+    lines += [*prog.notes.get("input_c", input_arena_c(arena.plan.offsets)),
               "int model_run(const void *in, void *out) {",
-              *copy_input_c("in"),
+              *prog.notes.get("input_run", copy_input_c("in")),
               "    uint8_t *out_bytes = (uint8_t *)out;",
               "    (void)in_bytes; (void)out_bytes; (void)arena;"]
     for i, step in enumerate(prog.steps):
@@ -241,7 +243,8 @@ def write_project(prog: Program, project: Path, *, source: str = "<model>") -> d
         "inputs": [{"shape": list(v.shape), "dtype": DTYPE_NAMES[v.dtype], "bytes": v.nbytes,
                     **({"quantize": q} if q else {})}
                    for v, q in zip(prog.inputs, prog.notes.get("input_quantize") or [None] * len(prog.inputs))],
-        "input_in_arena": True,
+        "input_in_arena": not prog.notes.get("input_streamed"),
+        **({"patches": prog.notes["patches"]} if prog.notes.get("patches") else {}),
         "outputs": [{"shape": list(v.shape), "dtype": DTYPE_NAMES[v.dtype], "bytes": v.nbytes}
                     for v in prog.outputs],
         "ops": [{"op": s.op, "path": s.path, "kernel": s.kernel, "macs": s.macs,

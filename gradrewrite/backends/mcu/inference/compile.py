@@ -19,13 +19,14 @@ from ..packing import pack_inputs
 from ..targets import DEFAULT_FLASH_KB, DEFAULT_RAM_KB, get_target
 from .codegen import write_project
 from .lowering import Unsupported, lower
+from .patches import apply as patch_stage
 from .reference import INT8_REL_TOL, integer_reference, save_reference
 from .runner import make_runner
 
 
 def compile_inference(graph: Graph, project: Path, *, target: str = "host", ram_kb: int = DEFAULT_RAM_KB,
                       flash_kb: int = DEFAULT_FLASH_KB, sparse: bool = True, stream: bool = True,
-                      measure: bool = True) -> dict[str, Any]:
+                      patches: str = "auto", patch_overhead: int = 20, measure: bool = True) -> dict[str, Any]:
     """Write, build and check the C project of inference graph ``graph`` in ``project``;
     returns its facts (also written to ``project/model.json``)."""
     try:
@@ -34,7 +35,9 @@ def compile_inference(graph: Graph, project: Path, *, target: str = "host", ram_
         raise BackendError(f"the mcu backend cannot generate {exc}",
                            f"run `gradrewrite check MODEL --target {target}` to list every "
                            "unsupported op, then rewrite them with a pass") from exc
+    program, patch_report = patch_stage(program, patches, patch_overhead / 100)
     facts = write_project(program, project, source=graph.source)
+    facts["patches"] = {k: v for k, v in patch_report.items() if k != "candidates"}
     facts["target"] = target
     facts["reference"] = save_reference(graph, project)   # for `gradrewrite run --compare`
     build_host(project)
@@ -59,6 +62,7 @@ def compile_inference(graph: Graph, project: Path, *, target: str = "host", ram_
 EXACT_FP32_KERNELS = frozenset({
     "gr_quantize_f32_i8", "gr_dequantize_i8_f32", "gr_copy_nd", "gr_embedding_f32",
     "gr_max_pool2d_f32", "gr_binary_f32", "gr_binary_scalar_f32", "gr_adaptive_avg_pool2d_f32", "gr_pad_f32",
+    "gr_patch_read",   # patches.py: the input window by window
 })
 
 

@@ -1,5 +1,6 @@
 /* Harness around the generated model: read MODEL_INPUT_BYTES from a file (into the
- * model's arena when model.h says MODEL_INPUT_IN_ARENA), call
+ * model's arena when model.h says MODEL_INPUT_IN_ARENA; window by window during
+ * model_run when it says MODEL_INPUT_STREAMED), call
  * model_run once, write MODEL_OUTPUT_BYTES to a file, print what was measured.
  *
  *   host:      ./model [input.bin [output.bin]]
@@ -17,7 +18,18 @@
 #include "gr_stack.h"
 #endif
 
-#ifdef MODEL_INPUT_IN_ARENA
+#if defined(MODEL_INPUT_STREAMED)
+/* patch-based execution reads the input window by window: from the open input file,
+ * unbuffered, through model_read_input; no input array at all (model_run gets NULL) */
+static FILE *input_file;
+int model_read_input(uint32_t offset, void *dst, uint32_t n)
+{
+    if (fseek(input_file, (long)offset, SEEK_SET) != 0)
+        return -1;
+    return fread(dst, 1, n, input_file) == n ? 0 : -1;
+}
+#define INPUT_BUFFER NULL
+#elif defined(MODEL_INPUT_IN_ARENA)
 /* the input file goes straight into the model's arena: no input array of our own */
 #define INPUT_BUFFER ((uint8_t *)model_input_buffer())
 #else
@@ -39,10 +51,17 @@ static int read_input(const char *path)
         printf("gr: error: cannot open input file %s\n", path);
         return 0;
     }
+#ifdef MODEL_INPUT_STREAMED
+    setvbuf(f, NULL, _IONBF, 0);
+    long got = fseek(f, 0, SEEK_END) == 0 ? ftell(f) : -1;
+    int extra = EOF;
+    input_file = f;                 /* stays open: model_run reads it */
+#else
     size_t got = fread(INPUT_BUFFER, 1, MODEL_INPUT_BYTES, f);
     int extra = fgetc(f);
     fclose(f);
-    if (got != MODEL_INPUT_BYTES || extra != EOF) {
+#endif
+    if (got != (long)MODEL_INPUT_BYTES || extra != EOF) {
         printf("gr: error: input file %s must hold exactly %lu bytes\n", path,
                (unsigned long)MODEL_INPUT_BYTES);
         return 0;
