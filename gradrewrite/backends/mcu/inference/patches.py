@@ -40,7 +40,7 @@ from ..program import ITEMSIZE, Buf, Program, Step, Val, c_ints, contiguous_stri
 STRUCT = re.compile(r"gr_conv_shape (\w+) = \{([-\d, ]+)\};")
 FIELDS = ("n", "c", "h", "w", "oc", "oh", "ow", "kh", "kw", "sh", "sw", "ph", "pw", "dh", "dw", "groups")
 CONV_KERNELS = frozenset({"gr_conv2d_s8", "gr_pointwise_s8", "gr_depthwise3x3_s8", "gr_conv2d_f32"})
-ADD_KERNELS = frozenset({"gr_add_s8", "gr_add_lut_s8", "gr_binary_f32"})
+ELEMENTWISE_KERNELS = frozenset({"gr_add_s8", "gr_add_lut_s8", "gr_binary_f32", "gr_unary_f32"})
 MAX_GRID = 8
 DEFAULT_MAX_OVERHEAD = 0.2   # recompute: at most 20% more multiply-accumulates than the whole model's
 
@@ -58,7 +58,12 @@ INPUT_C = [
     "__attribute__((weak)) int model_read_input(uint32_t offset, void *dst, uint32_t n) {",
     "    (void)offset; (void)dst; (void)n; return -1; }", "",
     "/* rows r0..r1-1, columns c0..c1-1 of every channel of a [c, h, w] input at byte `base` */",
-    "static __attribute__((noinline)) int gr_patch_read(const uint8_t *in, uint32_t base, int32_t item,",
+    "#if defined(__GNUC__) && !defined(__clang__)",
+    "#define GR_PATCH_CALL __attribute__((noinline, noclone))  /* one symbol: per-layer counts find it */",
+    "#else",
+    "#define GR_PATCH_CALL __attribute__((noinline))",
+    "#endif",
+    "static GR_PATCH_CALL int gr_patch_read(const uint8_t *in, uint32_t base, int32_t item,",
     "        int32_t c, int32_t h, int32_t w, int32_t r0, int32_t r1, int32_t c0, int32_t c1, uint8_t *dst) {",
     "    const uint32_t n = (uint32_t)(c1 - c0) * (uint32_t)item;",
     "    int32_t ch, r;",
@@ -123,7 +128,7 @@ class Layer:
     """One stage step: what it reads and writes and how its regions map."""
 
     step: Step
-    kind: str                                   # conv | add
+    kind: str                                   # conv | elementwise
     inputs: list[Buf]
     out: Buf
     scratch: list[Buf]
@@ -137,7 +142,7 @@ class Layer:
         return (first["c"], first["h"], first["w"]), (last["oc"], last["oh"], last["ow"])
 
     def input_regions(self, out: Region) -> list[Region]:
-        if self.kind == "add":
+        if self.kind == "elementwise":
             return [out for _ in self.inputs]
         region = out
         for f in reversed(list(self.structs.values())):  # pw_dw: depthwise, then the 1x1 expand
@@ -154,7 +159,7 @@ class Layer:
 
     def code(self, inp: Region, out: Region) -> str:
         code = self.step.code
-        if self.kind == "add":
+        if self.kind == "elementwise":
             return code  # the element count is substituted by the caller
         regions, region = {}, out
         for name, f in reversed(list(self.structs.items())):
@@ -183,21 +188,24 @@ def _layer(step: Step) -> Layer | None:
         if (ps["kh"], ps["kw"], ps["sh"], ps["sw"], ps["ph"], ps["pw"]) == (1, 1, 1, 1, 0, 0) \
                 and (ds["c"], ds["h"], ds["w"]) == (ps["oc"], ps["oh"], ps["ow"]):
             return Layer(step, "conv", reads, step.writes[0], step.writes[1:], structs)
-    if step.kernel in ADD_KERNELS and not structs and len(step.writes) == 1 and 1 <= len(reads) <= 2:
+    if step.kernel in ELEMENTWISE_KERNELS and not structs and len(step.writes) == 1 and 1 <= len(reads) <= 2:
         if step.kernel == "gr_binary_f32" and "gr_binary_f32(GR_ADD," not in step.code:
             return None
-        return Layer(step, "add", reads, step.writes[0], [])
+        return Layer(step, "elementwise", reads, step.writes[0], [])
     return None
 
 
 def _scratch_bytes(layer: Layer, buf: Buf, out: Region) -> int:
-    """A scratch buffer's size for the patch: a depthwise ``pad`` plane from its formula,
-    whole planes (``_plane``/``_planes``) scaled to the patch's, any other kept as it is
-    (its size depends on channels only, or is an upper bound)."""
+    """A scratch buffer's size for the patch: a depthwise ``pad`` plane and
+    ``gr_pw_dw_s8``'s ``ring`` from the kernels' formulas (as ``lowering/int8.py`` sizes
+    them), whole planes (``_plane``/``_planes``) scaled to the patch's, any other kept as it
+    is (its size depends on channels only, or is an upper bound)."""
     f = layer.structs[list(layer.structs)[-1]]
     tile = _tile_struct(f, *list(_chain(layer, out))[-1])
     if buf.name.endswith("_pad"):
         return ((tile["oh"] - 1) * tile["sh"] + 3) * ((tile["ow"] - 1) * tile["sw"] + 3) + 4
+    if buf.name.endswith("_ring"):  # gr_pw_dw_s8: three padded rows of each expanded channel
+        return tile["c"] * 3 * max((tile["ow"] - 1) * tile["sw"] + 3, tile["pw"] + tile["w"]) + 4
     plane = f["h"] * f["w"]
     if buf.name.endswith(("_plane", "_planes")) and buf.nbytes % plane == 0:
         return buf.nbytes // plane * tile["h"] * tile["w"]
@@ -360,8 +368,8 @@ def patch(prog: Program, stage: Stage, k: int, grid: tuple[int, int]) -> Patched
             c = stage.geo[id(layer.out)][0]
             y = tile(layer.out, tag, c * out.rows * out.cols * item_of[id(layer.out)])
             code = layer.code(asks[i][0], out)
-            if layer.kind == "add":
-                code = _add_code(layer, code, c, out, stage.geo[id(layer.out)])
+            if layer.kind == "elementwise":
+                code = _elementwise_code(layer, code, c, out, stage.geo[id(layer.out)])
             scratch = [tile(s, tag, _scratch_bytes(layer, s, out)) for s in layer.scratch]
             for old, new in zip([*layer.inputs, layer.out, *layer.scratch], [*reads, y, *scratch]):
                 code = code.replace(old.expr(), new.expr())
@@ -383,8 +391,8 @@ def patch(prog: Program, stage: Stage, k: int, grid: tuple[int, int]) -> Patched
     return Patched(program, k, grid, macs, stage_macs)
 
 
-def _add_code(layer: Layer, code: str, c: int, out: Region, full: tuple[int, int, int]) -> str:
-    """An element-wise add's code for a [c, out.rows, out.cols] patch."""
+def _elementwise_code(layer: Layer, code: str, c: int, out: Region, full: tuple[int, int, int]) -> str:
+    """An element-wise kernel's code for a [c, out.rows, out.cols] patch."""
     if layer.step.kernel == "gr_binary_f32":
         shape = (1, c, out.rows, out.cols)
         strides = contiguous_strides(shape)
@@ -398,8 +406,8 @@ def _add_code(layer: Layer, code: str, c: int, out: Region, full: tuple[int, int
     return re.sub(rf"(?<![\w.]){n}(?![\w.])", str(c * out.rows * out.cols), code)
 
 
-def _add_ok(layer: Layer, geo: dict[int, tuple[int, int, int]]) -> bool:
-    """An add runs per patch when both operands are dense tensors of its shape."""
+def _elementwise_ok(layer: Layer, geo: dict[int, tuple[int, int, int]]) -> bool:
+    """An element-wise step runs per patch when its operands are dense tensors of its shape."""
     if layer.step.kernel == "gr_binary_f32":
         full = (1, *geo[id(layer.out)])
         dense = c_ints(contiguous_strides(full))
@@ -422,7 +430,7 @@ def plan(prog: Program, *, max_overhead: float = DEFAULT_MAX_OVERHEAD,
         report["reason"] = "the program does not start with convolutions over its one NCHW input"
         return None, report
     for i, layer in enumerate(stage.layers):
-        if layer.kind == "add" and not _add_ok(layer, stage.geo):
+        if layer.kind == "elementwise" and not _elementwise_ok(layer, stage.geo):
             stage.layers = stage.layers[:i]
             break
     splits = stage.splits(prog) if stage.layers else []
