@@ -206,3 +206,47 @@ def test_every_split_of_odd_convs_is_bit_exact(tmp_path):
     for k in splits:
         _build(patches.patch(prog, stage, k, (2, 3)).program, tmp_path / f"k{k}")
         assert firmware.run_host(tmp_path / f"k{k}" / firmware.HOST_EXE, data) == want, f"split {k}"
+
+
+DRIVER = r"""
+#include <stdio.h>
+#include <string.h>
+#include "model.h"
+/* patched model_run: from a caller's buffer, and through model_read_input (NULL input),
+   the same bytes as the harness wrote to expected.bin; a failing read fails the run */
+static unsigned char in[MODEL_INPUT_BYTES];
+static int fail;
+int model_read_input(uint32_t offset, void *dst, uint32_t n) {
+    if (fail || offset + n > MODEL_INPUT_BYTES) return -1;
+    memcpy(dst, in + offset, n);
+    return 0;
+}
+int main(void) {
+    static unsigned char out[2][MODEL_OUTPUT_BYTES], want[MODEL_OUTPUT_BYTES];
+    FILE *f = fopen("input.bin", "rb"), *g = fopen("expected.bin", "rb");
+    if (!f || !g || fread(in, 1, sizeof in, f) != sizeof in || fread(want, 1, sizeof want, g) != sizeof want) return 2;
+    if (model_run(in, out[0]) || model_run(NULL, out[1])) return 3;
+    fail = 1;
+    if (model_run(NULL, out[1]) == 0) return 4;
+    printf(memcmp(out[0], want, sizeof want) || memcmp(out[1], want, sizeof want) ? "differs\n" : "same\n");
+    return 0;
+}
+"""
+
+
+def test_patched_model_run_reads_a_caller_buffer_or_model_read_input(tmp_path):
+    import subprocess
+
+    prog = lower(_graph(True))
+    stage, k = _split_at_add(prog)
+    project = tmp_path / "patched"
+    facts = _build(patches.patch(prog, stage, k, (2, 2)).program, project)
+    data = pack_inputs([torch.randn(SHAPE, generator=torch.Generator().manual_seed(4)).numpy()], facts["inputs"])
+    (project / "input.bin").write_bytes(data)
+    (project / "expected.bin").write_bytes(firmware.run_host(project / firmware.HOST_EXE, data))
+    (project / "driver.c").write_text(DRIVER)
+    sources = ["driver.c", "model.c", "weights.c", *sorted(str(p.relative_to(project))
+                                                        for p in (project / "kernels").glob("*.c"))]
+    subprocess.run(["cc", "-O1", "-I.", "-o", "driver", *sources, "-lm"], cwd=project, check=True)
+    proc = subprocess.run(["./driver"], cwd=project, capture_output=True, text=True)
+    assert proc.returncode == 0 and proc.stdout.strip() == "same", (proc.returncode, proc.stdout)
