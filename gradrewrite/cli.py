@@ -139,11 +139,12 @@ def _backend_options_epilog() -> str:
 @click.option("--passes", "-p", metavar="PIPELINE", help='Pass pipeline, e.g. "fold-bn,dce".')
 @click.option("--recipe", type=click.Path(path_type=str), help="TOML recipe with [[pass]] tables.")
 @click.option("--backend", "-b", default="torch", show_default=True,
-              help="torch, ort, tvm, mcu (C for microcontrollers), or auto (build torch, ort and tvm, keep the "
-                   "fastest correct one).")
+              help="torch, ort, tvm, openvino, mcu (C for microcontrollers), or auto (build torch, ort, tvm and "
+                   "openvino where installed, keep the fastest correct one).")
 @click.option("--target", default=None, metavar="TARGET",
               help="tvm: auto (default: cuda when a GPU is present, else the host CPU), llvm or cuda; "
-                   "mcu: host (default), cortex-m4 or cortex-m7.")
+                   "mcu: host (default), cortex-m4 or cortex-m7; openvino: auto (default: GPU when OpenVINO "
+                   "sees one), cpu or gpu.")
 @click.option("--tune-trials", type=int, default=None,
               help="TVM MetaSchedule trials (default 64 for --backend tvm; 0 = untuned, 30-60x slower on CPU).")
 @click.option("--tune-cache", type=click.Path(path_type=str), default=None,
@@ -151,6 +152,9 @@ def _backend_options_epilog() -> str:
 @click.option("--opset", type=int, default=None, help="ONNX opset for --backend ort (default 18).")
 @click.option("--external-data/--no-external-data", default=None,
               help="Store ONNX weights in model.onnx.data (default: only above 1 GiB).")
+@click.option("--precision", default=None, metavar="PRECISION",
+              help="openvino: f32 (default, exact), bf16 (lossy, checked within 2^-5 relative) or auto "
+                   "(OpenVINO's choice for the device).")
 @click.option("--ram-kb", type=int, default=None, help="mcu: SRAM budget in KB the firmware must link within (default 320).")
 @click.option("--flash-kb", type=int, default=None, help="mcu: flash budget in KB (default 1024).")
 @click.option("-o", "--out", required=True, type=click.Path(path_type=str), help="Artifact directory to write.")
@@ -176,7 +180,7 @@ def _backend_options_epilog() -> str:
                    "(torch, ort, tvm; --input Bx3x96x96 marks one input).")
 @_friendly
 def compile_cmd(model, module, inputs, trust_pickle, passes, recipe, backend, target, tune_trials, tune_cache,
-                opset, external_data, ram_kb, flash_kb, out, force, seed, verify_inputs, dump_graphs, quiet,
+                opset, external_data, precision, ram_kb, flash_kb, out, force, seed, verify_inputs, dump_graphs, quiet,
                 calib=None, train=False, loss_name="cross_entropy", optimizer="sgd", lr=0.01, momentum=0.0,
                 label_spec=None, dynamic_batch=False):
     """Capture MODEL, run passes, lower it with a backend and write the artifact to OUT.
@@ -196,7 +200,9 @@ def compile_cmd(model, module, inputs, trust_pickle, passes, recipe, backend, ta
         get_backend(backend)
     backend_options = typed_backend_options(backend, _backend_options(
         backend, opset=opset, external_data=external_data, target=target, tune_trials=tune_trials,
-        tune_cache=tune_cache, ram_kb=ram_kb, flash_kb=flash_kb, quiet=quiet))
+        tune_cache=tune_cache, precision=precision, ram_kb=ram_kb, flash_kb=flash_kb, quiet=quiet))
+    if backend != "auto":  # a device this machine lacks fails before the slow capture
+        get_backend(backend).check_options(backend_options)
     if label_spec and not train:
         raise ConfigError("--label applies only with --train", "add --train or drop --label")
     step = Train(loss=loss_name, optimizer=optimizer, lr=lr, momentum=momentum, label=label_spec) if train else None
@@ -280,7 +286,10 @@ def _backend_options(backend: str, *, quiet: bool, **given) -> dict:
     """CLI flags -> backend options; flags a backend does not take are an error."""
     from .errors import ConfigError
 
-    per_backend = {"ort": ("opset", "external_data"), "tvm": ("target", "tune_trials", "tune_cache")}
+    per_backend = {"ort": ("opset", "external_data"), "tvm": ("target", "tune_trials", "tune_cache"),
+                   "openvino": ("precision",)}
+    if backend == "openvino":  # --target goes to tvm under auto, so openvino's only when named
+        per_backend["openvino"] = ("target", "precision")
     if backend == "mcu":  # not an auto candidate, so its flags are routed only when named
         per_backend["mcu"] = ("target", "ram_kb", "flash_kb")
     chosen = {k: v for k, v in given.items() if v is not None}

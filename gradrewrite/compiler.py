@@ -102,6 +102,8 @@ def compile_graph(graph: Graph, out: str | Path, options: CompileOptions | None 
     opts = replace(opts, backend_options=typed_backend_options(opts.backend, opts.backend_options))
     auto = opts.backend == auto_select.AUTO
     backend = None if auto else get_backend(opts.backend)
+    if backend is not None:
+        backend.check_options(opts.backend_options)
     stream_bp = opts.train is not None and opts.train.is_stream_bp(specs)
     if opts.train is not None:
         if auto:
@@ -284,7 +286,7 @@ def _manifest(tmp: Path, opts: CompileOptions, specs: list[PassSpec], model_file
         config["train"] = dataclasses.asdict(opts.train)
     versions = {}
     for pkg in ("gradrewrite", "torch", "onnx", "onnxruntime", "onnxruntime-gpu", "onnxscript",
-                "apache-tvm", "numpy"):
+                "apache-tvm", "openvino", "numpy"):
         try:
             versions[pkg] = metadata.version(pkg)
         except metadata.PackageNotFoundError:

@@ -2,7 +2,7 @@
 # Install everything gradrewrite's tests need on a bare Debian machine: the system
 # packages (arm-none-eabi toolchain and QEMU for the mcu backend, graphviz for
 # `inspect -f svg`, chromium for the HTML inspector tests) and the Python package
-# with its cpu and test extras. Used by the README's test command and by .ci/run.
+# with its cpu, test and openvino extras. Used by the README's test command and by .ci/run.
 # Already-installed system packages are left alone, so a rerun takes seconds.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -31,5 +31,5 @@ if [ -n "$missing" ]; then
   $SUDO apt-get install -y -qq --no-install-recommends $missing >/dev/null
 fi
 
-echo "== installing gradrewrite with the cpu and test extras"
-python -m pip install -q -e ".[cpu,test]"
+echo "== installing gradrewrite with the cpu, test and openvino extras"
+python -m pip install -q -e ".[cpu,test,openvino]"

@@ -34,6 +34,9 @@ class Backend:
         """None when usable here, else the reason (and how to fix it)."""
         return None
 
+    def check_options(self, options: Any) -> None:
+        """Refuse options this machine cannot honour (a device it lacks), before any slow work."""
+
     def compile(self, graph: Graph, out_dir: Path, *, options: dict[str, Any]) -> BackendArtifact:
         raise NotImplementedError
 
@@ -61,7 +64,7 @@ def register_backend(name: str):
 
 
 def _load_builtin() -> None:
-    from . import mcu, ort, torch_backend, tvm  # noqa: F401  (registration side effect)
+    from . import mcu, openvino, ort, torch_backend, tvm  # noqa: F401  (registration side effect)
 
 
 def backend_names() -> list[str]:
@@ -69,11 +72,17 @@ def backend_names() -> list[str]:
     return sorted(_BACKENDS)
 
 
+def backend_available(name: str) -> bool:
+    """Whether a registered backend is usable here (its optional package installed)."""
+    _load_builtin()
+    return name in _BACKENDS and _BACKENDS[name]().availability() is None
+
+
 def get_backend(name: str) -> Backend:
     _load_builtin()
     if name not in _BACKENDS:
         raise ConfigError(f"unknown backend {name!r}", f"valid backends: {', '.join(sorted(_BACKENDS))}, or auto "
-                          "(build torch, ort and tvm, keep the fastest correct one)")
+                          "(build torch, ort, tvm and openvino where installed, keep the fastest correct one)")
     backend = _BACKENDS[name]()
     reason = backend.availability()
     if reason:

@@ -80,7 +80,17 @@ class McuOptions:
             raise ConfigError(f"patch_overhead={self.patch_overhead}", "a percentage >= 0")
 
 
-OPTIONS: dict[str, type] = {"torch": TorchOptions, "ort": OrtOptions, "tvm": TvmOptions, "mcu": McuOptions}
+@dataclass(frozen=True)
+class OpenvinoOptions:
+    target: str = _opt("auto", "auto (GPU when OpenVINO sees one, else CPU) | cpu | gpu (--target)",
+                       choices=("auto", "cpu", "gpu"))
+    precision: str = _opt("f32", "f32 (exact, the default) | bf16 (lossy: checked within 2^-5 relative) | auto "
+                                 "(OpenVINO's choice for the device: bf16 on CPUs with bf16 units, f16 on GPU) "
+                                 "(--precision)", choices=("f32", "bf16", "auto"))
+
+
+OPTIONS: dict[str, type] = {"torch": TorchOptions, "ort": OrtOptions, "tvm": TvmOptions, "mcu": McuOptions,
+                          "openvino": OpenvinoOptions}
 
 
 def _check_type(backend: str, name: str, value: Any, hint: Any, choices=None) -> Any:

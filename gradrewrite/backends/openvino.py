@@ -1,0 +1,224 @@
+"""openvino backend: the rewritten graph as OpenVINO IR, compiled for CPU (or an Intel GPU).
+
+The route is the ONNX the ort backend writes (``ort.export_onnx``), read by OpenVINO's
+ONNX frontend, not ``torch.export`` through its PyTorch frontend: the quantize pass's
+static int8 graphs (``quantized_decomposed`` Q/DQ) fail in the PyTorch frontend (convs
+fed by ``dequantize_per_channel`` do not convert), while their ONNX QuantizeLinear /
+DequantizeLinear pairs become FakeQuantize ops that OpenVINO's low-precision
+transformations run as int8 kernels (VNNI/AMX on CPU). The export also reuses every ONNX
+translation and export fix the ort backend already has, at the same cost (small_cnn:
+ONNX export + read 4.3 s, ``convert_model(ExportedProgram)`` 4.3 s).
+
+``compile`` writes ``model.xml``/``model.bin`` (IR, weights kept fp32:
+``compress_to_fp16=False``) and ``openvino.json`` (device and precision), compiles it
+once to fail at compile time, and reports the precision each runtime layer runs at
+(``runtime_precisions``: e.g. ``Convolution: {i8: 5}`` for a static int8 CNN).
+
+Options (``backends.options.OpenvinoOptions``):
+
+- ``target``: ``auto`` (GPU when OpenVINO sees one, else CPU), ``cpu``, ``gpu`` (refused
+  when OpenVINO sees no GPU).
+- ``precision``: ``f32`` (the default: exact, checked to fp32 rounding), ``bf16``
+  (lossy: OpenVINO's bf16 inference precision, checked within ``BF16_REL_TOL``), ``auto``
+  (OpenVINO's own choice for the device, read back from the compiled model: bf16 on CPUs
+  with bf16 units, f16 on GPU; checked within ``BF16_REL_TOL`` when it is not f32).
+
+Verification: the compiler checks exact pipelines against the original model within
+fp32 rounding, widened to ``BF16_REL_TOL`` when the model runs at half precision;
+``check_artifact`` also checks every artifact against the rewritten graph it lowered
+(what lossy pipelines are not checked against the original for): fp32 rounding, plus
+``BF16_REL_TOL`` at half precision, plus ``INT8_REL_TOL`` when the graph holds Q/DQ
+(int8 kernels against the graph's fake quantization).
+
+Refused before the export: training steps, and weight-only graphs (``groupwise_linear``,
+``groupwise_embedding``: com.microsoft MatMulNBits / GatherBlockQuantized in the ONNX,
+which OpenVINO reads only in some of the forms the exporter writes).
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import BackendError, ConfigError, VerificationError
+from ..rewrite.graph import Graph
+from .base import Backend, BackendArtifact, register_backend
+from .options import OpenvinoOptions, make_options
+
+CONFIG = "openvino.json"
+FP32_REL_TOL = 1e-4       # fp32 rounding: the compiler's tolerance for exact pipelines
+BF16_REL_TOL = 2.0 ** -5  # 8 bf16 rounding units (2^-8): the example models measured 0.005-0.007
+INT8_REL_TOL = 0.05       # int8 kernels against the graph's fake quantization (as the tvm/mcu int8 checks)
+WEIGHT_ONLY_OPS = ("gradrewrite.groupwise_linear", "gradrewrite.groupwise_embedding")
+QDQ_OPS = ("quantized_decomposed.quantize_per_tensor", "quantized_decomposed.dequantize_per_channel")
+INT8_LAYER_TYPES = ("Convolution", "GroupConvolution", "FullyConnected", "MatMul", "Deconvolution")
+
+
+def _ov():
+    try:
+        import openvino
+    except ImportError as exc:
+        raise BackendError("openvino is not installed", "pip install 'gradrewrite[openvino]'") from exc
+    return openvino
+
+
+def _device(core, target: str) -> str:
+    gpus = [d for d in core.available_devices if d.startswith("GPU")]
+    if target == "gpu" and not gpus:
+        raise BackendError(f"--target gpu: OpenVINO sees no GPU (devices: {', '.join(core.available_devices)})",
+                           "use --target cpu or auto (OpenVINO's GPU plugin runs on Intel GPUs)")
+    return "GPU" if gpus and target in ("gpu", "auto") else "CPU"
+
+
+def _compile_config(device: str, precision: str) -> dict[str, str]:
+    if precision == "bf16" and device == "GPU":
+        raise BackendError("--precision bf16: OpenVINO's GPU plugin has no bf16 inference",
+                           "use --precision f32, or auto (f16 on GPU), or --target cpu")
+    config = {} if precision == "auto" else {"INFERENCE_PRECISION_HINT": precision}
+    if device == "CPU":  # no int8 activations behind the graph's back (compressed-weight layers)
+        config["DYNAMIC_QUANTIZATION_GROUP_SIZE"] = "0"
+    return config
+
+
+def _compiled(core, model, device: str, precision: str):
+    try:
+        return core.compile_model(model, device, _compile_config(device, precision))
+    except BackendError:
+        raise
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise BackendError(f"OpenVINO cannot compile the model for {device}: {first}",
+                           "try --backend ort, or --precision f32") from exc
+
+
+def _inference_precision(compiled) -> str:
+    return compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name()  # f32, bf16, f16
+
+
+def runtime_precisions(compiled) -> dict[str, dict[str, int]]:
+    """How many runtime layers of each type run at each precision (``runtimePrecision``)."""
+    table: dict[str, dict[str, int]] = {}
+    for op in compiled.get_runtime_model().get_ordered_ops():
+        info = op.get_rt_info()
+        kind = info["layerType"].astype(str)
+        if kind in ("Const", "Input", "Output", "Reorder"):
+            continue
+        precision = info["runtimePrecision"].astype(str)
+        table.setdefault(kind, {})
+        table[kind][precision] = table[kind].get(precision, 0) + 1
+    return {k: dict(sorted(v.items())) for k, v in sorted(table.items())}
+
+
+def refuse(graph: Graph) -> None:
+    """What this backend does not take, decided before the export."""
+    if graph.meta.get("train_step"):
+        raise ConfigError("--backend openvino compiles inference graphs, not training steps",
+                          "compile the training step with --backend torch, ort or mcu")
+    ops = graph.op_histogram()
+    weight_only = {op: n for op, n in ops.items() if op in WEIGHT_ONLY_OPS}
+    if weight_only:
+        found = ", ".join(f"{n} {op.split('.')[-1]}" for op, n in weight_only.items())
+        raise ConfigError(f"--backend openvino does not take weight-only quantized graphs ({found}: "
+                          "com.microsoft ops in ONNX, not read by OpenVINO in every form)",
+                          "use --backend ort or tvm for weight-only, or quantize(mode=static) for OpenVINO int8")
+
+
+def _half(precision: str) -> bool:
+    return precision != "f32"
+
+
+@register_backend("openvino")
+class OpenvinoBackend(Backend):
+    def availability(self) -> str | None:
+        try:
+            _ov()
+        except BackendError as exc:
+            return exc.one_line()
+        return None
+
+    def check_options(self, options: OpenvinoOptions) -> None:
+        options = make_options("openvino", options)
+        _compile_config(_device(_ov().Core(), options.target), options.precision)
+
+    def compile(self, graph: Graph, out_dir: Path, *, options: OpenvinoOptions) -> BackendArtifact:
+        from .ort import export_onnx
+
+        options = make_options("openvino", options)
+        refuse(graph)
+        ov = _ov()
+        core = ov.Core()
+        device = _device(core, options.target)
+        _compile_config(device, options.precision)  # bad combinations fail before the export
+        work = out_dir / ".onnx"
+        work.mkdir()
+        try:
+            facts = export_onnx(graph, work / "model.onnx")
+            model = core.read_model(str(work / "model.onnx"))
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        ov.save_model(model, str(out_dir / "model.xml"), compress_to_fp16=False)
+        config = {"device": device, "precision": options.precision}
+        (out_dir / CONFIG).write_text(json.dumps(config, indent=1) + "\n")
+        compiled = _compiled(core, core.read_model(str(out_dir / "model.xml")), device, options.precision)
+        inference = _inference_precision(compiled)
+        layers = runtime_precisions(compiled)
+        info: dict[str, Any] = {
+            "device": device, "execution_devices": list(compiled.get_property("EXECUTION_DEVICES")),
+            "precision": {"requested": options.precision, "inference": inference},
+            "runtime_precisions": layers,
+            "int8_layers": sum(n for kind in INT8_LAYER_TYPES for p, n in layers.get(kind, {}).items()
+                               if p in ("i8", "u8")),
+            "quantized_input": any(op in graph.op_histogram() for op in QDQ_OPS),
+            "onnx_ops": facts["onnx_ops"], "opset": facts["opset"], "openvino_version": ov.__version__,
+        }
+        if _half(inference):  # the compiler widens its check of exact pipelines to this
+            info["rel_tol"] = BF16_REL_TOL
+        return BackendArtifact(["model.xml", "model.bin", CONFIG], f"openvino-{device.lower()}-{inference}", info)
+
+    def check_artifact(self, runner, graph: Graph, info: dict[str, Any], *, n_inputs: int,
+                       seed: int) -> dict[str, Any] | None:
+        """The artifact against the rewritten graph it lowered, within the tolerance of what
+        it runs (recorded in ``info["lowering_check"]``); the compiler's check against the
+        original model follows (None)."""
+        import torch
+
+        from ..rewrite.verify import verify
+
+        tol = FP32_REL_TOL + (BF16_REL_TOL if _half(info["precision"]["inference"]) else 0.0) \
+            + (INT8_REL_TOL if info.get("quantized_input") else 0.0)
+        check = verify(lambda *xs: [torch.from_numpy(o) for o in runner(*(x.numpy() for x in xs))],
+                       graph, graph, n_inputs=n_inputs, seed=seed).as_dict()
+        info["lowering_check"] = {"against": "the rewritten graph", "relative_error": check["relative_error"],
+                                  "max_abs_error": check["max_abs_error"], "tolerance": tol,
+                                  "inputs_compared": check["inputs_compared"]}
+        if not check["relative_error"] <= tol:
+            raise VerificationError(f"the openvino artifact disagrees with the rewritten graph: relative error "
+                                    f"{check['relative_error']:.3g} > {tol:.3g} "
+                                    f"({info['precision']['inference']}"
+                                    f"{', int8 Q/DQ' if info.get('quantized_input') else ''})",
+                                    "try --precision f32, or --backend ort")
+        return None
+
+    def load(self, out_dir: Path, artifact: dict[str, Any]):
+        ov = _ov()
+        path = Path(out_dir)
+        if not (path / CONFIG).is_file():
+            raise BackendError(f"{str(out_dir)!r} has no {CONFIG}", "compile the model with --backend openvino")
+        config = json.loads((path / CONFIG).read_text())
+        core = ov.Core()
+        device = _device(core, config["device"].lower())
+        request = _compiled(core, core.read_model(str(path / "model.xml")), device,
+                            config["precision"]).create_infer_request()
+        n_in, n_out = len(request.model_inputs), len(request.model_outputs)
+
+        def run(*inputs: np.ndarray) -> list[np.ndarray]:
+            if len(inputs) != n_in:
+                raise BackendError(f"the model takes {n_in} inputs, got {len(inputs)}",
+                                   "pass one --input per model input")
+            request.infer([np.ascontiguousarray(np.asarray(x)) for x in inputs])
+            return [np.array(request.get_output_tensor(i).data, copy=True) for i in range(n_out)]
+
+        return run
