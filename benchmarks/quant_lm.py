@@ -37,7 +37,8 @@ RECIPE = dict(seq=256, batch=16, lr=2e-3, warmup=100, eval_every=100, eval_windo
 # the same with no total time budget: stops when the held-out loss is flat (or at
 # max_steps), trained over as many resumable sittings as that takes (--long --seconds N).
 # The benchmark switches to it (RECIPE = LONG_RECIPE) once its weights are cached.
-LONG_RECIPE = {**RECIPE, "max_steps": 8000, "max_seconds": None}
+# torch.compile: ~1.7x faster training steps on this CPU (once compiled, a few minutes)
+LONG_RECIPE = {**RECIPE, "max_steps": 8000, "max_seconds": None, "compile": True}
 # --quick runs of the benchmark: a small model and a short run, cached the same way
 QUICK_CONFIG = {**CONFIG, "hidden_size": 128, "intermediate_size": 384, "num_hidden_layers": 2,
                 "num_attention_heads": 4, "num_key_value_heads": 4}
@@ -156,12 +157,13 @@ def trained(verbose: bool = True, quick: bool = False, recipe: dict | None = Non
         tmp.replace(ckpt_path)   # a killed run leaves the previous checkpoint whole
 
     model.train()
+    forward = torch.compile(model) if r.get("compile") else model   # shares model's parameters
     while True:
         for g in opt.param_groups:
             g["lr"] = lr_at(step)
         x = windows(train, r["seq"] + 1, r["batch"], gen)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=r["autocast"] == "bf16"):
-            logits = model(x[:, :-1])
+            logits = forward(x[:, :-1])
         loss = F.cross_entropy(logits.float().reshape(-1, 256), x[:, 1:].reshape(-1))
         opt.zero_grad(set_to_none=True)
         loss.backward()
