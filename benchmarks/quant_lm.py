@@ -37,7 +37,7 @@ RECIPE = dict(seq=256, batch=16, lr=2e-3, warmup=100, eval_every=100, eval_windo
 # the same with no total time budget: stops when the held-out loss is flat (or at
 # max_steps), trained over as many resumable sittings as that takes (--long --seconds N).
 # The benchmark switches to it (RECIPE = LONG_RECIPE) once its weights are cached.
-# torch.compile: ~1.7x faster training steps on this CPU (once compiled, a few minutes)
+# torch.compile: faster training steps on this CPU, after a compile of a few minutes
 LONG_RECIPE = {**RECIPE, "max_steps": 8000, "max_seconds": None, "compile": True}
 # --quick runs of the benchmark: a small model and a short run, cached the same way
 QUICK_CONFIG = {**CONFIG, "hidden_size": 128, "intermediate_size": 384, "num_hidden_layers": 2,
