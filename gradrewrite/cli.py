@@ -195,14 +195,14 @@ def compile_cmd(model, module, inputs, trust_pickle, passes, recipe, backend, ta
     from .training import Train
 
     specs = pipeline_specs(passes, recipe)
-    build_passes(specs)  # fail on typos before the slow capture
+    requested = build_passes(specs)  # fail on typos before the slow capture
     if backend != "auto":
         get_backend(backend)
     backend_options = typed_backend_options(backend, _backend_options(
         backend, opset=opset, external_data=external_data, target=target, tune_trials=tune_trials,
         tune_cache=tune_cache, precision=precision, ram_kb=ram_kb, flash_kb=flash_kb, quiet=quiet))
     if backend != "auto":  # a device this machine lacks fails before the slow capture
-        get_backend(backend).check_options(backend_options)
+        get_backend(backend).check_request(backend_options, requested)
     if label_spec and not train:
         raise ConfigError("--label applies only with --train", "add --train or drop --label")
     step = Train(loss=loss_name, optimizer=optimizer, lr=lr, momentum=momentum, label=label_spec) if train else None

@@ -98,12 +98,12 @@ def compile_graph(graph: Graph, out: str | Path, options: CompileOptions | None 
     if graph.dynamic_batch:
         dynamic_batch.refuse(backend=opts.backend, train=opts.train is not None)
     specs = pipeline_specs(opts.passes, opts.recipe)
-    build_passes(specs)                       # typos fail before any work
+    requested = build_passes(specs)           # typos fail before any work
     opts = replace(opts, backend_options=typed_backend_options(opts.backend, opts.backend_options))
     auto = opts.backend == auto_select.AUTO
     backend = None if auto else get_backend(opts.backend)
     if backend is not None:
-        backend.check_options(opts.backend_options)
+        backend.check_request(opts.backend_options, requested)
     stream_bp = opts.train is not None and opts.train.is_stream_bp(specs)
     if opts.train is not None:
         if auto:

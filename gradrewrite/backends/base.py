@@ -34,8 +34,10 @@ class Backend:
         """None when usable here, else the reason (and how to fix it)."""
         return None
 
-    def check_options(self, options: Any) -> None:
-        """Refuse options this machine cannot honour (a device it lacks), before any slow work."""
+    def check_request(self, options: Any, passes: Sequence[Any] = ()) -> None:
+        """Refuse, before any slow work, options this machine cannot honour (a device it
+        lacks) and pipelines whose output the backend does not take (``passes``: the
+        pipeline's pass objects, read by name and configuration only)."""
 
     def compile(self, graph: Graph, out_dir: Path, *, options: dict[str, Any]) -> BackendArtifact:
         raise NotImplementedError

@@ -31,8 +31,10 @@ fp32 rounding, widened to ``BF16_REL_TOL`` when the model runs at half precision
 (int8 kernels against the graph's fake quantization).
 
 Refused before the export: training steps, and weight-only graphs (``groupwise_linear``,
-``groupwise_embedding``: com.microsoft MatMulNBits / GatherBlockQuantized in the ONNX,
-which OpenVINO reads only in some of the forms the exporter writes).
+``groupwise_embedding``: com.microsoft MatMulNBits / GatherBlockQuantized in the ONNX;
+OpenVINO 2026.4 read the 4-bit MatMulNBits but not the 2/3-bit codes widened at load).
+A weight-only ``quantize`` in the pipeline, a GPU asked for where OpenVINO sees none, and
+bf16 on GPU are refused by ``check_request`` before the capture.
 """
 from __future__ import annotations
 
@@ -112,6 +114,12 @@ def runtime_precisions(compiled) -> dict[str, dict[str, int]]:
     return {k: dict(sorted(v.items())) for k, v in sorted(table.items())}
 
 
+def _weight_only_error(found: str) -> ConfigError:
+    return ConfigError(f"--backend openvino does not take weight-only quantized graphs ({found}: "
+                       "com.microsoft ops in ONNX, not read by OpenVINO in every form)",
+                       "use --backend ort or tvm for weight-only, or quantize(mode=static) for OpenVINO int8")
+
+
 def refuse(graph: Graph) -> None:
     """What this backend does not take, decided before the export."""
     if graph.meta.get("train_step"):
@@ -120,10 +128,7 @@ def refuse(graph: Graph) -> None:
     ops = graph.op_histogram()
     weight_only = {op: n for op, n in ops.items() if op in WEIGHT_ONLY_OPS}
     if weight_only:
-        found = ", ".join(f"{n} {op.split('.')[-1]}" for op, n in weight_only.items())
-        raise ConfigError(f"--backend openvino does not take weight-only quantized graphs ({found}: "
-                          "com.microsoft ops in ONNX, not read by OpenVINO in every form)",
-                          "use --backend ort or tvm for weight-only, or quantize(mode=static) for OpenVINO int8")
+        raise _weight_only_error(", ".join(f"{n} {op.split('.')[-1]}" for op, n in weight_only.items()))
 
 
 def _half(precision: str) -> bool:
@@ -139,7 +144,11 @@ class OpenvinoBackend(Backend):
             return exc.one_line()
         return None
 
-    def check_options(self, options: OpenvinoOptions) -> None:
+    def check_request(self, options: OpenvinoOptions, passes=()) -> None:
+        """A missing GPU, bf16 on GPU, and a weight-only quantize pass: refused before the capture."""
+        for p in passes:  # read by name: a backend does not import passes
+            if getattr(p, "name", "") == "quantize" and getattr(p, "resolved_mode", lambda: "")() == "weight-only":
+                raise _weight_only_error(f"quantize(mode=weight-only, bits={p.bits})")
         options = make_options("openvino", options)
         _compile_config(_device(_ov().Core(), options.target), options.precision)
 

@@ -122,6 +122,15 @@ def test_weight_only_graph_refused_before_the_export(tmp_path, monkeypatch):
     assert "\n" not in str(err.value)
 
 
+def test_weight_only_pipeline_refused_before_the_passes_run(tmp_path):
+    torch.manual_seed(0)
+    graph = gr.capture(torch.nn.Sequential(torch.nn.Linear(64, 32)).eval(), (torch.randn(2, 64),))
+    before = graph.text()
+    with pytest.raises(ConfigError, match=r"quantize\(mode=weight-only, bits=4\)"):
+        compile_graph(graph, tmp_path / "wo", CompileOptions(backend="openvino", passes="quantize(bits=4,group=32)"))
+    assert graph.text() == before and not (tmp_path / "wo").exists()
+
+
 def test_bad_options_fail_naming_the_valid_ones():
     with pytest.raises(ConfigError, match="valid precisions: f32, bf16, auto"):
         make_options("openvino", {"precision": "fp8"})
@@ -130,5 +139,5 @@ def test_bad_options_fail_naming_the_valid_ones():
     backend = get_backend("openvino")
     if not any(d.startswith("GPU") for d in ov.Core().available_devices):
         with pytest.raises(BackendError, match="OpenVINO sees no GPU"):
-            backend.check_options(make_options("openvino", {"target": "gpu"}))
-    backend.check_options(make_options("openvino", {"target": "cpu", "precision": "bf16"}))
+            backend.check_request(make_options("openvino", {"target": "gpu"}))
+    backend.check_request(make_options("openvino", {"target": "cpu", "precision": "bf16"}))

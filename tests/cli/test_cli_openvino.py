@@ -55,6 +55,7 @@ def test_compile_static_int8_with_calibration(tmp_path):
     (("--precision", "fp8"), "valid precisions: f32, bf16, auto"),
     (("--target", "cuda"), "valid targets: auto, cpu, gpu"),
     (("--opset", "17"), "--opset does not apply to --backend openvino"),
+    (("-p", "quantize(mode=weight-only,bits=4)"), "does not take weight-only quantized graphs"),
 ])
 def test_bad_options_exit_2_before_the_capture(tmp_path, flags, needle):
     proc = run_cli("compile", SMALL_CNN, "-b", "openvino", *flags, "-o", tmp_path / "x")
