@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import os
 import pickle
+import re
 import zipfile
 from pathlib import Path
 from typing import Iterator
@@ -47,9 +48,26 @@ def _unrestricted_members(path: Path) -> list[str]:
                 if Path(n).name.startswith((CUSTOM_OBJ_FILENAME_PREFIX, OPAQUE_OBJ_FILENAME_PREFIX))]
 
 
+_TRANSFORMERS_TYPE = re.compile(rb'\\"type\\": \\"(transformers(?:\.\w+)+)\.\w+\\"')
+
+
+def _register_transformers_outputs(path: Path) -> None:
+    """A program returning a ``transformers`` ModelOutput names its class in the pytree
+    spec; deserializing needs the class registered, so import the installed module that
+    defines it (from the installed library, never from the file)."""
+    import importlib
+
+    with zipfile.ZipFile(path) as zf:
+        specs = [zf.read(n) for n in zf.namelist() if n.endswith(".json") and "/models/" in f"/{n}"]
+    for module in sorted({m.decode() for data in specs for m in _TRANSFORMERS_TYPE.findall(data)}):
+        with contextlib.suppress(ImportError):
+            importlib.import_module(module)
+
+
 def load_exported_program(path: str | Path, *, trust_pickle: bool = False) -> torch.export.ExportedProgram:
     """``torch.export.load`` that runs no code from the file unless ``trust_pickle``."""
     path = Path(path)
+    _register_transformers_outputs(path)
     if trust_pickle:
         return torch.export.load(str(path))
     unsafe = _unrestricted_members(path)

@@ -27,7 +27,7 @@ import torch
 from ..errors import ConfigError, InputError, VerificationError
 from ..outputs import write_json
 from ..passes.stream_bp.api import StreamBP
-from ..passes.stream_bp.executor import IGNORE_INDEX, causal_lm_loss
+from ..passes.stream_bp.executor import IGNORE_INDEX, causal_lm_loss, logits_of, logits_only
 from ..rewrite.graph import Graph
 from ..rewrite.live_bytes import LiveBytes
 from ..rewrite.pipeline import PassSpec
@@ -82,7 +82,10 @@ def write_step(graph: Graph, tmp: Path, analysis: dict, log=None) -> dict[str, A
     (log or (lambda *a, **k: None))("stream-bp: saving the forward, checking chunked gradients against "
                                     "autograd …")
     cfg = graph.meta["stream_bp"]
-    torch.export.save(reexport(graph), str(tmp / MODEL))
+    forward = graph.clone()
+    logits_only(forward.gm)  # a ModelOutput or tuple: its logits
+    torch.export.save(reexport(forward), str(tmp / MODEL))
+    del forward
     ids = graph.example_inputs[0]
     module = load_exported_program(tmp / MODEL).module()
     check = gradient_check(module, ids, cfg["chunk"], cfg["logits_chunk"])
@@ -119,7 +122,7 @@ def gradient_check(module: torch.nn.Module, ids: torch.Tensor, chunk: int, logit
     peak live tensor bytes of each step (capture excluded)."""
     module.zero_grad(set_to_none=True)
     with LiveBytes() as plain_mem:
-        ref_loss = causal_lm_loss(module(ids), ids)
+        ref_loss = causal_lm_loss(logits_of(module(ids)), ids)
         ref_loss.backward()
     ref = {n: p.grad.clone() for n, p in _trained(module) if p.grad is not None}
     module.zero_grad(set_to_none=True)

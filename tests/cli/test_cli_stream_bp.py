@@ -117,3 +117,42 @@ def test_bad_requests_are_one_line_errors(compiled, tmp_path):
     assert_user_error(run_cli("run", out, "--input", tmp_path / "ids.npy", "--labels", tmp_path / "short.npy",
                               "-o", tmp_path / "r.npz", cwd=ROOT), "shaped like the input")
     assert not (tmp_path / "r.npz").exists()
+
+
+HF_LM = """import torch
+import transformers as tr
+
+
+def build():
+    torch.manual_seed(0)
+    model = tr.LlamaForCausalLM(tr.LlamaConfig(
+        vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, max_position_embeddings=64, use_cache=False, attn_implementation="eager"))
+    return model.eval(), (torch.randint(0, 64, (1, 20)),)
+"""
+
+
+def test_module_returning_a_model_output(tmp_path, monkeypatch):
+    """A transformers model (it returns a CausalLMOutputWithPast) with eager attention:
+    the logits are taken from the output, in the compile-time check and in `run`."""
+    (tmp_path / "hf_lm.py").write_text(HF_LM)
+    out = tmp_path / "step"
+    run_cli("compile", "--module", "hf_lm:build", "--train", "--loss", "causal_lm",
+            "-p", "stream-bp(chunk=7,logits_chunk=9)", "-o", out, "-q", cwd=tmp_path, check=True)
+    sbp = json.loads((out / "report.json").read_text())["stream_bp"]
+    assert sbp["gradient_check"]["max_relative_error"] < 1e-5
+    assert sbp["layers"] == 2 and sbp["op_kinds"]["causal"] == 4   # softmax and P @ V per layer
+    ids = np.random.default_rng(5).integers(0, 64, (1, 20), dtype=np.int64)  # the compiled shape
+    np.save(tmp_path / "ids.npy", ids)
+    run_cli("run", out, "--input", tmp_path / "ids.npy", "-o", tmp_path / "o.npz", cwd=tmp_path, check=True)
+    got = np.load(tmp_path / "o.npz")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import hf_lm
+
+    model, _ = hf_lm.build()
+    loss = causal_lm_loss(model(torch.from_numpy(ids)).logits, torch.from_numpy(ids))
+    loss.backward()
+    assert abs(float(got["output_0"]) - loss.item()) < 1e-5 * loss.item()
+    for i, name in enumerate(sbp["outputs"][1:], start=1):
+        g = dict(model.named_parameters())[name.removeprefix("grad:")].grad
+        assert float(np.linalg.norm(got[f"output_{i}"] - g.numpy()) / g.norm()) < 1e-5, name

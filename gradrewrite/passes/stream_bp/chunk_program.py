@@ -103,6 +103,8 @@ def demands(order: list[fx.Node], outputs: list[tuple[fx.Node, dict[int, Range]]
             dim = node.args[1] % len(shape_of(node.args[0]))
             if dim in comp:
                 comp[dim] = ("0", comp[dim][1])
+        elif info.key_axis is not None and info.probs_of is None:  # attention softmax
+            comp[info.key_axis] = union(comp[info.key_axis], key_rows(info, comp[info.key_axis - 1]))
         demand[node] = comp
         for i in node.all_input_nodes:
             if not _axes(axes_of, i):
@@ -112,7 +114,9 @@ def demands(order: list[fx.Node], outputs: list[tuple[fx.Node, dict[int, Range]]
             elif node in full_nodes:
                 need(node, i, {})
             elif node.target is SDPA:
-                need(node, i, _sdpa_need(node, i, comp, axes_of))
+                need(node, i, _sdpa_need(node, i, comp, info))
+            elif info.probs_of is not None:  # P @ V: probabilities and values at the keys
+                need(node, i, _probs_values_need(node, i, comp, info, infos))
             else:
                 m = info.in_maps.get(i) or {}
                 req = {a: comp[o] for o, a in m.items() if o in comp}
@@ -129,11 +133,30 @@ def demands(order: list[fx.Node], outputs: list[tuple[fx.Node, dict[int, Range]]
     return demand, edge
 
 
-def _sdpa_need(node: fx.Node, i: fx.Node, comp: dict[int, Range], axes_of: dict) -> dict[int, Range]:
+def key_rows(info: OpInfo, q_rows: Range) -> Range:
+    """Keys a chunk of queries reads: 0:e, or every key where the mask check found that
+    a fully hidden row (left padding under a finite mask) spreads over all of them."""
+    return FULL if info.full_keys else ("0", q_rows[1])
+
+
+def _probs_values_need(node: fx.Node, i: fx.Node, comp: dict[int, Range], info: OpInfo,
+                       infos: dict[fx.Node, OpInfo]) -> dict[int, Range]:
+    rank = len(shape_of(node))
+    q_rows = comp.get(rank - 2, FULL)
+    keys = key_rows(infos[info.probs_of], q_rows)
+    a, b = node.args[0], node.args[1]
+    if i is a:
+        return {info.key_axis - 1: q_rows, info.key_axis: keys}
+    if i is b:
+        return {len(shape_of(b)) - 2: keys}
+    return {}
+
+
+def _sdpa_need(node: fx.Node, i: fx.Node, comp: dict[int, Range], info: OpInfo) -> dict[int, Range]:
     a = sdpa_args(node)
     row = len(shape_of(a["query"])) - 2
     q_rows = comp.get(row, FULL)
-    keys = ("0", q_rows[1])
+    keys = key_rows(info, q_rows)
     if i is a["query"]:
         return {row: q_rows}
     if i is a["key"] or i is a["value"]:

@@ -27,10 +27,28 @@ from ...errors import InputError, PassError
 from ...rewrite.graph import Graph, module_path, op_name
 from . import chunk_program
 from .chunk_program import ChunkProgram
+from .masks import AttentionMasks, score_path
 from .partition import Segment, gradient_nodes, partition
 from .seq_axis import CAUSAL, GLOBAL, OPAQUE, SDPA, sdpa_args, shape_of, track
 
+aten = torch.ops.aten
+
 IGNORE_INDEX = -100
+
+
+# The oldest transformers whose causal LMs were checked against plain backprop (4.44.2,
+# 4.49.0 and 5.x); older masks and attention code are refused rather than guessed at.
+MIN_TRANSFORMERS = "4.44"
+
+
+def check_transformers_version() -> None:
+    import transformers
+    from packaging.version import Version
+
+    if Version(transformers.__version__) < Version(MIN_TRANSFORMERS):
+        raise InputError(f"stream-bp: transformers {transformers.__version__} is older than "
+                         f"{MIN_TRANSFORMERS}, the oldest version stream-bp supports",
+                         f"pip install 'transformers>={MIN_TRANSFORMERS}'")
 
 
 class LogitsOf(nn.Module):
@@ -40,13 +58,52 @@ class LogitsOf(nn.Module):
         super().__init__()
         self.model = model
         self.keywords = hasattr(model, "config")  # a transformers model
+        if self.keywords and type(model).__module__.startswith("transformers."):
+            check_transformers_version()
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None):
         if self.keywords:
             out = self.model(input_ids=input_ids, attention_mask=attention_mask)
         else:
             out = self.model(input_ids) if attention_mask is None else self.model(input_ids, attention_mask)
-        return out.logits if hasattr(out, "logits") else out
+        return logits_of(out)
+
+
+def logits_of(out: Any) -> torch.Tensor:
+    """The logits in what a causal LM returns: a tensor, a ``transformers`` ModelOutput
+    (``.logits``), a dict with ``"logits"``, or a tuple (its first batch x seq x vocab
+    tensor: a leading loss is skipped)."""
+    if isinstance(out, torch.Tensor):
+        return out
+    logits = getattr(out, "logits", None)
+    if logits is None and isinstance(out, dict):
+        logits = out.get("logits")
+    if logits is None and isinstance(out, (tuple, list)):
+        logits = next((t for t in out if isinstance(t, torch.Tensor) and t.dim() == 3), None)
+    if not isinstance(logits, torch.Tensor):
+        raise InputError(f"stream-bp: the model returns a {type(out).__name__} without logits",
+                         "return the logits (batch x seq x vocab), a ModelOutput with .logits, or "
+                         "a tuple holding them")
+    return logits
+
+
+def logits_node(gm: fx.GraphModule) -> fx.Node:
+    """The graph output holding the logits: of a flattened ModelOutput or tuple, the
+    first batch x seq x vocab tensor (as :func:`logits_of` picks it)."""
+    output = next(n for n in gm.graph.nodes if n.op == "output").args[0]
+    if isinstance(output, (list, tuple)):
+        output = next((o for o in output if shape_of(o) is not None and len(shape_of(o)) == 3), output[0])
+    return output
+
+
+def logits_only(gm: fx.GraphModule) -> None:
+    """Make ``gm`` return its logits alone, as a 1-tuple without the pytree output spec
+    (a saved program then loads without the model's output class, e.g. transformers')."""
+    out = next(n for n in gm.graph.nodes if n.op == "output")
+    out.args = ((logits_node(gm),),)
+    gm.graph.set_codegen(fx.graph.CodeGen())
+    gm.graph.eliminate_dead_code()
+    gm.recompile()
 
 
 @dataclass
@@ -59,13 +116,38 @@ class SegmentPrograms:
     stash: list[fx.Node]
 
 
-def stashed_keys_values(seg: Segment, infos: dict) -> list[fx.Node]:
+_STASH_THROUGH = {aten.view.default, aten.reshape.default, aten._unsafe_view.default,
+                  aten.unsqueeze.default, aten.expand.default, aten.transpose.int,
+                  aten.permute.default, aten.clone.default, aten.contiguous.default,
+                  aten.alias.default}
+
+
+def _stash_point(node: fx.Node, members: set[fx.Node], axes_of: dict) -> fx.Node:
+    """The earliest tensor a key/value operand is a view of (before a grouped-query
+    expansion or a transpose), so the stash holds each key once."""
+    while node.target in _STASH_THROUGH and node.args[0] in members:
+        ax = axes_of.get(node.args[0]) or {}
+        if not isinstance(ax, dict) or list(ax.values()) != [(1, 1)]:
+            break
+        node = node.args[0]
+    return node
+
+
+def stashed_keys_values(seg: Segment, infos: dict, axes_of: dict) -> list[fx.Node]:
     out: list[fx.Node] = []
     members = set(seg.nodes)
     for node in seg.nodes:
-        if node.target is SDPA and infos[node].kind == CAUSAL:
+        info = infos[node]
+        if node.target is SDPA and info.kind == CAUSAL:
             a = sdpa_args(node)
-            out += [t for t in (a["key"], a["value"]) if t in members and t not in out]
+            kv = [a["key"], a["value"]]
+        elif info.probs_of is not None:  # P @ V, and the Q @ K^T of its softmax
+            scores, _, _ = score_path(info.probs_of, members, axes_of)
+            kv = [_stash_point(n.args[1], members, axes_of) for n in scores] + \
+                [_stash_point(node.args[1], members, axes_of)]
+        else:
+            continue
+        out += [t for t in kv if t in members and t not in out]
     return out
 
 
@@ -131,8 +213,7 @@ def analyse(graph: Graph, live: nn.Module, chunk: int, trainable: set[str] | Non
     axes_of, infos, T = track(gm, seq_inputs)
     trainable = trainable_targets(gm, live) if trainable is None else trainable
     grad = gradient_nodes(gm, trainable)
-    output = next(n for n in gm.graph.nodes if n.op == "output").args[0]
-    output = output[0] if isinstance(output, (list, tuple)) else output
+    output = logits_node(gm)
     kinds: dict[str, int] = {}
     for node in gm.graph.nodes:
         if node in grad and node.op == "call_function":
@@ -150,10 +231,18 @@ def analyse(graph: Graph, live: nn.Module, chunk: int, trainable: set[str] | Non
     if output not in segments[-1].outputs:
         raise PassError("stream-bp: the logits are not computed after the last layer",
                         "the model must end with its LM head")
-    exact = _check_masks(gm, grad, infos, axes_of, T, chunk, graph, strip)
+    names = [p.name for p in placeholders]
+    example = dict(zip(names, graph.example_inputs))
+
+    def check_masks() -> set[fx.Node]:
+        return AttentionMasks(gm, grad, infos, axes_of, T, chunk, example, lambda n: _where(n, strip),
+                              drop_causal_masks).check()
+
+    exact = check_masks()
     if drop_causal_masks and exact:
         _use_is_causal(gm, exact)
         axes_of, infos, T = track(gm, seq_inputs)
+        check_masks()
     for seg in segments:
         if strip and seg.name.startswith(strip + "."):
             seg.name = seg.name[len(strip) + 1:]
@@ -173,7 +262,7 @@ def analyse(graph: Graph, live: nn.Module, chunk: int, trainable: set[str] | Non
         return outs
 
     for seg in segments:
-        stash = stashed_keys_values(seg, infos)
+        stash = stashed_keys_values(seg, infos, axes_of)
         main = chunk_program.build(gm, seg.inputs + stash, rows_of(seg.outputs), trainable,
                                    infos, axes_of, T)
         kv = chunk_program.build(gm, seg.inputs, rows_of(stash), trainable, infos, axes_of, T) \
@@ -192,48 +281,6 @@ def _use_is_causal(gm: fx.GraphModule, masks: set[fx.Node]) -> None:
             node.kwargs = {"is_causal": True, **({"scale": a["scale"]} if a["scale"] is not None else {}),
                            **({"enable_gqa": True} if a["enable_gqa"] else {})}
     gm.graph.eliminate_dead_code()
-
-
-def _check_masks(gm, grad, infos, axes_of, T, chunk, graph, strip) -> set[fx.Node]:
-    """An attention with an explicit mask is causal only if the mask says so: check its
-    values on the captured inputs, a block of query rows at a time. Returns the masks
-    that are exactly the causal mask on these inputs."""
-    seen: set[fx.Node] = set()
-    exact: set[fx.Node] = set()
-    for node in gm.graph.nodes:
-        if node.target is not SDPA or node not in grad or infos[node].kind != CAUSAL:
-            continue
-        a = sdpa_args(node)
-        mask = a["attn_mask"]
-        if a["is_causal"] or mask in seen:
-            continue
-        seen.add(mask)
-        rank = len(shape_of(mask))
-        ax = axes_of.get(mask) or {}
-        where = _where(node, strip)
-        if rank - 2 not in ax or rank - 1 not in ax:
-            raise PassError(f"stream-bp: {op_name(node)} at {where} is non-causal attention "
-                            "(its mask does not order queries and keys)",
-                            "stream-bp applies to causal (decoder) attention only")
-        probe = chunk_program.build(gm, [], [(mask, {rank - 2: ("s", "e"), rank - 1: ("0", "T")})],
-                                    set(), infos, axes_of, T)
-        user = [graph.example_inputs[[p.name for p in gm.graph.nodes if p.op == "placeholder"].index(n)]
-                for n in probe.user_inputs]
-        is_exact = True
-        for s in range(0, T, chunk):
-            e = min(T, s + chunk)
-            with torch.no_grad():
-                (m,) = probe(s, e, [], user, [])
-            allowed = m if m.dtype == torch.bool else m > float("-inf")
-            later = torch.arange(T)[None, :] > torch.arange(s, e)[:, None]
-            if (allowed & later).any():
-                raise PassError(f"stream-bp: {op_name(node)} at {where} is non-causal attention "
-                                "(its mask lets a token see later tokens)",
-                                "stream-bp applies to causal (decoder) attention only")
-            is_exact = is_exact and bool((allowed | later).all())
-        if is_exact:
-            exact.add(mask)
-    return exact
 
 
 def shifted_labels(labels: torch.Tensor) -> torch.Tensor:
@@ -338,6 +385,7 @@ def run_step(plan: Plan, live: nn.Module, inputs: dict[str, torch.Tensor], label
             run.values.pop(node, None)  # recomputed when this layer's backward runs
     total = torch.zeros((), dtype=torch.float64)
     head = plan.programs[-1].main
+    run.stash(plan.programs[-1])  # attention in the head's own segment (a model without layers)
     for s in range(0, T, logits_chunk):
         e = min(T, s + logits_chunk)
         (logits,), leaves = run.call(head, s, e, True)
@@ -349,16 +397,22 @@ def run_step(plan: Plan, live: nn.Module, inputs: dict[str, torch.Tensor], label
         run.collect(leaves, s, e)
         total += part.detach().double()
         del logits, part, leaves
+    _stash_backward(run, plan.programs[-1], chunk)
     for seg, progs in zip(reversed(plan.segments[:-1]), reversed(plan.programs[:-1])):
         run.stash(progs)
         run.backward_chunks(progs.main, seg.outputs, chunk)
         for node in seg.outputs:
             run.values.pop(node, None)
-        if progs.kv is not None:
-            for node in progs.stash:
-                run.values.pop(node)
-            run.backward_chunks(progs.kv, progs.stash, chunk)
+        _stash_backward(run, progs, chunk)
     return total
+
+
+def _stash_backward(run: _Runner, progs: SegmentPrograms, chunk: int) -> None:
+    """The stashed keys/values' gradients, back to the segment's inputs."""
+    if progs.kv is not None:
+        for node in progs.stash:
+            run.values.pop(node)
+        run.backward_chunks(progs.kv, progs.stash, chunk)
 
 
 def default_chunk(T: int, chunk: int | None, n_chunks: int | None) -> int:

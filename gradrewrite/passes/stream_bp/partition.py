@@ -2,7 +2,8 @@
 
 Only nodes on the gradient path (those depending on a trained parameter) are assigned:
 everything else (position ids, masks, rotary tables) depends on the inputs alone and is
-recomputed inside whichever chunk program needs it. Layers are the children of the
+recomputed inside whichever chunk program needs it, as are ops on the weights alone
+(``1 + w``). Layers are the children of the
 module list with the most numbered children (``model.layers.3``, ``transformer.h.3``,
 ``blocks.3``); a node outside every layer joins the segment of its latest input, so a
 residual add written in the parent module still lands in the right layer, and the
@@ -18,6 +19,7 @@ import torch.fx as fx
 
 from ...errors import PassError
 from ...rewrite.graph import module_path, op_name
+from .seq_axis import SKIPPED
 
 _NUMBERED = re.compile(r"^(.*?)\.(\d+)(?:\.|$)")
 
@@ -53,8 +55,20 @@ def layer_prefix(nodes: list[fx.Node]) -> str | None:
     return max(children, key=lambda p: (len(children[p]), -len(p)))
 
 
+def weight_only(gm: fx.GraphModule) -> set[fx.Node]:
+    """Ops computed from weights and constants alone (Gemma's ``1 + w`` norm scale): no
+    segment owns them, each chunk program that reads one recomputes it."""
+    out: set[fx.Node] = set()
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and all(i.op == "get_attr" or i in out for i in node.all_input_nodes):
+            out.add(node)
+    return out
+
+
 def partition(gm: fx.GraphModule, grad: set[fx.Node], output: fx.Node) -> list[Segment]:
-    calls = [n for n in gm.graph.nodes if n in grad and n.op == "call_function"]
+    static = weight_only(gm)
+    calls = [n for n in gm.graph.nodes if n in grad and n.op == "call_function" and n not in static
+             and n.target not in SKIPPED]  # metadata asserts compute nothing
     prefix = layer_prefix(calls)
     layer_ids: list[str] = []
     if prefix is not None:

@@ -11,12 +11,19 @@ model family:
 
 - ``token-wise``: output row t depends on input row t only (pointwise, views,
   reductions over other axes, linear layers, embedding lookups);
-- ``causal``: output row t depends on input rows 0..t (causal attention, cumulative
-  ops along the sequence);
+- ``causal``: output row t depends on input rows 0..t (causal attention, fused or
+  written as matmul -> softmax -> matmul, cumulative ops along the sequence);
 - ``global``: output row t may depend on later rows (non-causal attention, reductions
   over the sequence, matmuls contracting it);
 - ``opaque``: an op this module does not know touching a sequence axis;
 - ``static``: no sequence axis anywhere (weights, constants).
+
+Attention written out (``attn_implementation="eager"``) is followed as data: ``Q @ K^T``
+gives a tensor with a query and a key axis (each entry depends on one query row and
+one key row, so it is token-wise on both), scale / soft-cap / mask / ALiBi additions are
+pointwise on it, the softmax over the key axis is causal once the mask is shown to hide
+every later key (checked on the mask's values at capture), and ``P @ V`` contracts the
+key axis against the value rows of that softmax only.
 """
 from __future__ import annotations
 
@@ -44,6 +51,7 @@ _POINTWISE_EXTRA = {
 _VIEWS = {aten.view.default, aten.reshape.default, aten._unsafe_view.default,
           aten.unsqueeze.default, aten.squeeze.dim, aten.squeeze.dims, aten.squeeze.default,
           aten.flatten.using_ints, aten.unflatten.int}
+VIEWS = _VIEWS
 _SIZED_VIEWS = {aten.view.default, aten.reshape.default, aten._unsafe_view.default}
 _REDUCTIONS = {aten.mean.dim, aten.sum.dim_IntList, aten.amax.default, aten.amin.default,
                aten.var.correction, aten.std.correction, aten.any.dim, aten.argmax.default,
@@ -76,6 +84,10 @@ class OpInfo:
     out: Axes | list[Axes]
     in_maps: dict[fx.Node, dict[int, int] | None] = field(default_factory=dict)
     reason: str = ""
+    # attention (fused, or softmax over the key axis and the P @ V that reads it):
+    key_axis: int | None = None       # the key axis of the softmax / of P in P @ V
+    probs_of: fx.Node | None = None   # P @ V: the softmax whose probabilities it reads
+    full_keys: bool = False           # set by the mask check: keys 0:T, not 0:e, per chunk
 
 
 def is_pointwise(target: Any) -> bool:
@@ -105,6 +117,14 @@ def _sized_axes(shape: tuple[int, ...], T: int) -> Axes:
 def _broadcast_map(inp: tuple[int, ...], out: tuple[int, ...], axes: Axes) -> dict[int, int]:
     shift = len(out) - len(inp)
     return {a + shift: a for a in axes if inp[a] == out[a + shift]}
+
+
+def _expands_queries(inp: tuple[int, ...] | None, out: tuple[int, ...], axes: Axes, T: int) -> bool:
+    """``expand`` of a padding mask over keys (``.., 1, T``) to ``.., T, T`` (transformers
+    4.4x): the new rows are the query axis."""
+    r = len(out)
+    return (inp is not None and r >= 2 and set(axes) == {r - 1} and out[r - 2] == T
+            and (len(inp) < 2 or inp[-2] == 1))
 
 
 def _view_map(inp: tuple[int, ...], out: tuple[int, ...], axes: Axes,
@@ -181,6 +201,8 @@ def analyse(node: fx.Node, axes_of: dict[fx.Node, Any], T: int) -> OpInfo:
             for o, a in m.items():
                 if out.setdefault(o, ax[a]) != ax[a]:
                     return opaque("mixes differently flattened sequence axes")
+        if target is aten.expand.default and _expands_queries(shape_of(node.args[0]), out_shape, out, T):
+            out[rank - 2] = (1, 1)  # a key mask (.., 1, T) expanded to queries x keys
         return OpInfo(TOKEN_WISE, out, maps)
     src = node.args[0] if node.args and isinstance(node.args[0], fx.Node) else None
     src_axes = in_axes.get(src, {}) if src is not None else {}
@@ -221,9 +243,11 @@ def analyse(node: fx.Node, axes_of: dict[fx.Node, Any], T: int) -> OpInfo:
             return opaque("splits the sequence axis")
         n = len(node.meta.get("val") or ())
         if target is aten.unbind.int:
-            per = {(a - 1 if a > dim else a): v for a, v in src_axes.items()}
-            return OpInfo(TOKEN_WISE, [per] * n, {src: None})
+            mapping = {(a - 1 if a > dim else a): a for a in src_axes}
+            return OpInfo(TOKEN_WISE, [{o: src_axes[a] for o, a in mapping.items()}] * n, {src: mapping})
         return OpInfo(TOKEN_WISE, [dict(src_axes)] * n, {src: {a: a for a in src_axes}})
+    if target in _SOFTMAX and _norm(node.args[1], len(src_shape)) in src_axes and len(src_axes) == 2:
+        return _analyse_attention_softmax(node, src, src_axes, len(src_shape))
     if target in _REDUCTIONS or target in _SOFTMAX or target in _CUMULATIVE:
         r = len(src_shape)
         if target in _SOFTMAX or target in _CUMULATIVE:
@@ -259,6 +283,8 @@ def analyse(node: fx.Node, axes_of: dict[fx.Node, Any], T: int) -> OpInfo:
             else (node.args[0], node.args[1])
         a_axes, b_axes = in_axes.get(a_node, {}), in_axes.get(b_node, {})
         a_rank = len(shape_of(a_node))
+        if b_axes and target in (aten.matmul.default, aten.bmm.default):
+            return _analyse_attention_matmul(node, a_node, b_node, a_axes, b_axes, rank, ins, T)
         if b_axes or (a_rank - 1) in a_axes:
             return opaque("contracts over the sequence axis (attention written as a matmul)", GLOBAL)
         shift = rank - a_rank
@@ -272,6 +298,55 @@ def analyse(node: fx.Node, axes_of: dict[fx.Node, Any], T: int) -> OpInfo:
     if target is SDPA:
         return _analyse_sdpa(node, in_axes, T)
     return opaque("is not known to act row by row")
+
+
+_PASS_THROUGH = {aten.to.dtype, aten._to_copy.default, aten.alias.default, aten.clone.default,
+                 aten.contiguous.default, aten.type_as.default}
+
+
+def _unit(axes: Axes, *dims: int) -> bool:
+    return set(axes) == set(dims) and all(axes[d] == (1, 1) for d in dims)
+
+
+def _analyse_attention_softmax(node: fx.Node, src: fx.Node, axes: Axes, rank: int) -> OpInfo:
+    """Softmax over the key axis of ``queries x keys`` scores: causal once the mask check
+    shows every later key hidden (``reason`` says what is left to check)."""
+    key = _norm(node.args[1], rank)
+    if key != rank - 1 or not _unit(axes, rank - 2, rank - 1):
+        return OpInfo(GLOBAL, dict(axes), {src: None}, "reduces over the sequence axis")
+    return OpInfo(CAUSAL, dict(axes), {src: {a: a for a in axes}}, "needs a causal mask",
+                  key_axis=key)
+
+
+def attention_probs(node: fx.Node) -> fx.Node | None:
+    """The attention softmax whose output ``node`` is (through casts, views and p=0
+    dropout; the caller checks that queries and keys are still the last two axes)."""
+    while isinstance(node, fx.Node) and node.op == "call_function":
+        if node.target in _SOFTMAX:
+            return node
+        if node.target in _PASS_THROUGH or node.target in _VIEWS or (
+                node.target is DROPOUT and not (node.args[2] and node.args[1])):
+            node = node.args[0]
+            continue
+        return None
+    return None
+
+
+def _analyse_attention_matmul(node: fx.Node, a: fx.Node, b: fx.Node, a_axes: Axes, b_axes: Axes,
+                              rank: int, ins: list[fx.Node], T: int) -> OpInfo:
+    """``Q @ K^T`` (query rows x key columns: token-wise on both axes) or ``P @ V`` (the
+    key axis of an attention softmax against the value rows: causal as that softmax is)."""
+    a_rank, b_rank = len(shape_of(a)), len(shape_of(b))
+    others = {i: {} for i in ins if i is not a and i is not b}
+    if _unit(a_axes, a_rank - 2) and _unit(b_axes, b_rank - 1):
+        return OpInfo(TOKEN_WISE, {rank - 2: (1, 1), rank - 1: (1, 1)},
+                      {a: {rank - 2: a_rank - 2}, b: {rank - 1: b_rank - 1}} | others)
+    probs = attention_probs(a)
+    if _unit(a_axes, a_rank - 2, a_rank - 1) and _unit(b_axes, b_rank - 2) and probs is not None:
+        return OpInfo(CAUSAL, {rank - 2: (1, 1)}, {a: {rank - 2: a_rank - 2}, b: {}} | others,
+                      key_axis=a_rank - 1, probs_of=probs)
+    return OpInfo(GLOBAL, _sized_axes(shape_of(node), T), {i: None for i in ins},
+                  "contracts over the sequence axis (not the key axis of a causal softmax)")
 
 
 def sdpa_args(node: fx.Node) -> dict[str, Any]:
