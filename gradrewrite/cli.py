@@ -529,10 +529,16 @@ def inspect_cmd(model, module, inputs, trust_pickle, passes, recipe, fmt, show_d
 @click.option("--recipe", type=click.Path(path_type=str))
 @click.option("--target", type=click.Choice(["cortex-m4", "cortex-m7", "host"]), default="cortex-m4",
               show_default=True, help="mcu target to check against.")
+@click.option("--train", is_flag=True, help="Check the training step (as compile --train: the inference passes, "
+              "the capture, then the training passes) instead of the inference graph.")
+@click.option("--calib", type=click.Path(path_type=str), default=None,
+              help="Calibration inputs for the passes (.npz or .pt, as for compile).")
 @_friendly
-def check_cmd(model, module, inputs, trust_pickle, passes, recipe, target):
+def check_cmd(model, module, inputs, trust_pickle, passes, recipe, target, train=False, calib=None):
     """List every op of MODEL the mcu backend cannot generate (exit 1 if any), before building;
-    for an int8 graph also the ops that stay fp32 between the int8 layers, and why."""
+    for an int8 graph also the ops that stay fp32 between the int8 layers, and why. With
+    --train: every op of the training step it cannot lower (an int8 step: also every op
+    without a bit-exact integer reference)."""
     from .backends.mcu.check import check_graph, fp32_ops, patch_plan
     from .compiler import pipeline_specs, run_pipeline
     from .rewrite.pipeline import build_passes
@@ -544,6 +550,22 @@ def check_cmd(model, module, inputs, trust_pickle, passes, recipe, target):
         raise ConfigError("the mcu backend generates code for fixed shapes; --input B… asks for a dynamic batch",
                           "give the batch size, e.g. --input 1x3x96x96")
     graph = _load(model, module, inputs, trust_pickle)
+    if train:
+        from .backends.mcu.check import check_train_step
+        from .rewrite.registry import PassContext
+        from .training import Train, prepare
+
+        calibration = _calibration(calib, graph)
+        graph, rest = prepare(graph, specs, Train(), backend="mcu", calibration=calibration)
+        run_pipeline(graph, rest, verify=False, ctx=PassContext(calibration=calibration))
+        problems = check_train_step(graph, target)
+        for p in problems:
+            click.echo(p.line())
+        if problems:
+            click.echo(f"{len(problems)} op(s) of the training step cannot be generated for {target}", err=True)
+            sys.exit(1)
+        click.echo(f"all {graph.node_count()} ops of the training step can be generated for {target}")
+        return
     if specs:
         run_pipeline(graph, specs, verify=True)
     problems = check_graph(graph, target)

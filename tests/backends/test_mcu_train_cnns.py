@@ -62,13 +62,16 @@ class MCUNetLike(nn.Module):
     """MCUNet's search space: kernel sizes 3/5/7, expand ratios 3/6, BN everywhere (its
     folded biases start at zero)."""
 
-    def __init__(self, se: bool = False):
+    def __init__(self, se: str | None = None):
+        """``se``: None; "sigmoid" (a sigmoid-gated SE block); "mixed" (also a hardsigmoid
+        gate and hardswish, as MobileNetV3)."""
         super().__init__()
         self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, 2, 1, bias=False), nn.BatchNorm2d(8), nn.ReLU6())
+        mixed = se == "mixed"
         self.blocks = nn.Sequential(MBConv(8, 8, 3, 3, 1), MBConv(8, 12, 5, 6, 2),
                                     MBConv(12, 12, 7, 3, 1, se="sigmoid" if se else None),
-                                    MBConv(12, 16, 5, 6, 1, se="hard" if se else None,
-                                           act=nn.Hardswish if se else nn.ReLU6))
+                                    MBConv(12, 16, 5, 6, 1, se="hard" if mixed else None,
+                                           act=nn.Hardswish if mixed else nn.ReLU6))
         self.head = nn.Linear(16, CLASSES)
 
     def forward(self, x):
@@ -95,6 +98,37 @@ def bn_scales_from_data(model: nn.Module) -> nn.Module:
 def mcunet_like():
     torch.manual_seed(0)
     return bn_scales_from_data(MCUNetLike()), (torch.zeros(2, 3, RES, RES),)
+
+
+def se_net():
+    torch.manual_seed(0)
+    return bn_scales_from_data(MCUNetLike(se="sigmoid")), (torch.zeros(2, 3, RES, RES),)
+
+
+def v3_like_net():
+    torch.manual_seed(0)
+    return bn_scales_from_data(MCUNetLike(se="mixed")), (torch.zeros(2, 3, RES, RES),)
+
+
+class HFMobileNetV2(nn.Module):
+    """transformers' MobileNetV2 (TF "same" padding: constant pads before strided convs,
+    in-place dropout before the classifier), logits only."""
+
+    def __init__(self):
+        super().__init__()
+        from transformers import MobileNetV2Config, MobileNetV2ForImageClassification
+
+        cfg = MobileNetV2Config(depth_multiplier=0.35, image_size=RES, num_labels=CLASSES, tf_padding=True,
+                                classifier_dropout_prob=0.2)
+        self.net = MobileNetV2ForImageClassification(cfg)
+
+    def forward(self, x):
+        return self.net(pixel_values=x).logits
+
+
+def hf_mobilenet_v2():
+    torch.manual_seed(0)
+    return bn_scales_from_data(HFMobileNetV2()), (torch.zeros(1, 3, RES, RES),)
 
 
 def colour_task(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -173,3 +207,50 @@ def test_wrong_int8_artifact_fails_naming_the_parameter(tmp_path, monkeypatch):
     with pytest.raises(VerificationError, match=r"differs from the integer reference \(.*head\.bias: \d+ values.*head\.weight_q"):
         _compile_in_process(tmp_path / "art", mcunet_like, "sparse-update(bias_last=2,weights='-1:1')")
     assert not (tmp_path / "art").exists()
+
+
+@pytest.mark.slow
+def test_squeeze_excitation_fp32_step_compiles_and_learns(tmp_path):
+    """The sigmoid gate's backward (gr_sigmoid_bwd_f32) and the broadcast gate multiply's:
+    the fp32 step against torch within fp32 rounding, then the loss falls on the host."""
+    out = tmp_path / "art"
+    run_cli("compile", "--module", f"{MODULE}:se_net", "--backend", "mcu", "--train", "--lr", "0.05", "-p",
+            "fold-bn,sparse-update(bias_last=12,weights='-1:1,-3:1')", "-o", out, "-q", "--verify-inputs", "2",
+            cwd=ROOT, check=True)
+    report = json.loads((out / "report.json").read_text())
+    assert report["verification"]["checked"] and report["verification"]["relative_error"] < 1e-4
+    assert any(op["kernel"] == "gr_sigmoid_bwd_f32" for op in report["mcu"]["ops"])
+    x, y = colour_task(48)
+    np.savez(tmp_path / "data.npz", x=x, y=y)
+    run = run_cli("run", out, "--train", tmp_path / "data.npz", "--steps", 32, "--lr", "0.05", cwd=ROOT, check=True)
+    losses = np.array([float(v) for v in re.findall(r"^step \d+/\d+ loss (\S+)$", run.stdout, flags=re.M)])
+    assert losses[-6:].mean() < 0.9 * losses[:6].mean(), losses
+
+
+@pytest.mark.slow
+def test_check_train_lists_every_unsupported_op():
+    """`check --train` walks the whole training step and lists every op it cannot lower
+    (here hardswish's backward, decomposed into comparisons and where), not just the first."""
+    proc = run_cli("check", "--module", f"{MODULE}:v3_like_net", "--train", "-p",
+                   "fold-bn,sparse-update(bias_last=12,weights='-1:1,-3:1')", cwd=ROOT)
+    assert proc.returncode == 1, (proc.stdout, proc.stderr)
+    lines = proc.stdout.splitlines()
+    listed = {line.split(" at ")[0] for line in lines}
+    assert {"aten.le.Scalar", "aten.ge.Scalar", "aten.where.self"} <= listed, proc.stdout
+    assert len({line.split(" at ")[1].split(":")[0] for line in lines}) >= 2   # several layers at once
+    assert "aten.sigmoid_backward" not in listed
+    assert f"{len(lines)} op(s) of the training step cannot be generated" in proc.stderr
+
+
+@pytest.mark.slow
+def test_transformers_mobilenet_v2_fp32_step_compiles(tmp_path):
+    """TF "same" padding (constant pads, some of width 0, asymmetric before stride-2
+    convs; their backward crops) and eval-mode in-place dropout lower; the step agrees
+    with torch within fp32 rounding."""
+    out = tmp_path / "art"
+    run_cli("compile", "--module", f"{MODULE}:hf_mobilenet_v2", "--backend", "mcu", "--train", "--lr", "0.05",
+            "-p", "fold-bn,sparse-update(bias_last=6,weights='-1:1,-2:1')", "-o", out, "-q", "--verify-inputs", "2",
+            cwd=ROOT, check=True)
+    report = json.loads((out / "report.json").read_text())
+    assert report["verification"]["checked"] and report["verification"]["relative_error"] < 1e-4
+    assert report["ops"]["before"].get("aten.constant_pad_nd", 0) > 0

@@ -33,6 +33,15 @@ def check_graph(graph: Graph, target: str = "host") -> list[UnsupportedOp]:
     return [UnsupportedOp(op, path, reason) for op, path, reason in unsupported_ops(graph)]
 
 
+def check_train_step(graph: Graph, target: str = "host") -> list[UnsupportedOp]:
+    """Every op of a training-step graph the mcu backend cannot lower (an int8 step: also
+    every op without a bit-exact integer reference), in graph order; empty: it generates."""
+    from .training.lowering import unsupported_train_ops
+
+    get_target(target)
+    return [UnsupportedOp(op, path, reason) for op, path, reason in unsupported_train_ops(graph)]
+
+
 def fp32_ops(graph: Graph) -> list[UnsupportedOp]:
     """The ops of an int8 graph that run as fp32 kernels (with quantize/dequantize glue
     around them), each with the reason it is not int8; empty for a float graph. Views

@@ -121,6 +121,14 @@ void gr_hardtanh_bwd_f32(const float *gy, const float *x, float lo, float hi, fl
     for (int32_t i = 0; i < n; i++) gx[i] = (x[i] <= lo || x[i] >= hi) ? 0.0f : gy[i];
 }
 
+void gr_sigmoid_bwd_f32(const float *gy, const float *y, float *gx, int32_t n) {
+    for (int32_t i = 0; i < n; i++) gx[i] = gy[i] * (1.0f - y[i]) * y[i];   /* torch's order */
+}
+
+void gr_hardsigmoid_bwd_f32(const float *gy, const float *x, float *gx, int32_t n) {
+    for (int32_t i = 0; i < n; i++) gx[i] = (x[i] > -3.0f && x[i] < 3.0f) ? gy[i] * (1.0f / 6.0f) : 0.0f;
+}
+
 void gr_max_pool2d_idx_f32(const gr_pool_shape *s, const float *x, float *y, int64_t *idx) {
     for (int32_t c = 0; c < s->nc; c++) {
         const float *xc = x + (size_t)c * s->h * s->w;

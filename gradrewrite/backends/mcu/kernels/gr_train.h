@@ -22,6 +22,10 @@ void gr_linear_bwd_bias_f32(const float *gy, float *gb, int32_t rows, int32_t no
    gx = gy where lo < x < hi else 0 (aten.hardtanh_backward). */
 void gr_threshold_bwd_f32(const float *gy, const float *y, float threshold, float *gx, int32_t n);
 void gr_hardtanh_bwd_f32(const float *gy, const float *x, float lo, float hi, float *gx, int32_t n);
+/* squeeze-excitation gates: gx = gy * (1 - y) * y from sigmoid's output y; gy / 6 where
+   -3 < x < 3 (hardsigmoid's input x), else 0 */
+void gr_sigmoid_bwd_f32(const float *gy, const float *y, float *gx, int32_t n);
+void gr_hardsigmoid_bwd_f32(const float *gy, const float *x, float *gx, int32_t n);
 /* max pooling that also records, per output, the argmax's flat index in its h*w plane
    (torch's indices: first maximum in scan order, NaN wins), and its backward. */
 void gr_max_pool2d_idx_f32(const gr_pool_shape *s, const float *x, float *y, int64_t *idx);
@@ -88,6 +92,8 @@ void gr_masked_grad_f32(const float *g, const uint8_t *bits, int32_t n, float *g
    (stochastic rounding). */
 void gr_sgd_s8(int8_t *w, const float *g, const float *f, float lr, int32_t rows, int32_t cols,
                int32_t lo, int32_t hi, uint32_t *rng);
+/* int32 biases saturate at [-bound, bound]: the largest bias the int8 layer's int32
+   accumulator holds with any input (2^31 - 1 - fan_in * 255 * 127). */
 void gr_sgd_s32(int32_t *w, const float *g, const float *f, float lr, int32_t rows, int32_t cols,
-                uint32_t *rng);
+                int32_t bound, uint32_t *rng);
 #endif

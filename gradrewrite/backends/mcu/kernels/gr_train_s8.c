@@ -140,11 +140,11 @@ void gr_sgd_s8(int8_t *w, const float *g, const float *f, float lr, int32_t rows
 }
 
 void gr_sgd_s32(int32_t *w, const float *g, const float *f, float lr, int32_t rows, int32_t cols,
-                uint32_t *rng) {
+                int32_t bound, uint32_t *rng) {
     for (int32_t r = 0; r < rows; r++)
         for (int32_t j = 0; j < cols; j++) {
             const size_t i = (size_t)r * cols + j;
             const int64_t v = (int64_t)w[i] + gr_round_step(lr * (g[i] * f[r]), rng);
-            w[i] = (int32_t)(v < INT32_MIN ? INT32_MIN : (v > INT32_MAX ? INT32_MAX : v));
+            w[i] = (int32_t)(v < -bound ? -bound : (v > bound ? bound : v));
         }
 }

@@ -26,9 +26,11 @@ semantics (QAS factor, rounding, saturation), described in ``kernels/gr_train.h`
 """
 from __future__ import annotations
 
+import dataclasses
 import operator
 from typing import Any
 
+import numpy as np
 import torch
 import torch.fx as fx
 
@@ -60,6 +62,12 @@ def masked_grad(g: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
     return torch.where(m, g, torch.zeros((), dtype=g.dtype))
 
 
+def pad_s8(q: torch.Tensor, pads: tuple, value: int) -> torch.Tensor:
+    """``pad(dequantize(q))`` with 0.0, as the device runs it: q padded with its zero
+    point (``gr_pad_s8``); ``pads`` as ``constant_pad_nd`` takes them (last dim first)."""
+    return torch.nn.functional.pad(q, [int(v) for v in pads], value=int(value))
+
+
 def linear_bwd_input(g: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """gx = g @ w for y = x w^T (w: out x in)."""
     return g @ w
@@ -68,6 +76,27 @@ def linear_bwd_input(g: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 def linear_bwd_weight(g: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """gw = g^T @ x (out x in)."""
     return g.t() @ x
+
+
+def bias_bound(ql) -> int:
+    """The largest |int32 bias| of an int8 conv/linear whose accumulator (bias, then
+    fan-in terms (x - zp) * w of at most 255 * 127 each) cannot overflow int32 on any
+    input. A degenerate activation scale (a dead layer's ~0 range) puts the bias, or
+    one update of it (QAS moves it by lr * g / (s_x * s_w)), beyond it: there C's int32
+    accumulator would wrap where the reference's does not. Both saturate here instead."""
+    return int(2 ** 31 - 1 - int(ql.weight[0].numel()) * 255 * 127)
+
+
+def bounded_layers(layers: dict) -> dict:
+    """``int8.find``'s layers with every conv/linear bias within ``bias_bound``, as the
+    int8 step's lowering and its reference both read them."""
+    out = {}
+    for head, ql in layers.items():
+        if ql.kind in ("conv", "linear") and ql.bias_q is not None:
+            b = bias_bound(ql)
+            ql = dataclasses.replace(ql, bias_q=np.clip(ql.bias_q, -b, b).astype(np.int32))
+        out[head] = ql
+    return out
 
 
 def is_int8_step(graph: Graph) -> bool:
@@ -92,10 +121,12 @@ def scaled_weight(node: Any) -> tuple[fx.Node, fx.Node] | None:
     return None
 
 
-def device_form(step: Graph) -> Graph:
-    """A copy of the int8 training-step graph in the device's form (module docstring)."""
+def device_form(step: Graph, *, check: bool = True) -> Graph:
+    """A copy of the int8 training-step graph in the device's form (module docstring);
+    ``check``: refuse the first op without a bit-exact reference (``inexact_ops``)."""
     g = step.clone()
     graph = g.gm.graph
+    drop_identities(g)
     pre_quant: dict[fx.Node, fx.Node] = {}   # float node inside an int8 layer -> its dq output
     for n in list(graph.nodes):
         if n.op != "call_function" or n.target != FAKE_QUANT:
@@ -145,6 +176,7 @@ def device_form(step: Graph) -> Graph:
                     raise Unsupported(f"{u.name} ({u.target}) reads {v.name}, a float the int8 layer does not "
                                       "keep; only relu / hardtanh backward can read its int8 output")
                 u.replace_input_with(v, dq)
+    _int8_pads(g)
     _int8_weights(g)
     _linear_backward(g)
     for n in list(graph.nodes):  # max-pool indices nobody reads: plain max pooling, as int8 runs it
@@ -166,8 +198,70 @@ def device_form(step: Graph) -> Graph:
     _bit_masks(g)
     graph.eliminate_dead_code()
     g.commit()
-    _check_ops(g)
+    if check:
+        _check_ops(g)
     return g
+
+
+PADS = (aten.constant_pad_nd.default, aten.pad.default)
+DROPOUTS = (aten.dropout.default, aten.dropout_.default)
+
+
+def pad_widths(n: fx.Node) -> list[int] | None:
+    """A constant pad's widths (last dim first, as ``constant_pad_nd``), or None."""
+    if n.target == aten.pad.default and (list(n.args) + [None, None])[2] not in (None, "constant"):
+        return None
+    return [int(v) for v in n.args[1]]
+
+
+def pad_fill(n: fx.Node) -> float:
+    a = list(n.args) + [None, None]
+    return float((a[3] if n.target == aten.pad.default else a[2]) or 0.0)
+
+
+def identity_of(n: fx.Node) -> fx.Node | None:
+    """The input of an op that passes it through unchanged: a pad of width 0 everywhere,
+    dropout outside training (the step is captured in eval mode: ``dropout(x, p, False)``)."""
+    if n.op != "call_function":
+        return None
+    if n.target in PADS and pad_widths(n) is not None and not any(pad_widths(n)):
+        return n.args[0]
+    if n.target in DROPOUTS and len(n.args) > 2 and n.args[2] is False:
+        return n.args[0]
+    return None
+
+
+def drop_identities(g: Graph) -> None:
+    graph = g.gm.graph
+    for n in list(graph.nodes):
+        src = identity_of(n)
+        if src is not None:
+            n.replace_all_uses_with(src)
+            graph.erase_node(n)
+
+
+def _int8_pads(g: Graph) -> None:
+    """``pad(dequantize(q), 0.0)`` -> ``dequantize(pad_s8(q, zero point))``: the conv after
+    it reads an int8 activation again (TF-style "same" padding, e.g. transformers'
+    MobileNetV2 with ``tf_padding``)."""
+    graph = g.gm.graph
+    for n in list(graph.nodes):
+        if n.op != "call_function" or n.target not in PADS or _role(n) == "backward":
+            continue
+        dq, widths = n.args[0], pad_widths(n)
+        if widths is None or min(widths) < 0 or pad_fill(n) != 0.0 or not (
+                isinstance(dq, fx.Node) and dq.target == DEQUANTIZE_PER_TENSOR and dq.args[5] == torch.int8):
+            continue
+        q, scale, zp = dq.args[:3]
+        with graph.inserting_before(n):
+            qp = graph.call_function(pad_s8, (q, tuple(widths), int(zp)))
+            new = graph.call_function(DEQUANTIZE_PER_TENSOR, (qp,) + tuple(dq.args[1:]))
+        for m, dt in ((qp, torch.int8), (new, torch.float32)):
+            copy_meta(n, m)
+            m.meta["val"] = _val(n.meta["val"].shape, dt)
+            m.meta["custom"] = {"train_role": "forward"}
+        n.replace_all_uses_with(new)
+        graph.erase_node(n)
 
 
 # what an int8 step may hold besides its int8 layers: ops whose C kernels are exact per
@@ -184,15 +278,16 @@ _EXACT_OPS = {
     aten._log_softmax_backward_data.default, aten.threshold_backward.default, aten.hardtanh_backward.default,
     aten.convolution_backward.default, aten.slice_scatter.default, operator.getitem,
     QUANTIZE_PER_TENSOR, DEQUANTIZE_PER_TENSOR, DEQUANTIZE_PER_CHANNEL,
-    ste_s8, mask_bits, masked_grad, linear_bwd_input, linear_bwd_weight,
+    ste_s8, mask_bits, masked_grad, linear_bwd_input, linear_bwd_weight, pad_s8, *PADS,
 }
 
 
-def _check_ops(g: Graph) -> None:
-    """Refuse, naming the op, what the int8 step cannot compute bit for bit against its
-    reference (a float conv or matmul, layer norm, softmax inside the model ...)."""
+def inexact_ops(g: Graph) -> list[tuple[str, str, str]]:
+    """(op, module path, reason) of every op the int8 step cannot compute bit for bit
+    against its reference (a float conv or matmul, layer norm, softmax inside the model ...)."""
     layers = find(g)
     inside = {n for ql in layers.values() for n in (ql.layer, ql.act, *ql.post) if n is not None}
+    out = []
     for n in g.gm.graph.nodes:
         if n.op != "call_function" or n in inside or n.target in _EXACT_OPS:
             continue
@@ -200,8 +295,15 @@ def _check_ops(g: Graph) -> None:
             what = "a float conv/linear layer (every conv/linear of an int8 step must be int8)"
         else:
             what = "this op"
-        raise Unsupported(f"int8 training step: {op_name(n)} at {module_path(n) or '<root>'} is {what}, "
-                          "which has no bit-exact integer reference; quantize it, or train in fp32")
+        out.append((op_name(n), module_path(n) or "<root>", f"{what}, which has no bit-exact integer reference "
+                    "in an int8 training step; quantize it, or train in fp32"))
+    return out
+
+
+def _check_ops(g: Graph) -> None:
+    """Refuse, naming the op, the first of ``inexact_ops``."""
+    for op, path, why in inexact_ops(g)[:1]:
+        raise Unsupported(f"int8 training step: {op} at {path} is {why}")
 
 
 def _bit_masks(g: Graph) -> None:

@@ -30,7 +30,7 @@ from ....errors import VerificationError
 from ....rewrite.graph import Graph
 from ....rewrite import int8_layers as int8
 from .codegen import rng_seed
-from .device_form import device_form, linear_bwd_input, linear_bwd_weight
+from .device_form import bias_bound, bounded_layers, device_form, linear_bwd_input, linear_bwd_weight
 from .host import run_train_host
 from .lowering.patterns import param_attr, update_chain, update_factor
 
@@ -252,7 +252,7 @@ def reference_steps(dgraph: Graph, x: np.ndarray, labels: np.ndarray, steps: int
     layers = {}
     state: dict[str, np.ndarray] = {}        # trained attr -> stored value (whole parameter)
     store: dict[str, tuple] = {}             # trained attr -> (lo, hi, storage factor)
-    for head, ql in int8.find(dgraph).items():
+    for head, ql in bounded_layers(int8.find(dgraph)).items():
         w_attr = b_attr = None
         if ql.kind in ("conv", "linear"):
             w_attr = wmap.get(str(ql.layer.args[1].args[0].target))
@@ -263,7 +263,7 @@ def reference_steps(dgraph: Graph, x: np.ndarray, labels: np.ndarray, steps: int
                 store[w_attr] = (-127, 127, np.ones(ql.weight.shape[0]))
             if b_attr in trained:
                 state[b_attr] = ql.bias_q.copy()
-                store[b_attr] = (-(2 ** 31), 2 ** 31 - 1, 1.0 / (float(ql.x.args[1]) * ql.w_scales))
+                store[b_attr] = (-bias_bound(ql), bias_bound(ql), 1.0 / (float(ql.x.args[1]) * ql.w_scales))
         layers[head] = _Layer(ql, w_attr, b_attr)
     for attr in trained:
         if attr not in state:

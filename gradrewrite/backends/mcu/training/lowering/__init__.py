@@ -31,3 +31,22 @@ def lower_train(graph: Graph) -> TrainProgram:
     frozen = [p for p, info in lw.ts["params"].items() if not info.get("trained")]
     return TrainProgram(prog, lw.forward_steps, logits, list(lw.trained.values()), frozen,
                         float(lw.ts["optimizer"]["lr"]), lw.int8, lw.rounding, lw.seed, lw.graph)
+
+
+def unsupported_train_ops(graph: Graph) -> list[tuple[str, str, str]]:
+    """(op, module path, reason) for every op of a training step the mcu backend cannot
+    generate (an int8 step: also every op without a bit-exact integer reference), all at once."""
+    try:
+        lw = TrainLowerer(graph, collect=True)
+    except Unsupported as exc:   # the step as a whole (momentum with int8, a non-int8 quantizer ...)
+        return [("training step", "<root>", str(exc))]
+    try:
+        lw.run()
+    except Unsupported as exc:  # an output of an unsupported op
+        lw.unsupported.append(("output", "<root>", str(exc)))
+    seen, out = set(), []
+    for row in lw.inexact + lw.unsupported:
+        if row[:2] not in seen:
+            seen.add(row[:2])
+            out.append(row)
+    return out

@@ -30,6 +30,19 @@ def _act_bwd(lw: TrainLowerer, node: fx.Node) -> Val:
     return gx
 
 
+@train_handles(aten.sigmoid_backward.default, aten.hardsigmoid_backward.default)
+def _gate_bwd(lw: TrainLowerer, node: fx.Node) -> Val:
+    """Squeeze-excitation gates: sigmoid backward (from its output), hardsigmoid backward
+    (from its input)."""
+    g, v = float_in(lw, node.args[0]), float_in(lw, node.args[1])
+    if g.shape != v.shape:
+        raise Unsupported("a gate backward with broadcasting")
+    gx = lw.new(g.shape, "f32", inplace_of=g)
+    kernel = "gr_sigmoid_bwd_f32" if node.target == aten.sigmoid_backward.default else "gr_hardsigmoid_bwd_f32"
+    emit(lw, kernel, f"{kernel}({g.ptr()}, {v.ptr()}, {gx.out()}, {g.numel});", [g, v], [gx])
+    return gx
+
+
 @train_handles(aten.convolution_backward.default)
 def _conv_bwd(lw: TrainLowerer, node: fx.Node) -> tuple:
     """(grad_input, grad_weight, grad_bias) per output_mask; a partial-channel weight

@@ -10,6 +10,7 @@ from .....rewrite.graph import op_name
 from .....rewrite import int8_layers as int8
 from ...inference.lowering.base import HANDLERS, Unsupported, conv_shape, float_in, shape_of
 from ...program import Val
+from .. import device_form as dev
 from . import int8 as s8
 from .base import aten, split_parts, train_handles
 from .buffers import SplitBuf
@@ -130,3 +131,27 @@ def _linear_split(lw: TrainLowerer, node: fx.Node, x: Val, split: SplitBuf, b: V
                    rows * k * n_out, params={"lo": -np.inf, "hi": np.inf}, op=op_name(node) + " (split weight)")
     lw._fusable[node] = step
     return y
+
+
+@train_handles(*dev.PADS)
+def _pad(lw: TrainLowerer, node: fx.Node) -> Val:
+    """A pad of width 0 is its input; one that only crops (a pad's backward,
+    ``constant_pad_nd(g, [-1, -1, ...])``) a copy of that view; others as in inference."""
+    widths = dev.pad_widths(node)
+    if widths is None or any(v > 0 for v in widths):
+        return HANDLERS[node.target](lw, node)
+    x = lw.val(node.args[0])
+    shape, offset = list(x.shape), x.offset
+    for i in range(len(widths) // 2):
+        d = len(shape) - 1 - i
+        lo, hi = -widths[2 * i], -widths[2 * i + 1]
+        offset += lo * x.strides[d]
+        shape[d] -= lo + hi
+    return lw.contig(Val(x.buf, tuple(shape), x.strides, offset))  # readers may update it in place
+
+
+@train_handles(*dev.DROPOUTS)
+def _dropout(lw: TrainLowerer, node: fx.Node) -> Val:
+    if dev.identity_of(node) is None:
+        raise Unsupported("dropout in training mode (capture the model in eval mode: dropout is then the identity)")
+    return lw.val(node.args[0])

@@ -195,16 +195,16 @@ def linear_bwd_weight(lw: TrainLowerer, node: fx.Node) -> Val:
     return gw
 
 
-def sgd_int(lw: TrainLowerer, w: Val, g: Val, factor: np.ndarray, dtype: str, rows: int) -> None:
-    """The integer update of an int8 weight / int32 bias (gr_sgd_s8 / gr_sgd_s32)."""
+def sgd_int(lw: TrainLowerer, w: Val, g: Val, factor: np.ndarray, dtype: str, rows: int, bound: int) -> None:
+    """The integer update of an int8 weight / int32 bias (gr_sgd_s8 / gr_sgd_s32), saturated at ±bound."""
     f = lw.add_const((w.buf.name + "_qas"), factor.astype(np.float32), "f32")
     cols = w.numel // rows
     rng = "&gr_rng_state" if lw.rounding == "stochastic" else "NULL"
     if dtype == "i8":
-        _emit(lw, "gr_sgd_s8", f"gr_sgd_s8({w.out()}, {g.ptr()}, {f.name}, lr, {rows}, {cols}, -127, 127, {rng});",
-              [w, g], [w])
+        _emit(lw, "gr_sgd_s8", f"gr_sgd_s8({w.out()}, {g.ptr()}, {f.name}, lr, {rows}, {cols}, -{bound}, {bound}, "
+              f"{rng});", [w, g], [w])
     else:
-        _emit(lw, "gr_sgd_s32", f"gr_sgd_s32({w.out()}, {g.ptr()}, {f.name}, lr, {rows}, {cols}, {rng});",
+        _emit(lw, "gr_sgd_s32", f"gr_sgd_s32({w.out()}, {g.ptr()}, {f.name}, lr, {rows}, {cols}, {bound}, {rng});",
               [w, g], [w])
 
 
@@ -228,3 +228,18 @@ def _mul(lw: TrainLowerer, node: fx.Node) -> Val:
 # the device form's own ops (..device_form)
 TRAIN_HANDLERS.update({dev.ste_s8: ste, dev.mask_bits: mask_bits, dev.masked_grad: masked_grad,
                        dev.linear_bwd_input: linear_bwd_input, dev.linear_bwd_weight: linear_bwd_weight})
+
+
+@train_handles(dev.pad_s8)
+def _pad_s8(lw: TrainLowerer, node: fx.Node) -> Val:
+    """An int8 activation padded with its zero point (the device form of a zero pad)."""
+    x = lw.contig(lw.val(node.args[0]))
+    w = list(node.args[1]) + [0] * 4
+    if x.dtype != "i8" or len(x.shape) < 2 or any(w[4:]):
+        raise Unsupported("an int8 pad of dims other than the last two")
+    left, right, top, bottom = (int(v) for v in w[:4])
+    y = lw.new(shape_of(node), "i8")
+    lw.emit("gr_pad_s8", "gr_int8_elementwise.c",
+            f"gr_pad_s8({x.ptr()}, {y.out()}, {int(np.prod(x.shape[:-2]))}, {x.shape[-2]}, {x.shape[-1]}, {top}, "
+            f"{bottom}, {left}, {right}, {int(node.args[2])}, NULL);", [x], [y])
+    return y

@@ -21,7 +21,7 @@ from .....rewrite import int8_layers as int8
 from ...inference.lowering.base import Unsupported, conv_shape, ident
 from ...inference.lowering.lowerer import Lowerer
 from ...program import Buf, Program, Val, c_float, contiguous_strides, numel
-from ..device_form import device_form, is_int8_step
+from ..device_form import bias_bound, bounded_layers, device_form, inexact_ops, is_int8_step
 from .base import TRAIN_HANDLERS
 from .buffers import DqBuf, LabelBuf, ScaledS8, SplitBuf, TrainedBuf
 from .patterns import momentum_parts, readers, update_chain
@@ -34,7 +34,7 @@ class TrainLowerer(Lowerer):
 
     int8_elementwise = False   # the step's float ops keep the float semantics its reference has
 
-    def __init__(self, graph: Graph):
+    def __init__(self, graph: Graph, *, collect: bool = False):
         ts = graph.meta.get("train_step")
         if not ts:
             raise Unsupported("not a training-step graph")
@@ -42,8 +42,11 @@ class TrainLowerer(Lowerer):
         self.int8 = is_int8_step(graph)
         if ts["optimizer"].get("momentum") and self.int8:
             raise Unsupported("SGD with momentum in an int8 training step (int8 steps use plain SGD with QAS)")
+        self.inexact: list[tuple[str, str, str]] = []
         if self.int8:  # the integers the device keeps (..device_form)
-            graph = device_form(graph)
+            graph = device_form(graph, check=not collect)
+            if collect:
+                self.inexact = inexact_ops(graph)
         qas = ts.get("qas") or {}
         self.rounding, self.seed = qas.get("rounding", "nearest"), int(qas.get("seed", 0))
         self.trained_attrs = {info["attr"]: path for path, info in ts["params"].items() if info.get("trained")}
@@ -54,7 +57,9 @@ class TrainLowerer(Lowerer):
         self.logits_val: Val | None = None
         self._raw_views = False                   # slicing an int8 activation keeps it int8
         # an int8 step takes its input as int8 (the runners quantize it on the host)
-        super().__init__(graph, sparse=False, quantized_inputs=self.int8)
+        super().__init__(graph, sparse=False, quantized_inputs=self.int8, collect=collect)
+        if self.int8:  # int32 biases within what the accumulator holds (device_form.bias_bound)
+            self.qlayers = bounded_layers(self.qlayers)
         self.trained: dict[str, TrainedBuf] = {}
         self.forward_steps: int | None = None
         self.logits_node: fx.Node | None = None
@@ -157,7 +162,7 @@ class TrainLowerer(Lowerer):
                     val = Val(split, shape, contiguous_strides(shape))
                 else:
                     val = tval
-                self._int_store[wq_attr] = ("i8", np.ones(shape[0]))  # the chain already holds s * s^-2
+                self._int_store[wq_attr] = ("i8", np.ones(shape[0]), 127)  # the chain already holds s * s^-2
             self._intercept[name + "_w"] = val.buf if not isinstance(val.buf, SplitBuf) else val.buf.trained.buf
             if wq_attr in attrs:
                 self.vals[attrs[wq_attr]] = val
@@ -174,7 +179,7 @@ class TrainLowerer(Lowerer):
                 self.trained[str(b_node.target)] = bbuf
                 self._intercept[name + "_bias_q"] = bbuf
                 self.vals[b_node] = Val(bbuf, bbuf.shape, (1,))
-                self._int_store[str(b_node.target)] = ("i32", 1.0 / sb)
+                self._int_store[str(b_node.target)] = ("i32", 1.0 / sb, bias_bound(ql))
 
     def _qmac(self, ql: int8.QLayer, x: Val, y: Val, out_shape: tuple[int, ...]) -> None:
         name = ident(module_path(ql.layer) or ql.layer.name)
@@ -288,4 +293,7 @@ class TrainLowerer(Lowerer):
         try:
             self.vals[node] = handler(self, node)
         except Unsupported as exc:
-            raise Unsupported(f"{op_name(node)} at {module_path(node) or '<root>'}: {exc}") from None
+            if not self.collect:
+                raise Unsupported(f"{op_name(node)} at {module_path(node) or '<root>'}: {exc}") from None
+            self.unsupported.append((op_name(node), module_path(node) or "<root>", str(exc)))
+            self.vals[node] = self._placeholder_for(node)
