@@ -1,5 +1,6 @@
-"""mcu int8 kernels at odd shapes: gr_pointwise_s8, gr_depthwise3x3_s8, gr_pw_dw_s8 (with
-passes of several expanded planes, a last partial one) and gr_fc_s8 bit-exact against the integer reference, on the host build and under QEMU on
+"""mcu int8 kernels at odd shapes: gr_pointwise_s8, gr_pointwise_nm_s8 (2:4 and 1:8),
+gr_depthwise3x3_s8, gr_pw_dw_s8 (dense and N:M expand convs; passes of several expanded
+planes, a last partial one) and gr_fc_s8 bit-exact against the integer reference, on the host build and under QEMU on
 Cortex-M4 and Cortex-M7 (whose DSP paths differ from the host's portable C).
 
 Each model is a chain of hand-quantized layers (the QDQ form the quantize pass writes)
@@ -51,6 +52,12 @@ class Chain(nn.Module):
             amp = (0.8 / (reals * fan_in ** 0.5)).clamp(1, 127).round().to(torch.int32)
             wq = torch.randint(-127, 128, shape, generator=g, dtype=torch.int32)
             wq = (wq * amp.reshape(-1, *[1] * (len(shape) - 1)) // 127).to(I8)
+            if "nm" in spec:  # keep the n largest of every m input channels (1x1 weights)
+                n, m = spec["nm"]
+                pad = (-shape[1]) % m
+                grp = F.pad(wq.reshape(shape[0], -1).int(), (0, pad)).reshape(shape[0], -1, m)
+                keep = torch.zeros_like(grp, dtype=torch.bool).scatter_(-1, grp.abs().topk(n, -1).indices, True)
+                wq = (wq * keep.reshape(shape[0], -1)[:, :shape[1]].reshape(shape)).to(I8)
             self.register_buffer(f"w{i}", wq)
             self.register_buffer(f"ws{i}", (reals * s_out / s_in).float())
             self.register_buffer(f"wz{i}", torch.zeros(shape[0], dtype=torch.int64))
@@ -108,6 +115,21 @@ CASES = {
                                          {"gr_pw_dw_s8": 1}),
     # a 1x1 map, two images, five planes per pass then one
     "expand + depthwise 1x1 map": ((2, 5, 1, 1), [_pw(5, 6, relu6=True), _dw(6, z_out=4)], {"gr_pw_dw_s8": 1}),
+    # N:M pointwise (gr_pointwise_nm_s8): 2:4 pairs over 7 channels (a last group of three)
+    # and 18 (five groups: a block of four and one), 35 pixels (a partial block); a strided
+    # 2:4 1x1 with 8 output channels runs dense (cheaper than the pairs' gather)
+    "pointwise 2:4": ((1, 7, 5, 7), [_pw(7, 18, nm=(2, 4), relu6=True), _pw(18, 16, nm=(2, 4)),
+                                     _pw(16, 8, stride=2, nm=(2, 4))],
+                      {"gr_pointwise_nm_s8": 2, "gr_pointwise_s8": 1}),
+    # 1:8 over 13 and 40 channels (partial groups; rows of two and five kept weights), nine
+    # pixels and two images, a strided 1x1
+    "pointwise 1:8": ((2, 13, 3, 3), [_pw(13, 40, nm=(1, 8), relu6=True), _pw(40, 11, stride=2, nm=(1, 8))],
+                      {"gr_pointwise_nm_s8": 2}),
+    # N:M expand convs streamed into their depthwise conv
+    "expand 2:4 + depthwise": ((1, 10, 6, 5), [_pw(10, 16, nm=(2, 4), relu6=True), _dw(16, 2, z_out=4)],
+                               {"gr_pw_dw_s8": 1}),
+    "expand 1:8 + depthwise 1x1 map": ((2, 16, 1, 1), [_pw(16, 10, nm=(1, 8), relu6=True), _dw(10, z_out=4)],
+                                       {"gr_pw_dw_s8": 1}),
     # k % 4 tails, column groups of 4 + 3 (a zero column), 4 + 1 (a group of two), 2; one row
     "fully connected": ((1, 13), [_fc(13, 7), _fc(7, 5, relu6=True), _fc(5, 2), _fc(2, 6)], {"gr_fc_s8": 4}),
     # two rows
@@ -132,8 +154,10 @@ def _check_paths(graph):
 def test_kernels_bit_exact_on_the_host(name, tmp_path):
     graph, x, kernels = _model(name)
     _check_paths(graph)
-    steps = [s.kernel for s in lower(graph).steps]
+    prog = lower(graph)
+    steps = [s.kernel for s in prog.steps]
     assert {k: steps.count(k) for k in kernels} == kernels, steps
+    assert (prog.notes["nm_layers"] > 0) == (":" in name)   # N:M cases run packed weights
     (got,), _ = build_and_run(graph, tmp_path, x)
     ref = int8.integer_reference(graph, x)[0]
     assert torch.equal(got, ref), (got - ref).abs().max()

@@ -87,7 +87,7 @@ def run_int8_elem(qe, *xs: torch.Tensor) -> torch.Tensor:
     p, (so, zo) = qe.p, qe.out_q
     v = [x.numpy().astype(np.int64) for x in xs]
     shape = tuple(int(d) for d in qe.node.meta["val"].shape)
-    if qe.kind == "add":   # TFLite's int8 add (gr_add_s8)
+    if qe.kind == "add":   # TFLite's int8 add (gr_add_lut_s8)
         m, e = p["mult"], p["shift"]
         a = _rq((v[0] - qe.in_q[0][1]) << int8.ADD_SHIFT, m[1], e[1])
         b = _rq((v[1] - qe.in_q[1][1]) << int8.ADD_SHIFT, m[2], e[2])

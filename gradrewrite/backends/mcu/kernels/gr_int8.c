@@ -297,9 +297,9 @@ static inline int32_t dual(int32_t a, int32_t b, int32_t acc) {
 /* Pointwise conv input for four output pixels as int16 channel pairs: word 4 * k + j holds
  * channels 2k and 2k + 1 of pixel j (zero past cin or past the last pixel). Contiguous
  * pixels (stride 1, all four real) take two word loads per channel pair. */
-static GR_NOINLINE void pointwise_gather_s8(const gr_conv_shape *s, const int8_t *xn, int32_t p, int32_t cin4,
-                                            int32_t *xs) {
-    const int32_t hw = s->h * s->w, cin = s->c, ohw = s->oh * s->ow;
+static GR_NOINLINE void pointwise_gather_s8(const gr_conv_shape *s, const int8_t *xn, int32_t p, int32_t end,
+                                            int32_t cin4, int32_t *xs) {
+    const int32_t hw = s->h * s->w, cin = s->c, ohw = end;
     int32_t c, j;
     if (s->sh == 1 && s->sw == 1 && p + 4 <= ohw) {
         const int8_t *xc = xn + p;
@@ -344,48 +344,6 @@ static GR_NOINLINE void pointwise_block_s8(const int32_t *xs, const int8_t *w, i
     acc[0] = a0; acc[1] = a1; acc[2] = a2; acc[3] = a3;
 }
 
-/* output channels o0 .. o1 - 1 of one gathered block of four pixels (cnt of them real):
- * channel o goes to yo + (o - o0) * ystride */
-static void pointwise_outputs_s8(const gr_quant_params *q, const int32_t *xs, const int8_t *w, const int32_t *base,
-                                 int32_t cin4, int32_t o0, int32_t o1, int32_t cnt, int8_t *yo, int32_t ystride) {
-    const int32_t ozp = q->out_zp, lo = q->act_min, hi = q->act_max;
-    const int8_t *wo = w + (size_t)o0 * cin4;
-    int32_t o, j;
-    for (o = o0; o < o1; o++, wo += cin4, yo += ystride) {
-        int32_t acc[4];
-        rq_s8 r;
-        acc[0] = base[o];
-        pointwise_block_s8(xs, wo, cin4 >> 2, acc);
-        if (rq_init(&r, q->mult[o], q->shift[o])) {
-            if (cnt == 4) {
-                yo[0] = (int8_t)rq_apply(acc[0], r.mult, r.rlo, r.rhi, r.sh, ozp, lo, hi);
-                yo[1] = (int8_t)rq_apply(acc[1], r.mult, r.rlo, r.rhi, r.sh, ozp, lo, hi);
-                yo[2] = (int8_t)rq_apply(acc[2], r.mult, r.rlo, r.rhi, r.sh, ozp, lo, hi);
-                yo[3] = (int8_t)rq_apply(acc[3], r.mult, r.rlo, r.rhi, r.sh, ozp, lo, hi);
-            } else {
-                for (j = 0; j < cnt; j++) yo[j] = (int8_t)rq_apply(acc[j], r.mult, r.rlo, r.rhi, r.sh, ozp, lo, hi);
-            }
-        } else {
-            for (j = 0; j < cnt; j++) yo[j] = requant_s8(acc[j], q->mult[o], 31 - q->shift[o], ozp, lo, hi);
-        }
-    }
-}
-
-void gr_pointwise_s8(const gr_conv_shape *s, const gr_quant_params *q, const int8_t *x, const int8_t *w,
-                     const int32_t *base, int8_t *y, int32_t *xs) {
-    const int32_t ohw = s->oh * s->ow, cin4 = (s->c + 3) & ~3;
-    int32_t n, p;
-    for (n = 0; n < s->n; n++) {
-        const int8_t *xn = x + (size_t)n * s->c * s->h * s->w;
-        int8_t *yn = y + (size_t)n * s->oc * ohw;
-        /* blocks of four pixels; a last block of 1-3 computes four and stores the real ones */
-        for (p = 0; p < ohw; p += 4) {
-            pointwise_gather_s8(s, xn, p, cin4, xs);
-            pointwise_outputs_s8(q, xs, w, base, cin4, 0, s->oc, ohw - p < 4 ? ohw - p : 4, yn + p, ohw);
-        }
-    }
-}
-
 /* one output row of a depthwise 3x3 over the zero-point-padded plane: row r0 (stride pw
  * bytes), horizontal stride sw. wp[k] = (w[3k], w[3k + 2]) as halfwords, wm = (w1, w4), w7. */
 typedef struct {
@@ -404,11 +362,11 @@ typedef struct {
         e = SX_LO(v); d = SX_HI(v);                                                              \
         a0 = DUAL(t->wp0, e, a0); a1 = DUAL(t->wp0, d, a1);                                      \
         a0 = MID_B(t->wm, d, a0); a1 = MID_T(t->wm, e, a1);                                      \
-        v = word4(r0 + pw);                                                                      \
+        v = word4(r0 + d1);                                                                      \
         e = SX_LO(v); d = SX_HI(v);                                                              \
         a0 = DUAL(t->wp1, e, a0); a1 = DUAL(t->wp1, d, a1);                                      \
         a0 = MID_TB(t->wm, d, a0); a1 = MID_TT(t->wm, e, a1);                                    \
-        v = word4(r0 + 2 * pw);                                                                  \
+        v = word4(r0 + d2);                                                                      \
         e = SX_LO(v); d = SX_HI(v);                                                              \
         a0 = DUAL(t->wp2, e, a0); a1 = DUAL(t->wp2, d, a1);                                      \
         a0 = MID_B(t->w7, d, a0); a1 = MID_T(t->w7, e, a1);                                      \
@@ -421,10 +379,10 @@ typedef struct {
         uint32_t v = word4(r0);                                                                  \
         e = SX_LO(v); d = SX_HI(v);                                                              \
         a = DUAL(t->wp0, e, a); a = MID_B(t->wm, d, a);                                          \
-        v = word4(r0 + pw);                                                                      \
+        v = word4(r0 + d1);                                                                      \
         e = SX_LO(v); d = SX_HI(v);                                                              \
         a = DUAL(t->wp1, e, a); a = MID_TB(t->wm, d, a);                                         \
-        v = word4(r0 + 2 * pw);                                                                  \
+        v = word4(r0 + d2);                                                                      \
         e = SX_LO(v); d = SX_HI(v);                                                              \
         a = DUAL(t->wp2, e, a); a = MID_B(t->w7, d, a);                                          \
         yr[ox] = REQ(a);                                                                         \
@@ -441,7 +399,7 @@ typedef struct {
 #define MID_TT(w, x, a) ((a) + ((w) >> 16) * ((x) >> 16))
 #endif
 
-static GR_NOINLINE void dw_row_fast_s8(const int8_t *r0, int32_t pw, int32_t sw, int32_t ow, const dw_taps *t,
+static GR_NOINLINE void dw_row_fast_s8(const int8_t *r0, int32_t d1, int32_t d2, int32_t sw, int32_t ow, const dw_taps *t,
                                        const rq_s8 *r, int32_t ozp, int32_t lo, int32_t hi, int8_t *yr) {
     int32_t ox = 0;
     if (sw == 1) {
@@ -450,7 +408,7 @@ static GR_NOINLINE void dw_row_fast_s8(const int8_t *r0, int32_t pw, int32_t sw,
     DW_ROW_ANY(DW_FAST)
 }
 
-static GR_NOINLINE void dw_row_slow_s8(const int8_t *r0, int32_t pw, int32_t sw, int32_t ow, const dw_taps *t,
+static GR_NOINLINE void dw_row_slow_s8(const int8_t *r0, int32_t d1, int32_t d2, int32_t sw, int32_t ow, const dw_taps *t,
                                        int32_t mult, int32_t total, int32_t ozp, int32_t lo, int32_t hi,
                                        int8_t *yr) {
     int32_t ox = 0;
@@ -464,28 +422,38 @@ static void depthwise_pad_init(const gr_conv_shape *s, int32_t in_zp, int8_t *pa
     memset(pad, in_zp, (size_t)((s->oh - 1) * s->sh + 3) * ((s->ow - 1) * s->sw + 3) + 4);
 }
 
+static void dw_taps_init(dw_taps *t, const int8_t *wc, int32_t base) {
+    t->wp0 = PACK_LO(wc[0], wc[2]); t->wp1 = PACK_LO(wc[3], wc[5]); t->wp2 = PACK_LO(wc[6], wc[8]);
+    t->wm = PACK_LO(wc[1], wc[4]); t->w7 = wc[7]; t->base = base;
+}
+
+/* `rows` output rows of channel c: row i reads the padded rows at r0 + i * step, + d1, + d2 */
+static void depthwise_rows_s8(const gr_conv_shape *s, const gr_quant_params *q, int32_t c, const dw_taps *t,
+                              const int8_t *r0, int32_t d1, int32_t d2, int32_t step, int32_t rows, int8_t *yc) {
+    const int32_t ozp = q->out_zp, lo = q->act_min, hi = q->act_max;
+    int32_t i;
+    rq_s8 r;
+    if (rq_init(&r, q->mult[c], q->shift[c])) {
+        for (i = 0; i < rows; i++, r0 += step, yc += s->ow)
+            dw_row_fast_s8(r0, d1, d2, s->sw, s->ow, t, &r, ozp, lo, hi, yc);
+    } else {
+        for (i = 0; i < rows; i++, r0 += step, yc += s->ow)
+            dw_row_slow_s8(r0, d1, d2, s->sw, s->ow, t, q->mult[c], 31 - q->shift[c], ozp, lo, hi, yc);
+    }
+}
+
 /* one channel: plane xc into pad's interior (its border already holds the zero point), then
  * every output row from pad; base: the bias with the zero point folded in */
 static void depthwise_plane_s8(const gr_conv_shape *s, const gr_quant_params *q, int32_t c, const int8_t *xc,
                                const int8_t *wc, int32_t base, int8_t *yc, int8_t *pad) {
     const int32_t ph = (s->oh - 1) * s->sh + 3, pw = (s->ow - 1) * s->sw + 3;
-    const int32_t ozp = q->out_zp, lo = q->act_min, hi = q->act_max;
     const int32_t y0 = s->ph, x0 = s->pw;  /* where input pixel (0, 0) lands in pad */
     const int32_t rows = s->h < ph - y0 ? s->h : ph - y0, cols = s->w < pw - x0 ? s->w : pw - x0;
-    int32_t oy, iy;
+    int32_t iy;
     dw_taps t;
-    rq_s8 r;
     for (iy = 0; iy < rows; iy++) memcpy(pad + (size_t)(iy + y0) * pw + x0, xc + (size_t)iy * s->w, (size_t)cols);
-    t.wp0 = PACK_LO(wc[0], wc[2]); t.wp1 = PACK_LO(wc[3], wc[5]); t.wp2 = PACK_LO(wc[6], wc[8]);
-    t.wm = PACK_LO(wc[1], wc[4]); t.w7 = wc[7]; t.base = base;
-    if (rq_init(&r, q->mult[c], q->shift[c])) {
-        for (oy = 0; oy < s->oh; oy++)
-            dw_row_fast_s8(pad + (size_t)oy * s->sh * pw, pw, s->sw, s->ow, &t, &r, ozp, lo, hi, yc + oy * s->ow);
-    } else {
-        for (oy = 0; oy < s->oh; oy++)
-            dw_row_slow_s8(pad + (size_t)oy * s->sh * pw, pw, s->sw, s->ow, &t, q->mult[c], 31 - q->shift[c],
-                           ozp, lo, hi, yc + oy * s->ow);
-    }
+    dw_taps_init(&t, wc, base);
+    depthwise_rows_s8(s, q, c, &t, pad, pw, 2 * pw, s->sh * pw, s->oh, yc);
 }
 
 /* Depthwise 3x3, dilation 1, any stride and padding. Each input plane is copied into
@@ -504,29 +472,215 @@ void gr_depthwise3x3_s8(const gr_conv_shape *s, const gr_quant_params *q, const 
     }
 }
 
-/* A pointwise (1x1, stride 1) expand conv followed by a depthwise 3x3, `group` expanded
- * channels at a time: the expand (gr_pointwise_s8's gathered four-pixel blocks, weights and
- * folded base pw / pbase laid out as for it) writes channels o .. o + group - 1 into
- * `planes` (group * h * w bytes), the depthwise (gr_depthwise3x3_s8's padded-plane path,
- * folded base dbase) reads them from there, so the expanded tensor never exists. Same
- * integer arithmetic as the two kernels one after the other. xs: gr_pointwise_s8's gather. */
-void gr_pw_dw_s8(const gr_conv_shape *ps, const gr_quant_params *pq, const int8_t *x, const int8_t *pw,
-                 const int32_t *pbase, const gr_conv_shape *ds, const gr_quant_params *dq, const int8_t *dw,
-                 const int32_t *dbase, int8_t *y, int8_t *planes, int8_t *pad, int32_t *xs, int32_t group) {
-    const int32_t hw = ps->h * ps->w, cin4 = (ps->c + 3) & ~3, dhw = ds->oh * ds->ow;
-    int32_t n, o0, o, p;
-    depthwise_pad_init(ds, dq->in_zp, pad);
-    for (n = 0; n < ps->n; n++) {
-        const int8_t *xn = x + (size_t)n * ps->c * hw;
-        for (o0 = 0; o0 < ps->oc; o0 += group) {
-            const int32_t o1 = ps->oc - o0 < group ? ps->oc : o0 + group;
-            for (p = 0; p < hw; p += 4) {
-                pointwise_gather_s8(ps, xn, p, cin4, xs);
-                pointwise_outputs_s8(pq, xs, pw, pbase, cin4, o0, o1, hw - p < 4 ? hw - p : 4, planes + p, hw);
+/* ---- pointwise convs over gathered four-pixel blocks, dense or N:M packed (the format
+ * of gr_pw_weights, prepared by the code generator):
+ * - GR_PW_DENSE: gr_pointwise_s8's weights; the gather holds int16 channel pairs;
+ * - GR_PW_NM1 (n:m with n / m <= 1/4): one word per kept weight, the weight as int16 in the
+ *   low half (SMLABB / SMLABT read it as it is) and the byte offset of its channel's
+ *   gathered pixels (8 * channel) in the high half; the gather holds, per channel, the four
+ *   pixels as int16 pairs (p0, p1), (p2, p3);
+ * - GR_PW_NM24 (2:4): one word per group of four channels, bytes (wa, idx, wb, 0): SXTB16
+ *   gives the kept pair (wa, wb) as int16, idx = 6 * (group % 4) + pattern picks the pair's
+ *   gathered words; the gather holds, per group, the six channel pairs (0,1) (2,3) (0,2)
+ *   (1,3) (0,3) (1,2) of the four pixels, so SMLAD takes a kept pair in one instruction.
+ * Rows hold `count` words (1:M: padded with zero weights to the row with most kept ones). */
+static const uint8_t nm24_pairs[6][2] = {{0, 1}, {2, 3}, {0, 2}, {1, 3}, {0, 3}, {1, 2}};
+
+/* one channel's pixels p .. p + 3 of a 1x1 conv's input (zero past the last pixel) */
+static inline void pixels4(const gr_conv_shape *s, const int8_t *xc, int32_t p, int32_t end, int32_t v[4]) {
+    int32_t j;
+    for (j = 0; j < 4; j++) {
+        const int32_t q = p + j;
+        v[j] = q < end ? xc[(q / s->ow) * s->sh * s->w + (q % s->ow) * s->sw] : 0;
+    }
+}
+
+static GR_NOINLINE void nm1_gather_s8(const gr_conv_shape *s, const int8_t *xn, int32_t p, int32_t end,
+                                      int32_t *xs) {
+    const int32_t hw = s->h * s->w;
+    int32_t c, v[4];
+    if (s->sh == 1 && s->sw == 1 && p + 4 <= end) {
+        const int8_t *xc = xn + p;
+        for (c = 0; c < s->c; c++, xc += hw, xs += 2) {
+            const uint32_t w4 = word4(xc);
+            const int32_t e = SX_LO(w4), d = SX_HI(w4);   /* (p0, p2), (p1, p3) */
+            xs[0] = PACK_LO(e, d); xs[1] = PACK_HI(e, d);
+        }
+        return;
+    }
+    for (c = 0; c < s->c; c++, xs += 2) {
+        pixels4(s, xn + (size_t)c * hw, p, end, v);
+        xs[0] = PACK_LO(v[0], v[1]); xs[1] = PACK_LO(v[2], v[3]);
+    }
+}
+
+static GR_NOINLINE void nm24_gather_s8(const gr_conv_shape *s, const int8_t *xn, int32_t p, int32_t end,
+                                       int32_t *xs) {
+    const int32_t hw = s->h * s->w, fast = s->sh == 1 && s->sw == 1 && p + 4 <= end;
+    int32_t c0, i, k;
+    for (c0 = 0; c0 < s->c; c0 += 4) {
+        int32_t e[4], d[4];   /* per channel: pixels (p0, p2) and (p1, p3) as int16 pairs */
+        for (i = 0; i < 4; i++) {
+            const int8_t *xc = xn + (size_t)(c0 + i) * hw;
+            if (c0 + i >= s->c) {
+                e[i] = d[i] = 0;
+            } else if (fast) {
+                const uint32_t w4 = word4(xc + p);
+                e[i] = SX_LO(w4); d[i] = SX_HI(w4);
+            } else {
+                int32_t v[4];
+                pixels4(s, xc, p, end, v);
+                e[i] = PACK_LO(v[0], v[2]); d[i] = PACK_LO(v[1], v[3]);
             }
-            for (o = o0; o < o1; o++)
-                depthwise_plane_s8(ds, dq, o, planes + (size_t)(o - o0) * hw, dw + (size_t)o * 9, dbase[o],
-                                   y + ((size_t)n * ds->oc + o) * dhw, pad);
+        }
+        for (k = 0; k < 6; k++, xs += 4) {
+            const int32_t a = nm24_pairs[k][0], b = nm24_pairs[k][1];
+            xs[0] = PACK_LO(e[a], e[b]); xs[1] = PACK_LO(d[a], d[b]);
+            xs[2] = PACK_HI(e[a], e[b]); xs[3] = PACK_HI(d[a], d[b]);
+        }
+    }
+}
+
+/* four pixels of one output channel, `count` entries */
+#define NM1_STEP(E)                                                                             \
+    {                                                                                           \
+        const int32_t v = (int32_t)(E);                                                         \
+        const int32_t *xp = (const int32_t *)(const void *)(xb + ((uint32_t)v >> 16));           \
+        const int32_t x01 = xp[0], x23 = xp[1];                                                 \
+        a0 = MID_B(v, x01, a0); a1 = MID_T(v, x01, a1);                                         \
+        a2 = MID_B(v, x23, a2); a3 = MID_T(v, x23, a3);                                         \
+    }
+static GR_NOINLINE void nm1_block_s8(const int32_t *xs, const int8_t *w, int32_t count, int32_t *acc) {
+    const uint32_t *e = (const uint32_t *)(const void *)w;
+    const int8_t *xb = (const int8_t *)xs;
+    int32_t a0 = acc[0], a1 = a0, a2 = a0, a3 = a0, t;
+    for (t = 0; t + 3 < count; t += 4, e += 4) {
+        NM1_STEP(e[0]) NM1_STEP(e[1]) NM1_STEP(e[2]) NM1_STEP(e[3])
+    }
+    for (; t < count; t++, e++) NM1_STEP(e[0])
+    acc[0] = a0; acc[1] = a1; acc[2] = a2; acc[3] = a3;
+}
+
+#define NM24_STEP(E)                                                                            \
+    {                                                                                           \
+        const uint32_t v = (E);                                                                 \
+        const int32_t wab = SX_LO(v);                                                           \
+        const int32_t *xp = xg + (((v >> 8) & 0xffu) << 2);                                     \
+        a0 = DUAL(wab, xp[0], a0); a1 = DUAL(wab, xp[1], a1);                                   \
+        a2 = DUAL(wab, xp[2], a2); a3 = DUAL(wab, xp[3], a3);                                   \
+    }
+static GR_NOINLINE void nm24_block_s8(const int32_t *xs, const int8_t *w, int32_t count, int32_t *acc) {
+    const uint32_t *e = (const uint32_t *)(const void *)w;
+    const int32_t *xg = xs;
+    int32_t a0 = acc[0], a1 = a0, a2 = a0, a3 = a0, g;
+    for (g = 0; g + 3 < count; g += 4, e += 4, xg += 4 * 24) {
+        NM24_STEP(e[0]) NM24_STEP(e[1]) NM24_STEP(e[2]) NM24_STEP(e[3])
+    }
+    for (; g < count; g++, e++) NM24_STEP(e[0])   /* idx counts from the last block of four */
+    acc[0] = a0; acc[1] = a1; acc[2] = a2; acc[3] = a3;
+}
+
+static void dense_block_s8(const int32_t *xs, const int8_t *w, int32_t count, int32_t *acc) {
+    pointwise_block_s8(xs, w, count, acc);
+}
+
+typedef void (*pw_block_fn)(const int32_t *xs, const int8_t *w, int32_t count, int32_t *acc);
+
+/* output channels o0 .. o1 - 1 of one gathered block of four pixels (cnt of them real):
+ * channel o goes to yo + (o - o0) * ystride */
+static void pointwise_outputs_s8(const gr_quant_params *q, const gr_pw_weights *pw, const int32_t *xs,
+                                 int32_t o0, int32_t o1, int32_t cnt, int8_t *yo, int32_t ystride) {
+    const int32_t ozp = q->out_zp, lo = q->act_min, hi = q->act_max, count = pw->count, stride = pw->stride;
+    const pw_block_fn block = pw->fmt == GR_PW_NM1 ? nm1_block_s8 : pw->fmt == GR_PW_NM24 ? nm24_block_s8
+                                                                                         : dense_block_s8;
+    const int8_t *wo = (const int8_t *)pw->w + (size_t)o0 * stride;
+    int32_t o, j;
+    for (o = o0; o < o1; o++, wo += stride, yo += ystride) {
+        int32_t acc[4];
+        rq_s8 r;
+        acc[0] = pw->base[o];
+        block(xs, wo, count, acc);
+        if (rq_init(&r, q->mult[o], q->shift[o])) {
+            if (cnt == 4) {
+                yo[0] = (int8_t)rq_apply(acc[0], r.mult, r.rlo, r.rhi, r.sh, ozp, lo, hi);
+                yo[1] = (int8_t)rq_apply(acc[1], r.mult, r.rlo, r.rhi, r.sh, ozp, lo, hi);
+                yo[2] = (int8_t)rq_apply(acc[2], r.mult, r.rlo, r.rhi, r.sh, ozp, lo, hi);
+                yo[3] = (int8_t)rq_apply(acc[3], r.mult, r.rlo, r.rhi, r.sh, ozp, lo, hi);
+            } else {
+                for (j = 0; j < cnt; j++) yo[j] = (int8_t)rq_apply(acc[j], r.mult, r.rlo, r.rhi, r.sh, ozp, lo, hi);
+            }
+        } else {
+            for (j = 0; j < cnt; j++) yo[j] = requant_s8(acc[j], q->mult[o], 31 - q->shift[o], ozp, lo, hi);
+        }
+    }
+}
+
+/* output pixels p0 .. p1 - 1 of image xn, every channel: pixel p of channel o goes to
+ * y[o * ystride + p - p0] */
+static void pointwise_pass_s8(const gr_conv_shape *s, const gr_quant_params *q, const gr_pw_weights *pw,
+                              const int8_t *xn, int32_t p0, int32_t p1, int8_t *y, int32_t ystride, int32_t *xs) {
+    const int32_t cin4 = (s->c + 3) & ~3;
+    int32_t p;
+    for (p = p0; p < p1; p += 4) {
+        if (pw->fmt == GR_PW_NM1) nm1_gather_s8(s, xn, p, p1, xs);
+        else if (pw->fmt == GR_PW_NM24) nm24_gather_s8(s, xn, p, p1, xs);
+        else pointwise_gather_s8(s, xn, p, p1, cin4, xs);
+        pointwise_outputs_s8(q, pw, xs, 0, s->oc, p1 - p < 4 ? p1 - p : 4, y + (p - p0), ystride);
+    }
+}
+
+/* 1x1, no padding, one group, any stride; pw dense or N:M (see above) */
+void gr_pointwise_nm_s8(const gr_conv_shape *s, const gr_quant_params *q, const int8_t *x, const gr_pw_weights *pw,
+                        int8_t *y, int32_t *xs) {
+    const int32_t ohw = s->oh * s->ow;
+    int32_t n;
+    for (n = 0; n < s->n; n++)
+        pointwise_pass_s8(s, q, pw, x + (size_t)n * s->c * s->h * s->w, 0, ohw, y + (size_t)n * s->oc * ohw, ohw, xs);
+}
+
+void gr_pointwise_s8(const gr_conv_shape *s, const gr_quant_params *q, const int8_t *x, const int8_t *w,
+                     const int32_t *base, int8_t *y, int32_t *xs) {
+    gr_pw_weights pw;
+    pw.fmt = GR_PW_DENSE; pw.count = (s->c + 3) >> 2; pw.stride = (s->c + 3) & ~3; pw.w = w; pw.base = base;
+    gr_pointwise_nm_s8(s, q, x, &pw, y, xs);
+}
+
+/* A pointwise (1x1, stride 1) expand conv followed by a depthwise 3x3, row by row: `ring`
+ * holds three zero-point-padded rows of every expanded channel (size: gr_kernels.h); the
+ * expand (gr_pointwise_nm_s8's gathered four-pixel blocks, dense or N:M weights, every
+ * channel per gather) writes each input row the depthwise needs next straight into its
+ * ring slot, and the depthwise (gr_depthwise3x3_s8's row path) reads its three rows from
+ * there, so the expanded tensor never exists and no plane is copied. Same integer
+ * arithmetic as the two kernels one after the other. xs: the pointwise's gather. */
+void gr_pw_dw_s8(const gr_conv_shape *ps, const gr_quant_params *pq, const int8_t *x, const gr_pw_weights *pw,
+                 const gr_conv_shape *ds, const gr_quant_params *dq, const int8_t *dw, const int32_t *dbase, int8_t *y,
+                 int8_t *ring, int32_t *xs) {
+    const int32_t w = ps->w, oc = ps->oc, dhw = ds->oh * ds->ow;
+    const int32_t pitch = (ds->ow - 1) * ds->sw + 3 > ds->pw + w ? (ds->ow - 1) * ds->sw + 3 : ds->pw + w;
+    const int32_t cs = 3 * pitch;   /* ring: [oc][3 slots][pitch] */
+    int32_t n, oy, o;
+    for (n = 0; n < ps->n; n++) {
+        const int8_t *xn = x + (size_t)n * ps->c * ps->h * w;
+        int32_t next = 0;   /* the next padded row to produce */
+        memset(ring, dq->in_zp, (size_t)oc * cs + 4);
+        for (oy = 0; oy < ds->oh; oy++) {
+            const int32_t top = oy * ds->sh, s0 = top % 3;
+            for (; next <= top + 2; next++) {
+                int8_t *slot = ring + (size_t)(next % 3) * pitch;
+                const int32_t iy = next - ds->ph;
+                if (iy >= 0 && iy < ds->h) {
+                    pointwise_pass_s8(ps, pq, pw, xn, iy * w, iy * w + w, slot + ds->pw, cs, xs);
+                } else {
+                    for (o = 0; o < oc; o++) memset(slot + (size_t)o * cs, dq->in_zp, (size_t)pitch);
+                }
+            }
+            for (o = 0; o < oc; o++) {
+                dw_taps t;
+                dw_taps_init(&t, dw + (size_t)o * 9, dbase[o]);
+                depthwise_rows_s8(ds, dq, o, &t, ring + (size_t)o * cs + (size_t)s0 * pitch,
+                                  ((top + 1) % 3 - s0) * pitch, ((top + 2) % 3 - s0) * pitch, 0, 1,
+                                  y + ((size_t)n * oc + o) * dhw + (size_t)oy * ds->ow);
+            }
         }
     }
 }
@@ -865,17 +1019,6 @@ void gr_linear_s8(const gr_quant_params *q, const int8_t *x, const int8_t *w,
             for (t = 0; t < k; t++) acc += (int32_t)wj[t] * (int32_t)xi[t];
             y[(size_t)i * n + j] = requant_s8(acc, mult, total, ozp, lo, hi);
         }
-    }
-}
-
-void gr_add_s8(const int8_t *a, int32_t a_zp, const int8_t *b, int32_t b_zp, int8_t *y, int32_t n,
-               const int32_t *mult, const int32_t *shift, int32_t out_zp, int32_t act_min, int32_t act_max) {
-    int32_t i;
-    for (i = 0; i < n; i++) {
-        int32_t av = gr_requantize(((int32_t)a[i] - a_zp) * (1 << 20), mult[1], shift[1]);
-        int32_t bv = gr_requantize(((int32_t)b[i] - b_zp) * (1 << 20), mult[2], shift[2]);
-        int32_t r = gr_requantize(av + bv, mult[0], shift[0]) + out_zp;
-        y[i] = (int8_t)(r < act_min ? act_min : (r > act_max ? act_max : r));
     }
 }
 

@@ -129,7 +129,8 @@ void gr_pad_s8(const int8_t *x, int8_t *y, int32_t outer, int32_t h, int32_t w, 
     }
 }
 
-/* TFLite's int8 add (the same values as gr_add_s8): each input's rescaled term
+/* TFLite's int8 add, y = clamp(out_zp + requant(requant((a - a_zp) << 20, m[1], e[1])
+ * + requant((b - b_zp) << 20, m[2], e[2]), m[0], e[0])): each input's rescaled term
  * requant((x - zp) << 20, m, e) depends on one int8 value only, so the code generator
  * tabulates it (ta, tb: 256 entries, indexed by x + 128) and one requantization per
  * element is left */

@@ -102,20 +102,28 @@ void gr_depthwise3x3_s8(const gr_conv_shape *s, const gr_quant_params *q, const 
 /* fully connected: x [m, k], w [n, k], y [m, n] */
 void gr_fc_s8(const gr_quant_params *q, const int8_t *x, const int8_t *w, const int32_t *base, int8_t *y,
               int32_t m, int32_t k, int32_t n);
-/* 1x1 stride-1 expand conv (ps, pq) then depthwise 3x3 (ds, dq), streamed `group` expanded
- * channels at a time through `planes` (group * h * w bytes), `pad` (gr_depthwise3x3_s8's)
- * and `xs` (gr_pointwise_s8's): the expanded tensor is never stored; pw / pbase and dw /
- * dbase are laid out as for gr_pointwise_s8 and gr_depthwise3x3_s8 */
-void gr_pw_dw_s8(const gr_conv_shape *ps, const gr_quant_params *pq, const int8_t *x, const int8_t *pw,
-                 const int32_t *pbase, const gr_conv_shape *ds, const gr_quant_params *dq, const int8_t *dw,
-                 const int32_t *dbase, int8_t *y, int8_t *planes, int8_t *pad, int32_t *xs, int32_t group);
+/* a pointwise conv's weights: dense (gr_pointwise_s8's layout) or N:M packed entries (see
+ * gr_int8.c); `count` block steps per output channel, `stride` bytes per output channel,
+ * base: the bias with the input zero point folded in */
+enum { GR_PW_DENSE = 0, GR_PW_NM1 = 1, GR_PW_NM24 = 2 };
+typedef struct {
+    int32_t fmt, count, stride;
+    const void *w;
+    const int32_t *base;
+} gr_pw_weights;
+/* 1x1, no padding, one group, any stride; xs: the gather scratch the code generator sizes */
+void gr_pointwise_nm_s8(const gr_conv_shape *s, const gr_quant_params *q, const int8_t *x, const gr_pw_weights *pw,
+                        int8_t *y, int32_t *xs);
+/* 1x1 stride-1 expand conv (ps, pq, pw) then depthwise 3x3 (ds, dq), row by row through
+ * `ring` (three zero-point-padded rows of every expanded channel: oc * 3 * max((ow - 1) *
+ * sw + 3, pw + w) + 4 bytes) and `xs` (the pointwise's gather): the expanded tensor is never
+ * stored; dw / dbase are laid out as for gr_depthwise3x3_s8 */
+void gr_pw_dw_s8(const gr_conv_shape *ps, const gr_quant_params *pq, const int8_t *x, const gr_pw_weights *pw,
+                 const gr_conv_shape *ds, const gr_quant_params *dq, const int8_t *dw, const int32_t *dbase, int8_t *y,
+                 int8_t *ring, int32_t *xs);
 void gr_linear_s8(const gr_quant_params *q, const int8_t *x, const int8_t *w,
                   const int32_t *bias, int8_t *y, int32_t m, int32_t k, int32_t n);
 
-/* y = clamp(out_zp + requant(requant((a - a_zp) << 20, m[1], e[1]) + requant((b - b_zp) << 20, m[2], e[2]),
- *                            m[0], e[0])), TFLite's int8 add */
-void gr_add_s8(const int8_t *a, int32_t a_zp, const int8_t *b, int32_t b_zp, int8_t *y, int32_t n,
-               const int32_t *mult, const int32_t *shift, int32_t out_zp, int32_t act_min, int32_t act_max);
 /* max pooling commutes with the monotone quantization: same window walk as fp32 */
 void gr_max_pool2d_s8(const gr_pool_shape *s, const int8_t *x, int8_t *y);
 

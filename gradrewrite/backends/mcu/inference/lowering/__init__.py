@@ -17,7 +17,7 @@ from .lowerer import Lowerer
 def lower(graph: Graph, *, sparse: bool = True, stream: bool = True) -> Program:
     """The graph as a kernel call sequence; raises ``Unsupported`` at the first op it
     cannot generate (``unsupported_ops`` lists them all). ``stream``: int8 depthwise convs
-    in place and pointwise expand + depthwise pairs streamed channel by channel."""
+    in place and pointwise expand + depthwise pairs streamed row by row."""
     return Lowerer(graph, sparse=sparse, quantized_inputs=True, stream=stream).run()
 
 

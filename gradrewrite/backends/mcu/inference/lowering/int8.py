@@ -3,7 +3,7 @@
 
 ``Int8Layers`` is mixed into ``Lowerer``; it uses the lowerer's buffers (``new``,
 ``emit``, ``add_const``). Beyond one kernel per layer it streams a pointwise expand
-into the depthwise 3x3 conv that alone reads it (``gr_pw_dw_s8``, a few planes at a time)
+into the depthwise 3x3 conv that alone reads it (``gr_pw_dw_s8``, a few rows at a time)
 and lets a depthwise conv overwrite its input when that input dies there.
 """
 from __future__ import annotations
@@ -71,44 +71,74 @@ class Int8Layers:
         dw = next((q for q in self.qlayers.values() if q.layer is layer), None)
         if dw is None or dw.x is not ql.head or dw.post or not depthwise3x3(dw):
             return None
-        if self.sparse and (nm.detect(ql.weight, "conv") or nm.detect(dw.weight, "conv")):
+        if self.sparse and (nm.detect(dw.weight, "conv") or self._nm_pointwise(ql) is False):
             return None
         if not all(self._constants_fixed(ident(module_path(q.layer) or q.layer.name)) for q in (ql, dw)):
             return None  # rearranged weights and folded bases need the quantizer's constants
         return dw
 
     def _expand_depthwise(self, pw: int8.QLayer, dw: int8.QLayer, x: Val) -> Val:
-        """One ``gr_pw_dw_s8`` step for ``dw(pw(x))``: ``stream_group`` expanded channels at a
-        time through a scratch of that many planes; weights and folded bases as the
-        unstreamed kernels take them."""
+        """One ``gr_pw_dw_s8`` step for ``dw(pw(x))``: row by row through a ring of three
+        padded rows per expanded channel; weights and folded bases as the unstreamed
+        kernels take them (the expand dense or N:M packed)."""
         mid_shape, out_shape = shape_of(pw.head), shape_of(dw.head)
-        hw, cin = mid_shape[2] * mid_shape[3], int(pw.weight.shape[1])
-        group = stream_group(hw, mid_shape[1], x.nbytes)
         y = self.new(out_shape, "i8", name=dw.head.name)
-        planes = self.new((group * hw,), "i8", name=dw.head.name + "_planes")
-        pad = self.new((_pad_bytes(dw, out_shape),), "i8", name=dw.head.name + "_pad")
-        xs = self.new((2 * _round4(cin),), "i32", name=dw.head.name + "_xs")
-        parts, macs = [], 0
-        for tag, ql, xs_shape, ys, weights in (("p", pw, x.shape, mid_shape, pointwise_weights(pw.weight)),
-                                               ("d", dw, mid_shape, out_shape, dw.weight.numpy().reshape(-1))):
-            name = ident(module_path(ql.layer) or ql.layer.name)
-            mult, shift, base, wv = (self.add_const(name + suffix, arr, dt) for suffix, arr, dt in
-                                     (("_mult", ql.mult, "i32"), ("_shift", ql.shift, "i32"),
-                                      ("_base", folded_base(ql), "i32"), ("_w", weights, "i8")))
-            s, m = conv_shape(xs_shape, tuple(ql.weight.shape), ys, ql.conv)
-            macs += m
-            parts.append(s.replace("gr_conv_shape s =", f"gr_conv_shape {tag}s =") +
-                         f" static const gr_quant_params {tag}q = {{{ql.in_zp}, {ql.out_zp}, {ql.act_min}, "
-                         f"{ql.act_max}, {mult.name}, {shift.name}}};")
-            parts.append((wv.name, base.name))
-        (ps, (pwn, pbn), ds, (dwn, dbn)) = parts
+        ring = self.new((_ring_bytes(dw, mid_shape, out_shape),), "i8", name=dw.head.name + "_ring")
+        pw_struct, words, packed = self._pw_weights(pw, ident(module_path(pw.layer) or pw.layer.name))
+        xs = self.new((words,), "i32", name=dw.head.name + "_xs")
+        dname = ident(module_path(dw.layer) or dw.layer.name)
+        dbase = self.add_const(dname + "_base", folded_base(dw), "i32")
+        dwv = self.add_const(dname + "_w", dw.weight.numpy().reshape(-1), "i8")
+        ps, macs = conv_shape(x.shape, tuple(pw.weight.shape), mid_shape, pw.conv)
+        ds, dmacs = conv_shape(mid_shape, tuple(dw.weight.shape), out_shape, dw.conv)
+        ps = ps.replace("gr_conv_shape s =", "gr_conv_shape ps =") + " " + self._qparams(pw, "pq")
+        ds = ds.replace("gr_conv_shape s =", "gr_conv_shape ds =") + " " + self._qparams(dw, "dq")
+        tag = ""
+        if packed is not None:
+            macs, tag = macs * packed.n // packed.m, f" {packed.n}:{packed.m}"
         self.current = dw.layer
         op = "int8 expand+depthwise " + "+".join(op_name(n) for n in (pw.layer, pw.act, dw.layer, dw.act)
                                                   if n is not None)
-        code = (f"{{ {ps}\n  {ds}\n  gr_pw_dw_s8(&ps, &pq, {x.ptr()}, {pwn}, {pbn}, &ds, &dq, {dwn}, {dbn}, "
-                f"{y.out()}, {planes.out()}, {pad.out()}, {xs.out()}, {group}); }}")
-        self.emit("gr_pw_dw_s8", "gr_int8.c", code, [x], [y, planes, pad, xs], macs, op=op)
+        code = (f"{{ {ps} {pw_struct}\n  {ds}\n  gr_pw_dw_s8(&ps, &pq, {x.ptr()}, &pw, &ds, &dq, {dwv.name}, "
+                f"{dbase.name}, {y.out()}, {ring.out()}, {xs.out()}); }}")
+        self.emit("gr_pw_dw_s8", "gr_int8.c", code, [x], [y, ring, xs], macs + dmacs, op=op + tag)
         return y
+
+    def _nm_pointwise(self, ql: int8.QLayer):
+        """A pointwise int8 layer's N:M packing with its ``gr_pointwise_nm_s8`` format
+        ((packed, fmt)); None when the dense kernel runs it (a dense weight, or 2:4 with few
+        output channels); False when only the generic N:M kernel does."""
+        packed = nm.detect(ql.weight, ql.kind) if self.sparse else None
+        if packed is None:
+            return None
+        fmt = nm.pointwise_format(packed, int(ql.weight.shape[0])) if pointwise(ql) else None
+        return None if fmt == nm.PW_DENSE else (packed, fmt) if fmt else False
+
+    def _qparams(self, ql: int8.QLayer, var: str = "q") -> str:
+        name = ident(module_path(ql.layer) or ql.layer.name)
+        mult = self.add_const(name + "_mult", ql.mult, "i32")
+        shift = self.add_const(name + "_shift", ql.shift, "i32")
+        return (f"static const gr_quant_params {var} = {{{ql.in_zp}, {ql.out_zp}, {ql.act_min}, {ql.act_max}, "
+                f"{mult.name}, {shift.name}}};")
+
+    def _pw_weights(self, ql: int8.QLayer, name: str) -> tuple[str, int, nm.NMWeight | None]:
+        """The ``gr_pw_weights pw`` struct of pointwise layer ``ql`` (dense, or N:M packed
+        when the lowering is sparse and a packed format pays), the int32 words of the
+        gather scratch it needs, and the N:M packing (None: dense)."""
+        w = ql.weight
+        cin = int(w.shape[1])
+        base = self.add_const(name + "_base", folded_base(ql), "i32")
+        found = self._nm_pointwise(ql)
+        if found:
+            packed, fmt = found
+            entries, count = nm.pointwise_entries(w.numpy().reshape(w.shape[0], -1), fmt)
+            wv = self.add_const(name + "_nm_w", entries.reshape(-1), "i32")
+            self.nm_layers += 1
+            return (f"static const gr_pw_weights pw = {{{fmt}, {count}, {4 * count}, {wv.name}, {base.name}}};",
+                    nm.pointwise_scratch_words(fmt, cin), packed)
+        wv = self.add_const(name + "_w", pointwise_weights(w), "i8")
+        return (f"static const gr_pw_weights pw = {{0, {_round4(cin) // 4}, {_round4(cin)}, {wv.name}, "
+                f"{base.name}}};", nm.pointwise_scratch_words(0, cin), None)
 
     def _depthwise_in_place(self, outputs: list[Val]) -> None:
         """Depthwise convs whose int8 input dies at their step write over it (the planner
@@ -137,22 +167,27 @@ class Int8Layers:
             and a.is_contiguous() and a.offset == 0 and b.buf is not a.buf else None
         op = "int8 " + op_name(ql.layer) + ("+" + op_name(ql.act) if ql.act is not None else "")
         emit_add(self, a, b, y, (ql.in_zp, ql.in2_zp), ql.mult, ql.shift, ql.out_zp, ql.act_min, ql.act_max,
-                 name, op)   # gr_add_s8's values, per-input terms tabulated
+                 name, op)   # TFLite's int8 add, per-input terms tabulated
 
     def _qmac(self, ql: int8.QLayer, x: Val, y: Val, out_shape: tuple[int, ...]) -> None:
         name = ident(module_path(ql.layer) or ql.layer.name)
-        mult = self.add_const(name + "_mult", ql.mult, "i32")
-        shift = self.add_const(name + "_shift", ql.shift, "i32")
+        qp = self._qparams(ql)
         bias = self.add_const(name + "_bias_q", ql.bias_q, "i32")
-        qp = (f"static const gr_quant_params q = {{{ql.in_zp}, {ql.out_zp}, {ql.act_min}, {ql.act_max}, "
-              f"{mult.name}, {shift.name}}};")
         w = ql.weight
         packed = nm.detect(w, ql.kind) if self.sparse else None
         op = "int8 " + op_name(ql.layer) + ("+" + op_name(ql.act) if ql.act is not None else "")
         self.current = ql.layer
         if ql.kind == "conv":
             s, macs = conv_shape(x.shape, tuple(w.shape), out_shape, ql.conv)
-            if packed is not None:
+            found = self._nm_pointwise(ql) if packed is not None else None
+            if found and self._constants_fixed(name):
+                pw_struct, words, _ = self._pw_weights(ql, name)
+                xs = self.new((words,), "i32", name=ql.head.name + "_xs")
+                code = (f"{{ {s} {qp} {pw_struct}\n  gr_pointwise_nm_s8(&s, &q, {x.ptr()}, &pw, {y.out()}, "
+                        f"{xs.out()}); }}")
+                self.emit("gr_pointwise_nm_s8", "gr_int8.c", code, [x], [y, xs],
+                          macs * packed.n // packed.m, op=op + f" {packed.n}:{packed.m}")
+            elif packed is not None and found is not None:
                 vals, idx = self._nm_arrays(name, packed, "i8")
                 acc = self.new((out_shape[2] * out_shape[3],), "i32", name=name + "_acc")
                 code = (f"{{ {s} {qp} {nm_struct(packed, idx)}\n"
@@ -220,11 +255,12 @@ def _pad_bytes(ql: int8.QLayer, out_shape) -> int:
     return ((out_shape[2] - 1) * sh + 3) * ((out_shape[3] - 1) * sw + 3) + 4
 
 
-def stream_group(hw: int, channels: int, input_bytes: int) -> int:
-    """Expanded channels per pass of ``gr_pw_dw_s8``: as many planes as fit in half the
-    expand's input, so the scratch stays well below the tensors live around it while the
-    pointwise gather is shared by that many output channels."""
-    return max(1, min(channels, input_bytes // 2 // hw))
+def _ring_bytes(dw: int8.QLayer, mid_shape, out_shape) -> int:
+    """``gr_pw_dw_s8``'s ring: three zero-point-padded rows of each expanded channel (+ 4 for
+    the last word load), rounded up to the arena's 16-byte alignment."""
+    sw, pw = dw.conv["stride"][1], dw.conv["padding"][1]
+    pitch = max((out_shape[3] - 1) * sw + 3, pw + mid_shape[3])
+    return -(-(mid_shape[1] * 3 * pitch + 4) // 16) * 16
 
 
 def _round4(n: int) -> int:

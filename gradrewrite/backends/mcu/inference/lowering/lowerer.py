@@ -41,7 +41,7 @@ class Lowerer(Int8Layers):
         # int8 depthwise convs in place of a dying input; pointwise expand + depthwise streamed
         self.stream = stream
         self.input_quant: list[dict | None] = []
-        self._dw_inplace: list[tuple[Step, Val, Val, str]] = []
+        self._dw_inplace: list[tuple[Step, Val, Val]] = []   # (step, input, output)
         self._fused: dict[fx.Node, Val] = {}   # depthwise head -> output its streamed expand wrote
         self.vals: dict[fx.Node, Any] = {}
         self.steps: list[Step] = []
