@@ -9,9 +9,11 @@ small per-patch buffers; the patch's output region is then copied into the split
 the only full-size stage tensor ever stored. The rest of the program is unchanged.
 
 Halos overlap, so the stage recomputes some outputs: the planner tries every valid split
-and n x n grids, plans each candidate's arena exactly (``codegen.plan_arena``), and keeps
-the lowest arena whose multiply-accumulates exceed the unpatched ones by at most
-``max_overhead`` (a fraction of the whole model's MACs); ties go to less recompute.
+and every R x C grid up to 8 x 8, keeps those whose multiply-accumulates exceed the
+unpatched ones by at most ``max_overhead`` (a fraction of the whole model's MACs), plans
+their arenas exactly (``codegen.plan_arena``; least recompute first, skipping a candidate
+whose live-bytes lower bound cannot beat the best so far) and takes the lowest arena,
+ties going to less recompute.
 
 Results are bit for bit those of the unpatched program: a patch's buffer holds the
 in-image part of its region only, and the kernels pad from their shape struct, so a
@@ -30,6 +32,7 @@ need never be in SRAM. The packed input is then not an arena buffer (``model.h``
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 from dataclasses import dataclass, field
@@ -300,6 +303,68 @@ def _window(buf: Buf, c: int, held: Region, want: Region) -> Val:
                (want.r0 - held.r0) * held.cols + (want.c0 - held.c0))
 
 
+def _regions(layers: list[Layer], region: Region) -> tuple[dict[int, Region], dict[int, list[Region]]]:
+    """For output ``region`` of the last layer's tensor: the region of every stage tensor a
+    patch computes (id(buf) -> region, the union of what its readers ask) and what each
+    layer reads (layer index -> one region per input)."""
+    need: dict[int, Region] = {id(layers[-1].out): region}
+    asks: dict[int, list[Region]] = {}
+    for i in range(len(layers) - 1, -1, -1):
+        layer = layers[i]
+        out = need.get(id(layer.out))
+        if out is None:
+            continue
+        asks[i] = layer.input_regions(out)
+        for b, r in zip(layer.inputs, asks[i]):
+            need[id(b)] = r.union(need.get(id(b)))
+    return need, asks
+
+
+AXES = (("h", "sh", "ph", "kh", "dh"), ("w", "sw", "pw", "kw", "dw"))
+
+
+def _axis_extents(layers: list[Layer], lo: int, hi: int, axis: int) -> dict[int, list[int]]:
+    """Along one axis, for a patch whose split-tensor interval is lo..hi-1: per layer index,
+    the output extent of each of its structs (first struct first). Regions are boxes and
+    every map acts on rows and columns separately, so the 2-D regions are their products."""
+    size, st, pad, k, d = AXES[axis]
+    need: dict[int, tuple[int, int]] = {id(layers[-1].out): (lo, hi)}
+    ext: dict[int, list[int]] = {}
+    for i in range(len(layers) - 1, -1, -1):
+        layer = layers[i]
+        iv = need.get(id(layer.out))
+        if iv is None:
+            continue
+        spans = []
+        for f in reversed(list(layer.structs.values())):
+            spans.append(iv[1] - iv[0])
+            iv = _span(iv[0], iv[1], f[st], f[pad], f[k], f[d], f[size])
+        ext[i] = spans[::-1]
+        for b in layer.inputs:
+            old = need.get(id(b))
+            need[id(b)] = iv if old is None else (min(old[0], iv[0]), max(old[1], iv[1]))
+    return ext
+
+
+def patched_macs(stage: Stage, k: int, grid: tuple[int, int]) -> int:
+    """The multiply-accumulates of the first ``k`` layers run per patch of ``grid``: per
+    struct, (its MACs per output pixel) x (sum of its row extents over the grid's row
+    bands) x (sum of its column extents over the column bands)."""
+    layers = stage.layers[:k]
+    _, th, tw = stage.geo[id(layers[-1].out)]
+    sums = []
+    for axis, (n, parts) in enumerate(((th, grid[0]), (tw, grid[1]))):
+        total: dict[tuple[int, int], int] = {}
+        for lo, hi in _splits(n, parts):
+            for i, spans in _axis_extents(layers, lo, hi, axis).items():
+                for j, e in enumerate(spans):
+                    total[i, j] = total.get((i, j), 0) + e
+        sums.append(total)
+    return sum(f["oc"] * (f["c"] // f["groups"]) * f["kh"] * f["kw"] * sums[0][i, j] * sums[1][i, j]
+               for i, layer in enumerate(layers) for j, f in enumerate(layer.structs.values())
+               if (i, j) in sums[0])
+
+
 @dataclass
 class Patched:
     program: Program
@@ -328,16 +393,7 @@ def patch(prog: Program, stage: Stage, k: int, grid: tuple[int, int]) -> Patched
     for pi, region in enumerate(patches):
         tag = f"p{pi}"
         label = f" [patch {pi + 1}/{len(patches)}]"
-        need: dict[int, Region] = {id(t): region}
-        asks: dict[int, list[Region]] = {}
-        for i in range(k - 1, -1, -1):
-            layer = layers[i]
-            out = need.get(id(layer.out))
-            if out is None:
-                continue
-            asks[i] = layer.input_regions(out)
-            for b, r in zip(layer.inputs, asks[i]):
-                need[id(b)] = r.union(need.get(id(b)))
+        need, asks = _regions(layers, region)
         held: dict[int, Buf] = {}
         x = stage.input_buf
         if id(x) in need:
@@ -420,7 +476,8 @@ def plan(prog: Program, *, max_overhead: float = DEFAULT_MAX_OVERHEAD,
          grid: tuple[int, int] | None = None) -> tuple[Patched | None, dict[str, Any]]:
     """The patched program with the lowest arena within ``max_overhead`` (``grid``: only
     that grid), and a report: the choice, the unpatched arena and every candidate tried."""
-    from .codegen import plan_arena   # codegen does not import this module: no cycle
+    from ....rewrite.memory_plan import peak_live_bytes
+    from .codegen import arena_buffers, plan_arena   # codegen does not import this module: no cycle
 
     base = plan_arena(prog).plan.arena_bytes
     total_macs = sum(s.macs for s in prog.steps)
@@ -437,25 +494,39 @@ def plan(prog: Program, *, max_overhead: float = DEFAULT_MAX_OVERHEAD,
     if not splits:
         report["reason"] = "no split point: the first layers' tensors are read after every candidate split"
         return None, report
-    candidates, best = [], None
+    # every split and grid within the overhead (MACs are cheap to count), least recompute
+    # first; a candidate is planned only when its live-bytes lower bound can beat the best
+    tried = []
     for k in splits:
         _, th, tw = stage.geo[id(stage.layers[k - 1].out)]
-        grids = [grid] if grid else [(n, n) for n in range(2, MAX_GRID + 1)]
+        grids = [grid] if grid else [(r, c) for r in range(1, MAX_GRID + 1) for c in range(1, MAX_GRID + 1)
+                                     if r * c > 1]
+        stage_macs = None
         for g in grids:
             if g[0] > th or g[1] > tw:
                 continue
-            p = patch(prog, stage, k, g)
-            overhead = (p.macs - p.stage_macs) / max(1, total_macs)
-            if overhead > max_overhead + 1e-12:  # not planned; finer grids recompute more still
-                candidates.append({"split_step": k, "grid": list(g), "arena_bytes": None,
-                                   "macs_overhead": round(overhead, 4)})
-                break
-            arena = plan_arena(p.program).plan.arena_bytes
-            candidates.append({"split_step": k, "grid": list(g), "arena_bytes": arena,
-                               "macs_overhead": round(overhead, 4)})
-            key = (arena, overhead)
-            if best is None or key < best[0]:
-                best = (key, p, overhead)
+            if stage_macs is None:
+                stage_macs = patched_macs(stage, k, (1, 1))
+            overhead = (patched_macs(stage, k, g) - stage_macs) / max(1, total_macs)
+            tried.append((overhead, -g[0] * g[1], k, g))
+    # a split's floor: the live bytes of the steps after it, which patches do not change
+    buffers = arena_buffers(prog)
+    floor = {k: peak_live_bytes([dataclasses.replace(b, start=max(b.start, k)) for b in buffers if b.end >= k])
+             for k in splits}
+    candidates, best = [], None
+    for overhead, _, k, g in sorted(tried):
+        row = {"split_step": k, "grid": list(g), "arena_bytes": None, "macs_overhead": round(overhead, 4)}
+        candidates.append(row)
+        if overhead > max_overhead + 1e-12:
+            row["skipped"] = "over the recompute limit"
+            continue
+        if best is not None and floor[k] >= best[0][0]:
+            row["skipped"] = "the steps after its split need no less than the best arena"
+            continue
+        p = patch(prog, stage, k, g)
+        row["arena_bytes"] = arena = plan_arena(p.program).plan.arena_bytes
+        if best is None or (arena, overhead) < best[0]:
+            best = ((arena, overhead), p, overhead)
     report["candidates"] = candidates
     if best is None:
         report["reason"] = f"every candidate recomputes more than {max_overhead:.0%} of the model's MACs"
