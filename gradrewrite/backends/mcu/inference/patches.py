@@ -144,14 +144,6 @@ class Layer:
         first, last = self.structs[next(iter(self.structs))], self.structs[list(self.structs)[-1]]
         return (first["c"], first["h"], first["w"]), (last["oc"], last["oh"], last["ow"])
 
-    def input_regions(self, out: Region) -> list[Region]:
-        if self.kind == "elementwise":
-            return [out for _ in self.inputs]
-        region = out
-        for f in reversed(list(self.structs.values())):  # pw_dw: depthwise, then the 1x1 expand
-            region = _in_region(f, region)
-        return [region]
-
     def macs(self, out: Region) -> int:
         """Multiply-accumulates of the step for output region ``out``."""
         total, region = 0, out
@@ -303,32 +295,19 @@ def _window(buf: Buf, c: int, held: Region, want: Region) -> Val:
                (want.r0 - held.r0) * held.cols + (want.c0 - held.c0))
 
 
-def _regions(layers: list[Layer], region: Region) -> tuple[dict[int, Region], dict[int, list[Region]]]:
-    """For output ``region`` of the last layer's tensor: the region of every stage tensor a
-    patch computes (id(buf) -> region, the union of what its readers ask) and what each
-    layer reads (layer index -> one region per input)."""
-    need: dict[int, Region] = {id(layers[-1].out): region}
-    asks: dict[int, list[Region]] = {}
-    for i in range(len(layers) - 1, -1, -1):
-        layer = layers[i]
-        out = need.get(id(layer.out))
-        if out is None:
-            continue
-        asks[i] = layer.input_regions(out)
-        for b, r in zip(layer.inputs, asks[i]):
-            need[id(b)] = r.union(need.get(id(b)))
-    return need, asks
-
-
 AXES = (("h", "sh", "ph", "kh", "dh"), ("w", "sw", "pw", "kw", "dw"))
+Interval = tuple[int, int]
 
 
-def _axis_extents(layers: list[Layer], lo: int, hi: int, axis: int) -> dict[int, list[int]]:
-    """Along one axis, for a patch whose split-tensor interval is lo..hi-1: per layer index,
-    the output extent of each of its structs (first struct first). Regions are boxes and
-    every map acts on rows and columns separately, so the 2-D regions are their products."""
+def _axis(layers: list[Layer], lo: int, hi: int, axis: int):
+    """Along one axis, for a patch whose split-tensor interval is lo..hi-1: the interval of
+    every stage tensor the patch computes (id(buf) -> the hull of what its readers ask), the
+    interval each layer reads (layer index -> interval) and the output extent of each of a
+    layer's structs (layer index -> extents, first struct first). Regions are boxes and
+    every map acts on rows and columns separately: the 2-D regions are their products."""
     size, st, pad, k, d = AXES[axis]
-    need: dict[int, tuple[int, int]] = {id(layers[-1].out): (lo, hi)}
+    need: dict[int, Interval] = {id(layers[-1].out): (lo, hi)}
+    asks: dict[int, Interval] = {}
     ext: dict[int, list[int]] = {}
     for i in range(len(layers) - 1, -1, -1):
         layer = layers[i]
@@ -339,11 +318,21 @@ def _axis_extents(layers: list[Layer], lo: int, hi: int, axis: int) -> dict[int,
         for f in reversed(list(layer.structs.values())):
             spans.append(iv[1] - iv[0])
             iv = _span(iv[0], iv[1], f[st], f[pad], f[k], f[d], f[size])
-        ext[i] = spans[::-1]
+        ext[i], asks[i] = spans[::-1], iv
         for b in layer.inputs:
             old = need.get(id(b))
             need[id(b)] = iv if old is None else (min(old[0], iv[0]), max(old[1], iv[1]))
-    return ext
+    return need, asks, ext
+
+
+def _regions(layers: list[Layer], region: Region) -> tuple[dict[int, Region], dict[int, list[Region]]]:
+    """For output ``region`` of the last layer's tensor: the region of every stage tensor a
+    patch computes and the region each layer reads (layer index -> one per input)."""
+    rows, row_asks, _ = _axis(layers, region.r0, region.r1, 0)
+    cols, col_asks, _ = _axis(layers, region.c0, region.c1, 1)
+    need = {key: Region(*rows[key], *cols[key]) for key in rows}
+    asks = {i: [Region(*row_asks[i], *col_asks[i])] * len(layers[i].inputs) for i in row_asks}
+    return need, asks
 
 
 def patched_macs(stage: Stage, k: int, grid: tuple[int, int]) -> int:
@@ -356,7 +345,7 @@ def patched_macs(stage: Stage, k: int, grid: tuple[int, int]) -> int:
     for axis, (n, parts) in enumerate(((th, grid[0]), (tw, grid[1]))):
         total: dict[tuple[int, int], int] = {}
         for lo, hi in _splits(n, parts):
-            for i, spans in _axis_extents(layers, lo, hi, axis).items():
+            for i, spans in _axis(layers, lo, hi, axis)[2].items():
                 for j, e in enumerate(spans):
                     total[i, j] = total.get((i, j), 0) + e
         sums.append(total)
