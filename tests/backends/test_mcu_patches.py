@@ -134,6 +134,7 @@ def test_planner_chooses_split_and_grid_within_overhead():
     best, report = patches.plan(prog, max_overhead=0.5)
     assert best is not None
     assert report["split_step"] == best.k and report["grid"] == list(best.grid)
+    assert report["stage_ends_at"].endswith("(gr_avg_pool2d_s8)")   # the first step no patch can run
     assert report["patches"] == best.grid[0] * best.grid[1]
     assert 0 < report["macs_overhead"] <= 0.5
     assert report["arena_bytes"] == plan_arena(best.program).plan.arena_bytes

@@ -480,6 +480,9 @@ def plan(prog: Program, *, max_overhead: float = DEFAULT_MAX_OVERHEAD,
             stage.layers = stage.layers[:i]
             break
     splits = stage.splits(prog) if stage.layers else []
+    if len(stage.layers) < len(prog.steps):  # the first step that cannot run per patch, and its kernel
+        nxt = prog.steps[len(stage.layers)]
+        report["stage_ends_at"] = f"{nxt.op}{' @ ' + nxt.path if nxt.path else ''} ({nxt.kernel})"
     if not splits:
         report["reason"] = "no split point: the first layers' tensors are read after every candidate split"
         return None, report
