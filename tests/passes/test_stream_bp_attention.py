@@ -1,6 +1,7 @@
 """stream-bp on every causal attention form: eager (matmul -> softmax -> matmul) attention,
 Gemma2 soft-capping with sliding windows, Gemma3 (its (1 + w) norms), Falcon with ALiBi
-(eager and SDPA), models returning tuples; global token mixing still refused by name.
+(eager and SDPA), Bloom's ALiBi through baddbmm, models returning tuples; global token
+mixing still refused by name.
 
 Every gradient against plain autograd in fp32 on tiny random-weight models
 (initializer_range 0.2: O(1) scores, so soft-caps and ALiBi bend the softmax), with left
@@ -49,6 +50,9 @@ MODELS = {
         vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, alibi=True, bias=True,
         new_decoder_architecture=False, multi_query=False, use_cache=False, initializer_range=0.2,
         attn_implementation="sdpa")),
+    "bloom-alibi-eager": lambda: tr.BloomForCausalLM(tr.BloomConfig(   # ALiBi through baddbmm
+        vocab_size=VOCAB, hidden_size=32, n_layer=2, n_head=4, use_cache=False, initializer_range=0.2,
+        attn_implementation="eager")),
 }
 
 

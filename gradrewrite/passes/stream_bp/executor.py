@@ -29,7 +29,7 @@ from . import chunk_program
 from .chunk_program import ChunkProgram
 from .masks import AttentionMasks, score_path
 from .partition import Segment, gradient_nodes, partition
-from .seq_axis import CAUSAL, GLOBAL, OPAQUE, SDPA, sdpa_args, shape_of, track
+from .seq_axis import CAUSAL, GLOBAL, OPAQUE, SDPA, key_operand, sdpa_args, shape_of, track
 
 aten = torch.ops.aten
 
@@ -143,7 +143,7 @@ def stashed_keys_values(seg: Segment, infos: dict, axes_of: dict) -> list[fx.Nod
             kv = [a["key"], a["value"]]
         elif info.probs_of is not None:  # P @ V, and the Q @ K^T of its softmax
             scores, _, _ = score_path(info.probs_of, members, axes_of)
-            kv = [_stash_point(n.args[1], members, axes_of) for n in scores] + \
+            kv = [_stash_point(key_operand(n), members, axes_of) for n in scores] + \
                 [_stash_point(node.args[1], members, axes_of)]
         else:
             continue

@@ -26,10 +26,8 @@ from ...errors import PassError
 from ...rewrite.graph import op_name
 from . import chunk_program
 from .chunk_program import _axes
-from .seq_axis import CAUSAL, SDPA, VIEWS, is_pointwise, sdpa_args, shape_of
+from .seq_axis import CAUSAL, SCORE_MATMULS, SDPA, VIEWS, is_pointwise, sdpa_args, shape_of
 
-aten = torch.ops.aten
-_SCORES = (aten.matmul.default, aten.bmm.default)
 
 
 def hidden(m: torch.Tensor) -> torch.Tensor:
@@ -55,7 +53,7 @@ def score_path(softmax: fx.Node, members: set[fx.Node], axes_of: dict) -> tuple[
             continue
         seen.add(n)
         if n in members and n.op == "call_function" and len(_axes(axes_of, n)) == 2:
-            if n.target in _SCORES:
+            if n.target in SCORE_MATMULS:
                 sources.append(n)
             else:
                 path.append(n)
@@ -88,7 +86,7 @@ class AttentionMasks:
         """Raise naming an attention whose mask lets a query see a later key; set
         ``full_keys``; return the SDPA masks that are exactly the causal mask."""
         exact: set[fx.Node] = set()
-        seen: dict[fx.Node, tuple[bool, bool, bool]] = {}
+        seen: dict = {}   # SDPA mask node, or a softmax's mask inputs and ops -> result
         for node in self.gm.graph.nodes:
             info = self.infos.get(node)
             if node not in self.grad or info is None or info.kind != CAUSAL:
@@ -104,7 +102,12 @@ class AttentionMasks:
                 if is_exact:
                     exact.add(mask)
             elif info.key_axis is not None and info.probs_of is None:
-                is_exact, finite, full_row = self._softmax(node)
+                sources, path, sides = score_path(node, self.grad, self.axes_of)
+                key = (tuple(sides), tuple((n.target, repr([a for a in n.args if not isinstance(a, fx.Node)]))
+                                           for n in path))   # layers sharing a mask: checked once
+                if key not in seen:
+                    seen[key] = self._softmax(node, sources, path, sides)
+                is_exact, finite, full_row = seen[key]
             else:
                 continue
             info.full_keys = finite and (full_row or not self.fixed)
@@ -147,8 +150,8 @@ class AttentionMasks:
         probe = self._probe([(mask, {rank - 2: ("s", "e"), rank - 1: ("0", "T")})])
         return self._blocks(node, lambda s, e: probe(s, e, [], self._user(probe), [])[0])
 
-    def _softmax(self, node: fx.Node) -> tuple[bool, bool, bool]:
-        sources, path, sides = score_path(node, self.grad, self.axes_of)
+    def _softmax(self, node: fx.Node, sources: list[fx.Node], path: list[fx.Node],
+                 sides: list[fx.Node]) -> tuple[bool, bool, bool]:
         if not sources:
             raise PassError(f"stream-bp: {op_name(node)} at {self.where(node)} normalises over the "
                             "sequence axis without query x key scores from a matmul",
@@ -171,9 +174,8 @@ class AttentionMasks:
 
         def masks(s: int, e: int) -> torch.Tensor:
             env = dict(zip(sides, probe(s, e, [], self._user(probe), [])))
-            for src in zero:   # scores set to zero: what is left is mask and bias
-                shape = list(shape_of(src))
-                shape[-2] = e - s
+            for src in zero:   # scores set to zero (broadcast over batch and heads): mask and bias remain
+                shape = [1] * (len(shape_of(src)) - 2) + [e - s, shape_of(src)[-1]]
                 env[src] = torch.zeros(shape, dtype=src.meta["val"].dtype)
             for n in path:
                 if n in zero:

@@ -283,8 +283,8 @@ def analyse(node: fx.Node, axes_of: dict[fx.Node, Any], T: int) -> OpInfo:
             else (node.args[0], node.args[1])
         a_axes, b_axes = in_axes.get(a_node, {}), in_axes.get(b_node, {})
         a_rank = len(shape_of(a_node))
-        if b_axes and target in (aten.matmul.default, aten.bmm.default):
-            return _analyse_attention_matmul(node, a_node, b_node, a_axes, b_axes, rank, ins, T)
+        if b_axes and target in SCORE_MATMULS:
+            return _analyse_attention_matmul(node, a_node, b_node, a_axes, b_axes, rank, ins, T, in_axes)
         if b_axes or (a_rank - 1) in a_axes:
             return opaque("contracts over the sequence axis (attention written as a matmul)", GLOBAL)
         shift = rank - a_rank
@@ -300,6 +300,7 @@ def analyse(node: fx.Node, axes_of: dict[fx.Node, Any], T: int) -> OpInfo:
     return opaque("is not known to act row by row")
 
 
+SCORE_MATMULS = (aten.matmul.default, aten.bmm.default, aten.baddbmm.default)
 _PASS_THROUGH = {aten.to.dtype, aten._to_copy.default, aten.alias.default, aten.clone.default,
                  aten.contiguous.default, aten.type_as.default}
 
@@ -332,12 +333,23 @@ def attention_probs(node: fx.Node) -> fx.Node | None:
     return None
 
 
+def key_operand(scores: fx.Node) -> fx.Node:
+    """The ``K^T`` operand of a ``Q @ K^T`` matmul."""
+    return scores.args[2] if scores.target is aten.baddbmm.default else scores.args[1]
+
+
 def _analyse_attention_matmul(node: fx.Node, a: fx.Node, b: fx.Node, a_axes: Axes, b_axes: Axes,
-                              rank: int, ins: list[fx.Node], T: int) -> OpInfo:
+                              rank: int, ins: list[fx.Node], T: int, in_axes: dict) -> OpInfo:
     """``Q @ K^T`` (query rows x key columns: token-wise on both axes) or ``P @ V`` (the
     key axis of an attention softmax against the value rows: causal as that softmax is)."""
     a_rank, b_rank = len(shape_of(a)), len(shape_of(b))
     others = {i: {} for i in ins if i is not a and i is not b}
+    bias = node.args[0] if node.target is aten.baddbmm.default else None
+    if bias is not None and bias in in_axes:  # baddbmm: a bias (ALiBi) added to the scores
+        others[bias] = _broadcast_map(shape_of(bias), shape_of(node), in_axes[bias])
+        if len(others[bias]) != len(in_axes[bias]):
+            return OpInfo(OPAQUE, _sized_axes(shape_of(node), T), {i: None for i in ins},
+                          "broadcasts a sequence axis")
     if _unit(a_axes, a_rank - 2) and _unit(b_axes, b_rank - 1):
         return OpInfo(TOKEN_WISE, {rank - 2: (1, 1), rank - 1: (1, 1)},
                       {a: {rank - 2: a_rank - 2}, b: {rank - 1: b_rank - 1}} | others)
