@@ -580,19 +580,15 @@ static GR_NOINLINE void nm24_block_s8(const int32_t *xs, const int8_t *w, int32_
     acc[0] = a0; acc[1] = a1; acc[2] = a2; acc[3] = a3;
 }
 
-static void dense_block_s8(const int32_t *xs, const int8_t *w, int32_t count, int32_t *acc) {
-    pointwise_block_s8(xs, w, count, acc);
-}
-
 typedef void (*pw_block_fn)(const int32_t *xs, const int8_t *w, int32_t count, int32_t *acc);
 
 /* output channels o0 .. o1 - 1 of one gathered block of four pixels (cnt of them real):
  * channel o goes to yo + (o - o0) * ystride */
-static void pointwise_outputs_s8(const gr_quant_params *q, const gr_pw_weights *pw, const int32_t *xs,
+static GR_NOINLINE void pointwise_outputs_s8(const gr_quant_params *q, const gr_pw_weights *pw, const int32_t *xs,
                                  int32_t o0, int32_t o1, int32_t cnt, int8_t *yo, int32_t ystride) {
     const int32_t ozp = q->out_zp, lo = q->act_min, hi = q->act_max, count = pw->count, stride = pw->stride;
     const pw_block_fn block = pw->fmt == GR_PW_NM1 ? nm1_block_s8 : pw->fmt == GR_PW_NM24 ? nm24_block_s8
-                                                                                         : dense_block_s8;
+                                                                                         : pointwise_block_s8;
     const int8_t *wo = (const int8_t *)pw->w + (size_t)o0 * stride;
     int32_t o, j;
     for (o = o0; o < o1; o++, wo += stride, yo += ystride) {
