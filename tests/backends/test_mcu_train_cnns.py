@@ -131,6 +131,13 @@ def hf_mobilenet_v2():
     return bn_scales_from_data(HFMobileNetV2()), (torch.zeros(1, 3, RES, RES),)
 
 
+def hf_mobilenet_v2_default_init():
+    """transformers' initialisation left as is: its activations shrink layer by layer, the
+    last layers' int8 scales are ~1e-27 (an int32 bias step of ~1e-30)."""
+    torch.manual_seed(0)
+    return HFMobileNetV2().eval(), (torch.zeros(1, 3, RES, RES),)
+
+
 def colour_task(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Images whose brightest colour channel is the class."""
     rng = np.random.default_rng(seed)
@@ -254,3 +261,23 @@ def test_transformers_mobilenet_v2_fp32_step_compiles(tmp_path):
     report = json.loads((out / "report.json").read_text())
     assert report["verification"]["checked"] and report["verification"]["relative_error"] < 1e-4
     assert report["ops"]["before"].get("aten.constant_pad_nd", 0) > 0
+
+
+@pytest.mark.slow
+def test_transformers_mobilenet_v2_int8_compiles_bit_exact_and_learns(tmp_path):
+    """int8 + qas through TF "same" padding: zero pads become int8 pads with the zero point,
+    width-0 pads and the quantizer pairs around them fold away (C and reference alike)."""
+    assert_compiles_and_learns(tmp_path, "hf_mobilenet_v2", "sparse-update(bias_last=6,weights='-1:1')")
+
+
+@pytest.mark.slow
+def test_degenerate_int8_scales_agree_with_the_reference(tmp_path):
+    """Scales of ~1e-27: one QAS update moves an int32 bias far past int32; C and the
+    reference both saturate it where the accumulator cannot overflow (it was C 0 against
+    the reference's 2147483647 on the classifier's bias)."""
+    out = tmp_path / "art"
+    proc = compile_int8(out, "hf_mobilenet_v2_default_init", "sparse-update(bias_last=6,weights='-1:1')", tmp_path)
+    assert "bit-exact against the integer reference" in proc.stdout, proc.stdout
+    report = json.loads((out / "report.json").read_text())
+    bounds = {p["path"]: p for p in report["mcu"]["trained"] if p["dtype"] == "int32"}
+    assert bounds and report["verification"]["integer_reference"]["bit_exact"]

@@ -176,6 +176,7 @@ def device_form(step: Graph, *, check: bool = True) -> Graph:
                     raise Unsupported(f"{u.name} ({u.target}) reads {v.name}, a float the int8 layer does not "
                                       "keep; only relu / hardtanh backward can read its int8 output")
                 u.replace_input_with(v, dq)
+    _fold_requantize(g)
     _int8_pads(g)
     _int8_weights(g)
     _linear_backward(g)
@@ -238,6 +239,27 @@ def drop_identities(g: Graph) -> None:
         if src is not None:
             n.replace_all_uses_with(src)
             graph.erase_node(n)
+
+
+def _fold_requantize(g: Graph) -> None:
+    """``quantize(dequantize(q))`` with the same scale and zero point is q (two quantizers
+    in a row, e.g. around a pad of width 0 that was dropped), and a second dequantize of
+    one int8 tensor is the first: one int8 value, one float view of it."""
+    graph = g.gm.graph
+    for n in list(graph.nodes):
+        dq = n.args[0] if n.op == "call_function" and n.target == QUANTIZE_PER_TENSOR else None
+        if isinstance(dq, fx.Node) and dq.target == DEQUANTIZE_PER_TENSOR and tuple(dq.args[1:]) == tuple(n.args[1:]):
+            n.replace_all_uses_with(dq.args[0])
+            graph.erase_node(n)
+    first: dict[tuple, fx.Node] = {}
+    for n in list(graph.nodes):
+        if n.op == "call_function" and n.target == DEQUANTIZE_PER_TENSOR:
+            key = (n.args[0], *n.args[1:])
+            if key in first:
+                n.replace_all_uses_with(first[key])
+                graph.erase_node(n)
+            else:
+                first[key] = n
 
 
 def _int8_pads(g: Graph) -> None:
