@@ -12,19 +12,26 @@ from .conftest import assert_user_error, run_cli
 
 pytest.importorskip("openvino")  # CI installs the [openvino] extra
 
-ROOT = Path(__file__).resolve().parents[2]
-SMALL_CNN = ROOT / "examples" / "models" / "small_cnn.pt2"
+@pytest.fixture(scope="module")
+def small_cnn_pt2(tmp_path_factory) -> Path:
+    """The example small CNN as a .pt2 (a clean checkout has no examples/models/*.pt2)."""
+    from examples.models import small_cnn
+
+    model, example = small_cnn()
+    path = tmp_path_factory.mktemp("openvino_cli") / "small_cnn.pt2"
+    torch.export.save(torch.export.export(model, example), str(path))
+    return path
 
 
-def _reference(x: np.ndarray) -> np.ndarray:
-    ep = torch.export.load(str(SMALL_CNN))
+def _reference(pt2: Path, x: np.ndarray) -> np.ndarray:
+    ep = torch.export.load(str(pt2))
     with torch.no_grad():
         return ep.module()(torch.from_numpy(x)).numpy()
 
 
-def test_compile_and_run_small_cnn(tmp_path):
+def test_compile_and_run_small_cnn(tmp_path, small_cnn_pt2):
     out = tmp_path / "ov"
-    proc = run_cli("compile", SMALL_CNN, "-b", "openvino", "-o", out, check=True)
+    proc = run_cli("compile", small_cnn_pt2, "-b", "openvino", "-o", out, check=True)
     assert "backend openvino (openvino-cpu-f32)" in proc.stdout
     report = json.loads((out / "report.json").read_text())
     assert report["verification"]["checked"] and report["verification"]["relative_error"] <= 1e-4
@@ -34,15 +41,15 @@ def test_compile_and_run_small_cnn(tmp_path):
     np.save(tmp_path / "x.npy", x)
     run_cli("run", out, "--input", tmp_path / "x.npy", "-o", tmp_path / "y.npz", check=True)
     y = np.load(tmp_path / "y.npz")["output_0"]
-    ref = _reference(x)
+    ref = _reference(small_cnn_pt2, x)
     assert np.linalg.norm(y - ref) <= 1e-4 * np.linalg.norm(ref)
 
 
 @pytest.mark.slow
-def test_compile_static_int8_with_calibration(tmp_path):
+def test_compile_static_int8_with_calibration(tmp_path, small_cnn_pt2):
     np.savez(tmp_path / "calib.npz", x=np.random.default_rng(1).standard_normal((4, 3, 32, 32)).astype(np.float32))
     out = tmp_path / "int8"
-    proc = run_cli("compile", SMALL_CNN, "-p", "fold-bn,quantize(mode=static)", "--calib", tmp_path / "calib.npz",
+    proc = run_cli("compile", small_cnn_pt2, "-p", "fold-bn,quantize(mode=static)", "--calib", tmp_path / "calib.npz",
                    "-b", "openvino", "-o", out, check=True)
     assert "lossy pipeline" in proc.stdout
     facts = json.loads((out / "report.json").read_text())["artifact"]
@@ -57,21 +64,21 @@ def test_compile_static_int8_with_calibration(tmp_path):
     (("--opset", "17"), "--opset does not apply to --backend openvino"),
     (("-p", "quantize(mode=weight-only,bits=4)"), "does not take weight-only quantized graphs"),
 ])
-def test_bad_options_exit_2_before_the_capture(tmp_path, flags, needle):
-    proc = run_cli("compile", SMALL_CNN, "-b", "openvino", *flags, "-o", tmp_path / "x")
+def test_bad_options_exit_2_before_the_capture(tmp_path, small_cnn_pt2, flags, needle):
+    proc = run_cli("compile", small_cnn_pt2, "-b", "openvino", *flags, "-o", tmp_path / "x")
     assert_user_error(proc, needle)
     assert not (tmp_path / "x").exists()
 
 
-def test_gpu_asked_but_absent_exits_2(tmp_path):
+def test_gpu_asked_but_absent_exits_2(tmp_path, small_cnn_pt2):
     import openvino
 
     if any(d.startswith("GPU") for d in openvino.Core().available_devices):
         pytest.skip("OpenVINO sees a GPU here")
-    assert_user_error(run_cli("compile", SMALL_CNN, "-b", "openvino", "--target", "gpu", "-o", tmp_path / "x"),
+    assert_user_error(run_cli("compile", small_cnn_pt2, "-b", "openvino", "--target", "gpu", "-o", tmp_path / "x"),
                       "OpenVINO sees no GPU")
 
 
-def test_precision_flag_belongs_to_openvino(tmp_path):
-    assert_user_error(run_cli("compile", SMALL_CNN, "-b", "ort", "--precision", "bf16", "-o", tmp_path / "x"),
+def test_precision_flag_belongs_to_openvino(tmp_path, small_cnn_pt2):
+    assert_user_error(run_cli("compile", small_cnn_pt2, "-b", "ort", "--precision", "bf16", "-o", tmp_path / "x"),
                       "--precision does not apply to --backend ort")
