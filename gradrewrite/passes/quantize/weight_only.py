@@ -29,7 +29,7 @@ class GroupwiseWeight:
     # gptq act_groups=ordered: everything above is stored for the input permuted by ``order``
     # (int16 [K]: stored column j reads input feature order[j]); None: the input as it is
     order: torch.Tensor | None = None
-    order_bits: int = 0      # 16 * K where this layer stores the order, 0 where it reuses a sibling's
+    order_bits: int = 0      # the order's bits where this layer stores it, 0 where it reuses a sibling's
 
     def dequantized(self) -> torch.Tensor:
         """fp32 [N, K] in the input's own feature order: low-bit weights with the outliers added back."""
@@ -103,7 +103,7 @@ def permuted_input(graph: Graph, layer: QLayer, order: torch.Tensor, shared: dic
     if hit is not None and torch.equal(hit[0], order):
         return hit[1], 0
     node = layer.node
-    attr = graph.add_attr(f"{layer.param}_input_order", order.to(torch.int16), before=node, parameter=False)
+    attr = graph.add_attr(f"{layer.param}_input_order", order, before=node, parameter=False)   # stored as given
     with graph.graph.inserting_before(node):
         index = graph.graph.call_function(torch.ops.aten._to_copy.default, (attr,), {"dtype": torch.int32})
         picked = graph.graph.call_function(torch.ops.aten.index_select.default, (x, -1, index))
@@ -113,7 +113,7 @@ def permuted_input(graph: Graph, layer: QLayer, order: torch.Tensor, shared: dic
     if "val" in getattr(x, "meta", {}):
         picked.meta["val"] = x.meta["val"]    # same shape and dtype
     shared[x] = (order, picked)
-    return picked, 16 * order.numel()
+    return picked, order.element_size() * 8 * order.numel()
 
 
 def replace_linear(graph: Graph, layer: QLayer, q: GroupwiseWeight, x=None) -> None:

@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..program import ITEMSIZE, Buf, Program, Step, Val, c_ints, contiguous_strides
+from .lowering.int8 import pad_plane_bytes, ring_rows_bytes
 
 STRUCT = re.compile(r"gr_conv_shape (\w+) = \{([-\d, ]+)\};")
 FIELDS = ("n", "c", "h", "w", "oc", "oh", "ow", "kh", "kw", "sh", "sw", "ph", "pw", "dh", "dw", "groups")
@@ -198,9 +199,9 @@ def _scratch_bytes(layer: Layer, buf: Buf, out: Region) -> int:
     f = layer.structs[list(layer.structs)[-1]]
     tile = _tile_struct(f, *list(_chain(layer, out))[-1])
     if buf.name.endswith("_pad"):
-        return ((tile["oh"] - 1) * tile["sh"] + 3) * ((tile["ow"] - 1) * tile["sw"] + 3) + 4
-    if buf.name.endswith("_ring"):  # gr_pw_dw_s8: three padded rows of each expanded channel
-        return tile["c"] * 3 * max((tile["ow"] - 1) * tile["sw"] + 3, tile["pw"] + tile["w"]) + 4
+        return pad_plane_bytes(tile["oh"], tile["ow"], tile["sh"], tile["sw"])
+    if buf.name.endswith("_ring"):
+        return ring_rows_bytes(tile["c"], tile["ow"], tile["w"], tile["sw"], tile["pw"])
     plane = f["h"] * f["w"]
     if buf.name.endswith(("_plane", "_planes")) and buf.nbytes % plane == 0:
         return buf.nbytes // plane * tile["h"] * tile["w"]

@@ -249,18 +249,26 @@ class Int8Layers:
         return name + "_w" not in swapped and name + "_bias_q" not in swapped
 
 
+def pad_plane_bytes(oh: int, ow: int, sh: int, sw: int) -> int:
+    """The zero-point-padded input plane a depthwise 3x3 reads for an ``oh x ow`` output
+    (+ 4: its last word load)."""
+    return ((oh - 1) * sh + 3) * ((ow - 1) * sw + 3) + 4
+
+
+def ring_rows_bytes(channels: int, ow: int, w: int, sw: int, pw: int) -> int:
+    """``gr_pw_dw_s8``'s ring: three zero-point-padded rows of each expanded channel (+ 4
+    for the last word load)."""
+    return channels * 3 * max((ow - 1) * sw + 3, pw + w) + 4
+
+
 def _pad_bytes(ql: int8.QLayer, out_shape) -> int:
-    """The zero-point-padded input plane a depthwise 3x3 reads (+ 4: its last word load)."""
-    sh, sw = ql.conv["stride"]
-    return ((out_shape[2] - 1) * sh + 3) * ((out_shape[3] - 1) * sw + 3) + 4
+    return pad_plane_bytes(out_shape[2], out_shape[3], *ql.conv["stride"])
 
 
 def _ring_bytes(dw: int8.QLayer, mid_shape, out_shape) -> int:
-    """``gr_pw_dw_s8``'s ring: three zero-point-padded rows of each expanded channel (+ 4 for
-    the last word load), rounded up to the arena's 16-byte alignment."""
-    sw, pw = dw.conv["stride"][1], dw.conv["padding"][1]
-    pitch = max((out_shape[3] - 1) * sw + 3, pw + mid_shape[3])
-    return -(-(mid_shape[1] * 3 * pitch + 4) // 16) * 16
+    """The ring, rounded up to the arena's 16-byte alignment."""
+    n = ring_rows_bytes(mid_shape[1], out_shape[3], mid_shape[3], dw.conv["stride"][1], dw.conv["padding"][1])
+    return -(-n // 16) * 16
 
 
 def _round4(n: int) -> int:
