@@ -10,6 +10,10 @@ manifest, report, verification and ``run``):
 - a StreamBP step (``Train(loss="causal_lm")`` with ``stream-bp`` ending the pipeline):
   a causal LM whose backward runs chunk by chunk (``stream_bp_step``).
 
+For training loops: ``StreamBPTrainer`` / ``StreamBPMixin`` (``stream_bp_trainer``,
+``transformers.Trainer`` with StreamBP steps) and ``FSDPStreamBP`` (``stream_bp_fsdp``,
+StreamBP on an FSDP2-sharded model), imported on first use.
+
 ``prepare`` turns the captured inference graph into the graph kind ``train`` asks for:
 the pipeline's inference passes (``fold-bn``, ``quantize`` ...) run first, on the
 inference graph, then the step is captured and the remaining passes rewrite it.
@@ -108,3 +112,14 @@ def prepare(graph: Graph, specs: Sequence[PassSpec], train: Train | None, *, bac
                             status=console.status if console is not None else None)
     step.meta["train_step"]["captured_after"] = [sp.text() for sp in specs[:n]]
     return step, specs[n:]
+
+
+def __getattr__(name: str):
+    # the Trainer drop-in and the FSDP step import transformers / torch.distributed: on demand
+    if name in ("StreamBPTrainer", "StreamBPMixin"):
+        from . import stream_bp_trainer
+        return getattr(stream_bp_trainer, name)
+    if name == "FSDPStreamBP":
+        from .stream_bp_fsdp import FSDPStreamBP
+        return FSDPStreamBP
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

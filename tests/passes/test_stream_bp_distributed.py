@@ -3,14 +3,12 @@ of one process on the whole batch (labels split unevenly, so the normaliser matt
 from __future__ import annotations
 
 import os
-import socket
 
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from examples.models import tiny_gpt
 from gradrewrite.passes.stream_bp import StreamBP, causal_lm_loss
+from tests.gloo import process_group, spawn
 
 T = 24
 
@@ -28,28 +26,17 @@ def _model():
     return model.double()
 
 
-def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=world)
-    try:
+def _worker(rank: int, port: int, out_dir: str) -> None:
+    with process_group(rank, port):
         model = _model()
         ids, labels = _data()
         loss = StreamBP(model, chunk=7).backward(ids[rank:rank + 1], labels=labels[rank:rank + 1])
         torch.save({"loss": loss, "grads": {n: p.grad for n, p in model.named_parameters()}},
                    os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_two_gloo_processes_match_one(tmp_path):
-    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    spawn(_worker, str(tmp_path))
     model = _model()
     ids, labels = _data()
     loss = causal_lm_loss(model(ids), labels)
