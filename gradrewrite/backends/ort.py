@@ -21,7 +21,7 @@ from ..rewrite.graph import Graph
 from .options import OrtOptions, field_default, make_options
 from .base import Backend, BackendArtifact, register_backend
 from . import onnx_export_fixes, ort_errors
-from . import ort_quant, ort_quant_embedding  # ONNX translations of the quantized ops
+from . import ort_outlier_terms, ort_quant, ort_quant_embedding  # ONNX translations of the quantized ops
 
 DEFAULT_OPSET = field_default("ort", "opset")
 EXTERNAL_DATA_BYTES = 1 << 30
@@ -78,14 +78,17 @@ def export_onnx(graph: Graph, path: Path, *, opset: int = DEFAULT_OPSET,
         external_data = weight_bytes > EXTERNAL_DATA_BYTES
     input_names = [s.name for s in graph.inputs]
     try:
-        ep = graph.to_exported_program()
+        # batch-1 outlier layers sharing an input get one outlier term (ort_outlier_terms)
+        view, fused = ort_outlier_terms.fuse(graph.gm)
+        ep = graph.to_exported_program(view if fused else None)
         fixes = onnx_export_fixes.apply(ep)
         with _quiet():
             program = torch.onnx.export(ep, (), dynamo=True, input_names=input_names,
                                         opset_version=opset, verbose=False,
                                         custom_translation_table={**ort_quant.translation_table(
                                                                       accuracy_level=nbits_accuracy_level),
-                                                                  **ort_quant_embedding.translation_table()})
+                                                                  **ort_quant_embedding.translation_table(),
+                                                                  **ort_outlier_terms.translation_table()})
             program.optimize()
             ort_quant.resolve_at_load(program.model)   # after the exporter's folding: see ort_quant
             _add_metadata(program, graph.meta.get("export_metadata", {}))

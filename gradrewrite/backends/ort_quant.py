@@ -30,7 +30,9 @@ measured the forms on ORT CPU (1 and 2 threads, decode and prompt shapes):
   by their values, a ReduceSum per row and an Add: the cheapest form measured (a CSR
   CumSum form, ScatterElements / ScatterND with reduction add, a Gather along K, and
   gathers of rows of x^T all cost more; ``SparseToDenseMatMul`` does not load from a
-  file, as ORT densifies sparse initializers).
+  file, as ORT densifies sparse initializers). The ORT backend exports such layers through
+  ``ort_outlier_terms``: rows crowded with outliers cut into chunks, one term per input
+  shared by the layers that read it; the forms here serve what it does not fuse.
 
 ``OrtOptions.nbits_accuracy_level`` sets MatMulNBits' ``accuracy_level`` (0 by default:
 fp32 arithmetic, equal to the torch graph within fp32 rounding; 4 quantizes activations

@@ -307,12 +307,12 @@ class Graph:
         """The batch the graph was traced at, when its batch is dynamic."""
         return next((s.shape[0] for s in self.inputs if s.dynamic_batch), None)
 
-    def to_exported_program(self) -> torch.export.ExportedProgram:
-        """Re-export the (rewritten) module; metadata survives the round trip, and so
-        does a dynamic batch."""
+    def to_exported_program(self, gm: fx.GraphModule | None = None) -> torch.export.ExportedProgram:
+        """Re-export the (rewritten) module, or ``gm``, a backend's view of it with the same
+        inputs; metadata survives the round trip, and so does a dynamic batch."""
         from .dynamic_batch import dynamic_shapes
 
-        return torch.export.export(self.gm, self.example_inputs, strict=False,
+        return torch.export.export(self.gm if gm is None else gm, self.example_inputs, strict=False,
                                    dynamic_shapes=dynamic_shapes([s.dynamic_batch for s in self.inputs]))
 
     # ---------------------------------------------------------------- editing
