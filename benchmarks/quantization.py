@@ -313,7 +313,8 @@ def lm_part(quick: bool, avail: dict) -> dict:
     grid = [r for r in methods((4,), quick) if not r.get("whole_model") and r["label"] not in skip4]
     grid += [r for r in methods((3,), quick) if r["label"] in ("RTN g128", "GPTQ g128 act-order", "AWQ+GPTQ g128",
                                                                   "GPTQ g128 act-order, ordered groups")]
-    rows = measure_rows("lm_quick" if quick else "lm", model, graph, cal_b, evaluate, grid + peer_rows(avail, (3, 4)))
+    # the trained model's key in the name: rows of another model are not this one's
+    rows = measure_rows(f"{'lm_quick' if quick else 'lm'}_{train['key']}", model, graph, cal_b, evaluate, grid + peer_rows(avail, (3, 4)))
     return {"fp32_perplexity": round(base, 4), "held_out_tokens": int(held[:, 1:].numel()),
             "calibration_sequences": sum(len(b[0]) for b in cal_b), "train": {k: v for k, v in train.items()},
             "rows": rows}
