@@ -12,6 +12,8 @@ from int8 outputs, its layers requantize in integers; a wrong gradient gives ~0 
 """
 from __future__ import annotations
 
+from collections import Counter
+
 import numpy as np
 import pytest
 import torch
@@ -183,6 +185,94 @@ def test_cli_int8_training_on_digits(tmp_path):
     from safetensors.numpy import load_file
     w = load_file(tmp_path / "w.safetensors")
     assert w["fc.weight_q"].shape == (10, 128) and np.array_equal(w["fc.weight_q"], np.round(w["fc.weight_q"]))
+
+
+class ExpandNet(torch.nn.Module):
+    """Two pointwise expand + depthwise 3x3 pairs (MobileNetV2's inverted residual): the
+    first frozen, the second's depthwise bias trained (the earliest trained layer)."""
+
+    def __init__(self):
+        super().__init__()
+        nn = torch.nn
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.pw1 = nn.Conv2d(8, 24, 1)
+        self.dw1 = nn.Conv2d(24, 24, 3, padding=1, groups=24)
+        self.proj = nn.Conv2d(24, 8, 1)
+        self.pw2 = nn.Conv2d(8, 20, 1)
+        self.dw2 = nn.Conv2d(20, 20, 3, stride=2, padding=1, groups=20)
+        self.head = nn.Linear(20, 5)
+
+    def forward(self, x):
+        r6 = torch.nn.functional.relu6
+        x = r6(self.stem(x))
+        x = x + self.proj(r6(self.dw1(r6(self.pw1(x)))))
+        x = r6(self.dw2(self.pw2(x)))
+        return self.head(x.mean((2, 3)))
+
+
+EXPAND_SCHEME = "sparse-update(bias_last=2,weights='-1:1')"   # dw2.bias, head.weight, head.bias
+
+
+def expand_batch():
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(2, 3, 10, 10, generator=g), torch.tensor([0, 4])
+
+
+def test_int8_step_streams_expand_depthwise_pairs():
+    """A training step streams pointwise expand + depthwise pairs (gr_pw_dw_s8) as
+    inference does: a frozen pair with the constants folded at code generation, a pair
+    whose depthwise bias the step updates with its base made at run time (gr_base_s8 from
+    the SRAM bias); no expanded tensor is stored, so the arena is smaller than unstreamed.
+    (Refusing every pair with a run-time buffer sent a whole MobileNetV2 training step back
+    to one kernel per layer: 240 KB of arena instead of 124.)"""
+    from gradrewrite.backends.mcu.inference.codegen import plan_arena
+    from gradrewrite.backends.mcu.training.lowering import lower_train
+    from gradrewrite.backends.mcu.training.lowering.lowerer import TrainLowerer
+
+    x, y = expand_batch()
+    step = int8_step(ExpandNet(), x, y, EXPAND_SCHEME)
+    tp = lower_train(step.clone())
+    fwd = tp.program.steps[:tp.forward_steps]
+    by_path = {st.path: st for st in fwd if st.kernel.startswith(("gr_pw", "gr_point", "gr_depth", "gr_conv"))}
+    assert by_path["dw1"].kernel == by_path["dw2"].kernel == "gr_pw_dw_s8"
+    assert not {"pw1", "pw2"} & {st.path for st in fwd}, "an expand conv ran on its own"
+    assert "run-time bases" not in by_path["dw1"].op and "gr_base_s8" not in by_path["dw1"].code
+    bias = next(b for b in tp.trained if b.path == "dw2.bias")
+    assert "run-time bases" in by_path["dw2"].op and f"gr_base_s8({bias.name}, " in by_path["dw2"].code
+    assert by_path["proj"].kernel == "gr_pointwise_s8"   # frozen layers take the inference kernels
+
+    def arena(stream: bool) -> tuple[int, Counter]:
+        """(arena bytes, sizes of the int8 arena buffers)"""
+        lw = TrainLowerer(step.clone())
+        lw.stream = stream
+        prog = lw.run()
+        prog.consts = [*lw.trained.values(), *prog.consts]
+        return (plan_arena(prog, inputs=[prog.inputs[0].buf]).plan.arena_bytes,
+                Counter(b.nbytes for b in prog.arena if b.dtype == "i8"))
+
+    (streamed, sizes), (unstreamed, sizes_unstreamed) = arena(True), arena(False)
+    expanded = {2 * 24 * 10 * 10: 1, 2 * 20 * 10 * 10: 1}   # pw1's and pw2's int8 outputs (batch 2)
+    assert sizes_unstreamed - sizes >= Counter(expanded), (sizes_unstreamed, sizes)
+    assert streamed < unstreamed, (streamed, unstreamed)
+
+
+def test_int8_step_with_streamed_trained_bias_is_bit_exact(tmp_path):
+    """The streamed pairs of ``test_int8_step_streams_expand_depthwise_pairs`` (the run-time
+    base re-made from the updated bias every step) equal the integer reference bit for bit."""
+    x, y = expand_batch()
+    step = int8_step(ExpandNet(), x, y, EXPAND_SCHEME, "qas(rounding=stochastic,seed=3)")
+    facts = write_train(step.clone(), tmp_path / "mcu")
+    assert [o["kernel"] for o in facts["ops"]].count("gr_pw_dw_s8") == 2
+    build_train_host(tmp_path / "mcu")
+    losses, got = run_train_host(tmp_path / "mcu", x.numpy(), y.numpy(), STEPS, LR)
+    ref_losses, ref = reference_steps(device_form(step), x.numpy(), y.numpy(), STEPS, LR,
+                                      rounding="stochastic", seed=3)
+    assert np.array_equal(losses, ref_losses), (losses, ref_losses)
+    assert not np.array_equal(got["dw2.bias"], step.attr(step.meta["train_step"]["params"]["dw2.bias"]["attr"])
+                              .detach().numpy())   # the bias the base is made from did change
+    for path, value in got.items():
+        assert np.array_equal(value, ref[path]), path
+    assert losses[-1] < losses[0]
 
 
 class GeluNet(torch.nn.Module):

@@ -681,6 +681,11 @@ void gr_pw_dw_s8(const gr_conv_shape *ps, const gr_quant_params *pq, const int8_
     }
 }
 
+void gr_base_s8(const int32_t *bias, const int32_t *zterm, int32_t n, int32_t *base) {
+    int32_t o;
+    for (o = 0; o < n; o++) base[o] = (int32_t)((uint32_t)bias[o] + (uint32_t)zterm[o]);
+}
+
 /* Fully connected layer: y[i, j] = requant(base[j] + sum_t x[i, t] w[j, t]). The columns
  * go in groups of four (a last group of 1-2 in a group of two; absent columns have zero
  * weights and are not stored). A group's weights are interleaved by the code generator:

@@ -123,6 +123,10 @@ void gr_pw_dw_s8(const gr_conv_shape *ps, const gr_quant_params *pq, const int8_
                  int8_t *ring, int32_t *xs);
 void gr_linear_s8(const gr_quant_params *q, const int8_t *x, const int8_t *w,
                   const int32_t *bias, int8_t *y, int32_t m, int32_t k, int32_t n);
+/* The folded base of an int8 conv whose bias a training step updates (the code generator
+ * folds a constant one): base[o] = bias[o] + zterm[o], zterm = -zp * (sum of channel o's
+ * weights), in wrapping 32-bit arithmetic like the folded bases */
+void gr_base_s8(const int32_t *bias, const int32_t *zterm, int32_t n, int32_t *base);
 
 /* max pooling commutes with the monotone quantization: same window walk as fp32 */
 void gr_max_pool2d_s8(const gr_pool_shape *s, const int8_t *x, int8_t *y);

@@ -4,7 +4,9 @@
 ``Int8Layers`` is mixed into ``Lowerer``; it uses the lowerer's buffers (``new``,
 ``emit``, ``add_const``). Beyond one kernel per layer it streams a pointwise expand
 into the depthwise 3x3 conv that alone reads it (``gr_pw_dw_s8``, a few rows at a time)
-and lets a depthwise conv overwrite its input when that input dies there.
+and lets a depthwise conv overwrite its input when that input dies there. A training
+step streams pairs whose biases it updates too: their folded bases are made at run time,
+right before the pair (``_runtime_base``).
 """
 from __future__ import annotations
 
@@ -60,34 +62,44 @@ class Int8Layers:
 
     def _stream_partner(self, ql: int8.QLayer) -> int8.QLayer | None:
         """The depthwise 3x3 layer that is the only reader of pointwise expand ``ql``'s
-        output, when both are plain (dense, no pooling, constant) int8 convs, else None."""
+        output, when both are plain (dense, no pooling) int8 convs, else None."""
         if not (ql.kind == "conv" and not ql.post and tuple(ql.weight.shape[2:]) == (1, 1)
                 and ql.conv["stride"] == (1, 1) and ql.conv["padding"] == (0, 0) and ql.conv["groups"] == 1):
             return None
         users = list(ql.head.users)
-        if len(users) != 1 or users[0].target != DEQUANTIZE_PER_TENSOR or len(users[0].users) != 1:
+        if len(users) != 1 or users[0].target != DEQUANTIZE_PER_TENSOR:
             return None
-        layer = next(iter(users[0].users))
+        readers = [u for u in users[0].users if not self._reads_shape_only(u, users[0])]
+        if len(readers) != 1:
+            return None
+        layer = readers[0]
         dw = next((q for q in self.qlayers.values() if q.layer is layer), None)
         if dw is None or dw.x is not ql.head or dw.post or not depthwise3x3(dw):
             return None
         if self.sparse and (nm.detect(dw.weight, "conv") or self._nm_pointwise(ql) is False):
             return None
-        if not all(self._constants_fixed(ident(module_path(q.layer) or q.layer.name)) for q in (ql, dw)):
-            return None  # rearranged weights and folded bases need the quantizer's constants
         return dw
+
+    def _reads_shape_only(self, node, x) -> bool:
+        """Whether ``node`` takes tensor ``x`` without reading its values (a training step's
+        backward, see the training lowerer); nothing does in an inference graph."""
+        return False
 
     def _expand_depthwise(self, pw: int8.QLayer, dw: int8.QLayer, x: Val) -> Val:
         """One ``gr_pw_dw_s8`` step for ``dw(pw(x))``: row by row through a ring of three
         padded rows per expanded channel; weights and folded bases as the unstreamed
-        kernels take them (the expand dense or N:M packed)."""
+        kernels take them (the expand dense or N:M packed); a base a training step
+        updates is made first (``_runtime_base``)."""
         mid_shape, out_shape = shape_of(pw.head), shape_of(dw.head)
         y = self.new(out_shape, "i8", name=dw.head.name)
         ring = self.new((_ring_bytes(dw, mid_shape, out_shape),), "i8", name=dw.head.name + "_ring")
-        pw_struct, words, packed = self._pw_weights(pw, ident(module_path(pw.layer) or pw.layer.name))
+        prep: list[str] = []
+        scratch: list[Val] = []
+        pw_struct, words, packed = self._pw_weights(pw, ident(module_path(pw.layer) or pw.layer.name),
+                                                    prep, scratch)
         xs = self.new((words,), "i32", name=dw.head.name + "_xs")
         dname = ident(module_path(dw.layer) or dw.layer.name)
-        dbase = self.add_const(dname + "_base", folded_base(dw), "i32")
+        dbase = self._runtime_base(dw, dname, prep, scratch)
         dwv = self.add_const(dname + "_w", dw.weight.numpy().reshape(-1), "i8")
         ps, macs = conv_shape(x.shape, tuple(pw.weight.shape), mid_shape, pw.conv)
         ds, dmacs = conv_shape(mid_shape, tuple(dw.weight.shape), out_shape, dw.conv)
@@ -99,9 +111,11 @@ class Int8Layers:
         self.current = dw.layer
         op = "int8 expand+depthwise " + "+".join(op_name(n) for n in (pw.layer, pw.act, dw.layer, dw.act)
                                                   if n is not None)
-        code = (f"{{ {ps} {pw_struct}\n  {ds}\n  gr_pw_dw_s8(&ps, &pq, {x.ptr()}, &pw, &ds, &dq, {dwv.name}, "
-                f"{dbase.name}, {y.out()}, {ring.out()}, {xs.out()}); }}")
-        self.emit("gr_pw_dw_s8", "gr_int8.c", code, [x], [y, ring, xs], macs + dmacs, op=op + tag)
+        code = (f"{{ {ps} {pw_struct}\n  {ds}\n" + "".join(f"  {c}\n" for c in prep) +
+                f"  gr_pw_dw_s8(&ps, &pq, {x.ptr()}, &pw, &ds, &dq, {dwv.name}, "
+                f"{dbase}, {y.out()}, {ring.out()}, {xs.out()}); }}")
+        self.emit("gr_pw_dw_s8", "gr_int8.c", code, [x], [y, ring, xs, *scratch], macs + dmacs,
+                  op=op + tag + (" (run-time bases)" if prep else ""))
         return y
 
     def _nm_pointwise(self, ql: int8.QLayer):
@@ -121,24 +135,48 @@ class Int8Layers:
         return (f"static const gr_quant_params {var} = {{{ql.in_zp}, {ql.out_zp}, {ql.act_min}, {ql.act_max}, "
                 f"{mult.name}, {shift.name}}};")
 
-    def _pw_weights(self, ql: int8.QLayer, name: str) -> tuple[str, int, nm.NMWeight | None]:
+    def _pw_weights(self, ql: int8.QLayer, name: str, prep: list[str] | None = None,
+                    scratch: list[Val] | None = None) -> tuple[str, int, nm.NMWeight | None]:
         """The ``gr_pw_weights pw`` struct of pointwise layer ``ql`` (dense, or N:M packed
         when the lowering is sparse and a packed format pays), the int32 words of the
-        gather scratch it needs, and the N:M packing (None: dense)."""
+        gather scratch it needs, and the N:M packing (None: dense). With ``prep`` (C
+        statements run first, writing the arena arrays appended to ``scratch``), a bias a
+        training step updates is allowed: its base is made at run time."""
         w = ql.weight
         cin = int(w.shape[1])
-        base = self.add_const(name + "_base", folded_base(ql), "i32")
+        if prep is None:
+            base = self.add_const(name + "_base", folded_base(ql), "i32").name
+        else:
+            base = self._runtime_base(ql, name, prep, scratch)
         found = self._nm_pointwise(ql)
         if found:
             packed, fmt = found
             entries, count = nm.pointwise_entries(w.numpy().reshape(w.shape[0], -1), fmt)
             wv = self.add_const(name + "_nm_w", entries.reshape(-1), "i32")
             self.nm_layers += 1
-            return (f"static const gr_pw_weights pw = {{{fmt}, {count}, {4 * count}, {wv.name}, {base.name}}};",
+            return (f"static const gr_pw_weights pw = {{{fmt}, {count}, {4 * count}, {wv.name}, {base}}};",
                     nm.pointwise_scratch_words(fmt, cin), packed)
         wv = self.add_const(name + "_w", pointwise_weights(w), "i8")
-        return (f"static const gr_pw_weights pw = {{0, {_round4(cin) // 4}, {_round4(cin)}, {wv.name}, "
-                f"{base.name}}};", nm.pointwise_scratch_words(0, cin), None)
+        static = "static " if base.isidentifier() else ""   # an arena base: set at each call
+        return (f"{static}const gr_pw_weights pw = {{0, {_round4(cin) // 4}, {_round4(cin)}, {wv.name}, "
+                f"{base}}};", nm.pointwise_scratch_words(0, cin), None)
+
+    def _runtime_base(self, ql: int8.QLayer, name: str, prep: list[str], scratch: list[Val]) -> str:
+        """The folded base of ``ql`` as a C pointer: a flash array when its bias is the
+        quantizer's constant; else (a bias the training step updates, its weight frozen:
+        the training lowerer streams no pair with a trained weight) an arena array that
+        ``gr_base_s8`` fills in ``prep``: the bias plus the weights' zero-point term."""
+        if self._trained(name, "_w"):
+            raise Unsupported(f"{name}: a streamed int8 conv with a trained weight")
+        if not self._trained(name, "_bias_q"):
+            return self.add_const(name + "_base", folded_base(ql), "i32").name
+        oc = int(ql.weight.shape[0])
+        bias = self.add_const(name + "_bias_q", ql.bias_q, "i32")   # the step's int32 bias buffer
+        zterm = self.add_const(name + "_zterm", zero_point_term(ql), "i32")
+        base = self.new((oc,), "i32", name=ql.head.name + "_base")
+        prep.append(f"gr_base_s8({bias.name}, {zterm.name}, {oc}, {base.out()});")
+        scratch.append(base)
+        return base.ptr()
 
     def _depthwise_in_place(self, outputs: list[Val]) -> None:
         """Depthwise convs whose int8 input dies at their step write over it (the planner
@@ -242,11 +280,15 @@ class Int8Layers:
 
     def _constants_fixed(self, name: str) -> bool:
         """Whether layer ``name``'s weight and bias are the constants the quantizer made.
-        The kernels that take rearranged weights and a folded bias need that; the training
-        lowerer swaps in buffers its step updates (``_intercept``), which only the plain
-        kernels read as they are."""
-        swapped = getattr(self, "_intercept", {})
-        return name + "_w" not in swapped and name + "_bias_q" not in swapped
+        The kernels that take rearranged weights and a folded bias need that (or their
+        run-time form, ``_runtime_base``); the training lowerer swaps in buffers its step
+        updates, which only the plain kernels read as they are."""
+        return not (self._trained(name, "_w") or self._trained(name, "_bias_q"))
+
+    def _trained(self, name: str, suffix: str) -> bool:
+        """Whether constant ``name + suffix`` (``_w``, ``_bias_q``) is a buffer a training
+        step updates (the training lowerer's ``_intercept``)."""
+        return name + suffix in getattr(self, "_intercept", {})
 
 
 def pad_plane_bytes(oh: int, ow: int, sh: int, sw: int) -> int:
@@ -291,6 +333,16 @@ def folded_base(ql: int8.QLayer) -> np.ndarray:
     if np.abs(base).max(initial=0) >= 2 ** 31:
         raise Unsupported("the folded int8 bias overflows int32")
     return base.astype(np.int32)
+
+
+def zero_point_term(ql: int8.QLayer) -> np.ndarray:
+    """-in_zp * (sum of each output channel's weights): ``folded_base`` without the bias,
+    for a layer whose bias a training step updates (``gr_base_s8`` adds it at run time)."""
+    w = ql.weight.numpy().astype(np.int64).reshape(ql.weight.shape[0], -1)
+    term = -int(ql.in_zp) * w.sum(1)
+    if np.abs(term).max(initial=0) >= 2 ** 31:
+        raise Unsupported("the int8 zero-point term overflows int32")
+    return term.astype(np.int32)
 
 
 def pointwise_weights(w) -> np.ndarray:

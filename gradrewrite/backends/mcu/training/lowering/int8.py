@@ -212,6 +212,8 @@ def sgd_int(lw: TrainLowerer, w: Val, g: Val, factor: np.ndarray, dtype: str, ro
 def _dq(lw: TrainLowerer, node: fx.Node) -> Val:
     if not lw.int8:
         return HANDLERS[node.target](lw, node)
+    if node.args[0] in lw.vals and lw.vals[node.args[0]] is None:
+        return None  # a streamed expand's output, never stored: only shapes are read (TrainLowerer._reads_shape_only)
     return dequantize_marker(lw, node)
 
 

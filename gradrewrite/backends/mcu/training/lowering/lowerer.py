@@ -10,6 +10,7 @@ first (the handler modules of this package), then to the inference handlers.
 """
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import numpy as np
@@ -51,7 +52,8 @@ class TrainLowerer(Lowerer):
         self.rounding, self.seed = qas.get("rounding", "nearest"), int(qas.get("seed", 0))
         self.trained_attrs = {info["attr"]: path for path, info in ts["params"].items() if info.get("trained")}
         self._state_attrs = {f"{a}_momentum" for a in self.trained_attrs} if ts["optimizer"].get("momentum") else set()
-        self._intercept: dict[str, Buf] = {}      # int8 layer const name -> its weight / bias buffer
+        self._intercept: dict[str, Buf] = {}      # int8 layer const name -> its trained weight / bias buffer
+        self._frozen_w: dict[str, Buf] = {}       # int8 layer const name -> its frozen weight as stored
         self._split_q: dict[str, tuple] = {}      # int8 layer name -> (rows, trained Val, rest Val)
         self._int_store: dict[str, tuple] = {}    # trained attr -> (dtype, per-row QAS factor of the storage)
         self.logits_val: Val | None = None
@@ -85,8 +87,17 @@ class TrainLowerer(Lowerer):
 
     # ------------------------------------------------------------ int8 steps
     def add_const(self, name: str, array: np.ndarray, dtype: str) -> Buf:
+        """A trained weight or bias is its SRAM buffer; a frozen weight in the layout the
+        backward reads is one flash array for both (another layout, e.g. a rearranged
+        pointwise weight, is one more array)."""
         buf = self._intercept.get(name)
-        return buf if buf is not None else super().add_const(name, array, dtype)
+        if buf is not None:
+            return buf
+        plain = self._frozen_w.get(name)
+        if plain is not None and plain.dtype == dtype and plain.data.dtype == array.dtype \
+                and np.array_equal(plain.data, np.asarray(array).reshape(-1)):
+            return plain
+        return super().add_const(name, array, dtype)
 
     def val(self, node: Any) -> Val:
         v = super().val(node)
@@ -163,7 +174,10 @@ class TrainLowerer(Lowerer):
                 else:
                     val = tval
                 self._int_store[wq_attr] = ("i8", np.ones(shape[0]), 127)  # the chain already holds s * s^-2
-            self._intercept[name + "_w"] = val.buf if not isinstance(val.buf, SplitBuf) else val.buf.trained.buf
+            if path is None:  # the forward kernels may take it rearranged (Lowerer._constants_fixed)
+                self._frozen_w[name + "_w"] = buf
+            else:
+                self._intercept[name + "_w"] = val.buf if not isinstance(val.buf, SplitBuf) else val.buf.trained.buf
             if wq_attr in attrs:
                 self.vals[attrs[wq_attr]] = val
                 scale = Lowerer.add_const(self, name + "_wscale", ql.w_scales.astype(np.float32), "f32")
@@ -180,6 +194,25 @@ class TrainLowerer(Lowerer):
                 self._intercept[name + "_bias_q"] = bbuf
                 self.vals[b_node] = Val(bbuf, bbuf.shape, (1,))
                 self._int_store[str(b_node.target)] = ("i32", 1.0 / sb, bias_bound(ql))
+
+    def _stream_partner(self, ql: int8.QLayer) -> int8.QLayer | None:
+        """As in inference, trained biases included (their folded bases are made at run
+        time), but not a pair with a trained weight: the kernel takes the expand's weights
+        rearranged at code generation, and such a pair never streams anyway (the
+        expand's output quantizer mask, or the depthwise's weight gradient, reads the
+        expanded tensor)."""
+        dw = super()._stream_partner(ql)
+        if dw is not None and any(self._trained(ident(module_path(q.layer) or q.layer.name), "_w")
+                                  for q in (ql, dw)):
+            return None
+        return dw
+
+    def _reads_shape_only(self, node: fx.Node, x: fx.Node) -> bool:
+        """A convolution's backward reads its saved input ``x`` only for the weight gradient
+        (``int8.conv_bwd``): without one (a trained bias, a gradient passed on) it takes
+        the input's shape alone, and a streamed expand may leave that input unstored."""
+        return node.target == aten.convolution_backward.default and node.args[1] is x \
+            and node.args[0] is not x and node.args[2] is not x and not node.args[10][1]
 
     def _qmac(self, ql: int8.QLayer, x: Val, y: Val, out_shape: tuple[int, ...]) -> None:
         name = ident(module_path(ql.layer) or ql.layer.name)
@@ -268,7 +301,16 @@ class TrainLowerer(Lowerer):
                                  trained=Val(buf, tshape, contiguous_strides(tshape)),
                                  rest=Val(rest, rshape, contiguous_strides(rshape)), rows=rows)
                 self.vals[node] = Val(split, shape, contiguous_strides(shape))
-        return super().run()
+        prog = super().run()
+        self._drop_unread(prog)
+        return prog
+
+    def _drop_unread(self, prog: Program) -> None:
+        """Frozen int8 weights in the backward's layout that no step reads (their forward
+        kernels took another layout and no gradient flows through them) leave flash."""
+        code = "\n".join(st.code for st in prog.steps)
+        unread = {id(b) for b in self._frozen_w.values() if not re.search(rf"\b{re.escape(b.name)}\b", code)}
+        prog.consts = [b for b in prog.consts if id(b) not in unread]
 
     def _lower(self, node: fx.Node) -> None:
         if not self._labels_moved:  # placeholders come first: the labels get their own pointer
