@@ -250,6 +250,24 @@ def test_check_train_lists_every_unsupported_op():
 
 
 @pytest.mark.slow
+def test_check_train_lists_int8_squeeze_excitation_ops(tmp_path):
+    """int8 + qas: `check --train` lists every op of the SE step without a bit-exact integer
+    reference (the gate's sigmoid and its backward), all at once; it stopped on an internal
+    error before (a convolution backward's unneeded gradients dropped out of the items of
+    an op it could not lower, shifting the rest)."""
+    calib = tmp_path / "calib.npz"
+    np.savez(calib, x=colour_task(8, seed=5)[0])
+    proc = run_cli("check", "--module", f"{MODULE}:se_net", "--train", "--calib", calib, "-p",
+                   "fold-bn,quantize(mode=static),sparse-update(bias_last=12,weights='-1:1,-3:1'),qas", cwd=ROOT)
+    assert proc.returncode == 1, (proc.stdout, proc.stderr)
+    lines = proc.stdout.splitlines()
+    assert "internal error" not in proc.stderr
+    listed = {line.split(" at ")[0] for line in lines}
+    assert {"aten.sigmoid", "aten.sigmoid_backward"} <= listed, proc.stdout
+    assert f"{len(lines)} op(s) of the training step cannot be generated" in proc.stderr
+
+
+@pytest.mark.slow
 def test_transformers_mobilenet_v2_fp32_step_compiles(tmp_path):
     """TF "same" padding (constant pads, some of width 0, asymmetric before stride-2
     convs; their backward crops) and eval-mode in-place dropout lower; the step agrees

@@ -278,7 +278,8 @@ class Lowerer(Int8Layers):
         val = node.meta.get("val")
         if isinstance(val, (list, tuple)):
             return tuple(self.new(tuple(int(s) for s in v.shape), TORCH_DTYPES.get(
-                str(v.dtype).removeprefix("torch."), "f32")) for v in val if isinstance(v, torch.Tensor))
+                str(v.dtype).removeprefix("torch."), "f32")) if isinstance(v, torch.Tensor) else None
+                for v in val)   # items keep their index (a backward's unneeded gradients are None)
         if isinstance(val, torch.Tensor):
             return self.new(tuple(int(s) for s in val.shape),
                             TORCH_DTYPES.get(str(val.dtype).removeprefix("torch."), "f32"))
