@@ -6,7 +6,11 @@
 2. Forward, segment by segment without autograd, keeping only the values that cross a
    segment boundary (the residual stream between layers).
 3. Epilogue (final norm, LM head, loss) chunk by chunk over ``logits_chunk`` rows: the
-   loss is the token sum divided by the exact normaliser (valid shifted labels).
+   loss is the token sum divided by the exact normaliser (valid shifted labels). When
+   the head reads only the last layer's rows, that layer is skipped in step 2: its rows
+   [s, e) are computed with autograd right before the head's, and backpropagated at
+   once (one layer forward less; its autograd graph for one chunk is alive while the
+   head's logits are).
 4. Layers in reverse, ``chunk`` rows at a time: recompute rows [s, e) (keys/values
    0:e), backward at once with the output gradient's rows, free. Parameter gradients
    accumulate in ``.grad``; the input boundary accumulates its gradient for the layer
@@ -319,9 +323,14 @@ class _Runner:
         self.values: dict[fx.Node, torch.Tensor] = {}   # full values, no autograd
         self.grads: dict[fx.Node, torch.Tensor] = {}    # full gradient buffers
 
-    def call(self, prog: ChunkProgram, s: int, e: int, track: bool) -> tuple[tuple, list]:
+    def call(self, prog: ChunkProgram, s: int, e: int, track: bool,
+             rows: list | None = None) -> tuple[tuple, list]:
         """Run rows [s, e); with ``track``, boundary rows become leaves whose gradients
-        are added to the buffers by :meth:`collect`."""
+        are added to the buffers by :meth:`collect`. ``rows``: the boundary rows given
+        (already leaves of the caller's), instead of read from the stored values."""
+        if rows is not None:
+            return prog(s, e, rows, [self.inputs[n] for n in prog.user_inputs],
+                        [self.params[p] for p in prog.params]), []
         leaves = []
         args = []
         for b, rng in zip(prog.boundary, prog.boundary_ranges):
@@ -374,21 +383,26 @@ class _Runner:
 
 def run_step(plan: Plan, live: nn.Module, inputs: dict[str, torch.Tensor], labels: torch.Tensor,
              chunk: int, logits_chunk: int, normalizer: float | torch.Tensor) -> torch.Tensor:
-    """Forward + chunked backward; gradients accumulate in the live parameters' ``.grad``."""
-    T = plan.T
+    """Forward + chunked backward; gradients accumulate in the live parameters' ``.grad``.
+
+    When the head reads only the last segment's outputs, row for row, the last segment
+    is not run in the forward: its rows are computed once, with autograd, chunk by
+    chunk right before the head's rows that need them (one layer forward less than
+    recompute-everything, and its outputs are never stored whole)."""
     target = shifted_labels(labels)
     run = _Runner(plan, live, inputs)
-    for seg, progs in zip(plan.segments[:-1], plan.programs[:-1]):
+    fused = _head_reads_last_rows(plan)
+    before_head = len(plan.segments) - (2 if fused else 1)
+    for seg, progs in zip(plan.segments[:before_head], plan.programs[:before_head]):
         for o, v in zip(seg.outputs, run.full(progs)):
             run.values[o] = v
         for node in progs.stash:
             run.values.pop(node, None)  # recomputed when this layer's backward runs
     total = torch.zeros((), dtype=torch.float64)
-    head = plan.programs[-1].main
-    run.stash(plan.programs[-1])  # attention in the head's own segment (a model without layers)
-    for s in range(0, T, logits_chunk):
-        e = min(T, s + logits_chunk)
-        (logits,), leaves = run.call(head, s, e, True)
+
+    def head_loss(args: list, s: int, e: int) -> None:
+        nonlocal total
+        (logits,), leaves = run.call(plan.programs[-1].main, s, e, True, args)
         part = F.cross_entropy(_upcast(logits.reshape(-1, logits.shape[-1])),
                                target[:, s:e].reshape(-1), ignore_index=IGNORE_INDEX,
                                reduction="sum") / normalizer
@@ -396,15 +410,55 @@ def run_step(plan: Plan, live: nn.Module, inputs: dict[str, torch.Tensor], label
             part.backward()
         run.collect(leaves, s, e)
         total += part.detach().double()
-        del logits, part, leaves
-    _stash_backward(run, plan.programs[-1], chunk)
-    for seg, progs in zip(reversed(plan.segments[:-1]), reversed(plan.programs[:-1])):
+
+    if fused:
+        _fused_last_segment(run, plan, chunk, logits_chunk, head_loss)
+        rest = zip(reversed(plan.segments[:-2]), reversed(plan.programs[:-2]))
+    else:
+        run.stash(plan.programs[-1])  # attention in the head's own segment (a model without layers)
+        for s in range(0, plan.T, logits_chunk):
+            head_loss(None, s, min(plan.T, s + logits_chunk))
+        _stash_backward(run, plan.programs[-1], chunk)
+        rest = zip(reversed(plan.segments[:-1]), reversed(plan.programs[:-1]))
+    for seg, progs in rest:
         run.stash(progs)
         run.backward_chunks(progs.main, seg.outputs, chunk)
         for node in seg.outputs:
             run.values.pop(node, None)
         _stash_backward(run, progs, chunk)
     return total
+
+
+def _head_reads_last_rows(plan: Plan) -> bool:
+    """The head reads rows [s, e) of the last segment's outputs and nothing else."""
+    if len(plan.segments) < 2 or plan.programs[-1].kv is not None:
+        return False
+    head, last = plan.programs[-1].main, plan.segments[-2]
+    return all(b in last.outputs and rng == ("s", "e") for b, rng in zip(head.boundary, head.boundary_ranges))
+
+
+def _fused_last_segment(run: _Runner, plan: Plan, chunk: int, logits_chunk: int, head_loss) -> None:
+    """Rows [s, e) of the last segment with autograd, the head and loss on them
+    ``logits_chunk`` rows at a time (their gradients collected on detached copies of the
+    segment's outputs), then the segment's backward for those rows."""
+    seg, progs = plan.segments[-2], plan.programs[-2]
+    head = plan.programs[-1].main
+    run.stash(progs)
+    T = plan.T
+    for s in range(0, T, chunk):
+        e = min(T, s + chunk)
+        outs, leaves = run.call(progs.main, s, e, True)
+        rows = dict(zip(seg.outputs, (o.detach().requires_grad_() for o in outs)))
+        for hs in range(s, e, logits_chunk):
+            he = min(e, hs + logits_chunk)
+            head_loss([rows[b].narrow(plan.seq_axis[b], hs - s, he - hs) for b in head.boundary], hs, he)
+        pairs = [(y, rows[o].grad) for y, o in zip(outs, seg.outputs)
+                 if y.requires_grad and rows[o].grad is not None]
+        if pairs:
+            torch.autograd.backward([p[0] for p in pairs], [p[1] for p in pairs])
+        run.collect(leaves, s, e)
+        del outs, leaves, rows, pairs
+    _stash_backward(run, progs, chunk)
 
 
 def _stash_backward(run: _Runner, progs: SegmentPrograms, chunk: int) -> None:
