@@ -17,6 +17,7 @@ import transformers as tr
 from torch import nn
 
 from gradrewrite.errors import GradrewriteError
+from gradrewrite.passes.stream_bp import causal_lm_loss
 from gradrewrite.training import StreamBPTrainer
 
 V, T = 128, 24
@@ -159,3 +160,51 @@ def test_bad_chunk_and_batch_keys(tmp_path):
     trainer = StreamBPTrainer(model=tiny("llama"), args=args, train_dataset=WithPositions())
     with pytest.raises(GradrewriteError, match="position_ids"):
         trainer.train()
+
+
+def test_old_transformers_refused_naming_the_minimum(monkeypatch):
+    from gradrewrite.training.stream_bp_trainer import MIN_TRANSFORMERS_TRAINER, check_trainer_version
+
+    import transformers  # the module object the check imports at call time (in this run not always ``tr``)
+
+    monkeypatch.setattr(transformers, "__version__", "4.45.2")
+    with pytest.raises(GradrewriteError, match=MIN_TRANSFORMERS_TRAINER) as exc:
+        check_trainer_version()
+    assert "\n" not in str(exc.value)
+    monkeypatch.setattr(transformers, "__version__", MIN_TRANSFORMERS_TRAINER + ".0")
+    check_trainer_version()
+
+
+class MeanLossLM(nn.Module):
+    """A model without loss kwargs returning the micro-batch mean loss: the Trainer
+    divides it by the accumulation steps (the other branch of its normalisation)."""
+
+    def __init__(self):
+        super().__init__()
+        self.lm = tiny("llama")
+
+    def forward(self, input_ids, attention_mask=None, labels=None):
+        logits = self.lm(input_ids=input_ids, attention_mask=attention_mask).logits
+        out = {"logits": logits}
+        if labels is not None:
+            out["loss"] = causal_lm_loss(logits, labels)
+        return out
+
+
+def test_model_without_loss_kwargs_uses_micro_batch_means(tmp_path):
+    def run(cls, **kw):
+        model = MeanLossLM()
+        args = tr.TrainingArguments(
+            output_dir=str(tmp_path), per_device_train_batch_size=2, gradient_accumulation_steps=2,
+            max_steps=2, learning_rate=0.05, optim="sgd", logging_steps=1, report_to=[], use_cpu=True,
+            save_strategy="no", seed=0, dataloader_num_workers=0, disable_tqdm=True)
+        trainer = cls(model=model, args=args, train_dataset=Batches(), **kw)
+        assert not trainer.model_accepts_loss_kwargs
+        trainer.train()
+        return model, trainer.state.log_history
+
+    ref, ref_log = run(tr.Trainer)
+    got, got_log = run(StreamBPTrainer, chunk=5)
+    assert losses(got_log) == pytest.approx(losses(ref_log), rel=1e-6)
+    for (name, p), (_, q) in zip(ref.named_parameters(), got.named_parameters()):
+        assert ((p - q).norm() / p.norm()).item() < 1e-5, name
