@@ -31,6 +31,10 @@ class OrtOptions:
     external_data: Optional[bool] = _opt(None, "weights in model.onnx.data (default: only above 1 GiB)")
     nbits_accuracy_level: int = _opt(0, "MatMulNBits accuracy_level for weight-only layers: 0 = fp32 math, "
                                         "equal to the torch graph; 4 = int8 activations (faster, not exact)")
+    qdq_form: str = _opt("ort", "static int8 Q/DQ in model.onnx: ort (uint8 activations, linear weights "
+                                "stored for MatMul, int32 biases: the form ORT fuses into QLinearConv/QGemm/"
+                                "QLinearAdd, see backends/ort_int8.py) | as-is (as the exporter writes "
+                                "the quantize pass's graph)", choices=("ort", "as-is"))
 
     def __post_init__(self) -> None:
         if self.nbits_accuracy_level not in (0, 1, 2, 3, 4):

@@ -21,7 +21,7 @@ from ..rewrite.graph import Graph
 from .options import OrtOptions, field_default, make_options
 from .base import Backend, BackendArtifact, register_backend
 from . import onnx_export_fixes, ort_errors
-from . import ort_outlier_terms, ort_quant, ort_quant_embedding  # ONNX translations of the quantized ops
+from . import ort_int8, ort_outlier_terms, ort_quant, ort_quant_embedding  # ONNX translations of the quantized ops
 
 DEFAULT_OPSET = field_default("ort", "opset")
 EXTERNAL_DATA_BYTES = 1 << 30
@@ -68,7 +68,8 @@ def _quiet():
 
 
 def export_onnx(graph: Graph, path: Path, *, opset: int = DEFAULT_OPSET,
-                external_data: bool | None = None, nbits_accuracy_level: int = 0) -> dict[str, Any]:
+                external_data: bool | None = None, nbits_accuracy_level: int = 0,
+                qdq_form: str = "ort") -> dict[str, Any]:
     """Write ``graph`` as an ONNX model at ``path``; returns facts for the report."""
     import torch
 
@@ -91,6 +92,7 @@ def export_onnx(graph: Graph, path: Path, *, opset: int = DEFAULT_OPSET,
                                                                   **ort_outlier_terms.translation_table()})
             program.optimize()
             ort_quant.resolve_at_load(program.model)   # after the exporter's folding: see ort_quant
+            qdq = ort_int8.ort_form(program.model) if qdq_form == "ort" else None
             _add_metadata(program, graph.meta.get("export_metadata", {}))
             program.save(str(path), external_data=external_data)
     except Exception as exc:
@@ -105,6 +107,7 @@ def export_onnx(graph: Graph, path: Path, *, opset: int = DEFAULT_OPSET,
         "onnx_ops": sorted({n.op_type for n in model.graph.node}),
         "external_data": external_data,
         "export_fixes": fixes,
+        **({"qdq_form": qdq} if qdq and any(qdq.values()) else {}),
         "weight_bytes": weight_bytes,
         "files": files,
         "input_names": [i.name for i in model.graph.input],
@@ -150,7 +153,8 @@ class OrtBackend(Backend):
     def compile(self, graph: Graph, out_dir: Path, *, options: OrtOptions) -> BackendArtifact:
         options = make_options("ort", options)
         facts = export_onnx(graph, out_dir / "model.onnx", opset=options.opset, external_data=options.external_data,
-                            nbits_accuracy_level=options.nbits_accuracy_level)
+                            nbits_accuracy_level=options.nbits_accuracy_level,
+                            qdq_form=options.qdq_form)
         session = make_session(out_dir / "model.onnx")  # fail at compile time, not at run time
         facts["providers"] = session.get_providers()
         target = "onnxruntime-" + ("cuda" if "CUDAExecutionProvider" in facts["providers"] else "cpu")

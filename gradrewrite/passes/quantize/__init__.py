@@ -7,9 +7,20 @@ Static int8 (``mode=static``):
   ``quantized_decomposed.quantize_per_tensor.default(x, scale: float, zero_point: int,
   -128, 127, torch.int8)`` followed by ``quantized_decomposed.dequantize_per_tensor
   .default(q, scale, zero_point, -128, 127, torch.int8)``; its output (after a ReLU /
-  ReLU6 that is its only user, if any) gets the same pair. Scale and zero point are
+  ReLU6 that is its only user, if any) gets the same pair (``outputs=all``, the default:
+  the full chains the mcu and tvm int8 lowerings take); with ``outputs=auto`` only where
+  a reader can take int8: an output read only by LayerNorm, GELU, attention or a residual
+  add with a float operand stays float (ORT / OpenVINO run the layer int8 with a float
+  output). Scale and zero point are
   Python scalars in the node args (per-tensor affine int8). An input that already is a
-  dequantize (the previous layer's output) is reused, not quantized twice.
+  dequantize (the previous layer's output) is reused, not quantized twice. A residual
+  add of two dequantized values whose sum is quantized for a later layer is read through
+  that pair by its other readers too (``quantized_adds``): chained adds become
+  ``quantize(add(dequantize(a), dequantize(b)))``.
+- SmoothQuant (``smooth=auto|on|off``, ``smoothquant.py``) rescales the float graph first:
+  weights ``W s``, ``1/s`` folded into a LayerNorm / previous linear, or an
+  ``aten.mul(x, <weight>_smooth_inv_scale)`` in front of the layers. Layers whose output
+  error exceeds ``max_layer_error`` stay float (report ``fallback``).
 - Weights: int8 buffers ``<orig weight name>_int8`` (symmetric, [-127, 127]), fp32 1-D
   scales ``<name>_scale`` and int64 zero zero points ``<name>_zero_point``, fed through
   ``quantized_decomposed.dequantize_per_channel.default(w_int8, scales, zero_points,
@@ -65,6 +76,7 @@ from .awq import INPUT_MUL, awq_scale
 from .gptq import (choose_damp, gptq_quantize, hessian_relative_error, layer_hessian, permuted_problem,
                    visiting_order)
 from .padding import PaddingRows, resolve as resolve_padding
+from .smoothquant import SMOOTH, smooth_linears
 from .outliers import (AGGREGATIONS, CRITERIA, LOSSES, SPREADS, choose_loss, gradient_scores, hessian_scores,
                        magnitude_scores, top_k_mask)
 from .weight_only import BITS, permuted_input, quantize_groupwise, replace_linear, rtn_dequantized
@@ -73,6 +85,7 @@ METHODS = ("rtn", "gptq", "awq", "awq-gptq")
 ACT_GROUPS = ("static", "ordered")
 
 MODES = ("auto", "static", "weight-only")
+OUTPUTS = ("auto", "all")
 ERROR_SAMPLES = 4   # recorded inputs per layer for the error report
 
 
@@ -98,8 +111,23 @@ class Quantize:
     aggregation: str = field(default="abs", metadata={"help": "gradient aggregation over samples: abs | square"})
     loss: Any = field(default="auto", metadata={
         "help": "gradient loss: auto | causal-lm | mse (Python: a callable (outputs, inputs) -> scalar)"})
-    observer: str = field(default="minmax", metadata={"help": "static activation ranges: minmax | percentile | mse"})
+    observer: str = field(default="minmax", metadata={"help": "static activation ranges: minmax | percentile | mse | entropy (KL, TensorRT-style)"})
     percentile: float = field(default=99.99, metadata={"help": "percentile observer's cut (per side)"})
+    smooth: str = field(default="auto", metadata={
+        "help": "static: SmoothQuant scale migration for linear layers (smoothquant.py): auto (groups "
+                "whose input has outlier channels on the calibration data) | on | off"})
+    smooth_alpha: float | str = field(default="auto", metadata={
+        "help": "static: SmoothQuant migration strength alpha in (0, 1), or auto (per layer group, "
+                "the value of 0.5-0.95 with the least int8 output error on calibration rows)"})
+    outputs: str = field(default="all", metadata={
+        "help": "static: which layer outputs get a quantize/dequantize pair: all (every output: the "
+                "full int8 chains the mcu and tvm int8 lowerings need) | auto (those a reader can take "
+                "as int8; outputs read only by LayerNorm, GELU, attention or a residual add with a "
+                "float operand stay float: ORT and OpenVINO run the layer int8 with a float output, "
+                "and transformers lose far less accuracy)"})
+    max_layer_error: float = field(default=0.0, metadata={
+        "help": "static: layers whose output error (relative L2 on calibration data) exceeds this stay "
+                "float, listed in the report under fallback (0: off)"})
     select: str = field(default="op:linear|conv", metadata={"help": "layers to quantize (selector)"})
     exclude: str = field(default="", metadata={"help": "module-path globs to keep float, separated by |"})
     method: str = field(default="rtn", metadata={
@@ -156,6 +184,23 @@ class Quantize:
         if self.input_mul not in INPUT_MUL:
             raise ConfigError(f"unknown input_mul {self.input_mul!r} for quantize",
                               f"use one of {', '.join(INPUT_MUL)}")
+        if self.outputs not in OUTPUTS:
+            raise ConfigError(f"unknown outputs {self.outputs!r} for quantize", f"use one of {', '.join(OUTPUTS)}")
+        if self.smooth not in SMOOTH:
+            raise ConfigError(f"unknown smooth {self.smooth!r} for quantize", f"use one of {', '.join(SMOOTH)}")
+        if isinstance(self.smooth_alpha, str) and self.smooth_alpha != "auto":
+            raise ConfigError(f"smooth_alpha={self.smooth_alpha!r} is not a number", "use auto or a value in (0, 1)")
+        if not isinstance(self.smooth_alpha, str) and not 0.0 < self.smooth_alpha < 1.0:
+            raise ConfigError(f"smooth_alpha={self.smooth_alpha} is out of range",
+                              "use a value in (0, 1), e.g. 0.5")
+        if not self.max_layer_error >= 0.0:
+            raise ConfigError(f"max_layer_error={self.max_layer_error} is out of range",
+                              "give a relative error >= 0, e.g. 0.1 (0 turns the fallback off)")
+        if self.resolved_mode() != "static" and (self.smooth == "on" or self.max_layer_error
+                                                 or self.outputs != "all"):
+            raise ConfigError("smooth=on, outputs and max_layer_error are options of static int8 "
+                              "quantization",
+                              "use mode=static, or drop them")
         if self.method != "rtn" and self.resolved_mode() == "static":
             raise ConfigError(f"method={self.method} is for weight-only quantization",
                               "use mode=weight-only (e.g. quantize(mode=weight-only,bits=4,"
@@ -195,9 +240,13 @@ class Quantize:
                              "= samples), or PassContext(calibration=[...]) from Python")
         layers, skipped = find_layers(graph, self.select, self.exclude, kinds=("conv", "linear"),
                                       what="quantize")
-        records, pairs, fired = quantize_static(graph, layers, samples, observer=self.observer,
-                                         percentile=self.percentile, progress=ctx.progress,
-                                         keep_inputs=ERROR_SAMPLES)
+        smooth = smooth_linears(graph, layers, samples, mode=self.smooth, alpha=self.smooth_alpha,
+                                progress=ctx.progress)
+        records, pairs, fired, fallback = quantize_static(graph, layers, samples, observer=self.observer,
+                                                          percentile=self.percentile, progress=ctx.progress,
+                                                          keep_inputs=ERROR_SAMPLES,
+                                                          max_error=self.max_layer_error,
+                                                          outputs=self.outputs)
         errors = []
         for rec in records:
             errors.append({"path": rec["path"], "kind": rec["kind"], "shape": rec["shape"],
@@ -205,7 +254,8 @@ class Quantize:
                            **layer_error([(yf, yq) for _, yf, yq in pairs[rec["path"]]])})
         numel = [_numel(r["shape"]) for r in records]
         report = {"mode": "static", "observer": self.observer, "calibration_samples": len(samples),
-                  "rewrites": fired, "layers": records, "skipped": skipped,
+                  "rewrites": fired, "layers": records, "skipped": skipped, "smoothquant": smooth,
+                  "fallback": fallback,
                   "bits_per_weight": round(sum(r["bits_per_weight"] * n for r, n in zip(records, numel))
                                            / max(1, sum(numel)), 4),
                   "error_data": f"{len(samples)} calibration samples, first {ERROR_SAMPLES} per layer",

@@ -281,18 +281,20 @@ def apply_fold(graph: Graph, fold: Fold, s: torch.Tensor) -> None:
         graph.set_attr(w, (v.double() / t.reshape(v.shape)).to(v.dtype))
 
 
-def insert_input_mul(graph: Graph, x: fx.Node, group: Sequence[QLayer], s: torch.Tensor) -> None:
-    """``x * (1/s)`` in front of the group's layers only (other users of ``x`` keep ``x``)."""
+def insert_input_mul(graph: Graph, x: fx.Node, group: Sequence[QLayer], s: torch.Tensor, *,
+                     tag: str = "awq") -> None:
+    """``x * (1/s)`` in front of the group's layers only (other users of ``x`` keep ``x``);
+    the buffer is ``<weight>_<tag>_inv_scale`` (smoothquant.py uses it with tag ``smooth``)."""
     order = {n: i for i, n in enumerate(graph.nodes)}
     first = min((l.node for l in group), key=order.__getitem__)
-    inv = graph.add_attr(f"{group[0].param}_awq_inv_scale", (1.0 / s.double()).float(),
+    inv = graph.add_attr(f"{group[0].param}_{tag}_inv_scale", (1.0 / s.double()).float(),
                          before=first, parameter=False)
     with graph.graph.inserting_before(first):
         mul = graph.graph.call_function(aten.mul.Tensor, (x, inv))
     copy_meta(first, mul)
     if "val" in x.meta:
         mul.meta["val"] = x.meta["val"]
-    mul.meta.setdefault("gradrewrite", {})["awq"] = "input scale 1/s"
+    mul.meta.setdefault("gradrewrite", {})[tag] = "input scale 1/s"
     for l in group:
         l.node.replace_input_with(x, mul)
 

@@ -9,6 +9,7 @@ quantize/dequantize pair. Bias stays fp32.
 """
 from __future__ import annotations
 
+import operator
 from typing import Any, Sequence
 
 import torch
@@ -16,11 +17,13 @@ import torch.fx as fx
 
 from ...rewrite.graph import Graph, copy_meta
 from ...rewrite.quant_ops import DEQUANTIZE_PER_CHANNEL, DEQUANTIZE_PER_TENSOR, QUANTIZE_PER_TENSOR
+from .error_report import layer_error
 from .layers import QLayer, layer_input, observe
 from .observers import QMAX, QMIN, fake_quant, make_observer, qparams
 
 aten = torch.ops.aten
 W_QMAX = 127
+_ADDS = (aten.add.Tensor, aten.add_.Tensor)
 _ACTIVATIONS = (aten.relu.default, aten.relu_.default, aten.relu6.default, aten.hardtanh.default,
                 aten.hardtanh_.default)
 
@@ -83,11 +86,15 @@ def run_layer(graph: Graph, layer: QLayer, x: torch.Tensor, w: torch.Tensor,
 
 
 def quantize_static(graph: Graph, layers: Sequence[QLayer], samples: Sequence[tuple], *,
-                    observer: str, percentile: float, progress=None,
-                    keep_inputs: int = 4) -> tuple[list[dict], dict[str, list[tuple]], dict[str, int]]:
+                    observer: str, percentile: float, progress=None, keep_inputs: int = 4,
+                    max_error: float = 0.0, outputs: str = "all") -> tuple[list[dict], dict[str, list[tuple]], dict[str, int], list[dict]]:
     """Calibrate, then rewrite every layer in place. Returns per-layer records; per layer
-    path, (float input, float output, quantized output) triples for the error report; and
-    how often each rewrite fired."""
+    path, (float input, float output, quantized output) triples for the error report; how
+    often each rewrite fired; and the layers left float because their output error on the
+    recorded calibration inputs (relative L2, input and output fake-quantized, int8
+    weights) exceeded ``max_error`` (0: none are). ``outputs="auto"`` leaves a layer's
+    output float where every reader computes in float (``float_readers_only``); ``"all"``
+    quantizes every output (the full int8 chains the mcu and tvm int8 lowerings take)."""
     acts = {l.param: fused_activation(l) for l in layers}
     observers: dict[fx.Node, Any] = {}
     recorded: dict[str, list[torch.Tensor]] = {l.param: [] for l in layers}
@@ -106,6 +113,8 @@ def quantize_static(graph: Graph, layers: Sequence[QLayer], samples: Sequence[tu
         watch[node] = (lambda v, a=prev, b=fn: (a(v), b(v))) if prev else fn
 
     inputs = {l.param: layer_input(l) for l in layers}   # before any rewrite
+    float_out = {l.param for l in layers
+                 if outputs == "auto" and float_readers_only(acts[l.param] or l.node, layers, acts)}
     for l in layers:
         track(inputs[l.param], keep=l.param)
         track(acts[l.param] or l.node)
@@ -113,7 +122,9 @@ def quantize_static(graph: Graph, layers: Sequence[QLayer], samples: Sequence[tu
     ranges = {node: qparams(*obs.range()) for node, obs in observers.items()}
 
     records, pairs = [], {}
-    fired = {"input-qdq": 0, "input-reused": 0, "weight-int8": 0, "output-qdq": 0}
+    fired = {"input-qdq": 0, "input-reused": 0, "weight-int8": 0, "output-qdq": 0, "output-float": 0,
+             "add-output-reused": 0}
+    fallback = []
     for l in layers:
         x_node, act = layer_input(l), acts[l.param]    # x_node: the input as rewritten so far
         out_node = act or l.node
@@ -124,10 +135,17 @@ def quantize_static(graph: Graph, layers: Sequence[QLayer], samples: Sequence[tu
         # reference outputs before the graph changes
         w_dq = dequantize_weight(q, scale)
         with torch.no_grad():
+            out_fq = (lambda y: y) if l.param in float_out else (lambda y: fake_quant(y, out_s, out_zp))
             pairs[l.path] = [(x, run_layer(graph, l, x, w, act),
-                              fake_quant(run_layer(graph, l, fake_quant(x, in_s, in_zp), w_dq, act),
-                                         out_s, out_zp))
+                              out_fq(run_layer(graph, l, fake_quant(x, in_s, in_zp), w_dq, act)))
                              for x in recorded[l.param]]
+        if max_error > 0:
+            err = layer_error([(yf, yq) for _, yf, yq in pairs[l.path]])
+            if err["relative_error"] > max_error:
+                fallback.append({"path": l.path, "kind": l.kind, "relative_error": err["relative_error"],
+                                 "sqnr_db": err["sqnr_db"], "threshold": max_error})
+                del pairs[l.path]
+                continue
 
         if x_node.op == "call_function" and x_node.target == DEQUANTIZE_PER_TENSOR:
             x_dq = x_node                       # already quantized upstream
@@ -150,11 +168,15 @@ def quantize_static(graph: Graph, layers: Sequence[QLayer], samples: Sequence[tu
         w_dq_node.meta["val"] = _meta_like(l.weight_node, torch.float32)
         l.node.args = l.args_with(x_dq, w_dq_node)
         fired["weight-int8"] += 1
-        users = list(out_node.users)
-        dq = _insert_qdq(graph, out_node, out_s, out_zp, l.node)
-        for u in users:
-            u.replace_input_with(out_node, dq)
-        fired["output-qdq"] += 1
+        if l.param in float_out:
+            fired["output-float"] += 1
+            out_s = out_zp = None
+        else:
+            users = list(out_node.users)
+            dq = _insert_qdq(graph, out_node, out_s, out_zp, l.node)
+            for u in users:
+                u.replace_input_with(out_node, dq)
+            fired["output-qdq"] += 1
         l.node.meta.setdefault("gradrewrite", {}).update({"quantized": "int8 static"})
         numel, channels = w.numel(), len(scale)
         records.append({
@@ -164,8 +186,106 @@ def quantize_static(graph: Graph, layers: Sequence[QLayer], samples: Sequence[tu
                        "after": act.target.__name__.split(".")[0] if act is not None else None},
             # stored: int8 codes, fp32 scale and int64 zero point per channel (bias not counted)
             "bits_per_weight": round((8 * numel + (32 + 64) * channels) / numel, 4)})
+    fired["add-output-reused"] = quantized_adds(graph)
     graph.commit()
-    return records, pairs, fired
+    return records, pairs, fired, fallback
+
+
+# readers that compute in float whatever they are given (a quantized output before them is
+# only rounding): norms, attention, smooth activations; data movement is followed through
+_FLOAT_READERS = {aten.layer_norm.default, aten.native_layer_norm.default, aten.gelu.default,
+                  aten.softmax.int, aten._softmax.default, aten.scaled_dot_product_attention.default,
+                  aten.matmul.default, aten.bmm.default, aten.rms_norm.default}
+_MOVES = {aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.transpose.int,
+          aten.permute.default, aten.contiguous.default, aten.clone.default, aten.dropout.default,
+          aten.split.Tensor, aten.split_with_sizes.default, aten.slice.Tensor, aten.unsqueeze.default,
+          aten.squeeze.dim, aten.alias.default, aten.detach.default, aten.chunk.default,
+          aten.unbind.int, aten.select.int, aten.expand.default, aten.flatten.using_ints,
+          aten.unflatten.int, operator.getitem}
+
+
+def float_readers_only(value: fx.Node, layers: Sequence[QLayer], acts: dict, depth: int = 8) -> bool:
+    """True when every reader of a layer's output computes in float (LayerNorm, GELU,
+    attention, a residual add with a float operand, through data movement): a quantize/
+    dequantize pair there adds rounding and no integer kernel can use it (ORT runs the layer
+    as int8 x int8 with a float output). Graph outputs, quantized layers, pools, adds of
+    two layer outputs and every op not known here keep the pair (the graph contract)."""
+    outs = {acts[l.param] or l.node for l in layers}
+    readers = list(value.users)
+    if not readers or depth <= 0:
+        return False
+    for u in readers:
+        if u.op != "call_function":
+            return False
+        if u.target in _FLOAT_READERS:
+            continue
+        if u.target in _MOVES:
+            if float_readers_only(u, layers, acts, depth - 1):
+                continue
+            return False
+        if u.target in _ADDS:
+            other = [a for a in u.args if isinstance(a, fx.Node) and a is not value]
+            if other and not all(_int8_able(a, outs) for a in other):
+                continue
+        return False
+    return True
+
+
+def _int8_able(node: Any, outs: set, depth: int = 16) -> bool:
+    """Could ``node`` hold a quantized value: a quantized layer's output, a graph input (a
+    first layer quantizes it), or an add / activation / max pool / data movement of such
+    values. A norm's or an embedding's output, and sums with them, cannot."""
+    if not isinstance(node, fx.Node) or depth <= 0:
+        return False
+    if node in outs or node.op == "placeholder":
+        return True
+    if node.op != "call_function":
+        return False
+    if node.target in _ADDS:
+        return all(_int8_able(a, outs, depth - 1) for a in node.args if isinstance(a, fx.Node))
+    if node.target in _ACTIVATIONS or node.target in _MOVES or node.target in (
+            aten.max_pool2d.default, aten.max_pool2d_with_indices.default):
+        return _int8_able(node.args[0], outs, depth - 1)
+    return False
+
+
+def _dequantized(arg: Any) -> bool:
+    return isinstance(arg, fx.Node) and arg.op == "call_function" and arg.target == DEQUANTIZE_PER_TENSOR
+
+
+def quantized_adds(graph: Graph) -> int:
+    """Residual adds of two quantized values whose sum is quantized for a later layer:
+    every other reader of the sum reads it through that quantize/dequantize too.
+
+    ``x2 = x1 + f(x1)`` chains (MobileNetV2, ResNet stages) left the next add reading the
+    float ``x1`` while the next layer read ``dequantize(quantize(x1))``: the first add had
+    a float reader, so no integer kernel could take it, and the second a float input.
+    Reading the quantized sum (one rounding, the range calibrated for the next layer's
+    input) makes each add ``quantize(add(dequantize(a), dequantize(b)))``: an integer add
+    (ORT QLinearAdd, the mcu/tvm int8 add). Returns how many adds were rerouted."""
+    count = 0
+    for node in list(graph.graph.nodes):
+        if node.op != "call_function" or node.target not in _ADDS or len(node.args) != 2 or node.kwargs:
+            continue
+        if not all(_dequantized(a) for a in node.args):
+            continue
+        out = node
+        users = list(out.users)
+        if len(users) == 1 and users[0].op == "call_function" and users[0].target in _ACTIVATIONS:
+            out = users[0]
+            users = list(out.users)
+        q = next((u for u in users if u.op == "call_function" and u.target == QUANTIZE_PER_TENSOR
+                  and u.args[5] == torch.int8 and len(u.users) == 1), None)
+        dq = next(iter(q.users)) if q is not None else None
+        if dq is None or dq.target != DEQUANTIZE_PER_TENSOR:
+            continue
+        others = [u for u in users if u is not q]
+        if not others:
+            continue
+        for u in others:
+            u.replace_input_with(out, dq)
+        count += 1
+    return count
 
 
 __all__ = ["quantize_static", "quantize_weight", "dequantize_weight", "run_layer", "resolve",

@@ -1,4 +1,4 @@
-"""Activation observers for static int8: min/max, percentile and MSE-optimal ranges.
+"""Activation observers for static int8: min/max, percentile, MSE-optimal and entropy (KL) ranges.
 
 Each observer sees every calibration batch of one tensor and turns what it saw into a
 range ``(lo, hi)`` (always containing 0, so 0.0 is exact), then into per-tensor affine
@@ -11,7 +11,8 @@ import math
 import torch
 
 QMIN, QMAX = -128, 127
-OBSERVERS = ("minmax", "percentile", "mse")
+OBSERVERS = ("minmax", "percentile", "mse", "entropy")
+_BINS = 2048       # entropy observer: histogram bins over the observed range
 _SAMPLE = 1 << 16   # values kept per batch by the sampling observers
 
 
@@ -72,6 +73,51 @@ class MSE(_Sampled):
         return best
 
 
+class Entropy(_Sampled):
+    """TensorRT-style entropy calibration: the clipping range, shrunk from min/max by the
+    factor that keeps the 255-step quantized histogram closest (KL divergence) to the
+    observed one, values beyond the range counted at its edges."""
+
+    def range(self) -> tuple[float, float]:
+        v = self.values().double()
+        lo, hi = min(self.minmax.range()[0], 0.0), max(self.minmax.range()[1], 0.0)
+        if not hi > lo:
+            return lo, hi
+        hist = torch.histc(v, _BINS, lo, hi)
+        edges = torch.linspace(lo, hi, _BINS + 1, dtype=torch.float64)
+        best, best_kl = (lo, hi), math.inf
+        for frac in torch.linspace(0.3, 1.0, 36).tolist():
+            c_lo, c_hi = lo * frac, hi * frac
+            a = int(torch.searchsorted(edges, torch.tensor(c_lo, dtype=torch.float64)).clamp(0, _BINS - 1))
+            b = int(torch.searchsorted(edges, torch.tensor(c_hi, dtype=torch.float64), right=True).clamp(a + 1, _BINS))
+            kl = _kl_clipped(hist, a, b, QMAX - QMIN)
+            if kl < best_kl:
+                best, best_kl = (c_lo, c_hi), kl
+        return best
+
+
+def _kl_clipped(hist: torch.Tensor, a: int, b: int, levels: int) -> float:
+    """KL(P || Q) as TensorRT computes it: P = hist[a:b] with the mass outside added to its
+    edge bins; Q = hist[a:b] without that mass, merged into ``levels`` equal groups of bins,
+    each group's mass spread over its nonzero bins (so clipping costs what it moves)."""
+    inside = hist[a:b]
+    p = inside.clone()
+    p[0] += hist[:a].sum()
+    p[-1] += hist[b:].sum()
+    n = p.numel()
+    group = torch.div(torch.arange(n) * min(levels, n), n, rounding_mode="floor")
+    mass = torch.zeros(min(levels, n), dtype=p.dtype).index_add_(0, group, inside)
+    nonzero = torch.zeros(min(levels, n), dtype=p.dtype).index_add_(0, group, (inside > 0).to(p.dtype))
+    q = torch.where(inside > 0, mass[group] / nonzero[group].clamp(min=1), torch.zeros_like(p))
+    total_p, total_q = p.sum(), q.sum()
+    if not total_p > 0:
+        return 0.0
+    p, q = p / total_p, q / total_q
+    keep = p > 0
+    q = q.clamp(min=1e-12)   # an edge bin that holds only clipped mass
+    return float((p[keep] * (p[keep] / q[keep]).log()).sum())
+
+
 def make_observer(kind: str, percentile: float):
     if kind == "minmax":
         return MinMax()
@@ -79,6 +125,8 @@ def make_observer(kind: str, percentile: float):
         return Percentile(percentile)
     if kind == "mse":
         return MSE()
+    if kind == "entropy":
+        return Entropy()
     raise ValueError(kind)
 
 
