@@ -275,6 +275,19 @@ def test_int8_step_with_streamed_trained_bias_is_bit_exact(tmp_path):
     assert losses[-1] < losses[0]
 
 
+def test_check_mode_placeholders_keep_tuple_items():
+    """In check mode an op the lowering cannot take gets placeholder buffers; a tuple's
+    None items (a convolution backward's gradients not wanted) stay where they are, so
+    getitem takes the right one (they were dropped: check --train on an int8 SE net
+    stopped on 'internal error: IndexError')."""
+    from gradrewrite.backends.mcu.inference.lowering.lowerer import Lowerer
+
+    lw = Lowerer(capture(torch.nn.Linear(2, 2).eval(), (torch.zeros(1, 2),)), collect=True)
+    node = type("Node", (), {"meta": {"val": (torch.zeros(2, 3), None, torch.zeros(4, dtype=torch.int8))}})()
+    gx, gw, gb = lw._placeholder_for(node)
+    assert gw is None and gx.shape == (2, 3) and (gb.shape, gb.dtype) == ((4,), "i8")
+
+
 class GeluNet(torch.nn.Module):
     def __init__(self):
         super().__init__()

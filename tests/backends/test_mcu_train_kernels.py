@@ -122,6 +122,51 @@ def test_relu_relu6_backward(lib):
     np.testing.assert_array_equal(out, torch.ops.aten.hardtanh_backward(gy, x, 0.0, 6.0).numpy())
 
 
+def test_gate_kernels_match_the_int8_reference_bit_for_bit(lib):
+    """Squeeze-excitation gates as an int8 training step runs them: gr_sigmoid_tr_f32
+    (gr_expf), gr_sigmoid_bwd_f32 and gr_hardsigmoid_bwd_f32 equal the integer
+    reference's mirrors (training/reference.py GATES) bit for bit, on the boundaries
+    (gr_expf's +-87/88 cut-offs, hardsigmoid's +-3) and NaN/inf; the sigmoid is within
+    2 float steps (relative 2.4e-7) of torch's."""
+    from gradrewrite.backends.mcu.training.reference import GATES
+
+    aten = torch.ops.aten
+    g = torch.Generator().manual_seed(4)
+    x = (torch.randn(400, generator=g) * 30).numpy().astype(np.float32)
+    x[:12] = [0.0, -0.0, 3.0, -3.0, 87.0, -87.0, 88.0, -88.0, 87.5, -87.5, np.inf, -np.inf]
+    gy = torch.randn(400, generator=g).numpy().astype(np.float32)
+    out = np.empty(400, np.float32)
+    lib.gr_sigmoid_tr_f32(ptr(x), ptr(out), I32(400))
+    np.testing.assert_array_equal(out, GATES[aten.sigmoid.default](x))
+    np.testing.assert_allclose(out, torch.sigmoid(torch.from_numpy(x)).numpy(), rtol=2.4e-7, atol=1e-38)
+    y = out.copy()
+    lib.gr_sigmoid_bwd_f32(ptr(gy), ptr(y), ptr(out), I32(400))
+    np.testing.assert_array_equal(out, GATES[aten.sigmoid_backward.default](gy, y))
+    lib.gr_hardsigmoid_bwd_f32(ptr(gy), ptr(x), ptr(out), I32(400))
+    np.testing.assert_array_equal(out, GATES[aten.hardsigmoid_backward.default](gy, x))
+    np.testing.assert_array_equal(out, aten.hardsigmoid_backward(torch.from_numpy(gy), torch.from_numpy(x)).numpy())
+
+
+@pytest.mark.parametrize("op,cmp", [(0, "le"), (1, "ge"), (2, "lt"), (3, "gt")])
+def test_where_compare_is_torch_where(lib, op, cmp):
+    """gr_where_cmp_f32: where(x OP s, a, b) with either branch a tensor or a constant
+    (hardswish / hardsigmoid backward as autograd decomposes them), exactly torch's, ties
+    and NaN included."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(300, generator=g) * 4
+    x[:4] = torch.tensor([3.0, -3.0, 6.0, float("nan")])
+    a, b = torch.randn(300, generator=g), torch.randn(300, generator=g)
+    out = np.empty(300, np.float32)
+    for s in (3.0, 6.0, 0.0):
+        mask = getattr(torch, cmp)(x, s)
+        lib.gr_where_cmp_f32(I32(op), ptr(f32(x)), ctypes.c_float(s), ptr(f32(a)), ctypes.c_float(0.0), None,
+                             ctypes.c_float(0.0), ptr(out), I32(300))
+        np.testing.assert_array_equal(out, torch.where(mask, a, 0.0).numpy())
+        lib.gr_where_cmp_f32(I32(op), ptr(f32(x)), ctypes.c_float(s), None, ctypes.c_float(2.5), ptr(f32(b)),
+                             ctypes.c_float(0.0), ptr(out), I32(300))
+        np.testing.assert_array_equal(out, torch.where(mask, 2.5, b).numpy())
+
+
 @pytest.mark.parametrize("k,s,p,cip", [(2, 2, 0, True), (3, 2, 1, True), (3, 1, 1, False), (3, 2, 1, False)])
 def test_avg_pool_backward(lib, k, s, p, cip):
     g = torch.Generator().manual_seed(4)

@@ -125,6 +125,19 @@ void gr_sigmoid_bwd_f32(const float *gy, const float *y, float *gx, int32_t n) {
     for (int32_t i = 0; i < n; i++) gx[i] = gy[i] * (1.0f - y[i]) * y[i];   /* torch's order */
 }
 
+void gr_where_cmp_f32(int32_t op, const float *x, float s, const float *a, float ca, const float *b, float cb,
+                      float *y, int32_t n) {
+    for (int32_t i = 0; i < n; i++) {
+        const float v = x[i];
+        const int c = op == GR_LE ? v <= s : op == GR_GE ? v >= s : op == GR_LT ? v < s : v > s;
+        y[i] = c ? (a ? a[i] : ca) : (b ? b[i] : cb);
+    }
+}
+
+void gr_sigmoid_tr_f32(const float *x, float *y, int32_t n) {
+    for (int32_t i = 0; i < n; i++) y[i] = 1.0f / (1.0f + gr_expf(-x[i]));
+}
+
 void gr_hardsigmoid_bwd_f32(const float *gy, const float *x, float *gx, int32_t n) {
     for (int32_t i = 0; i < n; i++) gx[i] = (x[i] > -3.0f && x[i] < 3.0f) ? gy[i] * (1.0f / 6.0f) : 0.0f;
 }

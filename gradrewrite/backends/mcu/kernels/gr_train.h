@@ -25,6 +25,13 @@ void gr_hardtanh_bwd_f32(const float *gy, const float *x, float lo, float hi, fl
 /* squeeze-excitation gates: gx = gy * (1 - y) * y from sigmoid's output y; gy / 6 where
    -3 < x < 3 (hardsigmoid's input x), else 0 */
 void gr_sigmoid_bwd_f32(const float *gy, const float *y, float *gx, int32_t n);
+/* where(x OP s, a, b) of a decomposed gate / hardswish backward (OP: GR_LE, GR_GE,
+   GR_LT, GR_GT); a or b NULL: the constant ca / cb */
+enum { GR_LE = 0, GR_GE = 1, GR_LT = 2, GR_GT = 3 };
+void gr_where_cmp_f32(int32_t op, const float *x, float s, const float *a, float ca, const float *b, float cb,
+                      float *y, int32_t n);
+/* sigmoid with gr_expf (an int8 step's gate: the reference mirrors it bit for bit) */
+void gr_sigmoid_tr_f32(const float *x, float *y, int32_t n);
 void gr_hardsigmoid_bwd_f32(const float *gy, const float *x, float *gx, int32_t n);
 /* max pooling that also records, per output, the argmax's flat index in its h*w plane
    (torch's indices: first maximum in scan order, NaN wins), and its backward. */

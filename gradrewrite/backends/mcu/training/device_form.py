@@ -298,6 +298,8 @@ _EXACT_OPS = {
     aten.mean.dim, aten.sum.dim_IntList, aten.max_pool2d.default, aten.ones_like.default,
     aten._log_softmax.default, aten.nll_loss_forward.default, aten.nll_loss_backward.default,
     aten._log_softmax_backward_data.default, aten.threshold_backward.default, aten.hardtanh_backward.default,
+    aten.sigmoid.default, aten.sigmoid_backward.default, aten.hardsigmoid_backward.default,   # reference.GATES
+    aten.where.self, aten.scalar_tensor.default, aten.le.Scalar, aten.ge.Scalar, aten.lt.Scalar, aten.gt.Scalar,
     aten.convolution_backward.default, aten.slice_scatter.default, operator.getitem,
     QUANTIZE_PER_TENSOR, DEQUANTIZE_PER_TENSOR, DEQUANTIZE_PER_CHANNEL,
     ste_s8, mask_bits, masked_grad, linear_bwd_input, linear_bwd_weight, pad_s8, *PADS,

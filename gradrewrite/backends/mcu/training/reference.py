@@ -67,6 +67,16 @@ def gr_logf(x: np.ndarray) -> np.ndarray:
     return (e * F32(float.fromhex("0x1.62e4p-1")) + (e * F32(float.fromhex("0x1.7f7d1cp-20")) + s * p)).astype(F32)
 
 
+# ------------------------------------------------------------------ squeeze-excitation gates, as the kernels
+GATES = {   # gr_sigmoid_tr_f32 (gr_expf), gr_sigmoid_bwd_f32, gr_hardsigmoid_bwd_f32; hardswish and
+            # hardsigmoid themselves reach the step decomposed (add, clamp, mul, div; where)
+    aten.sigmoid.default: lambda x: (F32(1.0) / (F32(1.0) + gr_expf(-x))).astype(F32),
+    aten.sigmoid_backward.default: lambda g, y: ((g * (F32(1.0) - y)).astype(F32) * y).astype(F32),
+    aten.hardsigmoid_backward.default: lambda g, x: np.where((x > F32(-3.0)) & (x < F32(3.0)),
+                                                             g * (F32(1.0) / F32(6.0)), F32(0.0)).astype(F32),
+}
+
+
 # ------------------------------------------------------------------ fp32 reductions in the kernels' order
 def log_softmax(x: np.ndarray) -> np.ndarray:
     x = x.astype(F32)
@@ -353,6 +363,8 @@ def _one_step(dgraph, layers, state, store, trained, x, labels, lr, rnd, memo) -
         elif tgt == aten.nll_loss_backward.default:
             env[n] = torch.from_numpy(nll_bwd(np32(args[0]), args[2].numpy(), np32(args[6]),
                                               int(n.meta["val"].shape[1]), int(args[5]), int(args[4]) == 1))
+        elif tgt in GATES:
+            env[n] = torch.from_numpy(GATES[tgt](*(np32(v) for v in args)))
         elif tgt in (aten.mean.dim, aten.sum.dim_IntList):
             dims = list(args[1]) if args[1] else list(range(args[0].dim()))
             r = reduce(np32(args[0]), dims, tgt == aten.mean.dim)

@@ -7,7 +7,7 @@ import torch.fx as fx
 
 from .....rewrite.graph import op_name
 from ...inference.lowering.base import (HANDLERS, Unsupported, conv_shape, float_in, pair, pool_shape,
-                                        val_meta)
+                                        shape_of, val_meta)
 from ...program import Val, c_float
 from . import int8 as s8
 from .base import TRAIN_FILE, aten, emit, split_parts, train_handles
@@ -28,6 +28,58 @@ def _act_bwd(lw: TrainLowerer, node: fx.Node) -> Val:
     kernel = "gr_threshold_bwd_f32" if node.target == aten.threshold_backward.default else "gr_hardtanh_bwd_f32"
     emit(lw, kernel, f"{kernel}({g.ptr()}, {y.ptr()}, {bounds}, {gx.out()}, {g.numel});", [g, y], [gx])
     return gx
+
+
+CMP = {aten.le.Scalar: "GR_LE", aten.ge.Scalar: "GR_GE", aten.lt.Scalar: "GR_LT", aten.gt.Scalar: "GR_GT"}
+
+
+@train_handles(*CMP)
+def _compare(lw: TrainLowerer, node: fx.Node) -> None:
+    """A comparison with a scalar is computed inside the ``where`` that selects by it
+    (hardswish / hardsigmoid backward, as autograd decomposes them); no mask is stored."""
+    if not all(u.target == aten.where.self and u.args[0] is node for u in node.users):
+        raise Unsupported("a comparison read other than as a where's condition")
+    return None
+
+
+@train_handles(aten.where.self)
+def _where(lw: TrainLowerer, node: fx.Node) -> Val:
+    """where(x OP s, a, b), a and b each of the output's shape or a constant scalar:
+    ``gr_where_cmp_f32``, exact per element."""
+    cond, a, b = node.args
+    if not (isinstance(cond, fx.Node) and cond.target in CMP and isinstance(cond.args[1], (int, float))):
+        raise Unsupported("a where whose condition is not a comparison with a scalar")
+    ys = shape_of(node)
+    x = float_in(lw, cond.args[0])
+    if x.shape != ys:
+        raise Unsupported("a where with broadcasting")
+    reads, ptrs = [x], []
+    for v in (a, b):
+        if not isinstance(v, fx.Node) or lw.is_const(v) and lw.const_value(v).numel() == 1:
+            c = float(lw.const_value(v)) if isinstance(v, fx.Node) else float(v)
+            ptrs.append(f"NULL, {c_float(c)}")
+            continue
+        t = float_in(lw, v)
+        if t.shape != ys:
+            raise Unsupported("a where with broadcasting")
+        reads.append(t)
+        ptrs.append(f"{t.ptr()}, 0.0f")
+    y = lw.new(ys, "f32")
+    emit(lw, "gr_where_cmp_f32", f"gr_where_cmp_f32({CMP[cond.target]}, {x.ptr()}, {c_float(float(cond.args[1]))}, "
+         f"{ptrs[0]}, {ptrs[1]}, {y.out()}, {x.numel});", reads, [y])
+    return y
+
+
+@train_handles(aten.sigmoid.default)
+def _sigmoid(lw: TrainLowerer, node: fx.Node) -> Val:
+    """An int8 step's sigmoid gate computes exp with gr_expf, which the integer reference
+    mirrors bit for bit (libm's expf it cannot); an fp32 step keeps the inference kernel."""
+    if not lw.int8:
+        return HANDLERS[node.target](lw, node)
+    x = lw.contig(float_in(lw, node.args[0]))
+    y = lw.new(x.shape, "f32")
+    emit(lw, "gr_sigmoid_tr_f32", f"gr_sigmoid_tr_f32({x.ptr()}, {y.out()}, {x.numel});", [x], [y])
+    return y
 
 
 @train_handles(aten.sigmoid_backward.default, aten.hardsigmoid_backward.default)
