@@ -15,14 +15,17 @@ from .rewrite.graph import Graph
 from .rewrite.verify import verify
 
 
-def verify_artifact(runner, reference: Graph, opts, batch: int | None = None) -> dict[str, Any]:
+def verify_artifact(runner, reference: Graph, opts, batch: int | None = None, *,
+                    reference_outputs=None) -> dict[str, Any]:
     """The artifact (numpy in/out) against the original graph, on fresh seeded inputs
-    (offset from the per-pass checks' seeds); ``batch``: another size of a dynamic batch."""
+    (offset from the per-pass checks' seeds); ``batch``: another size of a dynamic batch.
+    ``reference_outputs``: the original's outputs recorded earlier (``RecordedOutputs``),
+    used instead of running it again next to the artifact."""
     def run(*inputs: torch.Tensor) -> list[torch.Tensor]:
         return [torch.from_numpy(np.asarray(o)) for o in runner(*(t.numpy() for t in inputs))]
 
     try:
-        return verify(run, reference, reference, n_inputs=opts.verify_inputs,
+        return verify(run, reference_outputs or reference, reference, n_inputs=opts.verify_inputs,
                       seed=opts.seed + 1000, batch=batch).as_dict()
     except ValueError as exc:
         raise VerificationError(f"artifact outputs do not match the model's: {exc}",

@@ -32,6 +32,9 @@ from .training import stream_bp_step
 from . import training
 from .rewrite import dynamic_batch
 from .rewrite.graph import Graph
+from .rewrite.mapped_safetensors import release_pages
+from .rewrite.peak_rss import PeakRss, fp32_weight_bytes
+from .rewrite.recorded_outputs import RecordedOutputs
 from .rewrite.pass_manager import DumpGraphs, Instrument, PassManager, VerifyEachPass, console_feedback
 from .rewrite.pipeline import PassSpec, build_passes, load_recipe, parse_pipeline
 from .rewrite.registry import PassContext
@@ -115,12 +118,20 @@ def compile_graph(graph: Graph, out: str | Path, options: CompileOptions | None 
 
     tmp = make_build_dir(out)
     try:
+        memory = PeakRss()
         log = console.log if console is not None else (lambda *a, **k: None)
         pipeline = specs  # the whole pipeline, for the manifest (prepare runs its inference part)
         graph, specs = training.prepare(graph, specs, opts.train, backend=opts.backend, seed=opts.seed,
                                         calibration=opts.calibration, console=console)
         passes = build_passes(specs)
-        original = graph.clone()
+        original = graph.clone()  # shares the weights when they are memory-mapped (bounded memory)
+        reference_outputs = None
+        if "mapped_weights" in original.meta and not auto and not graph.meta.get("train_step"):
+            # bounded memory: the original's outputs for the artifact check now, so the float
+            # model and the backend's runtime are never resident at the same time
+            reference_outputs = RecordedOutputs(original, opts.verify_inputs, opts.seed + 1000)
+            release_pages(original)
+        memory.mark("reference")
         instruments: list[Instrument] = []
         if opts.verify_each_pass:
             instruments.append(VerifyEachPass(n_inputs=2, seed=opts.seed, rel_tol=opts.rel_tol))
@@ -137,6 +148,8 @@ def compile_graph(graph: Graph, out: str | Path, options: CompileOptions | None 
                               f"train it first, then end the pipeline with the pass that bakes them "
                               f"(e.g. {'nm-finalize' if kind == 'nm-sparsity' else 'its finalize pass'})")
         exact = all(getattr(p, "exact", True) for p in passes)
+        memory.mark("passes")
+        release_pages(graph)
         if stream_bp:  # the chunked step is written and checked against autograd here
             _finish_stream_bp(graph, original, tmp, out, opts, specs, result, model_file, log)
             return Artifact(out)
@@ -149,6 +162,8 @@ def compile_graph(graph: Graph, out: str | Path, options: CompileOptions | None 
             log(f"lowering with backend [bold]{backend.name}[/] …")
             artifact = backend.compile(graph, tmp, options=opts.backend_options)
         build_seconds = time.perf_counter() - t0
+        memory.mark("lowering")
+        release_pages(graph)
 
         # Files passes left for deployment (e.g. N:M masks) ship with every backend.
         for name, data in graph.meta.get("export_files", {}).items():
@@ -164,7 +179,7 @@ def compile_graph(graph: Graph, out: str | Path, options: CompileOptions | None 
                                                   seed=opts.seed + 1000)
             if verification is None:
                 verification = verify_artifact(runner, graph if graph.meta.get("train_step") else original,
-                                                opts)
+                                                opts, reference_outputs=reference_outputs)
         if original.dynamic_batch:  # the traced batch is checked; other batches must agree too
             verification = verify_other_batches(runner, original, opts, verification)
         # a training step is compared with the rewritten step, so lossy passes do not
@@ -185,6 +200,7 @@ def compile_graph(graph: Graph, out: str | Path, options: CompileOptions | None 
         # their own measure (the mcu backend: instructions per inference under QEMU)
         skip = artifact.info.get("no_wall_latency")
         latency = {"skipped": skip} if skip else _latency(runner, original, opts.latency_runs)
+        memory.mark("verification")
 
         (tmp / "graph_before.txt").write_text(original.text())
         (tmp / "graph_after.txt").write_text(graph.text())
@@ -205,6 +221,9 @@ def compile_graph(graph: Graph, out: str | Path, options: CompileOptions | None 
             "artifact": {"files": artifact.files, **artifact.info},
             "sizes": {f: (tmp / f).stat().st_size for f in artifact.files},
             "export_metadata": graph.meta.get("export_metadata", {}),
+            "memory": {**memory.report(fp32_weight_bytes(original.gm)),
+                       "weights": ("memory-mapped, shared with the reference graph" if reference_outputs is not None
+                                   else "in memory")},
         }
         if original.dynamic_batch:
             report["dynamic_batch"] = {"min": dynamic_batch.MIN_BATCH, "max": dynamic_batch.MAX_BATCH,

@@ -18,9 +18,10 @@ import numpy as np
 
 from ..errors import BackendError
 from ..rewrite.graph import Graph
+from ..rewrite.mapped_safetensors import release_pages
 from .options import OrtOptions, field_default, make_options
 from .base import Backend, BackendArtifact, register_backend
-from . import onnx_export_fixes, ort_errors
+from . import onnx_export_fixes, onnx_stream_writer, ort_errors
 from . import ort_int8, ort_outlier_terms, ort_quant, ort_quant_embedding  # ONNX translations of the quantized ops
 
 DEFAULT_OPSET = field_default("ort", "opset")
@@ -75,8 +76,8 @@ def export_onnx(graph: Graph, path: Path, *, opset: int = DEFAULT_OPSET,
 
     weight_bytes = sum(t.numel() * t.element_size()
                        for t in list(graph.gm.parameters()) + list(graph.gm.buffers()))
-    if external_data is None:
-        external_data = weight_bytes > EXTERNAL_DATA_BYTES
+    if external_data is None:  # memory-mapped weights (a large model) stream out tensor by tensor
+        external_data = weight_bytes > EXTERNAL_DATA_BYTES or "mapped_weights" in graph.meta
     input_names = [s.name for s in graph.inputs]
     try:
         # batch-1 outlier layers sharing an input get one outlier term (ort_outlier_terms)
@@ -94,7 +95,12 @@ def export_onnx(graph: Graph, path: Path, *, opset: int = DEFAULT_OPSET,
             ort_quant.resolve_at_load(program.model)   # after the exporter's folding: see ort_quant
             qdq = ort_int8.ort_form(program.model) if qdq_form == "ort" else None
             _add_metadata(program, graph.meta.get("export_metadata", {}))
-            program.save(str(path), external_data=external_data)
+            if external_data:   # tensor by tensor from the weights' own memory (onnx_stream_writer)
+                onnx_stream_writer.save_with_external_data(program.model, path)
+            else:
+                program.save(str(path), external_data=False)
+            del program
+        release_pages(graph)  # memory-mapped weights were read to write them: not resident for the session
     except Exception as exc:
         raise ort_errors.export_error(exc, graph) from exc
     import onnx

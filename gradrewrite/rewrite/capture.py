@@ -167,10 +167,12 @@ def load_model(path: str | Path | None = None, *, module: str | None = None,
              for i, s in enumerate(inputs)]
     check_input_memory(specs)
     dynamic: bool | list[bool] = True if dynamic_batch else [s.dynamic_batch for s in specs]
+    if module is not None and path is not None and Path(path).suffix.lower() == ".safetensors":
+        return _load_factory_weights(Path(path), module, specs, seed, dynamic)
     if module is not None:
         if path is not None:
             raise InputError("give either a MODEL file or --module, not both",
-                             "drop one of them")
+                             "drop one of them (weights in a .safetensors file go with --module)")
         model, example = _from_factory(module)
         example = _choose_inputs(example, specs, module, seed)
         return capture(model, example, source=f"module {module}", specs=specs, dynamic_batch=dynamic)
@@ -179,6 +181,8 @@ def load_model(path: str | Path | None = None, *, module: str | None = None,
     path = Path(path)
     if not path.exists():
         raise InputError(f"model file {str(path)!r} does not exist", "check the path")
+    if path.is_dir():
+        return _load_model_dir(path, specs, seed, dynamic)
     if not path.is_file():
         raise InputError(f"{str(path)!r} is not a file", "pass a .pt2, .onnx, .pt or .pth file")
     if path.stat().st_size == 0:
@@ -190,12 +194,42 @@ def load_model(path: str | Path | None = None, *, module: str | None = None,
         return _load_onnx(path, specs, seed, dynamic)
     if suffix in (".pt", ".pth"):
         return _load_pickle_or_script(path, specs, seed, trust_pickle, dynamic)
+    if suffix == ".safetensors":
+        raise InputError(f"{str(path)!r} holds weights only, not a model",
+                         "add --module pkg.mod:factory to build the model they belong to, or pass the "
+                         "transformers model directory (config.json + *.safetensors)")
     raise InputError(f"unknown model format {suffix or '(no extension)'!r} for {str(path)!r}",
                      "use a torch.export .pt2 file, an .onnx file, a .pt/.pth module "
                      "(with --trust-pickle) or --module pkg.mod:factory")
 
 
 # ------------------------------------------------------------------------- loaders
+def _load_model_dir(path: Path, specs: list[InputSpec], seed: int, dynamic: bool | list[bool]) -> Graph:
+    """A transformers model directory: weights memory-mapped, token ids in, logits out."""
+    from .model_dir import DEFAULT_TOKENS, load_causal_lm
+
+    model, weights, vocab = load_causal_lm(path)
+    if not specs:
+        specs = [InputSpec("input_ids", (1, DEFAULT_TOKENS), torch.int64, vocab)]
+    graph = capture(model, example_from_specs(specs, seed), source=str(path), specs=specs, dynamic_batch=dynamic)
+    graph.meta["mapped_weights"] = weights
+    return graph
+
+
+def _load_factory_weights(path: Path, module: str, specs: list[InputSpec], seed: int,
+                          dynamic: bool | list[bool]) -> Graph:
+    """``--module`` builds the model with meta parameters; ``path`` (.safetensors) supplies them."""
+    from .model_dir import load_factory_weights
+
+    if not path.is_file():
+        raise InputError(f"weights file {str(path)!r} does not exist", "check the path")
+    model, example, weights = load_factory_weights(lambda: _from_factory(module), path)
+    example = _choose_inputs(example, specs, f"module {module}", seed)
+    graph = capture(model, example, source=f"module {module} + {path}", specs=specs, dynamic_batch=dynamic)
+    graph.meta["mapped_weights"] = weights
+    return graph
+
+
 def _load_pt2(path: Path, specs: list[InputSpec], seed: int, trust_pickle: bool = False,
               dynamic: bool | list[bool] = False) -> Graph:
     if not zipfile.is_zipfile(path):

@@ -176,6 +176,14 @@ def _deepcopy_keeping_ties(gm: fx.GraphModule) -> fx.GraphModule:
     return copy.deepcopy(gm, memo)
 
 
+def _copy_sharing_weights(gm: fx.GraphModule) -> fx.GraphModule:
+    """``deepcopy`` of a module that keeps the very same parameter and buffer tensors."""
+    memo: dict[int, Any] = {}
+    for _, t in list(gm.named_parameters(remove_duplicate=False)) + list(gm.named_buffers(remove_duplicate=False)):
+        memo[id(t)] = t
+    return copy.deepcopy(gm, memo)
+
+
 _BN_STATISTICS = ("running_mean", "running_var", "num_batches_tracked")
 
 
@@ -211,13 +219,21 @@ class Graph:
                   for name, t in zip(names, example_inputs)]
         return cls(gm=gm, inputs=inputs, example_inputs=tuple(example_inputs), source=source)
 
-    def clone(self) -> "Graph":
-        """A deep copy: passes on the clone never touch this graph's weights."""
+    def clone(self, *, share_weights: bool | None = None) -> "Graph":
+        """A deep copy: passes on the clone never touch this graph's weights.
+
+        ``share_weights`` (default: when the weights are memory-mapped files, see
+        ``mapped_safetensors``): the copy's nodes and modules are its own but its weight
+        tensors are this graph's. Safe because passes bind new tensors (``set_attr``,
+        ``add_attr``) and never write weights in place; it keeps a large model in memory once."""
         import warnings
 
+        if share_weights is None:
+            share_weights = "mapped_weights" in self.meta
         with warnings.catch_warnings():  # torch pytree deprecation noise from deepcopy
             warnings.simplefilter("ignore", FutureWarning)
-            return Graph(gm=_deepcopy_keeping_ties(self.gm), inputs=list(self.inputs),
+            gm = _copy_sharing_weights(self.gm) if share_weights else _deepcopy_keeping_ties(self.gm)
+            return Graph(gm=gm, inputs=list(self.inputs),
                          example_inputs=self.example_inputs, source=self.source,
                          meta=copy.deepcopy(self.meta))
 

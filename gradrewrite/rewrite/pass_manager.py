@@ -14,8 +14,10 @@ from typing import Any, Sequence
 
 from ..errors import GradrewriteError, PassError, VerificationError
 from .graph import Graph
+from .mapped_safetensors import release_pages
 from .pipeline import pass_config
 from .properties import check_property
+from .recorded_outputs import RecordedOutputs
 from .registry import PassContext, PassResult
 from .verify import Verification, verify
 
@@ -106,7 +108,13 @@ class VerifyEachPass(Instrument):
         self.n_inputs, self.seed, self.rel_tol = n_inputs, seed, rel_tol
 
     def enter_pipeline(self, graph, passes):
-        self.reference = graph.clone()
+        if "mapped_weights" in graph.meta:
+            # bounded memory: the input's outputs on the check's inputs, recorded now, instead of
+            # a reference model resident next to the rewritten one (see recorded_outputs.py)
+            self.reference = RecordedOutputs(graph.clone(), self.n_inputs, self.seed)
+            release_pages(graph)
+        else:
+            self.reference = graph.clone()
 
     def after_pass(self, graph, p, record):
         if graph.meta.get("training") or not record.changed:

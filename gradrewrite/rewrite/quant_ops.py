@@ -45,8 +45,28 @@ DEQUANTIZE_PER_CHANNEL = quantized_decomposed.dequantize_per_channel.default
 
 
 # ----------------------------------------------------------------------------- bit streams
+# Row blocks of this many elements bound the temporaries of packing and unpacking a large
+# weight (an LLM's embedding table) to a few times one block; every step is row-wise, so
+# blocked results are bit-identical to whole-tensor ones.
+ROW_BLOCK_ELEMENTS = 1 << 22
+
+
+def _row_block(rows: int, per_row: int) -> int:
+    return max(1, ROW_BLOCK_ELEMENTS // max(1, per_row)) if rows * per_row > ROW_BLOCK_ELEMENTS else rows
+
+
 def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """``[..., L]`` integer codes below ``2**bits`` -> uint8 ``[..., ceil(L*bits/8)]``."""
+    if codes.dim() > 1:
+        flat = codes.reshape(-1, codes.shape[-1])
+        block = _row_block(flat.shape[0], flat.shape[1])
+        if block < flat.shape[0]:
+            parts = [_pack_bits(flat[i:i + block], bits) for i in range(0, flat.shape[0], block)]
+            return torch.cat(parts).reshape(*codes.shape[:-1], -1)
+    return _pack_bits(codes, bits)
+
+
+def _pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
     shifts = torch.arange(bits, dtype=torch.int32)
     stream = ((codes.to(torch.int32).unsqueeze(-1) >> shifts) & 1).flatten(-2)  # LSB first
     pad = (-stream.shape[-1]) % 8
@@ -70,6 +90,18 @@ def unpack_bits(packed: torch.Tensor, bits: int, length: int) -> torch.Tensor:
 def dequantize_groupwise(packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
                          bits: int, group: int, in_features: int) -> torch.Tensor:
     """The fp32 ``[N, K]`` weight the packed codes stand for (outlier slots are 0)."""
+    n, n_groups, _ = packed.shape
+    block = _row_block(n, n_groups * group)
+    if block < n:  # a large weight: row blocks into one output (bounded temporaries)
+        out = torch.empty((n, in_features), dtype=torch.float32)
+        for i in range(0, n, block):
+            out[i:i + block] = _dequantize_rows(packed[i:i + block], scales[i:i + block], zeros[i:i + block],
+                                                bits, group, in_features)
+        return out
+    return _dequantize_rows(packed, scales, zeros, bits, group, in_features)
+
+
+def _dequantize_rows(packed, scales, zeros, bits: int, group: int, in_features: int) -> torch.Tensor:
     n, n_groups, _ = packed.shape
     codes = unpack_bits(packed, bits, group)                        # [N, G, group]
     zp = unpack_bits(zeros, bits, n_groups)                          # [N, G]

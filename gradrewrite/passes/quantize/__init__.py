@@ -66,6 +66,7 @@ import torch
 from ...errors import ConfigError, InputError
 from ...rewrite.calibration import normalise
 from ...rewrite.graph import Graph
+from ...rewrite.mapped_safetensors import release_pages
 from ...rewrite.registry import PassContext, PassResult, register_pass
 from .embedding import EmbeddingStep, check_options as check_embedding_options
 from .error_report import layer_error
@@ -379,6 +380,7 @@ class Quantize:
             total_bits += sum(bits.values())
             total_numel += w.numel()
             replace_linear(graph, l, q, x_read)
+            release_pages(graph, graph.attr(l.weight_node))   # memory-mapped float weight: its pages go
             records.append({"path": l.path, "weight": l.param, "shape": list(w.shape),
                             "outliers": int(q.values.numel()), "bits_per_weight": round(bpw, 4),
                             "storage_bits": bits, **({"gptq": gptq_stats} if gptq_stats else {}),

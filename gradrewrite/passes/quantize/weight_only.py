@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from ...rewrite.graph import Graph, copy_meta, fake_like
-from ...rewrite.quant_ops import GROUPWISE_LINEAR, groupwise_weight, pack_bits
+from ...rewrite.quant_ops import GROUPWISE_LINEAR, ROW_BLOCK_ELEMENTS, groupwise_weight, pack_bits
 from .layers import QLayer
 from .outliers import store_outliers
 
@@ -57,6 +57,16 @@ def quantize_groupwise(w: torch.Tensor, bits: int, group: int,
                        outliers: torch.Tensor | None = None) -> GroupwiseWeight:
     """Asymmetric ``bits``-bit codes per group of ``group`` input features; entries in
     ``outliers`` (bool mask) are kept as fp16 CSR and left out of the group ranges."""
+    rows = max(1, ROW_BLOCK_ELEMENTS // max(1, w.shape[1]))
+    if outliers is None and w.shape[0] > rows:   # a large table: row blocks, bit-identical (all row-wise)
+        parts = [_quantize_rows(w[i:i + rows], bits, group, None) for i in range(0, w.shape[0], rows)]
+        cat = lambda name: torch.cat([getattr(p, name) for p in parts])
+        return GroupwiseWeight(cat("packed"), cat("scales"), cat("zeros"), cat("values"), cat("cols"),
+                               cat("counts"), bits, group, w.shape[1])
+    return _quantize_rows(w, bits, group, outliers)
+
+
+def _quantize_rows(w: torch.Tensor, bits: int, group: int, outliers: torch.Tensor | None) -> GroupwiseWeight:
     w = w.detach().float()
     n, k = w.shape
     qmax = (1 << bits) - 1
