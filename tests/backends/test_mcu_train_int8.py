@@ -321,3 +321,35 @@ def test_int8_step_on_cortex_m4_equals_the_host_bits(tmp_path):
     assert np.array_equal(host.losses, m4.losses)
     for p in host.params:
         assert np.array_equal(host.params[p], m4.params[p]), p
+
+
+def _v3_case():
+    from tests.backends.test_mcu_train_cnns import MCUNetLike, colour_task
+
+    torch.manual_seed(0)
+    x, y = colour_task(2, seed=3)
+    return MCUNetLike(se="mixed"), torch.from_numpy(x), torch.from_numpy(y), \
+        "sparse-update(bias_last=12,weights='-1:1,-3:1')"
+
+
+@pytest.mark.parametrize("case", ["streamed trained bias", "hardswish and SE gates"])
+def test_int8_step_kernels_on_cortex_m4_equal_the_host_bits(case, tmp_path):
+    """The run-time base of a streamed pair (gr_base_s8) and the gate / hardswish
+    kernels (gr_sigmoid_tr_f32 with gr_expf, gr_where_cmp_f32) give the same bits under
+    QEMU (Cortex-M4, hard float) as on the host, over 3 steps."""
+    from gradrewrite.backends.mcu.training.compile import compile_train
+    from gradrewrite.backends.mcu.training.run import run_training
+
+    if case == "streamed trained bias":
+        (x, y), model, scheme = expand_batch(), ExpandNet(), EXPAND_SCHEME
+    else:
+        model, x, y, scheme = _v3_case()
+    step = int8_step(model, x, y, scheme, "qas(rounding=stochastic,seed=3)")
+    facts = compile_train(step, tmp_path / "mcu", target="cortex-m4", measure=False)
+    kernels = {op["kernel"] for op in facts["ops"]}
+    assert ("gr_pw_dw_s8" if case == "streamed trained bias" else "gr_where_cmp_f32") in kernels
+    host = run_training(tmp_path / "mcu", facts, x.numpy(), y.numpy(), 3, LR, target="host")
+    m4 = run_training(tmp_path / "mcu", facts, x.numpy(), y.numpy(), 3, LR, target="cortex-m4")
+    assert np.array_equal(host.losses, m4.losses)
+    for p in host.params:
+        assert np.array_equal(host.params[p], m4.params[p]), p
