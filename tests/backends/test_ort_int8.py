@@ -202,3 +202,27 @@ def test_transformer_linears_run_qgemm(tmp_path):
     assert ops["QGemm"] + ops["QLinearMatMul"] + ops["MatMulIntegerToFloat"] == 4
     assert not ops["Gemm"]
     assert art.report["artifact"]["qdq_form"]["integer_biases"] == 4
+    # int8 x int8 GEMMs with float outputs: against the fake-quant graph, the only difference
+    # is fp32 summation order and the bias rounded to s_x s_w / 2 at most
+    x = torch.randn(1, 16, 32, generator=torch.Generator().manual_seed(9))
+    got, = art(x.numpy())
+    ref = graph(x)[0].detach().numpy()
+    assert np.linalg.norm(got - ref) <= 1e-3 * np.linalg.norm(ref)
+
+
+def test_tiny_gpt_linears_run_qgemm(tmp_path):
+    """GPT blocks (a stored bias read by two ONNX nodes after export: each rewrite gets its
+    own int32 copy) reach ORT with every quantized linear as QGemm."""
+    from examples.models import tiny_gpt
+
+    model, (ids,) = tiny_gpt()
+    gen = torch.Generator().manual_seed(2)
+    calib = [(torch.randint(0, 512, ids.shape, generator=gen),) for _ in range(2)]
+    graph = gr.capture(model, (ids,))
+    res = gr.run_pipeline(graph, "quantize(mode=static,outputs=auto)", verify=False,
+                          ctx=PassContext(calibration=calib))
+    n_linear = res.records[-1].report["rewrites"]["weight-int8"]
+    art = compile_graph(graph, tmp_path / "gpt", CompileOptions(backend="ort", latency_runs=0, rel_tol=0.05))
+    ops, _ = _ops_ort_runs(art, tmp_path)
+    assert ops["QGemm"] == n_linear and not ops["Gemm"]
+    assert art.report["artifact"]["qdq_form"]["integer_biases"] == n_linear
