@@ -164,7 +164,9 @@ class OpenvinoBackend(Backend):
         work = out_dir / ".onnx"
         work.mkdir()
         try:
-            facts = export_onnx(graph, work / "model.onnx")
+            # the pass's Q/DQ as written: ORT's form (backends/ort_int8.py) moved MiniLM's int8
+            # outputs further from the rewritten graph under OpenVINO (outputs=auto, this session)
+            facts = export_onnx(graph, work / "model.onnx", qdq_form="as-is")
             model = core.read_model(str(work / "model.onnx"))
         finally:
             shutil.rmtree(work, ignore_errors=True)
