@@ -170,8 +170,8 @@ def _translate(x, values, cols, counts, biases, out_features, in_features: int, 
 
 
 def _column_terms(op, q, x, values, cols, out_features, k: int, total: int):
-    """Whole-column outliers of layers sharing ``x``: one Gather of the union of their
-    columns and one ``[1, u] x [u, sum N]`` MatMul (values placed at load)."""
+    """Whole-column outliers of layers sharing ``x``: one gather of the union of their
+    columns and one ``[u] x [u, sum N]`` MatMul (values placed at load)."""
     all_cols = op.Concat(*[q._column_indices(op, q._at_load(op, c), k) for c in cols], axis=0)
     union, _, inverse, _ = op.Unique(all_cols, sorted=1)
     blocks, off = [], 0
@@ -183,7 +183,15 @@ def _column_terms(op, q, x, values, cols, out_features, k: int, total: int):
     zeros = op.Expand(op.Constant(value_float=0.0), op.Concat(op.Shape(union), q._ints(op, [total]), axis=0))
     at = op.Expand(op.Unsqueeze(inverse, q._ints(op, [1])), op.Shape(placed))
     v_union = op.ScatterElements(zeros, at, placed, axis=0, reduction="add")           # [u, sum N]
-    return op.Reshape(op.MatMul(op.Gather(x, union, axis=-1), op.CastLike(v_union, x)), q._ints(op, [-1]))
+    rank = q._rank(x)
+    if rank == 0:
+        return op.Reshape(op.MatMul(op.Gather(x, union, axis=-1), op.CastLike(v_union, x)), q._ints(op, [-1]))
+    # x is one row: a GatherND at [0, .., 0, col] gives the picked inputs as a 1-D [u], and
+    # the MatMul then gives MatMulNBits' 1-D bias directly (no Reshape: at batch 1 each
+    # node's dispatch is most of what the term costs)
+    lead = op.Expand(op.Constant(value_int=0), op.Concat(op.Shape(union), q._ints(op, [rank - 1]), axis=0))
+    at_cols = op.Concat(lead, op.Unsqueeze(union, q._ints(op, [1])), axis=1)          # [u, rank]
+    return op.MatMul(op.GatherND(x, at_cols), op.CastLike(v_union, x))
 
 
 def _chunks(op, q, values, cols, counts, nnz: int, k: int, width: int, row_offset: int):

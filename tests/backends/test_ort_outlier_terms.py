@@ -66,7 +66,7 @@ def test_shared_input_one_term_equals_graph(tmp_path, spread, bias):
     x = torch.randn(1, 1, 128, generator=torch.Generator().manual_seed(3))
     _close(_session(path).run(None, {"x": x.numpy()})[0], graph(x)[0].detach().numpy())
     nodes = onnx.load(str(path)).graph.node
-    gather = "Gather" if spread == "cols" else "GatherElements"
+    gather = "GatherND" if spread == "cols" else "GatherElements"
     per_call = [n for n in nodes if n.op_type == gather and n.input[0] == "x"]
     assert len(per_call) == 1                       # q, k and v share one term of x
     assert sum(n.op_type == "Split" for n in nodes) == 1
