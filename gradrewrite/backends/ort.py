@@ -81,7 +81,7 @@ def export_onnx(graph: Graph, path: Path, *, opset: int = DEFAULT_OPSET,
     input_names = [s.name for s in graph.inputs]
     try:
         # batch-1 outlier layers sharing an input get one outlier term (ort_outlier_terms)
-        view, fused = ort_outlier_terms.fuse(graph.gm)
+        view, fused = ort_outlier_terms.fuse(graph)
         ep = graph.to_exported_program(view if fused else None)
         fixes = onnx_export_fixes.apply(ep)
         with _quiet():

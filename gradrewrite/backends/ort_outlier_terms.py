@@ -29,6 +29,7 @@ from typing import Optional
 import torch
 from torch import fx
 
+from ..rewrite.graph import Graph
 from ..rewrite.quant_ops import GROUPWISE_LINEAR, outliers_to_dense
 
 # relative per-call costs used to pick a group's chunk width: one gathered element, one
@@ -87,44 +88,34 @@ def _one_row(node: fx.Node) -> bool:
         return False                                   # a symbolic (dynamic) dimension
 
 
-def _groups(gm: fx.GraphModule) -> dict[tuple, list[fx.Node]]:
+def _groups(graph: Graph) -> dict[tuple, list[fx.Node]]:
     groups: dict[tuple, list[fx.Node]] = {}
-    for node in gm.graph.nodes:
-        if node.op != "call_function" or node.target is not GROUPWISE_LINEAR:
+    for node in graph.call_nodes():
+        if node.target is not GROUPWISE_LINEAR:
             continue
-        x, values = node.args[0], node.args[5]
-        bits = node.args[8]
+        x, values, bits = node.args[0], node.args[5], node.args[8]
         if values is None or bits == 8 or not _one_row(x):
             continue
-        v = _attr(gm, values)
-        if v is None or not v.numel():
-            continue
-        groups.setdefault((x, v.dim()), []).append(node)   # whole columns (2-D) and rows apart
+        v = graph.attr(values)
+        if v.numel():
+            groups.setdefault((x, v.dim()), []).append(node)   # whole columns (2-D) and rows apart
     return groups
 
 
-def _attr(gm: fx.GraphModule, node) -> torch.Tensor | None:
-    if not isinstance(node, fx.Node) or node.op != "get_attr":
-        return None
-    obj = gm
-    for part in str(node.target).split("."):
-        obj = getattr(obj, part)
-    return obj
-
-
 # ----------------------------------------------------------------------------- rewrite
-def fuse(gm: fx.GraphModule) -> tuple[fx.GraphModule, int]:
-    """A view of ``gm`` (same tensors, copied FX graph) with one ``outlier_terms`` node per
-    group of decode-shaped outlier layers that read the same input, and how many layers
-    it took (0: ``gm`` itself is returned)."""
-    if not _groups(gm):
-        return gm, 0
-    new_graph = fx.Graph()
-    out = new_graph.graph_copy(gm.graph, {})
-    new_graph.output(out)
-    view = fx.GraphModule(gm, new_graph)
+def fuse(graph: Graph) -> tuple[fx.GraphModule, int]:
+    """A view of ``graph.gm`` (same tensors, copied FX graph) with one ``outlier_terms``
+    node per group of decode-shaped outlier layers that read the same input, and how many
+    layers it took (0: ``graph.gm`` itself is returned)."""
+    groups = _groups(graph)
+    if not groups:
+        return graph.gm, 0
+    new_graph, copied = fx.Graph(), {}
+    new_graph.output(new_graph.graph_copy(graph.graph, copied))
+    view = fx.GraphModule(graph.gm, new_graph)
     fused = 0
-    for (x, dim), members in _groups(view).items():
+    for (x, dim), old_members in groups.items():
+        x, members = copied[x], [copied[m] for m in old_members]
         first = members[0]
         for m in members:                               # stored tensors must precede the term
             for a in m.args[1:8]:
@@ -134,8 +125,8 @@ def fuse(gm: fx.GraphModule) -> tuple[fx.GraphModule, int]:
         cols = [m.args[6] for m in members]
         counts = [m.args[7] for m in members]
         biases = [m.args[4] for m in members]
-        out_features = [int(_attr(view, m.args[1]).shape[0]) for m in members]
-        width = -1 if dim == 2 else chunk_width([_attr(view, c) for c in counts])
+        out_features = [int(graph.attr(m.args[1]).shape[0]) for m in old_members]
+        width = -1 if dim == 2 else chunk_width([graph.attr(m.args[7]) for m in old_members])
         with view.graph.inserting_before(first):
             term = view.graph.call_function(OUTLIER_TERMS, (x, values, cols, counts, biases, out_features,
                                                             int(first.args[10]), width))

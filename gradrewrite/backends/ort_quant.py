@@ -23,16 +23,17 @@ measured the forms on ORT CPU (1 and 2 threads, decode and prompt shapes):
   also dequantized at load into fp32, outliers included (MatMulNBits at M = 64 ran at
   fp32 speed, and every sparse form added 3-10x on top). The file is unchanged; the
   session holds fp32 weights.
-- Whole-column outliers (``spread=cols``) at one input row: a Gather of the ``c`` inputs
-  they read and a ``[1, c] x [c, N]`` MatMul into MatMulNBits' bias.
+- Whole-column outliers (``spread=cols``) at one input row: a gather of the ``c`` inputs
+  they read and a ``[c] x [c, N]`` MatMul into MatMulNBits' bias (``ort_outlier_terms``).
 - Outliers at one input row (batch-1 decode), 2, 3, 4 bits: padded rows (ELL, each row padded to the longest) built at
   load from the stored counts; per call a GatherElements of the inputs they read, a Mul
   by their values, a ReduceSum per row and an Add: the cheapest form measured (a CSR
   CumSum form, ScatterElements / ScatterND with reduction add, a Gather along K, and
   gathers of rows of x^T all cost more; ``SparseToDenseMatMul`` does not load from a
-  file, as ORT densifies sparse initializers). The ORT backend exports such layers through
-  ``ort_outlier_terms``: rows crowded with outliers cut into chunks, one term per input
-  shared by the layers that read it; the forms here serve what it does not fuse.
+  file, as ORT densifies sparse initializers). The ORT backend builds these one-row terms
+  in ``ort_outlier_terms`` before export (rows crowded with outliers cut into chunks, one
+  term per input shared by the layers that read it); this translation then sees the term
+  as the layer's bias.
 
 ``OrtOptions.nbits_accuracy_level`` sets MatMulNBits' ``accuracy_level`` (0 by default:
 fp32 arithmetic, equal to the torch graph within fp32 rounding; 4 quantizes activations
@@ -144,24 +145,6 @@ def _column_indices(op, cols, k: int):
     return cols
 
 
-def _column_term(op, x, cols, values_t):
-    """``x[..., cols] @ V^T`` for whole-column outliers: a Gather of the ``c`` inputs they
-    read and one small dense MatMul with ``V^T [c, N]`` (fp32, cast at load)."""
-    return op.MatMul(op.Gather(x, cols, axis=-1), values_t)
-
-
-def _static_rows(x, k: int) -> int | None:
-    """Rows of ``x`` viewed as ``[M, K]`` when its shape is static, else None."""
-    try:
-        dims = [int(d) for d in x.shape[:-1]]
-    except (TypeError, ValueError, AttributeError):
-        return None
-    rows = 1
-    for d in dims:
-        rows *= d
-    return rows
-
-
 def _sparse_term(op, x, ell_cols, ell_vals, n: int, k: int):
     """``(x @ S^T)`` as ``[N]`` for one input row, S in padded rows: one GatherElements of
     the inputs the outliers read (ORT's Gather along the last axis cost several times more
@@ -215,9 +198,11 @@ def _groupwise_linear(x, packed, scales, zeros, bias, outlier_values, outlier_co
     n, n_groups, _ = packed.shape
     n, k = int(n), int(in_features)
     has_outliers = outlier_values is not None and outlier_values.shape[0]
-    # 8 bits, or outliers with more than one input row (a prompt): the per-row cost of any
-    # sparse form grows with M while MatMulNBits at M > 1 runs fp32 GEMM anyway
-    if bits == 8 or (has_outliers and _static_rows(x, k) != 1):
+    # 8 bits, or outliers still here: a one-row layer's outliers were moved into its bias
+    # by ort_outlier_terms.fuse before export, so these come with more rows (a prompt),
+    # where the per-row cost of any sparse form grows with M while MatMulNBits at M > 1
+    # runs fp32 GEMM anyway
+    if bits == 8 or has_outliers:
         w = _dense_weight(op, packed, scales, zeros, outlier_values if has_outliers else None,
                           outlier_cols, outlier_counts, bits, group, n, n_groups, k)
         y = op.MatMul(x, op.CastLike(w, x))
@@ -225,18 +210,8 @@ def _groupwise_linear(x, packed, scales, zeros, bias, outlier_values, outlier_co
         if bits != 4:
             packed = _as_4bit(op, _at_load(op, packed), bits, group, 3)
             zeros = _as_4bit(op, _at_load(op, zeros), bits, n_groups, 2)
-        # the outlier term (and the layer's bias) go in as MatMulNBits' bias: no extra Add
+        # the layer's bias (with a fused outlier term) goes in as MatMulNBits' bias: no Add
         extra = bias
-        if has_outliers and len(outlier_values.shape) == 2:
-            values_t = op.Transpose(op.Cast(_at_load(op, outlier_values), to=1), perm=[1, 0])
-            term = op.Reshape(_column_term(op, x, _column_indices(op, _at_load(op, outlier_cols), k),
-                                           op.CastLike(values_t, x)), _ints(op, [-1]))    # [N]
-            extra = term if bias is None else op.Add(term, bias)
-        elif has_outliers:
-            ell_cols, ell_vals = _ell(op, _at_load(op, outlier_values), _at_load(op, outlier_cols),
-                                      _at_load(op, outlier_counts), int(outlier_values.shape[0]), k)
-            term = _sparse_term(op, x, ell_cols, op.CastLike(ell_vals, x), n, k)
-            extra = term if bias is None else op.Add(term, bias)
         # scales stay fp16 in the file (the exporter would store the fp32 cast)
         y = _matmulnbits_op()(x, packed, op.CastLike(op.Reshape(_at_load(op, scales), _ints(op, [-1])), x),
                               op.Reshape(zeros, _ints(op, [-1])), None, extra, K=k, N=n, bits=4,

@@ -80,7 +80,7 @@ def test_view_equals_graph_and_leaves_it_untouched():
     graph = capture(SharedInput().eval(), (torch.randn(1, 1, 128),))
     run_pipeline(graph, "quantize(mode=weight-only,bits=4,group=32,outliers=0.05,criterion=magnitude)")
     before = graph.gm.code
-    view, fused = fuse(graph.gm)
+    view, fused = fuse(graph)
     assert fused == 4 and graph.gm.code == before
     assert sum(n.target is OUTLIER_TERMS for n in view.graph.nodes) == 2      # x, and o's input
     assert all(n.args[5] is None for n in view.graph.nodes if n.target is GROUPWISE_LINEAR)
@@ -129,7 +129,7 @@ def test_chunk_width_choice():
 def test_prompt_rows_keep_the_dense_form(tmp_path):
     """More than one input row: no fused term (weights built at load, as before)."""
     graph, path = _compile(tmp_path, SharedInput(), 128, "layer", rows=4)
-    view, fused = fuse(graph.gm)
+    view, fused = fuse(graph)
     assert fused == 0 and view is graph.gm
     x = torch.randn(1, 4, 128, generator=torch.Generator().manual_seed(2))
     _close(_session(path).run(None, {"x": x.numpy()})[0], graph(x)[0].detach().numpy())
