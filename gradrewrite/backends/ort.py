@@ -22,7 +22,7 @@ from ..rewrite.mapped_safetensors import release_pages
 from .options import OrtOptions, field_default, make_options
 from .base import Backend, BackendArtifact, register_backend
 from . import onnx_export_fixes, onnx_stream_writer, ort_errors
-from . import ort_int8, ort_outlier_terms, ort_quant, ort_quant_embedding  # ONNX translations of the quantized ops
+from . import ort_int8, ort_outlier_terms, ort_quant, ort_quant_embedding, ort_sibling_linears  # ONNX translations of the quantized ops
 
 DEFAULT_OPSET = field_default("ort", "opset")
 EXTERNAL_DATA_BYTES = 1 << 30
@@ -80,9 +80,11 @@ def export_onnx(graph: Graph, path: Path, *, opset: int = DEFAULT_OPSET,
         external_data = weight_bytes > EXTERNAL_DATA_BYTES or "mapped_weights" in graph.meta
     input_names = [s.name for s in graph.inputs]
     try:
-        # batch-1 outlier layers sharing an input get one outlier term (ort_outlier_terms)
+        # batch-1 layers sharing an input get one outlier term (ort_outlier_terms) and one
+        # MatMulNBits (ort_sibling_linears), in a view: the graph stays as it is
         view, fused = ort_outlier_terms.fuse(graph)
-        ep = graph.to_exported_program(view if fused else None)
+        view, siblings = ort_sibling_linears.fuse(graph, view)
+        ep = graph.to_exported_program(view if fused or siblings else None)
         fixes = onnx_export_fixes.apply(ep)
         with _quiet():
             program = torch.onnx.export(ep, (), dynamo=True, input_names=input_names,
@@ -90,7 +92,9 @@ def export_onnx(graph: Graph, path: Path, *, opset: int = DEFAULT_OPSET,
                                         custom_translation_table={**ort_quant.translation_table(
                                                                       accuracy_level=nbits_accuracy_level),
                                                                   **ort_quant_embedding.translation_table(),
-                                                                  **ort_outlier_terms.translation_table()})
+                                                                  **ort_outlier_terms.translation_table(),
+                                                                  **ort_sibling_linears.translation_table(
+                                                                      accuracy_level=nbits_accuracy_level)})
             program.optimize()
             ort_quant.resolve_at_load(program.model)   # after the exporter's folding: see ort_quant
             qdq = ort_int8.ort_form(program.model) if qdq_form == "ort" else None

@@ -78,7 +78,8 @@ def chunk_width(counts: list[torch.Tensor]) -> int:
     return best_w
 
 
-def _one_row(node: fx.Node) -> bool:
+def one_row(node: fx.Node) -> bool:
+    """Whether ``node``'s value has one row (all dimensions but the last are 1, static)."""
     val = node.meta.get("val")
     if val is None:
         return False
@@ -94,7 +95,7 @@ def _groups(graph: Graph) -> dict[tuple, list[fx.Node]]:
         if node.target is not GROUPWISE_LINEAR:
             continue
         x, values, bits = node.args[0], node.args[5], node.args[8]
-        if values is None or bits == 8 or not _one_row(x):
+        if values is None or bits == 8 or not one_row(x):
             continue
         v = graph.attr(values)
         if v.numel():
@@ -103,6 +104,15 @@ def _groups(graph: Graph) -> dict[tuple, list[fx.Node]]:
 
 
 # ----------------------------------------------------------------------------- rewrite
+def view_of(graph: Graph) -> tuple[fx.GraphModule, dict]:
+    """A new GraphModule over ``graph.gm``'s tensors with a copy of its FX graph, and the
+    map from the original nodes to their copies: a rewrite for one backend leaves the
+    graph as it is."""
+    new_graph, copied = fx.Graph(), {}
+    new_graph.output(new_graph.graph_copy(graph.graph, copied))
+    return fx.GraphModule(graph.gm, new_graph), copied
+
+
 def fuse(graph: Graph) -> tuple[fx.GraphModule, int]:
     """A view of ``graph.gm`` (same tensors, copied FX graph) with one ``outlier_terms``
     node per group of decode-shaped outlier layers that read the same input, and how many
@@ -110,9 +120,7 @@ def fuse(graph: Graph) -> tuple[fx.GraphModule, int]:
     groups = _groups(graph)
     if not groups:
         return graph.gm, 0
-    new_graph, copied = fx.Graph(), {}
-    new_graph.output(new_graph.graph_copy(graph.graph, copied))
-    view = fx.GraphModule(graph.gm, new_graph)
+    view, copied = view_of(graph)
     fused = 0
     for (x, dim), old_members in groups.items():
         x, members = copied[x], [copied[m] for m in old_members]
@@ -250,4 +258,4 @@ def translation_table() -> dict:
     return {OUTLIER_TERMS: _translate}
 
 
-__all__ = ["fuse", "chunk_width", "translation_table", "OUTLIER_TERMS", "outlier_terms"]
+__all__ = ["fuse", "view_of", "one_row", "chunk_width", "translation_table", "OUTLIER_TERMS", "outlier_terms"]

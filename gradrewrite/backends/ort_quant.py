@@ -34,6 +34,11 @@ measured the forms on ORT CPU (1 and 2 threads, decode and prompt shapes):
   in ``ort_outlier_terms`` before export (rows crowded with outliers cut into chunks, one
   term per input shared by the layers that read it); this translation then sees the term
   as the layer's bias.
+- One-row layers of the same bits and group that read one input (q/k/v, gate/up) run as
+  one ``MatMulNBits`` over their codes concatenated at load, then a Split
+  (``ort_sibling_linears``); the group's outlier term is the wide call's bias as it is.
+  Fewer, wider calls: at batch-1 decode each call's dispatch and thread hand-off is a
+  large part of its cost.
 
 ``OrtOptions.nbits_accuracy_level`` sets MatMulNBits' ``accuracy_level`` (0 by default:
 fp32 arithmetic, equal to the torch graph within fp32 rounding; 4 quantizes activations
@@ -191,6 +196,13 @@ def _dense_weight(op, packed, scales, zeros, values, cols, counts, bits, group, 
     return op.Transpose(w, perm=[1, 0])
 
 
+def matmul_nbits(op, x, codes, scales, zeros, bias, *, k: int, n: int, group: int, accuracy_level: int = 0):
+    """``MatMulNBits`` on 4-bit ``codes`` ``[N, G, group/2]``, flat fp16 ``scales`` (they
+    stay fp16 in the file: the exporter would store the fp32 cast) and flat zero points."""
+    return _matmulnbits_op()(x, codes, op.CastLike(scales, x), zeros, None, bias, K=int(k), N=int(n), bits=4,
+                             block_size=int(group), accuracy_level=int(accuracy_level))
+
+
 def _groupwise_linear(x, packed, scales, zeros, bias, outlier_values, outlier_cols,
                       outlier_counts, bits: int, group: int, in_features: int, *, accuracy_level: int = 0):
     from onnxscript import opset18 as op
@@ -211,12 +223,9 @@ def _groupwise_linear(x, packed, scales, zeros, bias, outlier_values, outlier_co
             packed = _as_4bit(op, _at_load(op, packed), bits, group, 3)
             zeros = _as_4bit(op, _at_load(op, zeros), bits, n_groups, 2)
         # the layer's bias (with a fused outlier term) goes in as MatMulNBits' bias: no Add
-        extra = bias
-        # scales stay fp16 in the file (the exporter would store the fp32 cast)
-        y = _matmulnbits_op()(x, packed, op.CastLike(op.Reshape(_at_load(op, scales), _ints(op, [-1])), x),
-                              op.Reshape(zeros, _ints(op, [-1])), None, extra, K=k, N=n, bits=4,
-                              block_size=int(group), accuracy_level=int(accuracy_level))
-        return y
+        return matmul_nbits(op, x, packed, op.Reshape(_at_load(op, scales), _ints(op, [-1])),
+                            op.Reshape(zeros, _ints(op, [-1])), bias, k=k, n=n, group=int(group),
+                            accuracy_level=accuracy_level)
     if bias is not None:
         y = op.Add(y, bias)
     return y
