@@ -139,8 +139,11 @@ def compile_graph(graph: Graph, out: str | Path, options: CompileOptions | None 
             instruments.append(DumpGraphs(tmp / "graphs"))
         shown, progress = console_feedback(console, opts.calibration)
         instruments += shown
+        planner = None if backend is None else (  # the target's own memory plan (sparse-update's budget)
+            lambda g, b=backend: b.plan_memory(g, opts.backend_options))
         result = PassManager(passes, instruments).run(
-            graph, PassContext(seed=opts.seed, calibration=opts.calibration, progress=progress))
+            graph, PassContext(seed=opts.seed, calibration=opts.calibration, progress=progress,
+                               memory_planner=planner))
 
         if graph.meta.get("pending_training"):
             kind = graph.meta["pending_training"]
@@ -233,12 +236,13 @@ def compile_graph(graph: Graph, out: str | Path, options: CompileOptions | None 
             report["auto"] = auto_table
         if "mcu" in report["artifact"]:  # the mcu backend's arena/flash facts: their own section
             report["mcu"] = report["artifact"].pop("mcu")
+        backend_plan = report["artifact"].pop("memory_plan", None)  # the backend's own, as compiled
         if graph.meta.get("train_step"):  # the training step's static memory plan
             from .rewrite.memory_plan import memory_report
             report["train_step"] = {k: graph.meta["train_step"][k]
                                     for k in ("optimizer", "loss_fn", "outputs", "captured_after")
                                     if k in graph.meta["train_step"]}
-            report["memory_plan"] = memory_report(graph)
+            report["memory_plan"] = backend_plan or {"planner": "graph", **memory_report(graph)}
         write_json(tmp / "report.json", report)
         write_json(tmp / "manifest.json", _manifest(tmp, opts, pipeline, model_file, graph))
         replace_dir(tmp, out)

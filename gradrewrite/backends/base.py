@@ -53,6 +53,13 @@ class Backend:
         the compiler's relative-error check applies."""
         return None
 
+    def plan_memory(self, graph: Graph, options: Any) -> dict[str, Any] | None:
+        """The memory the artifact of ``graph`` will take, planned the way ``compile``
+        plans it but without building anything (cheap enough to call per candidate, as
+        sparse-update's budget search does); None: the backend has no planner of its own
+        for this graph and ``rewrite.memory_plan.memory_report`` stands in."""
+        return None
+
 
 _BACKENDS: dict[str, Callable[[], Backend]] = {}
 

@@ -38,7 +38,7 @@ from ..rewrite.train_step import dead_code, emit_update, rebuild_outputs, role
 aten = torch.ops.aten
 
 
-def _scale_of(graph: Graph, weight: fx.Node) -> fx.Node | None:
+def scale_of(graph: Graph, weight: fx.Node) -> fx.Node | None:
     for user in weight.users:
         if user.target == aten.mul.Tensor and role(user) == "forward":
             other = user.args[1] if user.args[0] is weight else user.args[0]
@@ -73,7 +73,7 @@ class QAS:
         for path, info in ts["params"].items():
             if not info["trained"]:
                 continue
-            scale_node = _scale_of(graph, attrs[info["attr"]])
+            scale_node = scale_of(graph, attrs[info["attr"]])
             if scale_node is None:
                 continue
             grad = nodes[info["grad"]]

@@ -181,9 +181,10 @@ class PassManager:
         records: list[PassRecord] = []
         for inst in self.instruments:
             inst.enter_pipeline(graph, self.passes)
-        for p in self.passes:
+        for i, p in enumerate(self.passes):
             record = PassRecord(p.name, pass_config(p), nodes_before=graph.node_count())
             ran = tuple(r.name for r in records)
+            ctx.following = tuple(self.passes[i + 1:])
             try:
                 for inst in self.instruments:
                     inst.before_pass(graph, p, record)

@@ -20,15 +20,32 @@ from .graph import Graph
 
 @dataclass
 class PassContext:
-    """What a pass may need beyond the graph: seed, calibration data, progress, logs."""
+    """What a pass may need beyond the graph: seed, calibration data, progress, logs,
+    and the target's memory planner."""
 
     seed: int = 0
     calibration: Any = None
     progress: Callable[..., Any] | None = None
     log: list[str] = field(default_factory=list)
+    # the backend's plan of a graph's memory (Backend.plan_memory; None where it has none)
+    memory_planner: Callable[[Graph], dict[str, Any] | None] | None = None
+    # the passes the pass manager runs after the current one (set as each pass starts)
+    following: tuple = ()
 
     def info(self, message: str) -> None:
         self.log.append(message)
+
+    def plan_memory(self, graph: Graph) -> dict[str, Any]:
+        """The target's memory plan of ``graph`` as it will be compiled: the passes that
+        follow the current one run on it first (in place: pass a clone), then the
+        backend's planner, or ``rewrite.memory_plan.memory_report`` where it has none.
+        A pass or a planner that refuses the graph raises its GradrewriteError."""
+        from .memory_plan import memory_report
+
+        for later in self.following:
+            later.run(graph, PassContext(seed=self.seed, calibration=self.calibration))
+        plan = self.memory_planner(graph) if self.memory_planner is not None else None
+        return plan if plan is not None else {"planner": "graph", **memory_report(graph)}
 
 
 @dataclass

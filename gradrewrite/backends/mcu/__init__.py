@@ -55,7 +55,12 @@ class McuBackend(Backend):
         if graph.meta.get("train_step"):  # model_train_step beside model_run
             from .training.compile import compile_train
             facts = compile_train(graph, project, target=target, ram_kb=ram_kb, flash_kb=flash_kb, measure=measure)
-            info: dict[str, Any] = {"mcu": facts}
+            # report.json's memory_plan: the plan the arena was laid out by, and what the device measured
+            plan = dict(facts["memory_plan"])
+            if "firmware" in facts:
+                from .training.memory import device_memory
+                plan["device"] = device_memory(plan, facts, project)
+            info: dict[str, Any] = {"mcu": facts, "memory_plan": plan}
             if facts.get("int8"):  # compile_train checked it bit for bit against the integer reference;
                 # against the torch step it agrees to int8 resolution (check_artifact: quantization steps)
                 info["rel_tol"] = INT8_REL_TOL
@@ -84,6 +89,13 @@ class McuBackend(Backend):
         from .training.step_check import check_int8_artifact
         return {**check_int8_artifact(runner, graph, facts, n_inputs=n_inputs, seed=seed),
                 "integer_reference": facts.get("int8_check")}
+
+    def plan_memory(self, graph: Graph, options: McuOptions) -> dict[str, Any] | None:
+        """A training step's plan (``training/memory.py``): lowered, not written or built."""
+        if not graph.meta.get("train_step"):
+            return None
+        from .training.memory import plan_train_memory
+        return plan_train_memory(graph)
 
     def load(self, out_dir: Path, artifact: dict[str, Any]):
         project = Path(out_dir) / PROJECT

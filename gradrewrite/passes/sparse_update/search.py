@@ -1,23 +1,43 @@
 """Budget search: the best sparse-update scheme under a memory budget.
 
-Contribution score (a cheap proxy, validated against real fine-tuning in
-benchmarks/training_memory.py): the first-order loss decrease one SGD step buys,
-``lr * ||g_selected||^2``, with ``g`` the gradient on the user's data (the full
-training step is run once per calibration batch; ``g = (p - p_new) / lr``). A bias
-scheme scores the sum over its layers; a weight entry ``layer:ratio`` the squared norm
-of the gradient rows it updates. Memory is not estimated: every candidate is pruned,
-reordered and planned, and its planned SRAM peak is what must fit.
+Every candidate scheme is pruned, reordered, run through the passes that follow
+sparse-update in the pipeline (``qas``: the step as it will be compiled) and planned by
+the target backend's own planner (``PassContext.plan_memory``: the mcu backend lowers
+the step and plans the arena its C code will use, with the trained parameters as
+stored, optimizer state and the input; without a planner of its own, the graph's plan
+``rewrite.memory_plan.memory_report``). A candidate the later passes or the planner
+refuse (``qas`` with no trained int8 weight, an op the backend cannot lower) is not
+taken, so the scheme returned compiles.
+
+Contribution score (a cheap proxy): the first-order loss decrease one SGD step buys,
+``lr * ||g||^2``, with ``g`` the gradient on the user's data (the full training step
+runs once per calibration batch; ``g = (p - p_new) / lr``). An int8-stored weight
+(``mul(w_q, s)``) trained with ``qas`` moves ``w`` by ``lr * g_w``, so its rows score
+``lr * ||g_q||^2 / s^2`` (``g_q = s * g_w``), in the units of an fp32 bias. A bias move
+scores its layer's bias, a weight move ``layer:ratio`` the gradient rows it updates.
+
+The search (greedy by score per byte, so a big early layer must buy its memory):
+
+1. every move alone (each layer's bias; each layer's weight at 1, 1/2, 1/4, 1/8 of its
+   output channels; the last layers included) is planned; the smallest feasible plan
+   is the least any scheme needs (a budget below it is refused, naming it);
+2. a move's cost is the planned bytes it adds to the cheapest plan (a move refused
+   alone, e.g. a bias under ``qas``, is costed on top of the cheapest feasible move);
+3. from the feasible move with the best score per byte that fits, moves are added in
+   order of score per byte, each kept when the planned scheme still fits; a weight move
+   replaces a smaller ratio of the same layer.
 """
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
 from fractions import Fraction
 from typing import Any, Callable, Iterable, Sequence
 
 import torch
 
-from ...errors import ConfigError
+from ...errors import ConfigError, GradrewriteError
 from ...rewrite.graph import Graph
-from ...rewrite.memory_plan import memory_report
 from .config import Layer, Scheme
 from .prune import apply_scheme
 from .reorder import reorder_updates
@@ -40,13 +60,18 @@ def gradients(graph: Graph, batches: Iterable[Sequence[torch.Tensor]]) -> dict[s
     return sq
 
 
-def scores(layers: list[Layer], sq: dict[str, torch.Tensor], lr: float) -> dict[str, Any]:
+def scores(layers: list[Layer], sq: dict[str, torch.Tensor], lr: float,
+           row_scales: dict[str, torch.Tensor] | None = None) -> dict[str, Any]:
+    """Bias and weight (per ratio) scores; ``row_scales``: per-row scale ``s`` of int8-stored
+    weights trained with QAS (rows score ``lr * ||g_q||^2 / s^2``)."""
     bias = {l.path: float(lr * sq[l.bias].sum()) for l in layers if l.bias and l.bias in sq}
     weight = {}
     for l in layers:
         if l.weight not in sq:
             continue
         rows_sq = sq[l.weight].reshape(l.out_channels, -1).sum(1)
+        if row_scales and l.weight in row_scales:
+            rows_sq = rows_sq / row_scales[l.weight].double().reshape(-1) ** 2
         weight[l.path] = {str(r): float(lr * rows_sq[: l.rows(r)].sum()) for r in RATIOS}
     return {"bias": bias, "weight": weight}
 
@@ -56,6 +81,8 @@ def _chosen(scheme: Scheme, layers: list[Layer]) -> dict[str, int | None]:
     chosen: dict[str, int | None] = {l.bias: None for l in with_bias[len(with_bias) - scheme.bias_last:]} \
         if scheme.bias_last else {}
     by_path = {l.path: l for l in layers}
+    for path in scheme.biases:
+        chosen[by_path[path].bias] = None
     for path, ratio in scheme.weights:
         l = by_path[path]
         rows = l.rows(ratio)
@@ -63,60 +90,133 @@ def _chosen(scheme: Scheme, layers: list[Layer]) -> dict[str, int | None]:
     return chosen
 
 
-def scheme_memory(graph: Graph, scheme: Scheme, layers: list[Layer], *, reorder: bool = True) -> dict:
+def scheme_memory(graph: Graph, scheme: Scheme, layers: list[Layer], plan: Callable[[Graph], dict], *,
+                  reorder: bool = True) -> dict:
+    """``plan`` of the training step pruned to ``scheme`` (a clone; ``graph`` is untouched)."""
     trial = graph.clone()
     apply_scheme(trial, _chosen(scheme, layers), layers)
     if reorder:
         reorder_updates(trial)
-    return memory_report(trial)
+    trial.meta["train_step"]["sparse_update"] = {"scheme": scheme.text(), "reorder": reorder}
+    return plan(trial)
 
 
-def search(graph: Graph, layers: list[Layer], budget: int, sc: dict[str, Any], *,
-           max_weight_layers: int = 8,
-           progress: Callable[[str], None] | None = None) -> tuple[Scheme, list[dict]]:
-    """Greedy under ``budget`` bytes of planned SRAM; returns the scheme and the trials."""
+@dataclass(frozen=True)
+class Move:
+    kind: str                      # bias | weight
+    path: str                      # layer path
+    ratio: Fraction | None = None  # weight moves: the share of output channels
+    score: float = 0.0
+
+    def text(self) -> str:
+        return f"bias {self.path}" if self.kind == "bias" else f"weight {self.path}:{self.ratio}"
+
+
+def moves(layers: list[Layer], sc: dict[str, Any]) -> list[Move]:
+    """Every bias and every weight at every ratio (partial channels of dense and depthwise
+    layers only) whose score is positive."""
+    out = [Move("bias", p, None, s) for p, s in sc["bias"].items() if s > 0]
+    for l in layers:
+        rows_seen = set()  # ratios that give the same rows (1/4 and 1/8 of 3 channels) are one move
+        for ratio in RATIOS:
+            s = sc["weight"].get(l.path, {}).get(str(ratio), 0.0)
+            if (ratio < 1 and l.groups not in (1, l.out_channels)) or s <= 0 or l.rows(ratio) in rows_seen:
+                continue
+            rows_seen.add(l.rows(ratio))
+            out.append(Move("weight", l.path, ratio, s))
+    return out
+
+
+def as_scheme(picked: Iterable[Move], layers: list[Layer]) -> Scheme:
+    """The scheme of a set of moves, in canonical form: the biases of the last layers as
+    bias_last, other biases by path, one ratio per weight (the largest)."""
+    picked = list(picked)
+    biases = {m.path for m in picked if m.kind == "bias"}
+    with_bias = [l.path for l in layers if l.bias]
+    k = 0
+    while k < len(with_bias) and with_bias[len(with_bias) - 1 - k] in biases:
+        k += 1
+    tail = set(with_bias[len(with_bias) - k:])
+    ratio: dict[str, Fraction] = {}
+    for m in picked:
+        if m.kind == "weight":
+            ratio[m.path] = max(ratio.get(m.path, m.ratio), m.ratio)
+    order = {l.path: i for i, l in enumerate(layers)}
+    return Scheme(k, tuple(sorted(biases - tail, key=order.__getitem__)),
+                  tuple(sorted(ratio.items(), key=lambda kv: order[kv[0]])))
+
+
+def search(graph: Graph, layers: list[Layer], budget: int, sc: dict[str, Any],
+           plan: Callable[[Graph], dict], *,
+           progress: Callable[[str], None] | None = None) -> tuple[Scheme, list[dict], dict]:
+    """The scheme (greedy by score per planned byte, module docstring) whose planned
+    ``sram_bytes`` fit ``budget``; returns it, every trial, and its plan."""
     trials: list[dict] = []
-    cache: dict[Scheme, int] = {}
+    cache: dict[Scheme, dict | str] = {}
 
-    def mem(s: Scheme) -> int:
+    def mem(picked: Iterable[Move]) -> dict | str:
+        """The plan of a set of moves, or why it cannot be compiled."""
+        s = as_scheme(picked, layers)
         if s not in cache:
-            cache[s] = scheme_memory(graph, s, layers)["sram_bytes"]
-            trials.append({"scheme": s.text(), "sram_bytes": cache[s]})
-            if progress:
-                progress(f"sparse-update search: {s.text()} -> {cache[s] / 1024:.1f} KB")
+            try:
+                cache[s] = scheme_memory(graph, s, layers, plan)
+                trials.append({"scheme": s.text(), "sram_bytes": cache[s]["sram_bytes"]})
+                if progress:
+                    progress(f"sparse-update search: {s.text()} -> {cache[s]['sram_bytes'] / 1024:.1f} KB")
+            except GradrewriteError as exc:
+                cache[s] = exc.message.splitlines()[0]
+                trials.append({"scheme": s.text(), "refused": cache[s]})
         return cache[s]
 
-    n_bias = sum(1 for l in layers if l.bias)
-    smallest = Scheme(bias_last=1) if n_bias else Scheme(weights=((layers[-1].path, RATIOS[-1]),))
-    if mem(smallest) > budget:
-        raise ConfigError(f"budget {budget / 1024:.1f} KB is too small for any sparse-update scheme: "
-                          f"the smallest ({smallest.text()}) needs {mem(smallest) / 1024:.1f} KB",
-                          f"give budget >= {mem(smallest) / 1024:.0f}KB")
-    lo, hi = (1, n_bias) if n_bias else (0, 0)
-    while lo < hi:  # the most biases that fit (memory grows with the bias depth)
-        mid = (lo + hi + 1) // 2
-        if mem(Scheme(bias_last=mid)) <= budget:
-            lo = mid
-        else:
-            hi = mid - 1
-    best = Scheme(bias_last=lo) if n_bias else smallest
-    # weights: the best-scoring layers first, each at the largest ratio that still fits
-    ranked = sorted(sc["weight"].items(), key=lambda kv: -kv[1]["1"])[:max_weight_layers]
-    for path, by_ratio in ranked:
-        if any(p == path for p, _ in best.weights):
+    every = moves(layers, sc)
+    if not every:
+        raise ConfigError("no parameter of the training step has a gradient on the calibration data",
+                          "give calibration batches (inputs, labels), or an explicit scheme")
+    alone = {m: mem([m]) for m in every}
+    feasible = {m: p["sram_bytes"] for m, p in alone.items() if isinstance(p, dict)}
+    if not feasible:
+        reasons = sorted({p for p in alone.values() if isinstance(p, str)})
+        raise ConfigError(f"no single bias or weight can be trained: {reasons[0]}",
+                          "check the pipeline after sparse-update, or give an explicit scheme")
+    floor = min(feasible.values())
+    cheapest = min(feasible, key=feasible.__getitem__)
+    if floor > budget:
+        need = math.ceil(floor / 1024)
+        raise ConfigError(f"budget {budget / 1024:.1f} KB is too small for any sparse-update scheme: the smallest "
+                          f"({as_scheme([cheapest], layers).text()}) needs {floor / 1024:.1f} KB",
+                          f"give budget >= {need}KB")
+    cost: dict[Move, int] = {m: b - floor for m, b in feasible.items()}
+    for m in every:  # refused alone (a bias under qas): costed on top of the cheapest move
+        if m not in cost:
+            p = mem([cheapest, m])
+            if isinstance(p, dict):
+                cost[m] = p["sram_bytes"] - floor
+    per_byte = lambda m: m.score / (cost[m] + 1)  # noqa: E731
+    ranked = sorted(cost, key=per_byte, reverse=True)
+    start = next(m for m in ranked if m in feasible and feasible[m] <= budget)
+    picked = [start]
+    best = alone[start]
+    for m in ranked:
+        if m in picked or cost[m] > budget - floor:
             continue
-        for ratio in RATIOS:
-            cand = Scheme(best.bias_last, best.biases,
-                          tuple(sorted(best.weights + ((path, ratio),))))
-            if mem(cand) <= budget:
-                best = cand
-                break
-    return best, trials
+        if m.kind == "weight" and any(p.kind == "weight" and p.path == m.path and p.ratio >= m.ratio
+                                      for p in picked):
+            continue
+        cand = [p for p in picked if not (m.kind == "weight" and p.kind == "weight" and p.path == m.path)] + [m]
+        p = mem(cand)
+        if isinstance(p, dict) and p["sram_bytes"] <= budget:
+            picked, best = cand, p
+    info = {"moves": len(every), "smallest_bytes": floor, "smallest_scheme": as_scheme([cheapest], layers).text(),
+            "plan": best, "moves_taken": [{"move": m.text(), "score": m.score, "cost_bytes": cost[m]}
+                                          for m in picked]}
+    return as_scheme(picked, layers), trials, info
 
 
 def scheme_score(scheme: Scheme, layers: list[Layer], sc: dict[str, Any]) -> float:
     with_bias = [l for l in layers if l.bias]
-    total = sum(sc["bias"].get(l.path, 0.0) for l in with_bias[len(with_bias) - scheme.bias_last:]) \
-        if scheme.bias_last else 0.0
+    by_path = {l.path: l for l in layers}
+    chosen = {l.path for l in with_bias[len(with_bias) - scheme.bias_last:]} if scheme.bias_last else set()
+    chosen |= {p for p in scheme.biases if by_path[p].bias}
+    total = sum(sc["bias"].get(p, 0.0) for p in chosen)
     total += sum(sc["weight"].get(p, {}).get(str(r), 0.0) for p, r in scheme.weights)
     return total

@@ -18,9 +18,10 @@ import numpy as np
 
 from ..c_files import kernel_dir
 from ..inference.codegen import (ALIGN, DTYPE_NAMES, INPUT_BUFFER_H, copy_input_c, input_arena_c, io_macros,
-                                 plan_arena, weight_arrays)
+                                 weight_arrays)
 from ..program import ITEMSIZE, c_ints, contiguous_strides
 from .lowering.buffers import TrainedBuf, TrainProgram
+from .memory import plan_step_arena, step_memory
 
 
 def _copy_out(v, dst: str) -> list[str]:
@@ -117,8 +118,7 @@ def weights_files(tp: TrainProgram) -> tuple[str, str]:
 def write_train_project(tp: TrainProgram, project: Path, *, source: str = "<model>") -> dict[str, Any]:
     """Write the training-step C project into ``project``; returns facts for report.json."""
     prog = tp.program
-    prog.consts = [*tp.trained, *prog.consts]
-    arena = plan_arena(prog, inputs=[prog.inputs[0].buf])
+    arena = plan_step_arena(tp)
     project = Path(project)
     (project / "kernels").mkdir(parents=True, exist_ok=True)
     for name in sorted(prog.kernel_files | {"gr_train.c", "gr_train.h"}):
@@ -134,7 +134,7 @@ def write_train_project(tp: TrainProgram, project: Path, *, source: str = "<mode
     (project / "weights.h").write_text(wh)
     (project / "weights.c").write_text(wc)
     quant = (prog.notes.get("input_quantize") or [None])[0]  # an int8 step's input, quantized by the runner
-    facts = {**arena.as_dict(), "weights_bytes": weight_bytes,
+    facts = {**arena.as_dict(), "memory_plan": step_memory(tp, arena), "weights_bytes": weight_bytes,
              "trained_bytes": sum(b.nbytes for b in tp.trained),
              "frozen_bytes": weight_bytes - sum(b.nbytes for b in tp.trained),
              # rows: a partially trained parameter keeps only its first rows in SRAM
