@@ -7,6 +7,13 @@ TFLite / CMSIS-NN semantics: int32 accumulation of ``wq * (xq - zx)``, bias
 ``requant(acc) = (acc * mult + 2^(t-1)) >> t``, ``t = 31 - shift``, and
 ``mult * 2^(shift-31) ~= s_x * s_w[c] / s_y`` (CMSIS-NN's single-rounding requantize).
 
+A conv/linear whose output stays float (``quantize(outputs=auto)``: its readers compute in
+float) is ``layer(dequant(xq), dequant_per_channel(wq), b)`` with no quantize after it
+(``find(graph, float_outputs=True)``): the same int32 accumulator, bias included, and
+``y = float32(acc) * out_scale[c]`` with ``out_scale = float32(s_x * s_w[c])`` instead of
+the requantization (ORT's QGemm / QLinearMatMul with an int32 bias and a float output).
+One IEEE multiply per output: the C and TVM kernels give the reference's bits.
+
 ``integer_reference`` runs a graph with every such chain computed by that integer
 arithmetic in numpy/torch (everything else as the fake-quant torch graph): the mcu
 backend's C code and the tvm backend's int8 Relax lowering both match it bit for bit
@@ -56,6 +63,13 @@ class QLayer:
     # max pools between the layer and the quantize: quantization is monotone, so
     # quantize(maxpool(y)) == maxpool(quantize(y)) and they run on int8 after the layer
     post: tuple[fx.Node, ...] = ()
+    # a float-output layer (head is the layer node): y = float32(acc) * out_scale, float32 [O];
+    # mult / shift / out_zp / act_min / act_max are unused
+    out_scale: np.ndarray | None = None
+
+    @property
+    def float_out(self) -> bool:
+        return self.out_scale is not None
 
     @property
     def inputs(self) -> list[fx.Node]:
@@ -155,6 +169,35 @@ def match(graph, head: fx.Node) -> QLayer | None:
         return _match_add(node, head, act, y_scale, y_zp, act_min, act_max, tuple(post))
     if node.target not in CONV_OPS + LINEAR_OPS:
         return None
+    mac = _mac_parts(graph, node)
+    if mac is None or (mac["kind"] == "linear" and post):
+        return None
+    s_w = mac["w_scales"]
+    mults, shifts = zip(*(quantize_multiplier(mac["x_scale"] * float(s) / y_scale) for s in s_w))
+    return QLayer(head, node, act, mac["x"], mac["kind"], mac["weight"], s_w, mac["bias_q"],
+                  np.asarray(mults, np.int32), np.asarray(shifts, np.int32), mac["in_zp"], y_zp,
+                  act_min, act_max, mac["conv"], mac["view"], post=tuple(post))
+
+
+def match_float_output(graph, node: fx.Node) -> QLayer | None:
+    """The int8 conv/linear ``node`` as a float-output layer (see the module docstring),
+    or None when it does not read an int8 input and int8 weights."""
+    if node.op != "call_function" or node.target not in CONV_OPS + LINEAR_OPS:
+        return None
+    mac = _mac_parts(graph, node)
+    if mac is None:
+        return None
+    n_out = len(mac["w_scales"])
+    out_scale = (mac["x_scale"] * mac["w_scales"]).astype(np.float32)
+    return QLayer(node, node, None, mac["x"], mac["kind"], mac["weight"], mac["w_scales"], mac["bias_q"],
+                  np.zeros(n_out, np.int32), np.zeros(n_out, np.int32), mac["in_zp"], 0, -128, 127,
+                  mac["conv"], mac["view"], out_scale=out_scale)
+
+
+def _mac_parts(graph, node: fx.Node) -> dict | None:
+    """The integer parts of conv/linear ``node`` reading ``dequant(xq)`` (through a
+    flatten/view for a linear) and ``dequant_per_channel(wq)`` with a constant bias:
+    int8 input node, weight, scales, int32 bias, zero point; None when it does not."""
     x_dq, w_dq = node.args[0], node.args[1]
     view = None
     if isinstance(x_dq, fx.Node) and x_dq.target in VIEW_OPS and node.target in LINEAR_OPS \
@@ -180,17 +223,13 @@ def match(graph, head: fx.Node) -> QLayer | None:
     conv = _conv_params(node) if kind == "conv" else None
     if kind == "conv" and (conv is None or wq.dim() != 4):
         return None
-    if kind == "linear" and post:
-        return None
-    x_scale, x_zp = float(x_dq.args[1]), int(x_dq.args[2])
+    x_scale = float(x_dq.args[1])
     s_w = w_scales.double().numpy()
-    mults, shifts = zip(*(quantize_multiplier(x_scale * float(s) / y_scale) for s in s_w))
     bias_q = (np.round(bias.double().numpy() / (x_scale * s_w)) if bias is not None
               else np.zeros(len(s_w)))
     bias_q = np.clip(bias_q, -(2 ** 31), 2 ** 31 - 1).astype(np.int32)
-    return QLayer(head, node, act, x_dq.args[0], kind, wq.detach().clone(), s_w, bias_q,
-                  np.asarray(mults, np.int32), np.asarray(shifts, np.int32), x_zp, y_zp,
-                  act_min, act_max, conv, view, post=tuple(post))
+    return {"x": x_dq.args[0], "x_scale": x_scale, "in_zp": int(x_dq.args[2]), "weight": wq.detach().clone(),
+            "w_scales": s_w, "bias_q": bias_q, "kind": kind, "conv": conv, "view": view}
 
 
 def _match_add(node, head, act, y_scale, y_zp, act_min, act_max, post) -> QLayer | None:
@@ -213,15 +252,28 @@ def _match_add(node, head, act, y_scale, y_zp, act_min, act_max, post) -> QLayer
                   post=post)
 
 
-def find(graph) -> dict[fx.Node, QLayer]:
-    """Every int8 layer pattern of the graph, keyed by its quantize node."""
-    found = {}
+def find(graph, float_outputs: bool = False) -> dict[fx.Node, QLayer]:
+    """Every int8 layer pattern of the graph, keyed by its quantize node, in graph order;
+    with ``float_outputs`` also the int8 conv/linear layers whose output stays float
+    (``match_float_output``), keyed by the layer node."""
+    heads = {}
     for node in graph.gm.graph.nodes:
         if node.op == "call_function" and node.target == QUANTIZE_PER_TENSOR:
             try:
                 ql = match(graph, node)
             except ValueError:
                 ql = None
+            if ql is not None:
+                heads[node] = ql
+    if not float_outputs:
+        return heads
+    taken = {ql.layer for ql in heads.values()}
+    found = {}
+    for node in graph.gm.graph.nodes:
+        if node in heads:
+            found[node] = heads[node]
+        elif node not in taken:
+            ql = match_float_output(graph, node)
             if ql is not None:
                 found[node] = ql
     return found
@@ -264,13 +316,16 @@ def _run_mac(ql: QLayer, xq: torch.Tensor) -> torch.Tensor:
     shape = [1] * acc.ndim
     shape[channel_axis] = -1
     acc = acc + ql.bias_q.astype(np.int64).reshape(shape)
+    if ql.float_out:   # one float32 multiply per output, as the kernels
+        return torch.from_numpy(acc.astype(np.float32) * ql.out_scale.reshape(shape))
     y = requantize(acc, ql.mult.reshape(shape), ql.shift.reshape(shape)) + ql.out_zp
     return torch.from_numpy(np.clip(y, ql.act_min, ql.act_max).astype(np.int8))
 
 
 def integer_reference(graph, *inputs: torch.Tensor) -> list[torch.Tensor]:
-    """Run ``graph`` with every int8 layer pattern computed in integer arithmetic."""
-    layers = find(graph)
+    """Run ``graph`` with every int8 layer pattern (float-output layers included) computed
+    in integer arithmetic."""
+    layers = find(graph, float_outputs=True)
 
     class _Interp(fx.Interpreter):
         def run_node(self, n):

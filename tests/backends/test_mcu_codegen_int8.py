@@ -18,6 +18,7 @@ from gradrewrite.rewrite.quant_ops import DEQUANTIZE_PER_CHANNEL, DEQUANTIZE_PER
 
 from ..cli.conftest import run_cli
 from .mcu_helpers import build_and_run, graph_of
+from .test_mcu_firmware import CORTEX, need_tools
 
 I8 = torch.int8
 
@@ -97,6 +98,81 @@ def _check_int8(net: QNet, tmp_path, *, expect_nm: int = 0):
 
 def test_int8_is_bit_exact_against_the_integer_reference(tmp_path):
     _check_int8(QNet(), tmp_path)
+
+
+class QFloatOutNet(nn.Module):
+    """int8 layers whose outputs stay float (quantize's outputs=auto): a strided, padded
+    conv whose output goes through a float add (exact in C) before it is quantized for a
+    linear head (k = 175: a tail of 3 past the groups of four; 11 columns: a group of 3),
+    whose output is the graph's, float. Batch 2."""
+
+    def __init__(self):
+        super().__init__()
+        g = torch.Generator().manual_seed(1)
+        for name, shape in {"c1": (7, 3, 3, 3), "fc": (11, 7 * 5 * 5)}.items():
+            wq, ws, wz = _int8_weight(torch.randn(shape, generator=g) * 0.3)
+            self.register_buffer(f"{name}_int8", wq)
+            self.register_buffer(f"{name}_scale", ws)
+            self.register_buffer(f"{name}_zp", wz)
+            self.register_buffer(f"{name}_bias", torch.randn(shape[0], generator=g) * 0.1)
+        self.register_buffer("shift", torch.randn(7, 1, 1, generator=g))
+        self.act = [(0.04, -5), (0.05, 7)]
+
+    w = QNet.w
+
+    def forward(self, x):
+        (s0, z0), (s1, z1) = self.act
+        x = F.conv2d(_dq(_q(x, s0, z0), s0, z0), self.w("c1"), self.c1_bias, 2, 0) + self.shift
+        x = _dq(_q(x, s1, z1), s1, z1)
+        return F.linear(torch.flatten(x, 1), self.w("fc"), self.fc_bias)
+
+
+def test_int8_layers_with_float_outputs_are_bit_exact(tmp_path):
+    """A conv / linear with int8 input and weights and a float output: the int32
+    accumulator times s_x * s_w[c] (gr_conv2d_s8_f32, gr_fc_s8_f32), bit-exact against the
+    integer reference; that differs from the fake-quant float layer only by the int32 bias
+    rounding (half a step of s_x * s_w[c] per output) and fp32 summation."""
+    net = QFloatOutNet().eval()
+    x = torch.randn(2, 3, 12, 12)
+    graph = graph_of(net, x)
+    layers = int8.find(graph, float_outputs=True)
+    assert [(ql.kind, ql.float_out) for ql in layers.values()] == [("conv", True), ("linear", True)]
+    assert int8.find(graph) == {}   # not requantizing chains: only on request
+    prog = lower(graph)
+    assert [s.kernel for s in prog.steps if "s8" in s.kernel] == ["gr_conv2d_s8_f32", "gr_fc_s8_f32"]
+    fresh = torch.randn(2, 3, 12, 12, generator=torch.Generator().manual_seed(3)) * 2
+    (got,), _ = build_and_run(graph, tmp_path, fresh)
+    ref = int8.integer_reference(graph, fresh)[0]
+    assert got.dtype == torch.float32 and torch.equal(got, ref), (got - ref).abs().max()
+    # each layer on its own int8 input against the float layer on the dequantized values
+    s0, z0 = net.act[0]
+    xq = QUANTIZE_PER_TENSOR(fresh, s0, z0, -128, 127, I8)
+    conv = next(iter(layers.values()))
+    y = int8.run_layer(conv, xq)
+    fake = F.conv2d(_dq(xq, s0, z0), net.w("c1"), net.c1_bias, 2, 0)
+    step = (s0 * net.c1_scale).reshape(1, -1, 1, 1)
+    assert ((y - fake).abs() <= 0.5 * step + 1e-5 * fake.abs().max()).all()
+
+
+@pytest.mark.parametrize("target", CORTEX)
+def test_int8_layers_with_float_outputs_bit_exact_under_qemu(target, tmp_path):
+    """The float-output kernels on Cortex-M (gr_fc_s8_f32 takes the DSP accumulation path
+    there; the FPU's int-to-float conversion and multiply round as the host's)."""
+    import numpy as np
+
+    from gradrewrite.backends.mcu.firmware import build as firmware, qemu
+    from gradrewrite.backends.mcu.inference.codegen import write_project
+    from gradrewrite.backends.mcu.packing import pack_inputs
+
+    need_tools(target)
+    x = torch.randn(2, 3, 12, 12, generator=torch.Generator().manual_seed(4)) * 2
+    graph = graph_of(QFloatOutNet(), x)
+    facts = write_project(lower(graph), tmp_path / "mcu", source="test")
+    fw = firmware.build_firmware(tmp_path / "mcu", target)
+    raw, _ = qemu.run_firmware(fw.elf, pack_inputs([x.numpy()], facts["inputs"]), target)
+    spec = facts["outputs"][0]
+    got = np.frombuffer(raw, dtype=np.float32, count=int(np.prod(spec["shape"]))).reshape(spec["shape"])
+    assert np.array_equal(got, int8.integer_reference(graph, x)[0].numpy())
 
 
 @pytest.mark.parametrize("nm", [(2, 4), (1, 8)], ids=["2:4", "1:8"])

@@ -76,7 +76,7 @@ def test_lower_int8_replaces_every_chain_and_keeps_the_input_graph(qcnn):
     # after re-export no float conv/linear and no weight dequantize is left
     ep = lowered.to_exported_program().run_decompositions()
     targets = {n.target for n in ep.graph.nodes if n.op == "call_function"}
-    assert DEQUANTIZE_PER_CHANNEL not in targets and set(INT8_OPS.values()) <= targets
+    assert DEQUANTIZE_PER_CHANNEL not in targets and {INT8_OPS[k] for k in ('conv', 'linear', 'add')} <= targets
     aten = torch.ops.aten
     assert not targets & {aten.convolution.default, aten.linear.default, aten.addmm.default, aten.mm.default}
 
@@ -144,6 +144,25 @@ def test_depthwise_relu6_and_flatten_bit_exact(tmp_path):
     for x in _inputs((1, 3, 16, 16), 3, 22):
         got, = art(x)
         ref, = int8.integer_reference(graph, x)
+        np.testing.assert_array_equal(got, ref.numpy())
+
+
+def test_float_output_layers_bit_exact(tmp_path):
+    """int8 conv / linear whose outputs stay float (quantize's outputs=auto): int8 x int8 ->
+    int32 compute, then float32(acc) * s_x * s_w[c]; bit-exact against the integer reference."""
+    from tests.backends.test_mcu_codegen_int8 import QFloatOutNet
+
+    x = torch.randn(2, 3, 12, 12)
+    graph = gr.capture(QFloatOutNet().eval(), (x,))
+    assert lower_int8(graph)[1] == {"int8-conv-float": 1, "int8-linear-float": 1}
+    art = compile_graph(graph.clone(), tmp_path / "f", CompileOptions(
+        backend="tvm", latency_runs=0, verify_inputs=1, rel_tol=INT8_REL_TOL, backend_options={"target": "llvm"}))
+    assert art.report["artifact"]["quantized"] == {
+        "int8_layers": {"int8-conv-float": 1, "int8-linear-float": 1}, "fp32_weights": {}}
+    for x in _inputs((2, 3, 12, 12), 3, 23):
+        got, = art(x)
+        ref, = int8.integer_reference(graph, x)
+        assert got.dtype == np.float32
         np.testing.assert_array_equal(got, ref.numpy())
 
 

@@ -7,6 +7,9 @@
   real value 0) and ``in_zp * sum(w)`` per output channel is folded into the bias, since
   ``sum w (x - zp) = sum w x - zp sum w``. The result is bit-exact against
   ``rewrite.int8_layers.integer_reference``.
+* ``gradrewrite::tvm_int8_conv2d_float`` / ``_linear_float`` (layers whose output stays
+  float): the same int32 compute and folded bias, then ``float32(acc) * scale`` per output
+  channel instead of the requantization (bit-exact against the integer reference too).
 * ``gradrewrite::tvm_int8_add``: TFLite's int8 add in int64.
 * ``quantized_decomposed`` quantize / dequantize (per tensor): float arithmetic in the
   order PyTorch's reference uses (``round(x * (1/s)) + zp``, round half to even), so the
@@ -87,33 +90,60 @@ class _Converters:
         y = bb.emit(op.add(op.right_shift(acc, c(total)), _const(out_zp, "int64")))
         return bb.emit(op.astype(op.clip(y, lo, hi), "int8"))
 
+    @staticmethod
+    def _float_output(bb, acc, bias: np.ndarray, scale: np.ndarray, shape: list[int]):
+        """int32 acc -> float32: ``float32(acc + bias) * scale`` (one rounding each, as C)."""
+        from tvm import relax
+
+        op = relax.op
+        acc = bb.emit(op.add(op.astype(acc, "int64"), _const(np.asarray(bias, np.int64).reshape(shape), "int64")))
+        return bb.emit(op.multiply(op.astype(acc, "float32"),
+                                   _const(np.asarray(scale, np.float32).reshape(shape), "float32")))
+
     # ------------------------------------------------------------------ int8 layers
-    def int8_conv2d(self, node: fx.Node, importer) -> Any:
+    def _int8_conv2d_acc(self, node: fx.Node, importer, stride, padding, dilation, groups, in_zp):
+        """(int32 accumulator, int64 bias with the input zero point folded in) of an int8 conv."""
         from tvm import relax
 
         bb = importer.block_builder
         x = importer.env[node.args[0]]
-        w, bias, mult, shift = (self.need(node, i).numpy() for i in range(1, 5))
-        stride, padding, dilation, groups, in_zp, out_zp, lo, hi = node.args[5:13]
+        w, bias = self.need(node, 1).numpy(), self.need(node, 2).numpy()
         if in_zp and any(padding):  # pad with the zero point: the padded real value is 0
             ph, pw = padding
             x = bb.emit(relax.op.nn.pad(x, [0, 0, 0, 0, ph, ph, pw, pw], pad_value=float(in_zp)))
             padding = [0, 0]
         acc = bb.emit(relax.op.nn.conv2d(x, _const(w, "int8"), strides=stride, padding=padding,
                                          dilation=dilation, groups=groups, out_dtype="int32"))
-        bias = bias.astype(np.int64) - in_zp * w.reshape(w.shape[0], -1).astype(np.int64).sum(1)
-        return self._requantize(bb, acc, bias, mult, shift, [1, -1, 1, 1], out_zp, lo, hi)
+        return acc, bias.astype(np.int64) - in_zp * w.reshape(w.shape[0], -1).astype(np.int64).sum(1)
 
-    def int8_linear(self, node: fx.Node, importer) -> Any:
+    def _int8_linear_acc(self, node: fx.Node, importer, in_zp):
+        """(int32 accumulator, int64 bias with the input zero point folded in) of an int8 linear."""
         from tvm import relax
 
-        bb = importer.block_builder
         x = importer.env[node.args[0]]
-        w, bias, mult, shift = (self.need(node, i).numpy() for i in range(1, 5))
+        w, bias = self.need(node, 1).numpy(), self.need(node, 2).numpy()
+        acc = importer.block_builder.emit(relax.op.matmul(x, _const(w.T, "int8"), out_dtype="int32"))
+        return acc, bias.astype(np.int64) - in_zp * w.astype(np.int64).sum(1)
+
+    def int8_conv2d(self, node: fx.Node, importer) -> Any:
+        mult, shift = (self.need(node, i).numpy() for i in (3, 4))
+        stride, padding, dilation, groups, in_zp, out_zp, lo, hi = node.args[5:13]
+        acc, bias = self._int8_conv2d_acc(node, importer, stride, padding, dilation, groups, in_zp)
+        return self._requantize(importer.block_builder, acc, bias, mult, shift, [1, -1, 1, 1], out_zp, lo, hi)
+
+    def int8_linear(self, node: fx.Node, importer) -> Any:
+        mult, shift = (self.need(node, i).numpy() for i in (3, 4))
         in_zp, out_zp, lo, hi = node.args[5:9]
-        acc = bb.emit(relax.op.matmul(x, _const(w.T, "int8"), out_dtype="int32"))
-        bias = bias.astype(np.int64) - in_zp * w.astype(np.int64).sum(1)
-        return self._requantize(bb, acc, bias, mult, shift, [-1], out_zp, lo, hi)
+        acc, bias = self._int8_linear_acc(node, importer, in_zp)
+        return self._requantize(importer.block_builder, acc, bias, mult, shift, [-1], out_zp, lo, hi)
+
+    def int8_conv2d_float(self, node: fx.Node, importer) -> Any:
+        acc, bias = self._int8_conv2d_acc(node, importer, *node.args[4:9])
+        return self._float_output(importer.block_builder, acc, bias, self.need(node, 3).numpy(), [1, -1, 1, 1])
+
+    def int8_linear_float(self, node: fx.Node, importer) -> Any:
+        acc, bias = self._int8_linear_acc(node, importer, node.args[4])
+        return self._float_output(importer.block_builder, acc, bias, self.need(node, 3).numpy(), [-1])
 
     def int8_add(self, node: fx.Node, importer) -> Any:
         from tvm import relax
@@ -198,7 +228,8 @@ class _Converters:
         from ...rewrite.quant_ops import DEQUANTIZE_PER_CHANNEL, DEQUANTIZE_PER_TENSOR, QUANTIZE_PER_TENSOR
 
         ops = {INT8_OPS["conv"]: self.int8_conv2d, INT8_OPS["linear"]: self.int8_linear,
-               INT8_OPS["add"]: self.int8_add, QUANTIZE_PER_TENSOR: self.quantize_per_tensor,
+               INT8_OPS["add"]: self.int8_add, INT8_OPS["conv-float"]: self.int8_conv2d_float,
+               INT8_OPS["linear-float"]: self.int8_linear_float, QUANTIZE_PER_TENSOR: self.quantize_per_tensor,
                DEQUANTIZE_PER_TENSOR: self.dequantize_per_tensor,
                DEQUANTIZE_PER_CHANNEL: self.dequantize_per_channel, GROUPWISE_LINEAR: self.groupwise_linear,
                GROUPWISE_EMBEDDING: self.groupwise_embedding}

@@ -63,6 +63,7 @@ EXACT_FP32_KERNELS = frozenset({
     "gr_quantize_f32_i8", "gr_dequantize_i8_f32", "gr_copy_nd", "gr_embedding_f32",
     "gr_max_pool2d_f32", "gr_binary_f32", "gr_binary_scalar_f32", "gr_adaptive_avg_pool2d_f32", "gr_pad_f32",
     "gr_patch_read",   # patches.py: the input window by window
+    "gr_fc_s8_f32", "gr_conv2d_s8_f32",   # int8 layers with a float output: one multiply per value
 })
 
 

@@ -56,7 +56,7 @@ def reference_outputs(graph: Graph, inputs: Sequence[np.ndarray]) -> tuple[list[
     """(reference outputs, whether the int8 integer reference was used)."""
 
     tensors = [torch.from_numpy(np.array(x)) for x in inputs]  # a writable copy
-    is_int8 = bool(int8.find(graph))
+    is_int8 = bool(int8.find(graph, float_outputs=True))
     with torch.no_grad():
         if is_int8:
             outs = integer_reference(graph, *tensors)
@@ -146,7 +146,7 @@ def integer_reference(graph: Graph, *inputs: torch.Tensor) -> list[torch.Tensor]
 
     from .lowering.int8_elementwise import plan
 
-    layers = int8.find(graph)
+    layers = int8.find(graph, float_outputs=True)
     qplan = plan(graph, layers)
 
     class _Interp(fx.Interpreter):

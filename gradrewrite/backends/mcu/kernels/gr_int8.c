@@ -732,28 +732,75 @@ static GR_NOINLINE void fc_cols2_s8(const int8_t *x, const int32_t *w, int32_t k
     acc[0] = a0; acc[1] = a1;
 }
 
-/* w: the interleaved weights (4-byte aligned); base: n entries */
-void gr_fc_s8(const gr_quant_params *q, const int8_t *x, const int8_t *w, const int32_t *base, int8_t *y,
-              int32_t m, int32_t k, int32_t n) {
-    const int32_t ozp = q->out_zp, lo = q->act_min, hi = q->act_max;
+/* y8 = requant(acc) by q (gr_fc_s8), or yf = (float)acc * scale[j] (gr_fc_s8_f32) */
+static void fc_s8(const gr_quant_params *q, const float *scale, const int8_t *x, const int8_t *w,
+                  const int32_t *base, int8_t *y8, float *yf, int32_t m, int32_t k, int32_t n) {
+    const int32_t ozp = q ? q->out_zp : 0, lo = q ? q->act_min : 0, hi = q ? q->act_max : 0;
     int32_t i, j, u;
-    for (i = 0; i < m; i++, x += k, y += n) {
+    for (i = 0; i < m; i++, x += k) {
         const int8_t *wg = w;
         for (j = 0; j < n; ) {
             const int32_t cols = n - j >= 3 ? 4 : 2, cnt = n - j < cols ? n - j : cols;
+            const size_t at = (size_t)i * n + j;
             int32_t acc[4];
             for (u = 0; u < cols; u++) acc[u] = u < cnt ? base[j + u] : 0;
             if (cols == 4) fc_cols4_s8(x, (const int32_t *)(const void *)wg, k, acc);
             else fc_cols2_s8(x, (const int32_t *)(const void *)wg, k, acc);
-            for (u = 0; u < cnt; u++) {
-                rq_s8 r;
-                y[j + u] = rq_init(&r, q->mult[j + u], q->shift[j + u])
-                    ? (int8_t)rq_apply(acc[u], r.mult, r.rlo, r.rhi, r.sh, ozp, lo, hi)
-                    : requant_s8(acc[u], q->mult[j + u], 31 - q->shift[j + u], ozp, lo, hi);
+            if (scale) {
+                for (u = 0; u < cnt; u++) yf[at + u] = (float)acc[u] * scale[j + u];
+            } else {
+                for (u = 0; u < cnt; u++) {
+                    rq_s8 r;
+                    y8[at + u] = rq_init(&r, q->mult[j + u], q->shift[j + u])
+                        ? (int8_t)rq_apply(acc[u], r.mult, r.rlo, r.rhi, r.sh, ozp, lo, hi)
+                        : requant_s8(acc[u], q->mult[j + u], 31 - q->shift[j + u], ozp, lo, hi);
+                }
             }
             /* the next group starts 4-byte aligned: the tail is padded to a word */
             wg += (size_t)cols * (((size_t)k + 3) & ~(size_t)3);
             j += cnt;
+        }
+    }
+}
+
+/* w: the interleaved weights (4-byte aligned); base: n entries */
+void gr_fc_s8(const gr_quant_params *q, const int8_t *x, const int8_t *w, const int32_t *base, int8_t *y,
+              int32_t m, int32_t k, int32_t n) {
+    fc_s8(q, NULL, x, w, base, y, NULL, m, k, n);
+}
+
+/* gr_fc_s8 with a float output (a layer whose readers compute in float): y[i, j] =
+ * (float)acc * scale[j], one rounding, as the integer reference */
+void gr_fc_s8_f32(const int8_t *x, const int8_t *w, const int32_t *base, const float *scale, float *y,
+                  int32_t m, int32_t k, int32_t n) {
+    fc_s8(NULL, scale, x, w, base, NULL, y, m, k, n);
+}
+
+/* an int8 conv with a float output: y = (float)(bias[o] + sum w * (x - in_zp)) * scale[o];
+ * taps in the padding (real value 0) are skipped */
+void gr_conv2d_s8_f32(const gr_conv_shape *s, int32_t in_zp, const int8_t *x, const int8_t *w,
+                      const int32_t *bias, const float *scale, float *y) {
+    const int32_t cin_g = s->c / s->groups, cout_g = s->oc / s->groups, plane = s->h * s->w;
+    int32_t n, o, oy, ox, c, ky, kx;
+    for (n = 0; n < s->n; n++) for (o = 0; o < s->oc; o++) {
+        const int8_t *wo = w + (size_t)o * cin_g * s->kh * s->kw;
+        const int8_t *xg = x + ((size_t)n * s->c + (size_t)(o / cout_g) * cin_g) * plane;
+        float *yo = y + ((size_t)n * s->oc + o) * s->oh * s->ow;
+        for (oy = 0; oy < s->oh; oy++) for (ox = 0; ox < s->ow; ox++) {
+            const int32_t iy0 = oy * s->sh - s->ph, ix0 = ox * s->sw - s->pw;
+            int32_t acc = bias ? bias[o] : 0;
+            for (c = 0; c < cin_g; c++) {
+                const int8_t *xc = xg + (size_t)c * plane, *wc = wo + (size_t)c * s->kh * s->kw;
+                for (ky = 0; ky < s->kh; ky++) {
+                    const int32_t iy = iy0 + ky * s->dh;
+                    if (iy < 0 || iy >= s->h) continue;
+                    for (kx = 0; kx < s->kw; kx++) {
+                        const int32_t ix = ix0 + kx * s->dw;
+                        if (ix >= 0 && ix < s->w) acc += (int32_t)wc[ky * s->kw + kx] * ((int32_t)xc[iy * s->w + ix] - in_zp);
+                    }
+                }
+            }
+            yo[oy * s->ow + ox] = (float)acc * scale[o];
         }
     }
 }

@@ -102,6 +102,12 @@ void gr_depthwise3x3_s8(const gr_conv_shape *s, const gr_quant_params *q, const 
 /* fully connected: x [m, k], w [n, k], y [m, n] */
 void gr_fc_s8(const gr_quant_params *q, const int8_t *x, const int8_t *w, const int32_t *base, int8_t *y,
               int32_t m, int32_t k, int32_t n);
+/* int8 layers whose output stays float: y = (float)acc * scale[o] (acc: the int32
+ * accumulator, bias included); gr_fc_s8_f32 takes gr_fc_s8's weights and base */
+void gr_fc_s8_f32(const int8_t *x, const int8_t *w, const int32_t *base, const float *scale, float *y,
+                  int32_t m, int32_t k, int32_t n);
+void gr_conv2d_s8_f32(const gr_conv_shape *s, int32_t in_zp, const int8_t *x, const int8_t *w,
+                      const int32_t *bias, const float *scale, float *y);
 /* a pointwise conv's weights: dense (gr_pointwise_s8's layout) or N:M packed entries (see
  * gr_int8.c); `count` block steps per output channel, `stride` bytes per output channel,
  * base: the bias with the input zero point folded in */

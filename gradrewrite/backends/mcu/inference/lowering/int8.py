@@ -41,6 +41,8 @@ class Int8Layers:
         self.kernel_files.add("gr_int8.c")  # gr_requantize, also used by the N:M kernels
         if x.dtype != "i8":
             raise Unsupported("int8 layer input is not int8")
+        if ql.float_out:
+            return self._float_output(ql, x)
         out_shape = shape_of(ql.post[0].args[0]) if ql.post else shape_of(ql.head)
         y = self.new(out_shape, "i8")
         if ql.kind == "add":
@@ -74,7 +76,7 @@ class Int8Layers:
             return None
         layer = readers[0]
         dw = next((q for q in self.qlayers.values() if q.layer is layer), None)
-        if dw is None or dw.x is not ql.head or dw.post or not depthwise3x3(dw):
+        if dw is None or dw.x is not ql.head or dw.post or dw.float_out or not depthwise3x3(dw):
             return None
         if self.sparse and (nm.detect(dw.weight, "conv") or self._nm_pointwise(ql) is False):
             return None
@@ -267,8 +269,7 @@ class Int8Layers:
                 self.emit("gr_linear_nm_s8", "gr_nm.c", code, [x], [y, acc],
                           rows * k * n_out * packed.n // packed.m, op=op + f" {packed.n}:{packed.m}")
             elif self._constants_fixed(name):
-                wv = self.add_const(name + "_w", fc_weights(w), "i32")  # int32: word-aligned for LDRD
-                base = self.add_const(name + "_base", folded_base(ql), "i32")
+                wv, base = self._fc_consts(ql, name)
                 code = (f"{{ {qp}\n  gr_fc_s8(&q, {x.ptr()}, (const int8_t *){wv.name}, {base.name}, "
                         f"{y.out()}, {rows}, {k}, {n_out}); }}")
                 self.emit("gr_fc_s8", "gr_int8.c", code, [x], [y], rows * k * n_out, op=op)
@@ -277,6 +278,38 @@ class Int8Layers:
                 code = (f"{{ {qp}\n  gr_linear_s8(&q, {x.ptr()}, {wv.name}, {bias.name}, {y.out()}, "
                         f"{rows}, {k}, {n_out}); }}")
                 self.emit("gr_linear_s8", "gr_int8.c", code, [x], [y], rows * k * n_out, op=op)
+
+    def _float_output(self, ql: int8.QLayer, x: Val) -> Val:
+        """An int8 conv/linear whose output stays float (its readers compute in float):
+        the int32 accumulator times ``ql.out_scale`` per output channel, no requantization
+        (``gr_fc_s8_f32`` on ``gr_fc_s8``'s weights and folded base; ``gr_conv2d_s8_f32``)."""
+        name = ident(module_path(ql.layer) or ql.layer.name)
+        out_shape = shape_of(ql.head)
+        y = self.new(out_shape, "f32")
+        scale = self.add_const(name + "_out_scale", ql.out_scale, "f32")
+        w = ql.weight
+        op = "int8 " + op_name(ql.layer) + " (float output)"
+        self.current = ql.layer
+        if ql.kind == "conv":
+            s, macs = conv_shape(x.shape, tuple(w.shape), out_shape, ql.conv)
+            wv = self.add_const(name + "_w", w.numpy().reshape(-1), "i8")
+            bias = self.add_const(name + "_bias_q", ql.bias_q, "i32")
+            code = (f"{{ {s}\n  gr_conv2d_s8_f32(&s, {ql.in_zp}, {x.ptr()}, {wv.name}, {bias.name}, "
+                    f"{scale.name}, {y.out()}); }}")
+            self.emit("gr_conv2d_s8_f32", "gr_int8.c", code, [x], [y], macs, op=op)
+        else:
+            k, n_out = int(w.shape[1]), int(w.shape[0])
+            wv, base = self._fc_consts(ql, name)
+            self.emit("gr_fc_s8_f32", "gr_int8.c",
+                      f"gr_fc_s8_f32({x.ptr()}, (const int8_t *){wv.name}, {base.name}, {scale.name}, "
+                      f"{y.out()}, {x.numel // k}, {k}, {n_out});", [x], [y], x.numel * n_out, op=op)
+        return y
+
+    def _fc_consts(self, ql: int8.QLayer, name: str):
+        """``gr_fc_s8``'s weights (interleaved, stored as int32: word-aligned for LDRD) and
+        folded base."""
+        return (self.add_const(name + "_w", fc_weights(ql.weight), "i32"),
+                self.add_const(name + "_base", folded_base(ql), "i32"))
 
     def _constants_fixed(self, name: str) -> bool:
         """Whether layer ``name``'s weight and bias are the constants the quantizer made.

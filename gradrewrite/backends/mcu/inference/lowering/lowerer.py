@@ -30,6 +30,7 @@ class Lowerer(Int8Layers):
     """One walk over ``graph`` (``run``): its buffers, constants and kernel steps so far."""
 
     int8_elementwise = True   # plan int8 ops between the int8 layers (int8_elementwise.py)
+    float_outputs = True      # int8 conv/linear layers whose output stays float (int8.py)
 
     def __init__(self, graph: Graph, *, collect: bool = False, sparse: bool = True,
                  quantized_inputs: bool = False, stream: bool = True):
@@ -54,7 +55,7 @@ class Lowerer(Int8Layers):
         self._is_const: dict[fx.Node, bool] = {}
         self._fusable: dict[fx.Node, Step] = {}
         self._names: set[str] = set()
-        self.qlayers = int8.find(graph)
+        self.qlayers = int8.find(graph, float_outputs=self.float_outputs)
         self.qelems = int8_elem.plan(graph, self.qlayers) if self.int8_elementwise \
             else int8_elem.Plan({}, {}, {})
         self.skip = self._dead_after_patterns()

@@ -34,6 +34,7 @@ class TrainLowerer(Lowerer):
     """One walk over a training-step graph (see the module docstring)."""
 
     int8_elementwise = False   # the step's float ops keep the float semantics its reference has
+    float_outputs = False      # an int8 step's layers all requantize (its reference, device_form)
 
     def __init__(self, graph: Graph, *, collect: bool = False):
         ts = graph.meta.get("train_step")
