@@ -1,6 +1,7 @@
 """The ort backend's int8 form picks ONNX Runtime's fast integer kernels: a conv with 3 input
 channels (an image model's stem) gets zero channels up to 4, so ORT's symmetric indirect conv
-kernel takes it, and the padding changes no output."""
+kernel takes it; deep 1x1 convs (on AMX CPUs) get weight zero point -1, so ORT's GEMM path
+takes them. Neither changes an output."""
 from __future__ import annotations
 
 import collections
@@ -78,10 +79,13 @@ def exported(stem_graph, tmp_path_factory):
     path = tmp_path_factory.mktemp("stem") / "as_is.onnx"
     export_onnx(stem_graph, path, qdq_form="as-is")
     out = {}
-    for name, pad in (("uint8", False), ("padded", True)):
+    rewrites = {"uint8": (), "padded": (ort_int8.padded_conv_channels,),
+                # the 1x1 conv has 16 input channels: a threshold of 16 takes it
+                "gemm": (lambda m: ort_int8.gemm_path_pointwise(m, min_channels=16),)}
+    for name, fns in rewrites.items():
         model = ir.load(str(path))
         ort_int8.activations_to_uint8(model)
-        out["count" if pad else "none"] = ort_int8.padded_conv_channels(model) if pad else 0
+        out[f"{name}_counts"] = [fn(model) for fn in fns]
         dest = path.parent / f"{name}.onnx"
         ir.save(model, str(dest))
         out[name] = dest
@@ -89,7 +93,7 @@ def exported(stem_graph, tmp_path_factory):
 
 
 def test_only_the_unaligned_stem_is_padded(exported):
-    assert exported["count"] == 1
+    assert exported["padded_counts"] == [1]
     before = _conv_weights(onnx.load(str(exported["uint8"])))
     after = _conv_weights(onnx.load(str(exported["padded"])))
     assert before == [(16, 3, 3, 3), (8, 16, 1, 1), (16, 8, 3, 3)]
@@ -107,12 +111,14 @@ def test_only_the_unaligned_stem_is_padded(exported):
     assert sum(n.op_type == "DequantizeLinear" and n.input[0] == q.output[0] for n in model.graph.node) == 0
 
 
+@pytest.mark.parametrize("rewrite", ["padded", "gemm"])
 @pytest.mark.parametrize("level", ["none", "all"])
-def test_padding_changes_no_output(exported, level):
-    """Float graph (no fusions): each added product is 0.0 * 0.0. ORT's integer kernels:
-    the symmetric kernel and the generic GEMM + requantize give the same integers here."""
+def test_rewrites_change_no_output(exported, rewrite, level):
+    """Float graph (no fusions): padding adds products 0.0 * 0.0, the shifted weights with
+    zero point -1 dequantize to the same floats. ORT's integer kernels: the symmetric kernel
+    and the GEMM + requantize path give the same integers here."""
     lvl = ort.GraphOptimizationLevel.ORT_DISABLE_ALL if level == "none" else ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    a, b = _session(exported["uint8"], lvl), _session(exported["padded"], lvl)
+    a, b = _session(exported["uint8"], lvl), _session(exported[rewrite], lvl)
     for seed in (1, 2, 3):
         x = torch.randn(1, 3, 24, 24, generator=torch.Generator().manual_seed(seed)).numpy()
         np.testing.assert_array_equal(_run(a, x), _run(b, x))
@@ -134,3 +140,52 @@ def test_ort_fuses_the_padded_stem(stem_graph, tmp_path):
     init = {t.name: tuple(t.dims) for t in model.graph.initializer}
     first = next(n for n in model.graph.node if n.op_type == "QLinearConv")
     assert init[first.input[3]] == (16, 4, 3, 3)
+
+
+def _weight_dq(model, conv):
+    producer = {o: n for n in model.graph.node for o in n.output}
+    init = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
+    dq = producer[conv.input[1]]
+    return init[dq.input[0]], init[dq.input[2]]
+
+
+def test_gemm_path_shifts_only_deep_pointwise_weights(exported):
+    """Only the 1x1 conv with >= 16 input channels changes: codes - 1, zero point -1."""
+    assert exported["gemm_counts"] == [1]
+    before, after = (onnx.load(str(exported[k])) for k in ("uint8", "gemm"))
+    convs = [(b, a) for b, a in zip(before.graph.node, after.graph.node) if b.op_type == "Conv"]
+    assert len(convs) == 3
+    for i, (b, a) in enumerate(convs):
+        (wb, zb), (wa, za) = _weight_dq(before, b), _weight_dq(after, a)
+        assert not zb.any()
+        if i == 1:                                    # the 16 -> 8 1x1 conv
+            assert za.dtype == np.int8 and (za == -1).all()
+            np.testing.assert_array_equal(wa.astype(np.int16), wb.astype(np.int16) - 1)
+        else:                                         # 3x3 convs, or too few input channels
+            np.testing.assert_array_equal(wa, wb)
+            assert not za.any()
+
+
+def test_ort_form_asks_for_amx(stem_graph, tmp_path):
+    """``amx=False`` leaves the weights symmetric; the default threshold (320 input
+    channels) takes none of this model's convs either way."""
+    from gradrewrite.backends.ort import export_onnx
+
+    path = tmp_path / "m.onnx"
+    export_onnx(stem_graph, path, qdq_form="as-is")
+    for amx in (False, True):
+        model = ir.load(str(path))
+        assert ort_int8.ort_form(model, amx=amx)["pointwise_gemm_path"] == 0
+    model = ir.load(str(path))
+    ort_int8.activations_to_uint8(model)
+    assert ort_int8.gemm_path_pointwise(model, min_channels=17) == 0
+
+
+def test_ort_fuses_the_shifted_weights(exported, tmp_path):
+    """Zero point -1 (all channels equal) still fuses: every conv a QLinearConv."""
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    opts.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(str(exported["gemm"]), sess_options=opts, providers=["CPUExecutionProvider"])
+    ops = collections.Counter(n.op_type for n in onnx.load(str(tmp_path / "optimized.onnx")).graph.node)
+    assert ops["QLinearConv"] == 3 and not ops["Conv"]
