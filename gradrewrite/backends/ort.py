@@ -22,7 +22,7 @@ from ..rewrite.mapped_safetensors import release_pages
 from .options import OrtOptions, field_default, make_options
 from .base import Backend, BackendArtifact, register_backend
 from . import onnx_export_fixes, onnx_stream_writer, ort_errors
-from . import ort_int8, ort_outlier_terms, ort_quant, ort_quant_embedding, ort_sibling_linears  # ONNX translations of the quantized ops
+from . import ort_int8, ort_outlier_terms, ort_quant, ort_quant_embedding, ort_sibling_linears, ort_tied_weights  # ONNX translations of the quantized ops
 
 DEFAULT_OPSET = field_default("ort", "opset")
 EXTERNAL_DATA_BYTES = 1 << 30
@@ -71,7 +71,9 @@ def _quiet():
 def export_onnx(graph: Graph, path: Path, *, opset: int = DEFAULT_OPSET,
                 external_data: bool | None = None, nbits_accuracy_level: int = 0,
                 qdq_form: str = "ort") -> dict[str, Any]:
-    """Write ``graph`` as an ONNX model at ``path``; returns facts for the report."""
+    """Write ``graph`` as an ONNX model at ``path``; returns facts for the report.
+    ``qdq_form="ort"`` writes the forms ONNX Runtime runs fastest (its contrib ops
+    included); ``"as-is"`` keeps standard ONNX for other readers (OpenVINO)."""
     import torch
 
     weight_bytes = sum(t.numel() * t.element_size()
@@ -98,6 +100,7 @@ def export_onnx(graph: Graph, path: Path, *, opset: int = DEFAULT_OPSET,
             program.optimize()
             ort_quant.resolve_at_load(program.model)   # after the exporter's folding: see ort_quant
             qdq = ort_int8.ort_form(program.model) if qdq_form == "ort" else None
+            tied = ort_tied_weights.read_in_place(program.model) if qdq_form == "ort" else 0
             _add_metadata(program, graph.meta.get("export_metadata", {}))
             if external_data:   # tensor by tensor from the weights' own memory (onnx_stream_writer)
                 onnx_stream_writer.save_with_external_data(program.model, path)
@@ -117,6 +120,7 @@ def export_onnx(graph: Graph, path: Path, *, opset: int = DEFAULT_OPSET,
         "onnx_ops": sorted({n.op_type for n in model.graph.node}),
         "external_data": external_data,
         "export_fixes": fixes,
+        **({"weights_read_transposed": tied} if tied else {}),
         **({"qdq_form": qdq} if qdq and any(qdq.values()) else {}),
         "weight_bytes": weight_bytes,
         "files": files,
@@ -134,11 +138,16 @@ def _add_metadata(program, metadata: dict[str, Any]) -> None:
         program.model.metadata_props[f"gradrewrite.{key}"] = json.dumps(value, sort_keys=True, default=str)
 
 
-def make_session(path: Path, *, threads: int | None = None, spinning: bool | None = None):
+def make_session(path: Path, *, threads: int | None = None, spinning: bool | None = None,
+                 prepack: bool = True):
     """An ORT CPU session; ``spinning=False`` stops idle intra-op workers from busy-waiting
-    (several sessions timed in turn on few cores would otherwise steal each other's CPU)."""
+    (several sessions timed in turn on few cores would otherwise steal each other's CPU);
+    ``prepack=False`` keeps weights as stored: no packed copy of a weight that another op
+    also reads (a tied embedding and head), for a session that runs a few times."""
     ort = _ort()
     opts = ort.SessionOptions()
+    if not prepack:
+        opts.add_session_config_entry("session.disable_prepacking", "1")
     if threads:
         opts.intra_op_num_threads = threads
     if spinning is not None:
@@ -165,13 +174,17 @@ class OrtBackend(Backend):
         facts = export_onnx(graph, out_dir / "model.onnx", opset=options.opset, external_data=options.external_data,
                             nbits_accuracy_level=options.nbits_accuracy_level,
                             qdq_form=options.qdq_form)
-        session = make_session(out_dir / "model.onnx")  # fail at compile time, not at run time
+        # fail at compile time, not at run time (a load check: nothing worth packing)
+        session = make_session(out_dir / "model.onnx", prepack=False)
         facts["providers"] = session.get_providers()
         target = "onnxruntime-" + ("cuda" if "CUDAExecutionProvider" in facts["providers"] else "cpu")
         return BackendArtifact(facts.pop("files"), target, facts)
 
     def load(self, out_dir: Path, artifact: dict[str, Any]):
-        session = make_session(out_dir / "model.onnx")
+        # a model large enough for an external data file runs a few times here (the
+        # artifact check, `gradrewrite run`): packed copies would only raise the peak
+        large = (out_dir / "model.onnx.data").exists()
+        session = make_session(out_dir / "model.onnx", prepack=not large)
         names = [i.name for i in session.get_inputs()]
 
         def run(*inputs: np.ndarray) -> list[np.ndarray]:
