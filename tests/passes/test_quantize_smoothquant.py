@@ -153,7 +153,7 @@ def test_entropy_observer_runs_in_the_pass():
     ({"observer": "kl"}, "observer"),
     ({"mode": "weight-only", "bits": 4, "smooth": "on"}, "static"),
     ({"mode": "weight-only", "bits": 4, "max_layer_error": 0.1}, "static"),
-    ({"mode": "weight-only", "bits": 4, "outputs": "auto"}, "static"),
+    ({"mode": "weight-only", "bits": 4, "outputs": "all"}, "static"),
 ])
 def test_static_options_are_validated(kwargs, match):
     with pytest.raises(ConfigError, match=match):

@@ -76,6 +76,37 @@ def test_qdq_structure(quantized):
     assert record.verification is not None      # measured by VerifyEachPass, not failed
 
 
+class ResidualOf(torch.nn.Module):
+    """x = f(conv(x)); x + conv2(x): conv2's output is read by the residual add only."""
+
+    def __init__(self, f):
+        super().__init__()
+        torch.manual_seed(0)
+        self.f = f
+        self.conv = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.conv2 = torch.nn.Conv2d(8, 8, 1)
+        self.head = torch.nn.Linear(8, 4)
+
+    def forward(self, x):
+        x = self.f(self.conv(x))
+        return self.head((x + self.conv2(x)).mean((2, 3)))
+
+
+@pytest.mark.parametrize("f, floats", [(torch.nn.Hardswish(), 0), (torch.nn.Sigmoid(), 0),
+                                       (torch.nn.GroupNorm(2, 8), 1), (torch.nn.GELU(), 2)])
+def test_default_outputs_stay_float_only_where_no_reader_takes_int8(f, floats):
+    """outputs=auto (the default): a residual add whose other operand is a hardswish /
+    sigmoid of a quantized value (the mcu backend runs those int8) keeps conv2's pair; a
+    norm's output cannot be int8, so conv2's output stays float; GELU reads conv's output
+    in float, so that stays float too. outputs=all quantizes all three."""
+    for outputs, expect in (("", floats), (",outputs=all", 0)):
+        graph = capture(ResidualOf(f).eval(), (torch.randn(1, 3, 8, 8),))
+        res = run_pipeline(graph, f"quantize(mode=static{outputs})", verify=False,
+                           ctx=PassContext(calibration=_calib(4, (1, 3, 8, 8))))
+        rewrites = res.records[-1].report["rewrites"]
+        assert (rewrites["output-float"], rewrites["output-qdq"]) == (expect, 3 - expect), (f, outputs)
+
+
 def test_int8_graph_matches_fake_quant_reference(quantized):
     """The QDQ graph equals eager PyTorch with every tensor fake-quantized by hand."""
     graph, q, record = quantized

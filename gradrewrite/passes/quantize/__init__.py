@@ -7,11 +7,12 @@ Static int8 (``mode=static``):
   ``quantized_decomposed.quantize_per_tensor.default(x, scale: float, zero_point: int,
   -128, 127, torch.int8)`` followed by ``quantized_decomposed.dequantize_per_tensor
   .default(q, scale, zero_point, -128, 127, torch.int8)``; its output (after a ReLU /
-  ReLU6 that is its only user, if any) gets the same pair (``outputs=all``, the default:
-  the full chains the mcu and tvm int8 lowerings take); with ``outputs=auto`` only where
-  a reader can take int8: an output read only by LayerNorm, GELU, attention or a residual
-  add with a float operand stays float (ORT / OpenVINO run the layer int8 with a float
-  output). Scale and zero point are
+  ReLU6 that is its only user, if any) gets the same pair where a reader can take int8
+  (``outputs=auto``, the default): an output read only by LayerNorm, GELU, attention or a
+  residual add with a float operand stays float, and every backend runs that layer int8
+  with a float output (ORT / OpenVINO: QGemm / QLinearConv with a float output; mcu and
+  tvm: ``rewrite/int8_layers.match_float_output``, the int32 accumulator times
+  ``s_x * s_w[c]``). ``outputs=all`` quantizes every output. Scale and zero point are
   Python scalars in the node args (per-tensor affine int8). An input that already is a
   dequantize (the previous layer's output) is reused, not quantized twice. A residual
   add of two dequantized values whose sum is quantized for a later layer is read through
@@ -120,12 +121,11 @@ class Quantize:
     smooth_alpha: float | str = field(default="auto", metadata={
         "help": "static: SmoothQuant migration strength alpha in (0, 1), or auto (per layer group, "
                 "the value of 0.5-0.95 with the least int8 output error on calibration rows)"})
-    outputs: str = field(default="all", metadata={
-        "help": "static: which layer outputs get a quantize/dequantize pair: all (every output: the "
-                "full int8 chains the mcu and tvm int8 lowerings need) | auto (those a reader can take "
-                "as int8; outputs read only by LayerNorm, GELU, attention or a residual add with a "
-                "float operand stay float: ORT and OpenVINO run the layer int8 with a float output, "
-                "and transformers lose far less accuracy)"})
+    outputs: str = field(default="auto", metadata={
+        "help": "static: which layer outputs get a quantize/dequantize pair: auto (those a reader can "
+                "take as int8; outputs read only by LayerNorm, GELU, attention or a residual add with a "
+                "float operand stay float: every backend runs the layer int8 with a float output, and "
+                "transformers lose far less accuracy) | all (every output)"})
     max_layer_error: float = field(default=0.0, metadata={
         "help": "static: layers whose output error (relative L2 on calibration data) exceeds this stay "
                 "float, listed in the report under fallback (0: off)"})
@@ -198,7 +198,7 @@ class Quantize:
             raise ConfigError(f"max_layer_error={self.max_layer_error} is out of range",
                               "give a relative error >= 0, e.g. 0.1 (0 turns the fallback off)")
         if self.resolved_mode() != "static" and (self.smooth == "on" or self.max_layer_error
-                                                 or self.outputs != "all"):
+                                                 or self.outputs != "auto"):
             raise ConfigError("smooth=on, outputs and max_layer_error are options of static int8 "
                               "quantization",
                               "use mode=static, or drop them")

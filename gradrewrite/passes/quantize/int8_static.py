@@ -5,7 +5,8 @@ parameters from an observer over the calibration data (reused when the input alr
 comes from a dequantize, e.g. the previous quantized layer's output); the weight is
 stored as per-channel symmetric int8 fed through ``dequantize_per_channel``; the output
 (after a directly following ReLU/ReLU6, so the int8 kernel can fuse it) gets its own
-quantize/dequantize pair. Bias stays fp32.
+quantize/dequantize pair unless every reader computes in float (``outputs=auto``, the
+default; ``float_readers_only``). Bias stays fp32.
 """
 from __future__ import annotations
 
@@ -87,14 +88,14 @@ def run_layer(graph: Graph, layer: QLayer, x: torch.Tensor, w: torch.Tensor,
 
 def quantize_static(graph: Graph, layers: Sequence[QLayer], samples: Sequence[tuple], *,
                     observer: str, percentile: float, progress=None, keep_inputs: int = 4,
-                    max_error: float = 0.0, outputs: str = "all") -> tuple[list[dict], dict[str, list[tuple]], dict[str, int], list[dict]]:
+                    max_error: float = 0.0, outputs: str = "auto") -> tuple[list[dict], dict[str, list[tuple]], dict[str, int], list[dict]]:
     """Calibrate, then rewrite every layer in place. Returns per-layer records; per layer
     path, (float input, float output, quantized output) triples for the error report; how
     often each rewrite fired; and the layers left float because their output error on the
     recorded calibration inputs (relative L2, input and output fake-quantized, int8
     weights) exceeded ``max_error`` (0: none are). ``outputs="auto"`` leaves a layer's
-    output float where every reader computes in float (``float_readers_only``); ``"all"``
-    quantizes every output (the full int8 chains the mcu and tvm int8 lowerings take)."""
+    output float where every reader computes in float (``float_readers_only``; the backends
+    run it int8 with a float output); ``"all"`` quantizes every output."""
     acts = {l.param: fused_activation(l) for l in layers}
     observers: dict[fx.Node, Any] = {}
     recorded: dict[str, list[torch.Tensor]] = {l.param: [] for l in layers}
@@ -208,7 +209,8 @@ def float_readers_only(value: fx.Node, layers: Sequence[QLayer], acts: dict, dep
     """True when every reader of a layer's output computes in float (LayerNorm, GELU,
     attention, a residual add with a float operand, through data movement): a quantize/
     dequantize pair there adds rounding and no integer kernel can use it (ORT runs the layer
-    as int8 x int8 with a float output). Graph outputs, quantized layers, pools, adds of
+    as int8 x int8 with a float output, the mcu and tvm backends as
+    ``int8_layers.match_float_output``). Graph outputs, quantized layers, pools, adds of
     two layer outputs and every op not known here keep the pair (the graph contract)."""
     outs = {acts[l.param] or l.node for l in layers}
     readers = list(value.users)
@@ -231,22 +233,39 @@ def float_readers_only(value: fx.Node, layers: Sequence[QLayer], acts: dict, dep
     return True
 
 
+# ops some backend runs on int8 tensors (the mcu backend's int8 elementwise kernels: tables
+# for these activations, average pools, SE multiplies, concat, pad): their results may be
+# quantized values, so a residual add with one keeps its quantize/dequantize pairs
+_INT8_UNARY = {aten.hardswish.default, aten.hardswish_.default, aten.hardsigmoid.default,
+               aten.sigmoid.default, aten.silu.default, aten.silu_.default, aten.tanh.default,
+               aten.avg_pool2d.default, aten.adaptive_avg_pool2d.default, aten._adaptive_avg_pool2d.default,
+               aten.mean.dim, aten.pad.default, aten.constant_pad_nd.default, aten.max_pool2d.default,
+               aten.max_pool2d_with_indices.default}
+_INT8_NARY = {aten.mul.Tensor, aten.mul_.Tensor, aten.cat.default}
+
+
 def _int8_able(node: Any, outs: set, depth: int = 16) -> bool:
     """Could ``node`` hold a quantized value: a quantized layer's output, a graph input (a
-    first layer quantizes it), or an add / activation / max pool / data movement of such
-    values. A norm's or an embedding's output, and sums with them, cannot."""
+    first layer quantizes it), or an add / multiply / concat / activation / pool / pad /
+    data movement of such values. A norm's or an embedding's output, and sums with them,
+    cannot."""
     if not isinstance(node, fx.Node) or depth <= 0:
         return False
     if node in outs or node.op == "placeholder":
         return True
     if node.op != "call_function":
         return False
-    if node.target in _ADDS:
-        return all(_int8_able(a, outs, depth - 1) for a in node.args if isinstance(a, fx.Node))
-    if node.target in _ACTIVATIONS or node.target in _MOVES or node.target in (
-            aten.max_pool2d.default, aten.max_pool2d_with_indices.default):
+    if node.target in _ADDS or node.target in _INT8_NARY:
+        return all(_int8_able(a, outs, depth - 1) for a in _tensor_args(node))
+    if node.target in _ACTIVATIONS or node.target in _MOVES or node.target in _INT8_UNARY:
         return _int8_able(node.args[0], outs, depth - 1)
     return False
+
+
+def _tensor_args(node: fx.Node) -> list[fx.Node]:
+    """The tensor operands of an add, a multiply or a concat (its list of tensors)."""
+    args = node.args[0] if node.target == aten.cat.default else node.args
+    return [a for a in args if isinstance(a, fx.Node)]
 
 
 def _dequantized(arg: Any) -> bool:
