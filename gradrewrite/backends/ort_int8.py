@@ -233,6 +233,16 @@ def _zero_point(dq) -> np.ndarray | None:
     return _const(dq.inputs[2])
 
 
+def _take_name(graph, old, new) -> None:
+    """``new`` (an initializer replacing ``old``) takes ``old``'s name when nothing reads
+    ``old`` any more, which then leaves the file (no stale copy of a weight)."""
+    if (old.uses() or old.is_graph_output() or old.is_graph_input()
+            or graph.initializers.get(old.name) is not old):
+        return
+    graph.initializers.pop(old.name)
+    new.name = old.name
+
+
 def padded_conv_channels(model) -> int:
     """``Conv(DequantizeLinear(x_q), DequantizeLinear(W_int8))`` with ``C % 4 != 0`` input
     channels (``group == 1``, symmetric weights, output channels the symmetric kernel takes):
@@ -279,9 +289,11 @@ def padded_conv_channels(model) -> int:
         new_dw.outputs[0].dtype, new_dw.outputs[0].shape = dw.outputs[0].dtype, ir.Shape(list(wp.shape))
         conv.replace_input_with(0, new_dx.outputs[0])
         conv.replace_input_with(1, new_dw.outputs[0])
+        stored = dw.inputs[0]
         for old in (dx, dw):
             if not _uses(old.outputs[0]) and not old.outputs[0].is_graph_output():
                 graph.remove(old, safe=True)
+        _take_name(graph, stored, wv)
         count += 1
     return count
 
@@ -321,8 +333,11 @@ def gemm_path_pointwise(model, min_channels: int = GEMM_PATH_MIN_CHANNELS) -> in
         zv = ir.Value(name=zname, const_value=ir.tensor(np.full(zp.shape, -1, dtype=np.int8), name=zname))
         graph.register_initializer(wv)
         graph.register_initializer(zv)
+        stored, stored_zp = dw.inputs[0], dw.inputs[2]
         dw.replace_input_with(0, wv)
         dw.replace_input_with(2, zv)
+        _take_name(graph, stored, wv)
+        _take_name(graph, stored_zp, zv)
         count += 1
     return count
 

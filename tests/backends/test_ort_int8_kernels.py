@@ -107,6 +107,9 @@ def test_only_the_unaligned_stem_is_padded(exported):
     q = next(n for n in model.graph.node if pads[0].input[0] in n.output)
     assert q.op_type == "QuantizeLinear" and pads[0].input[2] == q.input[2]
     assert init[q.input[2]].dtype == np.uint8
+    # the padded weight replaces the stored one under its name: no stale copy in the file
+    int8 = lambda m: sorted(t.name for t in m.graph.initializer if t.data_type == onnx.TensorProto.INT8)
+    assert int8(model) == int8(onnx.load(str(exported["uint8"])))
     # the unpadded input's DequantizeLinear had no other reader: gone
     assert sum(n.op_type == "DequantizeLinear" and n.input[0] == q.output[0] for n in model.graph.node) == 0
 
@@ -155,6 +158,8 @@ def test_gemm_path_shifts_only_deep_pointwise_weights(exported):
     before, after = (onnx.load(str(exported[k])) for k in ("uint8", "gemm"))
     convs = [(b, a) for b, a in zip(before.graph.node, after.graph.node) if b.op_type == "Conv"]
     assert len(convs) == 3
+    names = lambda m: sorted(t.name for t in m.graph.initializer)
+    assert names(after) == names(before)          # shifted codes and zero points under the old names
     for i, (b, a) in enumerate(convs):
         (wb, zb), (wa, za) = _weight_dq(before, b), _weight_dq(after, a)
         assert not zb.any()
