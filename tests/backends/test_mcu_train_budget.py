@@ -71,11 +71,18 @@ def test_budget_search_plans_int8_steps_with_the_mcu_planner(tmp_path):
     # qas trains int8-stored weights: the scheme has one, and every trained array is int8/int32
     assert "weights=" in su["scheme"] and "scaled_params" in report["passes"][-1]["report"]
     assert {p["dtype"] for p in report["mcu"]["trained"]} <= {"int8", "int32"}
-    # every layer was a candidate, the last ones and partial channels included; candidates
-    # qas refuses (no trained int8 weight) were planned and not taken
+    # layers were candidates from the output inward, the last ones and partial channels
+    # included, until several in a row fit nothing; candidates qas refuses (no trained int8
+    # weight) were planned and not taken
     schemes = [t["scheme"] for t in su["search_trials"]]
     assert "bias_last=0 weights=head:1" in schemes and any(re.search(r"head:1/[248]", s) for s in schemes)
-    assert any("blocks.1.expand.0:1/8" in s for s in schemes) and any("stem.0:1" in s for s in schemes)
+    assert "bias_last=0 weights=blocks.2.expand.0:1/8" in schemes
+    deepest = su["search"]["deepest_layer_planned"]
+    alone = {t["scheme"].split("weights=")[-1]: t.get("sram_bytes") for t in su["search_trials"]
+             if t["scheme"].startswith("bias_last=0 weights=") and "," not in t["scheme"]}
+    last_tried = ["blocks.1.project.0", "blocks.1.dw.0", "blocks.1.expand.0"]
+    # the walk stopped after three layers in a row where no move fit alone
+    assert deepest == last_tried[-1] and all(alone[f"{p}:1/8"] > BUDGET for p in last_tried)
     assert any("refused" in t and "qas found no trained int8-stored weight" in t["refused"]
                for t in su["search_trials"])
     # ranked per planned byte: the stem's whole weight (a large arena for its gradient) is not taken

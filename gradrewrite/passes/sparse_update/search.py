@@ -18,14 +18,18 @@ scores its layer's bias, a weight move ``layer:ratio`` the gradient rows it upda
 
 The search (greedy by score per byte, so a big early layer must buy its memory):
 
-1. every move alone (each layer's bias; each layer's weight at 1, 1/2, 1/4, 1/8 of its
-   output channels; the last layers included) is planned; the smallest feasible plan
-   is the least any scheme needs (a budget below it is refused, naming it);
+1. every move alone (each layer's bias; each layer's weight at 1/8, 1/4, 1/2, 1 of its
+   output channels; the last layers included) is planned, layer by layer from the
+   output: a layer's larger ratios are skipped once one is over the budget, and the walk
+   stops ``DEPTH_PATIENCE`` layers in a row where nothing fits (the backward and its
+   memory grow with depth). The smallest feasible plan is the least any scheme needs (a
+   budget below it is refused, naming it);
 2. a move's cost is the planned bytes it adds to the cheapest plan (a move refused
    alone, e.g. a bias under ``qas``, is costed on top of the cheapest feasible move);
 3. from the feasible move with the best score per byte that fits, moves are added in
-   order of score per byte, each kept when the planned scheme still fits; a weight move
-   replaces a smaller ratio of the same layer.
+   order of score per byte, each kept when the planned scheme still fits (until
+   ``GREEDY_PATIENCE`` in a row do not); a weight move replaces a smaller ratio of the
+   same layer.
 """
 from __future__ import annotations
 
@@ -43,6 +47,8 @@ from .prune import apply_scheme
 from .reorder import reorder_updates
 
 RATIOS = (Fraction(1), Fraction(1, 2), Fraction(1, 4), Fraction(1, 8))
+DEPTH_PATIENCE = 3    # layers in a row (from the output) where no move fits end the walk to the input
+GREEDY_PATIENCE = 16  # candidates in a row that do not fit end the greedy
 
 
 def gradients(graph: Graph, batches: Iterable[Sequence[torch.Tensor]]) -> dict[str, torch.Tensor]:
@@ -172,7 +178,21 @@ def search(graph: Graph, layers: list[Layer], budget: int, sc: dict[str, Any],
     if not every:
         raise ConfigError("no parameter of the training step has a gradient on the calibration data",
                           "give calibration batches (inputs, labels), or an explicit scheme")
-    alone = {m: mem([m]) for m in every}
+    alone: dict[Move, dict | str] = {}
+    misses, deepest = 0, None
+    for l in reversed(layers):  # from the output: the backward, and its memory, grows with depth
+        deepest = l.path
+        here = sorted((m for m in every if m.path == l.path), key=lambda m: (m.kind == "weight", m.ratio or 0))
+        fits = False
+        for m in here:  # the bias, then the weight from the fewest channels up
+            alone[m] = p = mem([m])
+            if isinstance(p, dict):
+                fits = fits or p["sram_bytes"] <= budget
+                if p["sram_bytes"] > budget and m.kind == "weight":
+                    break  # more channels of this layer need more
+        misses = 0 if fits else misses + (1 if here else 0)
+        if misses >= DEPTH_PATIENCE:  # this many layers in a row fit no move: deeper ones will not
+            break
     feasible = {m: p["sram_bytes"] for m, p in alone.items() if isinstance(p, dict)}
     if not feasible:
         reasons = sorted({p for p in alone.values() if isinstance(p, str)})
@@ -186,7 +206,7 @@ def search(graph: Graph, layers: list[Layer], budget: int, sc: dict[str, Any],
                           f"({as_scheme([cheapest], layers).text()}) needs {floor / 1024:.1f} KB",
                           f"give budget >= {need}KB")
     cost: dict[Move, int] = {m: b - floor for m, b in feasible.items()}
-    for m in every:  # refused alone (a bias under qas): costed on top of the cheapest move
+    for m in alone:  # refused alone (a bias under qas): costed on top of the cheapest move
         if m not in cost:
             p = mem([cheapest, m])
             if isinstance(p, dict):
@@ -196,17 +216,22 @@ def search(graph: Graph, layers: list[Layer], budget: int, sc: dict[str, Any],
     start = next(m for m in ranked if m in feasible and feasible[m] <= budget)
     picked = [start]
     best = alone[start]
+    misses = 0
     for m in ranked:
         if m in picked or cost[m] > budget - floor:
             continue
+        if misses >= GREEDY_PATIENCE:  # the rest buy less per byte than this many that did not fit
+            break
         if m.kind == "weight" and any(p.kind == "weight" and p.path == m.path and p.ratio >= m.ratio
                                       for p in picked):
             continue
         cand = [p for p in picked if not (m.kind == "weight" and p.kind == "weight" and p.path == m.path)] + [m]
         p = mem(cand)
         if isinstance(p, dict) and p["sram_bytes"] <= budget:
-            picked, best = cand, p
-    info = {"moves": len(every), "smallest_bytes": floor, "smallest_scheme": as_scheme([cheapest], layers).text(),
+            picked, best, misses = cand, p, 0
+        else:
+            misses += 1
+    info = {"moves": len(every), "deepest_layer_planned": deepest, "smallest_bytes": floor, "smallest_scheme": as_scheme([cheapest], layers).text(),
             "plan": best, "moves_taken": [{"move": m.text(), "score": m.score, "cost_bytes": cost[m]}
                                           for m in picked]}
     return as_scheme(picked, layers), trials, info
