@@ -310,15 +310,26 @@ def has_amx_int8() -> bool:
         return False
 
 
+def _unit_strides_no_pads(conv) -> bool:
+    strides, pads = conv.attributes.get("strides"), conv.attributes.get("pads")
+    auto_pad = conv.attributes.get("auto_pad")
+    return ((strides is None or all(v == 1 for v in strides.as_ints()))
+            and (pads is None or not any(pads.as_ints()))
+            and (auto_pad is None or auto_pad.as_string() in ("NOTSET", "VALID")))
+
+
 def gemm_path_pointwise(model, min_channels: int = GEMM_PATH_MIN_CHANNELS) -> int:
-    """1x1 ``Conv`` (``group == 1``) of ``DequantizeLinear(W_int8, s, 0)`` with at least
-    ``min_channels`` input channels: ``W`` stored as ``W - 1`` with zero point -1 (exact for
-    codes in [-127, 127]), which sends ORT's QLinearConv to its GEMM path. Returns how many."""
+    """1x1 ``Conv`` (``group == 1``, stride 1, no padding) of ``DequantizeLinear(W_int8, s, 0)``
+    with at least ``min_channels`` input channels: ``W`` stored as ``W - 1`` with zero point -1
+    (exact for codes in [-127, 127]), which sends ORT's QLinearConv to its GEMM path. Returns
+    how many."""
     import onnx_ir as ir
 
     graph, count = model.graph, 0
     for conv in list(graph):
         if not _is(conv, "Conv") or _int_attr(conv, "group", 1) != 1 or len(conv.inputs) < 2 or conv.inputs[1] is None:
+            continue
+        if not _unit_strides_no_pads(conv):     # measured for those; others need ORT's im2col
             continue
         dw = conv.inputs[1].producer()
         if not _is(dw, "DequantizeLinear") or len(dw.inputs) < 3 or dw.inputs[2] is None:

@@ -194,3 +194,33 @@ def test_ort_fuses_the_shifted_weights(exported, tmp_path):
     ort.InferenceSession(str(exported["gemm"]), sess_options=opts, providers=["CPUExecutionProvider"])
     ops = collections.Counter(n.op_type for n in onnx.load(str(tmp_path / "optimized.onnx")).graph.node)
     assert ops["QLinearConv"] == 3 and not ops["Conv"]
+
+
+class Strided(nn.Module):
+    """1x1 convs over 16 channels: stride 2 (ORT would need im2col: left alone), stride 1."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(1)
+        self.down = nn.Conv2d(16, 16, 1, stride=2)
+        self.point = nn.Conv2d(16, 16, 1)
+
+    def forward(self, x):
+        return self.point(torch.relu(self.down(x)))
+
+
+def test_gemm_path_only_for_unit_strides(tmp_path):
+    from gradrewrite.backends.ort import export_onnx
+
+    g = torch.Generator().manual_seed(6)
+    calib = [(torch.randn(1, 16, 8, 8, generator=g),) for _ in range(2)]
+    graph = gr.capture(Strided().eval(), calib[0])
+    gr.run_pipeline(graph, "quantize(mode=static)", verify=False, ctx=PassContext(calibration=calib))
+    export_onnx(graph, tmp_path / "m.onnx", qdq_form="as-is")
+    model = ir.load(str(tmp_path / "m.onnx"))
+    ort_int8.activations_to_uint8(model)
+    assert ort_int8.gemm_path_pointwise(model, min_channels=16) == 1
+    ir.save(model, str(tmp_path / "g.onnx"))
+    saved = onnx.load(str(tmp_path / "g.onnx"))
+    zps = [_weight_dq(saved, n)[1] for n in saved.graph.node if n.op_type == "Conv"]
+    assert [int(z.min()) for z in zps] == [0, -1]
