@@ -158,3 +158,24 @@ def test_budget_scheme_on_cortex_m4_holds_what_was_planned(tmp_path):
     # measured under QEMU: the plan plus the harness, the C library heap and the stack
     assert dev["sram_measured_bytes"] == dev["model_sram_bytes"] + dev["harness_heap_and_stack_bytes"]
     assert 0 < dev["stack_peak_bytes"] < dev["harness_heap_and_stack_bytes"] < 8 * 1024
+
+
+def test_fp32_momentum_step_plans_its_optimizer_state(tmp_path):
+    """An fp32 step with SGD momentum: each trained parameter's momentum buffer is planned
+    (SRAM) as the compile lays it out, and the scheme found fits with it."""
+    calib = tmp_path / "calib.npz"
+    np.savez(calib, x=colour_task(8, seed=5)[0])
+    out = tmp_path / "art"
+    budget = 36 * 1024
+    run_cli("compile", "--module", MODEL, "--backend", "mcu", "--train", "--lr", "0.05", "--momentum", "0.9",
+            "--calib", calib, "-p", f"fold-bn,sparse-update(budget='{budget}')", "-o", out, "-q",
+            "--verify-inputs", "2", cwd=ROOT, check=True)
+    report = json.loads((out / "report.json").read_text())
+    plan, mcu = report["memory_plan"], report["mcu"]
+    assert plan["planner"] == "mcu" and not plan["int8"]
+    state = sum(p["bytes"] for p in mcu["trained"] if p.get("optimizer_state"))
+    params = sum(p["bytes"] for p in mcu["trained"] if not p.get("optimizer_state"))
+    assert plan["optimizer_state_bytes"] == state == params > 0   # one fp32 buffer per trained row
+    assert plan["trained_weights_bytes"] == mcu["trained_bytes"] == macro(out / "mcu", "MODEL_TRAINED_BYTES")
+    assert plan["arena_bytes"] == macro(out / "mcu", "MODEL_ARENA_BYTES")
+    assert plan["sram_bytes"] <= budget and "weights=" in search_report(report)["scheme"]
