@@ -18,14 +18,15 @@ scores its layer's bias, a weight move ``layer:ratio`` the gradient rows it upda
 
 The search (greedy by score per byte, so a big early layer must buy its memory):
 
-1. every move alone (each layer's bias; each layer's weight at 1/8, 1/4, 1/2, 1 of its
-   output channels; the last layers included) is planned, layer by layer from the
-   output: a layer's larger ratios are skipped once one is over the budget, and the walk
-   stops ``DEPTH_PATIENCE`` layers in a row where nothing fits (the backward and its
-   memory grow with depth). The smallest feasible plan is the least any scheme needs (a
-   budget below it is refused, naming it);
-2. a move's cost is the planned bytes it adds to the cheapest plan (a move refused
-   alone, e.g. a bias under ``qas``, is costed on top of the cheapest feasible move);
+1. every move alone (each layer's weight at 1/8, 1/4, 1/2, 1 of its output channels,
+   and its bias; the last layers included) is planned, layer by layer from the output:
+   a layer's larger ratios are skipped once one is over the budget, and the walk stops
+   ``DEPTH_PATIENCE`` layers in a row where nothing fits (the backward and its memory
+   grow with depth). Once a bias alone is refused (``qas`` needs a trained int8
+   weight), biases are planned beside the cheapest feasible move instead. The smallest
+   feasible plan is the least any scheme needs (a budget below it is refused, naming it);
+2. a move's cost is the planned bytes it adds to the cheapest plan (or to the move it
+   was planned beside);
 3. from the feasible move with the best score per byte that fits, moves are added in
    order of score per byte, each kept when the planned scheme still fits (until
    ``GREEDY_PATIENCE`` in a row do not); a weight move replaces a smaller ratio of the
@@ -179,17 +180,31 @@ def search(graph: Graph, layers: list[Layer], budget: int, sc: dict[str, Any],
         raise ConfigError("no parameter of the training step has a gradient on the calibration data",
                           "give calibration batches (inputs, labels), or an explicit scheme")
     alone: dict[Move, dict | str] = {}
+    cost: dict[Move, int] = {}
+    cheapest: Move | None = None   # the least planned feasible move so far
+    biases_refused = False         # a bias alone was refused (qas): plan biases beside `cheapest`
     misses, deepest = 0, None
     for l in reversed(layers):  # from the output: the backward, and its memory, grows with depth
         deepest = l.path
-        here = sorted((m for m in every if m.path == l.path), key=lambda m: (m.kind == "weight", m.ratio or 0))
-        fits = False
-        for m in here:  # the bias, then the weight from the fewest channels up
+        here = sorted((m for m in every if m.path == l.path), key=lambda m: (m.kind == "bias", m.ratio or 0))
+        fits = over = False
+        for m in here:  # the weight from the fewest channels up, then the bias
+            if m.kind == "weight" and over:
+                continue  # more channels of this layer need more
+            if m.kind == "bias" and biases_refused and cheapest is not None:
+                p = mem([cheapest, m])
+                if isinstance(p, dict):
+                    cost[m] = p["sram_bytes"] - alone[cheapest]["sram_bytes"]
+                    fits = fits or p["sram_bytes"] <= budget
+                continue
             alone[m] = p = mem([m])
-            if isinstance(p, dict):
-                fits = fits or p["sram_bytes"] <= budget
-                if p["sram_bytes"] > budget and m.kind == "weight":
-                    break  # more channels of this layer need more
+            if isinstance(p, str):
+                biases_refused = biases_refused or m.kind == "bias"
+                continue
+            if cheapest is None or p["sram_bytes"] < alone[cheapest]["sram_bytes"]:
+                cheapest = m
+            fits = fits or p["sram_bytes"] <= budget
+            over = p["sram_bytes"] > budget
         misses = 0 if fits else misses + (1 if here else 0)
         if misses >= DEPTH_PATIENCE:  # this many layers in a row fit no move: deeper ones will not
             break
@@ -198,15 +213,14 @@ def search(graph: Graph, layers: list[Layer], budget: int, sc: dict[str, Any],
         reasons = sorted({p for p in alone.values() if isinstance(p, str)})
         raise ConfigError(f"no single bias or weight can be trained: {reasons[0]}",
                           "check the pipeline after sparse-update, or give an explicit scheme")
-    floor = min(feasible.values())
-    cheapest = min(feasible, key=feasible.__getitem__)
+    floor = feasible[cheapest]
     if floor > budget:
         need = math.ceil(floor / 1024)
         raise ConfigError(f"budget {budget / 1024:.1f} KB is too small for any sparse-update scheme: the smallest "
                           f"({as_scheme([cheapest], layers).text()}) needs {floor / 1024:.1f} KB",
                           f"give budget >= {need}KB")
-    cost: dict[Move, int] = {m: b - floor for m, b in feasible.items()}
-    for m in alone:  # refused alone (a bias under qas): costed on top of the cheapest move
+    cost.update({m: b - floor for m, b in feasible.items()})
+    for m in alone:  # refused alone before a feasible move was known: costed beside the cheapest
         if m not in cost:
             p = mem([cheapest, m])
             if isinstance(p, dict):
@@ -231,8 +245,8 @@ def search(graph: Graph, layers: list[Layer], budget: int, sc: dict[str, Any],
             picked, best, misses = cand, p, 0
         else:
             misses += 1
-    info = {"moves": len(every), "deepest_layer_planned": deepest, "smallest_bytes": floor, "smallest_scheme": as_scheme([cheapest], layers).text(),
-            "plan": best, "moves_taken": [{"move": m.text(), "score": m.score, "cost_bytes": cost[m]}
+    info = {"moves": len(every), "deepest_layer_planned": deepest, "smallest_bytes": floor,
+            "smallest_scheme": as_scheme([cheapest], layers).text(), "plan": best, "moves_taken": [{"move": m.text(), "score": m.score, "cost_bytes": cost[m]}
                                           for m in picked]}
     return as_scheme(picked, layers), trials, info
 
