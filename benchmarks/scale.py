@@ -28,6 +28,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -50,7 +51,9 @@ MODELS = {   # transformers configs at the shapes of the real checkpoints
                      num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True,
                      max_position_embeddings=131072, rope_theta=500000.0, rms_norm_eps=1e-5),
 }
-PIPELINES = {"fp32": None, "rtn-4bit": "quantize(bits=4,group=128)"}
+PIPELINES = {"fp32": None, "rtn-4bit": "quantize(bits=4,group=128)",
+             "gptq-4bit": "quantize(bits=4,group=128,method=gptq)"}
+CALIBRATION_SAMPLES = 16   # of 1 x 16 token ids, for the pipelines that calibrate (GPTQ: layer-wise)
 WORK = _report.QUICK / "scale"
 
 
@@ -86,10 +89,21 @@ def write_model_dir(name: str, path: Path) -> int:
     return sum(math.prod(s) for s in shapes.values())
 
 
+def calibration_file(model_dir: Path) -> Path:
+    """Seeded random token ids (the weights are random too): CALIBRATION_SAMPLES x 1 x 16."""
+    path = model_dir / "calibration.npz"
+    if not path.is_file():
+        vocab = json.loads((model_dir / "config.json").read_text())["vocab_size"]
+        ids = torch.randint(0, vocab, (CALIBRATION_SAMPLES, 1, 16), generator=torch.Generator().manual_seed(0))
+        np.savez(path, input_ids=ids.numpy())
+    return path
+
+
 def run_compile(model_dir: Path, passes: str | None, out: Path) -> dict:
     shutil.rmtree(out, ignore_errors=True)
+    calib = ["--calib", str(calibration_file(model_dir))] if passes and "method=gptq" in passes else []
     cmd = ["/usr/bin/time", "-v", sys.executable, "-m", "gradrewrite", "compile", str(model_dir), "-b", "ort",
-           "-o", str(out), "--quiet"] + (["-p", passes] if passes else [])
+           "-o", str(out), "--quiet"] + (["-p", passes] if passes else []) + calib
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, PYTHONWARNINGS="ignore"))
     wall = time.perf_counter() - t0

@@ -75,8 +75,8 @@ from .int8_static import quantize_static
 from .layers import find_layers, layer_input, linear_form, observe
 from .observers import OBSERVERS
 from .awq import INPUT_MUL, awq_scale
-from .gptq import (choose_damp, gptq_quantize, hessian_relative_error, layer_hessian, permuted_problem,
-                   visiting_order)
+from .gptq import choose_damp, gptq_quantize, hessian_relative_error, permuted_problem, visiting_order
+from .gptq_calibration import LAYERWISE, gptq_calibration
 from .padding import PaddingRows, resolve as resolve_padding
 from .smoothquant import SMOOTH, smooth_linears
 from .outliers import (AGGREGATIONS, CRITERIA, LOSSES, SPREADS, choose_loss, gradient_scores, hessian_scores,
@@ -145,6 +145,10 @@ class Quantize:
         "help": "gptq with act_order: static (groups of consecutive input features, set from the "
                 "original weights) | ordered (groups follow the visiting order; the layer reads its "
                 "input permuted by a stored 16-bit index, shared by layers that read the same input)"})
+    layerwise: str = field(default="auto", metadata={
+        "help": "gptq: calibrate a stack of repeated layers (decoder blocks) one layer at a time in "
+                "bounded memory, bit-identical to the whole graph: auto (when such a stack holds the "
+                "linears) | on (an error when none does) | off (run the graph up to each layer)"})
     clip: bool = field(default=True, metadata={
         "help": "awq / gptq: shrink each group's range where that cuts the error (awq: the "
                 "layer's output error; gptq: the rounding error weighted by diag(H))"})
@@ -166,7 +170,8 @@ class Quantize:
                                   ("aggregation", self.aggregation, AGGREGATIONS),
                                   ("spread", self.spread, SPREADS),
                                   ("observer", self.observer, OBSERVERS), ("method", self.method, METHODS),
-                                  ("act_groups", self.act_groups, ACT_GROUPS)):
+                                  ("act_groups", self.act_groups, ACT_GROUPS),
+                                  ("layerwise", self.layerwise, LAYERWISE)):
             if value not in valid:
                 raise ConfigError(f"unknown {key} {value!r} for quantize", f"use one of {', '.join(valid)}")
         if not callable(self.loss):
@@ -298,6 +303,7 @@ class Quantize:
         observe(graph, pad.track(data), watch, ctx.progress, "observing layer inputs")
         tables = EmbeddingStep(graph, self.embeddings, self.embedding_bits or self.bits, self.group,
                                self.exclude, data[:ERROR_SAMPLES])   # fp32 outputs, before any layer
+        release_pages(graph)   # the float runs above paged in every mapped weight: each layer reads its own back
 
         loss_used = loss_reason = None
         if criterion == "gradient":
@@ -328,7 +334,9 @@ class Quantize:
             order = {n: i for i, n in enumerate(graph.nodes)}
             layers = sorted(layers, key=lambda l: order[l.node])
         hessian: tuple = (None, None, 0, None)   # (input node, H, rows, halves): one at a time
-        dequantized: dict = {}             # quantized layers' weights, for the runs up to later layers
+        calibration, calibration_report = (
+            gptq_calibration(graph, [l.node for l in layers], samples, pad, ctx.progress, self.layerwise)
+            if self.method in ("gptq", "awq-gptq") else (None, None))
         reordered: dict = {}               # act_groups=ordered: input node -> (order, permuted input)
         for index, l in enumerate(layers):
             w = graph.attr(l.weight_node).detach().float()
@@ -338,10 +346,8 @@ class Quantize:
                 x_node = layer_input(l)
                 if hessian[0] is not x_node:
                     hessian = (None, None, 0, None)
-                    h, n_rows, halves = layer_hessian(
-                        graph, x_node, samples, ctx.progress,
-                        f"gptq layer {index + 1}/{len(layers)} {l.path}: inputs",
-                        weights=dequantized, padding=pad)
+                    h, n_rows, halves = calibration.hessian(
+                        x_node, f"gptq layer {index + 1}/{len(layers)} {l.path}: inputs")
                     hessian = (x_node, h, n_rows, halves)
                 opts = dict(outliers=mask, block=self.block, act_order=self.act_order, clip=self.clip)
                 w_fit, h_fit, halves = w, hessian[1], hessian[3]
@@ -399,6 +405,7 @@ class Quantize:
                   "calibration_samples": len(samples),
                   "linearized": linearized,
                   "padding": pad.summary(pad_reason),
+                  **({"gptq_calibration": calibration_report} if calibration_report else {}),
                   "bits_per_weight": round(total_bits / max(1, total_numel), 4),
                   "bits_per_weight_note": "stored bits of codes, fp16 scales, packed zero points, "
                                           "fp16 outlier values, int16 column indices and per-row counts, "

@@ -33,9 +33,10 @@ keep absorbing the updates of earlier columns like any unquantized weight.
 Storage is exactly ``weight_only.quantize_groupwise``'s: packed codes, fp16 scales, packed
 zero points and fp16 sparse outliers, so every backend runs the result unchanged.
 
-The Hessian of one layer at a time is collected by running the (partly quantized) graph on
-the calibration samples up to the layer's input (``layer_hessian``): layers are processed
-in graph order, each one's inputs come through the already quantized earlier layers.
+The Hessian of one layer at a time is summed from the layer's input on the calibration
+samples (``HessianSums``), with the earlier layers already quantized: layers are processed
+in graph order. Where those inputs come from (the whole graph run up to the layer,
+``layer_hessian``, or one decoder layer at a time) is ``gptq_calibration.py``'s business.
 """
 from __future__ import annotations
 
@@ -57,22 +58,29 @@ class _Reached(Exception):
     pass
 
 
-class _UpTo(fx.Interpreter):
-    """Runs the graph until ``node`` is computed, hands its value to ``fn`` and stops."""
+class QuantizedRunner(fx.Interpreter):
+    """Runs graph nodes with the already quantized layers as float linears: each
+    ``groupwise_linear``'s weight is dequantized once (cached in ``weights``), not per sample."""
 
-    def __init__(self, gm: fx.GraphModule, node: fx.Node, fn, weights: dict | None = None):
+    def __init__(self, gm: fx.GraphModule, weights: dict | None = None):
         super().__init__(gm)
-        self.node, self.fn = node, fn
         self.weights = {} if weights is None else weights   # dequantized weights of quantized layers
 
     def call_function(self, target, args, kwargs):
-        # earlier layers are already quantized: dequantize each once, not per sample
         if target is GROUPWISE_LINEAR:
             key = id(args[1])
             if key not in self.weights:
                 self.weights[key] = groupwise_weight(*args[1:4], *args[5:11])
             return torch.nn.functional.linear(args[0], self.weights[key].to(args[0].dtype), args[4])
         return super().call_function(target, args, kwargs)
+
+
+class _UpTo(QuantizedRunner):
+    """Runs the graph until ``node`` is computed, hands its value to ``fn`` and stops."""
+
+    def __init__(self, gm: fx.GraphModule, node: fx.Node, fn, weights: dict | None = None):
+        super().__init__(gm, weights)
+        self.node, self.fn = node, fn
 
     def run_node(self, n: fx.Node) -> Any:
         value = super().run_node(n)
@@ -82,24 +90,45 @@ class _UpTo(fx.Interpreter):
         return value
 
 
+class HessianSums:
+    """``2 X^T X / n`` of one layer input from its values on the samples, in sample order:
+    rows of X = every position of the last dimension (real tokens only, given a
+    ``padding.PaddingRows``), summed in float64 for the whole set and for its two halves
+    (even / odd sample index), which ``damp="auto"`` cross-validates on."""
+
+    def __init__(self, padding=None):
+        self.padding = padding
+        self.sums: list = [None, None]
+        self.rows = [0, 0]
+
+    def add(self, index: int, v: torch.Tensor) -> None:
+        x = (self.padding.rows(v.detach()) if self.padding else v.detach().reshape(-1, v.shape[-1])).double()
+        part = index % 2
+        self.sums[part] = x.T @ x if self.sums[part] is None else self.sums[part] + x.T @ x
+        self.rows[part] += x.shape[0]
+
+    def result(self, node: fx.Node) -> tuple[torch.Tensor, int, list[tuple[torch.Tensor, int]]]:
+        """(H [K, K] float64, rows n, [(H, n) of each half])."""
+        sums = self.sums
+        if sums[0] is None:
+            raise PassError(f"the graph never computed {node.name} on the calibration data",
+                            "report this model", pass_name="quantize")
+        if sums[1] is None:
+            sums[1] = torch.zeros_like(sums[0])
+        total = sums[0] + sums[1]
+        n = self.rows[0] + self.rows[1]
+        halves = [(2.0 * s / max(1, r), r) for s, r in zip(sums, self.rows)]
+        return 2.0 * total / max(1, n), n, halves
+
+
 def layer_hessian(graph: Graph, node: fx.Node, samples: Sequence[tuple], progress=None,
                   description: str = "", weights: dict | None = None,
                   padding=None) -> tuple[torch.Tensor, int, list[tuple[torch.Tensor, int]]]:
-    """``H = 2 X^T X / n`` (float64 [K, K]) of the values ``node`` takes on ``samples``,
-    rows of X = every position of the last dimension (real tokens only, given a
-    ``padding.PaddingRows``); n; and the same for two halves of the samples (even / odd
-    sample index), which ``damp="auto"`` cross-validates on."""
-    sums: list = [None, None]
-    rows = [0, 0]
+    """``HessianSums`` of the values ``node`` takes on ``samples``, the graph run from its
+    inputs up to ``node`` once per sample (the whole-graph calibration)."""
+    sums = HessianSums(padding)
     index = {"i": 0}
-
-    def fn(v):
-        x = (padding.rows(v.detach()) if padding else v.detach().reshape(-1, v.shape[-1])).double()
-        part = index["i"] % 2
-        sums[part] = x.T @ x if sums[part] is None else sums[part] + x.T @ x
-        rows[part] += x.shape[0]
-
-    runner = _UpTo(graph.gm, node, fn, weights)
+    runner = _UpTo(graph.gm, node, lambda v: sums.add(index["i"], v), weights)
     with torch.no_grad():
         for i, sample in enumerate(iterate(progress, description,
                                            padding.track(samples) if padding else samples)):
@@ -108,15 +137,7 @@ def layer_hessian(graph: Graph, node: fx.Node, samples: Sequence[tuple], progres
                 runner.run(*sample)
             except _Reached:
                 pass
-    if sums[0] is None:
-        raise PassError(f"the graph never computed {node.name} on the calibration data",
-                        "report this model", pass_name="quantize")
-    if sums[1] is None:
-        sums[1] = torch.zeros_like(sums[0])
-    total = sums[0] + sums[1]
-    n = rows[0] + rows[1]
-    halves = [(2.0 * s / max(1, r), r) for s, r in zip(sums, rows)]
-    return 2.0 * total / max(1, n), n, halves
+    return sums.result(node)
 
 
 DAMP_CANDIDATES = (0.01, 0.03, 0.1, 0.3)
@@ -360,5 +381,5 @@ def hessian_relative_error(w: torch.Tensor, w_q: torch.Tensor, h: torch.Tensor) 
     return float(((d @ h64) * d).sum()) / ref if ref > 0 else 0.0
 
 
-__all__ = ["layer_hessian", "gptq_quantize", "hessian_relative_error", "choose_damp", "DAMP_CANDIDATES",
+__all__ = ["layer_hessian", "HessianSums", "QuantizedRunner", "gptq_quantize", "hessian_relative_error", "choose_damp", "DAMP_CANDIDATES",
            "visiting_order", "permuted_problem"]
