@@ -15,12 +15,19 @@ linked SRAM (.data + .bss + stack and heap reserves) and flash, measured stack, 
 instructions per step. Instructions are a proxy for time, not cycles: QEMU models no
 pipeline, flash wait states or caches, and TTE's 373 ms is wall time on the board.
 
-    python benchmarks/mcu_train_budget.py [--quick]   (--quick: 64x64, no instruction count)
+The budget search part (``--parts search``): ``sparse-update(budget=B),qas`` at 64, 128
+and 256 KB on MobileNetV2-w0.35 and an MCUNet-style net, every candidate planned by the
+mcu backend's planner; the scheme found, its planned SRAM, the same symbols in the
+linked train.elf and the SRAM measured under QEMU.
+
+    python benchmarks/mcu_train_budget.py [--quick] [--parts schemes,search]
+    (--quick: 64x64, no QEMU measurement)
 """
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import tempfile
 import time
@@ -48,14 +55,16 @@ SCHEMES = {  # TTE-like: biases of the last layers, a few pointwise convs at 1/4
 }
 
 
-def build_step(res: int):
+def build_step(res: int, make=None):
+    """The int8 training step (fold-bn, static int8 on random images, trainable int8) of
+    ``make(res)`` (default MobileNetV2-w0.35, 10 classes)."""
     from gradrewrite.compiler import run_pipeline
     from gradrewrite.passes.qas import trainable_int8
     from gradrewrite.rewrite.capture import capture
     from gradrewrite.rewrite.registry import PassContext
     from gradrewrite.rewrite.train_step import capture_train_step
 
-    model, (x,) = mobilenet_v2(0.35, res, num_classes=10)
+    model, (x,) = (make or (lambda r: mobilenet_v2(0.35, r, num_classes=10)))(res)
     g = capture(model, (x,))
     run_pipeline(g, "fold-bn", verify=False)
     gen = torch.Generator().manual_seed(3)
@@ -100,6 +109,111 @@ def run_scheme(step, scheme: str, out: Path, measure: bool) -> dict:
     return res
 
 
+# ------------------------------------------------------------------ budget search
+SEARCH_BUDGETS_KB = (64, 128, 256)
+LINK_MARGIN_KB = 16   # the budget is the model's SRAM; the harness, 4 KB heap and 8 KB stack reserves link on top
+
+
+class _MBConv(torch.nn.Module):
+    def __init__(self, cin: int, cout: int, k: int, expand: int, stride: int):
+        super().__init__()
+        nn, mid = torch.nn, cin * expand
+        self.conv = nn.Sequential(
+            nn.Conv2d(cin, mid, 1, bias=False), nn.BatchNorm2d(mid), nn.ReLU6(),
+            nn.Conv2d(mid, mid, k, stride, k // 2, groups=mid, bias=False), nn.BatchNorm2d(mid), nn.ReLU6(),
+            nn.Conv2d(mid, cout, 1, bias=False), nn.BatchNorm2d(cout))
+        self.residual = stride == 1 and cin == cout
+
+    def forward(self, x):
+        return x + self.conv(x) if self.residual else self.conv(x)
+
+
+def mcunet_like(res: int):
+    """An MCUNet-style backbone (kernel sizes 3/5/7, expand ratios 3/6; MCUNet's search
+    space), random weights with BN statistics from random images, 10 classes."""
+    nn = torch.nn
+    torch.manual_seed(0)
+    cfg = [(16, 8, 3, 1, 1), (8, 16, 5, 6, 2), (16, 16, 7, 3, 1), (16, 24, 5, 6, 2), (24, 24, 3, 3, 1),
+           (24, 40, 7, 6, 2), (40, 40, 5, 3, 1), (40, 48, 3, 6, 1), (48, 96, 7, 6, 2), (96, 96, 5, 3, 1)]
+    body = [nn.Conv2d(3, 16, 3, 2, 1, bias=False), nn.BatchNorm2d(16), nn.ReLU6(),
+            *[_MBConv(*c) for c in cfg], nn.Conv2d(96, 160, 1, bias=False), nn.BatchNorm2d(160), nn.ReLU6(),
+            nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(160, 10)]
+    model = nn.Sequential(*body)
+    model.train()
+    with torch.no_grad():
+        for _ in range(4):
+            model(torch.randn(8, 3, res, res))
+    return model.eval(), (torch.zeros(1, 3, res, res),)
+
+
+SEARCH_MODELS = {"MobileNetV2-w0.35": None, "MCUNet-like": mcunet_like}
+
+
+def run_search(step, budget_kb: int, res: int, out: Path, measure: bool) -> dict:
+    """One compile with the budget search: `sparse-update(budget=...),qas` on the int8 step
+    (the search plans every candidate with the mcu backend's planner), linked for
+    cortex-m7 with the budget plus LINK_MARGIN_KB, measured under QEMU."""
+    from gradrewrite.compiler import CompileOptions, compile_graph
+    from gradrewrite.errors import ConfigError
+
+    gen = torch.Generator().manual_seed(5)
+    calib = [(torch.randn(1, 3, res, res, generator=gen), torch.randint(0, 10, (1,), generator=gen))
+             for _ in range(4)]
+    opts = CompileOptions(passes=f"sparse-update(budget='{budget_kb}KB'),{QAS}", backend="mcu", verify_inputs=1,
+                          latency_runs=0, calibration=calib,
+                          backend_options={"target": "cortex-m7", "ram_kb": budget_kb + LINK_MARGIN_KB,
+                                           "flash_kb": FLASH_KB, "measure": measure})
+    t0 = time.time()
+    try:
+        art = compile_graph(step.clone(), out, opts)
+    except ConfigError as exc:  # a budget below the smallest scheme: one line naming it
+        return {"budget_kb": budget_kb, "fits": False,
+                "error": re.sub(r"^pass '[^']+' \([^)]*\): ", "", str(exc).splitlines()[0])}
+    su = next(p for p in art.report["passes"] if p["name"] == "sparse-update")
+    plan, mcu = art.report["memory_plan"], art.report["mcu"]
+    dev = plan.get("device", {})
+    return {"budget_kb": budget_kb, "fits": True, "scheme": su["report"]["scheme"],
+            "search_seconds": round(su["seconds"], 1), "candidates_planned": len(su["report"]["search_trials"]),
+            "compile_seconds": round(time.time() - t0, 1), "planned_sram_bytes": plan["sram_bytes"],
+            "arena_bytes": plan["arena_bytes"], "trained_bytes": plan["trained_weights_bytes"],
+            "elf_model_sram_bytes": dev.get("model_sram_bytes"), "measured_sram_bytes": dev.get("sram_measured_bytes"),
+            "instructions_per_step": mcu.get("runtime", {}).get("instructions_per_step"),
+            "bit_exact": (mcu.get("int8_check") or {}).get("bit_exact")}
+
+
+def search_section(quick: bool, tmp: Path) -> tuple[dict, dict]:
+    res = 64 if quick else 128
+    results, rows = {}, []
+    kb = lambda v: round(v / 1024, 1) if isinstance(v, (int, float)) else "-"  # noqa: E731
+    for name, make in SEARCH_MODELS.items():
+        step, _ = build_step(res, make)
+        for budget in SEARCH_BUDGETS_KB:
+            r = run_search(step, budget, res, tmp / f"search_{name}_{budget}", measure=not quick)
+            results[f"{name} @ {budget} KB"] = r
+            print(name, budget, json.dumps(r, default=str))
+            rows.append([name, budget, r.get("scheme") or "no: " + r["error"][:90], kb(r.get("planned_sram_bytes")),
+                         kb(r.get("elf_model_sram_bytes")), kb(r.get("measured_sram_bytes")),
+                         kb(r.get("arena_bytes")), kb(r.get("trained_bytes")),
+                         round(r["instructions_per_step"] / 1e6, 1) if r.get("instructions_per_step") else "-",
+                         r.get("candidates_planned", "-"), r.get("search_seconds", "-")])
+    section = {
+        "heading": f"Budget search (`sparse-update(budget=...)`), int8 + QAS @ {res}x{res}, Cortex-M7",
+        "text": "Each row is one compile of `sparse-update(budget=B),qas` on the int8 step: the search plans every "
+                "candidate scheme with the mcu backend's own planner (the step lowered and its arena planned as the "
+                "C code will use it, trained int8 weights and int32 biases, the int8 input; qas run on each), "
+                "scores by lr*||g||^2 per planned byte on 4 random batches, and the scheme found is compiled, checked "
+                "bit for bit, linked with B + 16 KB (harness, heap and stack reserves) and measured under QEMU. "
+                "Planned = arena + trained arrays + labels; train.elf = the same symbols' sizes in the linked image; "
+                "measured = linked SRAM less the unused stack and heap reserves (the harness, C library heap and "
+                "stack on top of the model's). Random-init models: the scores say which layers matter on random data, "
+                "not on a task.",
+        "columns": ["model", "budget KB", "scheme found", "planned SRAM KB", "train.elf model SRAM KB",
+                    "SRAM measured KB", "arena KB", "trained params KB", "M instructions / step",
+                    "candidates planned", "search s"],
+        "rows": rows}
+    return results, section
+
+
 def qemu_epochs(out: Path, res: int, epochs: int = 2) -> list[float]:
     """Mean loss per pass over 4 random images (labels 1, 3, 5, 7), trained under QEMU."""
     from gradrewrite.backends.mcu.training.run import run_training
@@ -113,14 +227,16 @@ def qemu_epochs(out: Path, res: int, epochs: int = 2) -> list[float]:
     return [float(np.mean(run.losses[4 * e:4 * e + 4])) for e in range(epochs)]
 
 
-def main(quick: bool) -> None:
+def main(quick: bool, parts: set[str]) -> None:
     warnings.filterwarnings("ignore")
     t0 = time.time()
     res = 64 if quick else 128
-    step, _ = build_step(res)
     results, rows = {}, []
     with tempfile.TemporaryDirectory() as tmp:
-        for name, scheme in SCHEMES.items():
+        if "search" in parts:
+            search_results, search = search_section(quick, Path(tmp))
+        step = build_step(res)[0] if "schemes" in parts else None
+        for name, scheme in (SCHEMES.items() if "schemes" in parts else ()):
             out = Path(tmp) / name.replace(" ", "_")
             r = run_scheme(step, scheme, out, measure=not quick)
             if r["fits"]:
@@ -134,6 +250,8 @@ def main(quick: bool) -> None:
                          round(r["instructions_per_step"] / 1e6, 1) if r.get("instructions_per_step") else "-",
                          " > ".join(f"{v:.3f}" for v in r.get("qemu_epoch_losses", [])) or "-"])
     rows.append(["TTE (paper, STM32F746)", "yes", "", "", "", TTE["sram_kb"], "", "", f"{TTE['latency_ms']} ms", ""])
+    previous = _report.RESULTS / "mcu_train_budget.json"  # a part not rerun keeps its published section
+    old = json.loads(previous.read_text()) if previous.exists() and not quick else {}
     sections = [{
         "heading": f"Int8 sparse-update training step, MobileNetV2-w0.35 @ {res}x{res}, Cortex-M7, "
                    f"{RAM_KB} KB SRAM / {FLASH_KB // 1024} MB flash",
@@ -147,14 +265,25 @@ def main(quick: bool) -> None:
                 "TTE's figures are the paper's (their own scheme, wall time on the board).",
         "columns": ["scheme", f"fits {RAM_KB} KB", "arena KB", "trained params KB", "SRAM linked KB",
                     "SRAM measured KB", "flash KB", "step stack KB", "M instructions / step", "QEMU mean loss, epoch 1 > 2"],
-        "rows": rows}]
+        "rows": rows, "part": "schemes"}]
     result = {"title": "On-device training under 256 KB (int8, Cortex-M7)", "quick": quick, "resolution": res,
               "budget_kb": {"ram": RAM_KB, "flash": FLASH_KB}, "tte": TTE, "schemes": results,
               "seconds": round(time.time() - t0, 1), "sections": sections}
-    if not quick:
-        result["png"] = _plot(results)
-        sections[0]["image"] = result["png"]
-    print(_report.md_table(sections[0]["columns"], rows))
+    if "schemes" in parts:
+        if not quick:
+            result["png"] = _plot(results)
+            sections[0]["image"] = result["png"]
+        print(_report.md_table(sections[0]["columns"], rows))
+    else:
+        result.update(schemes=old.get("schemes", {}), png=old.get("png"))
+        sections[:] = [{"part": "schemes", **sec} for sec in old.get("sections", [])[:1]]
+    if "search" in parts:
+        result["search"] = search_results
+        sections.append({**search, "part": "search"})
+        print(_report.md_table(search["columns"], search["rows"]))
+    else:
+        result["search"] = old.get("search", {})
+        sections += [sec for sec in old.get("sections", []) if sec.get("part") == "search"]
     _report.publish("mcu_train_budget", result, quick=quick)
 
 
@@ -186,4 +315,8 @@ def _plot(results: dict) -> str:
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true")
-    main(ap.parse_args().quick)
+    ap.add_argument("--parts", default="schemes,search",
+                    help="schemes (hand-written schemes at 256 KB) and/or search (the budget search at "
+                         f"{'/'.join(map(str, SEARCH_BUDGETS_KB))} KB on two models)")
+    args = ap.parse_args()
+    main(args.quick, {p.strip() for p in args.parts.split(",") if p.strip()})
