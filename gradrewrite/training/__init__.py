@@ -89,6 +89,21 @@ def capture_sgd_step(graph: Graph, train: Train, *, seed: int = 0, status=None) 
                                   lr=train.lr, momentum=train.momentum)
 
 
+def int8_step_chains(spec: PassSpec) -> PassSpec:
+    """Static int8 quantization before an SGD step quantizes every layer output unless told
+    otherwise (``outputs=all``): the int8 step (``qas``, the mcu integer step) requantizes
+    every conv/linear, and a layer whose output ``outputs=auto`` leaves float has no
+    integer reference there."""
+    if spec.name != "quantize" or "outputs" in spec.options:
+        return spec
+    chains = PassSpec(spec.name, {**spec.options, "outputs": "all"})
+    try:
+        build_passes([chains])
+    except ConfigError:   # weight-only quantization: no outputs option
+        return spec
+    return chains
+
+
 def prepare(graph: Graph, specs: Sequence[PassSpec], train: Train | None, *, backend: str, seed: int = 0,
             calibration: Any = None, console=None) -> tuple[Graph, list[PassSpec]]:
     """``graph`` as the kind ``train`` asks for, and the passes still to run on it.
@@ -107,6 +122,7 @@ def prepare(graph: Graph, specs: Sequence[PassSpec], train: Train | None, *, bac
         check_request(specs, train, backend)
         return graph, specs
     n = split_inference_passes(specs)
+    specs[:n] = [int8_step_chains(s) for s in specs[:n]]
     run_inference_passes(graph, specs[:n], seed=seed, calibration=calibration, console=console)
     step = capture_sgd_step(graph, train, seed=seed,
                             status=console.status if console is not None else None)

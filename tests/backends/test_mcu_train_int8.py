@@ -63,7 +63,8 @@ def int8_step(model, x, y, scheme, qas="qas", lr=LR):
         run_pipeline(g, "fold-bn", verify=False)
     gen = torch.Generator().manual_seed(5)
     calib = [(torch.randn(x.shape, generator=gen),) for _ in range(4)]
-    run_pipeline(g, "quantize(mode=static)", verify=False, ctx=PassContext(calibration=calib))
+    # every output quantized, as prepare() asks for an SGD step (training.int8_step_chains)
+    run_pipeline(g, "quantize(mode=static,outputs=all)", verify=False, ctx=PassContext(calibration=calib))
     step = capture_train_step(trainable_int8(g), "cross_entropy", (x, y), lr=lr)
     run_pipeline(step, scheme, verify=False)
     run_pipeline(step, qas, verify=False)
@@ -304,6 +305,19 @@ def test_ops_without_an_integer_reference_are_refused(tmp_path):
     step = int8_step(GeluNet(), x, y, "sparse-update(bias_last=2,weights='-1:1')")
     with pytest.raises(Unsupported, match="gelu at <root>|gelu"):
         write_train(step, tmp_path / "mcu")
+
+
+def test_sgd_step_quantizes_every_layer_output():
+    """Before an SGD step, quantize(mode=static) keeps every output pair (outputs=all): the
+    int8 step requantizes every conv/linear. An explicit outputs and weight-only stay."""
+    from gradrewrite.rewrite.pipeline import parse_pipeline
+    from gradrewrite.training import int8_step_chains
+
+    specs = parse_pipeline("fold-bn,quantize(mode=static),quantize(outputs=auto),"
+                           "quantize(mode=weight-only,bits=4)")
+    assert [int8_step_chains(s).text() for s in specs] == [
+        "fold-bn", "quantize(mode=static, outputs=all)", "quantize(outputs=auto)",
+        "quantize(mode=weight-only, bits=4)"]
 
 
 def test_int8_step_on_cortex_m4_equals_the_host_bits(tmp_path):

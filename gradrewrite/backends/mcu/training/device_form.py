@@ -316,7 +316,8 @@ def inexact_ops(g: Graph) -> list[tuple[str, str, str]]:
         if n.op != "call_function" or n in inside or n.target in _EXACT_OPS:
             continue
         if n.target in (aten.convolution.default, aten.linear.default, aten.addmm.default):
-            what = "a float conv/linear layer (every conv/linear of an int8 step must be int8)"
+            what = ("a float conv/linear layer, or one whose output stays float (every conv/linear of an "
+                    "int8 step must be int8, output included: quantize(mode=static,outputs=all))")
         else:
             what = "this op"
         out.append((op_name(n), module_path(n) or "<root>", f"{what}, which has no bit-exact integer reference "
