@@ -114,7 +114,7 @@ def _initializers(path):
     return {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
 
 
-@pytest.mark.parametrize("passes", ["", "quantize(bits=4,group=128)"])
+@pytest.mark.parametrize("passes", ["", "quantize(bits=4,group=128)", "quantize(bits=4,group=32,method=gptq)"])
 def test_bounded_path_gives_the_in_memory_artifact(tmp_path, passes):
     """A 3-layer model through the bounded-memory path (model directory: weights mapped and
     shared, recorded reference) and through the in-memory path (the same module captured
@@ -128,7 +128,9 @@ def test_bounded_path_gives_the_in_memory_artifact(tmp_path, passes):
     bounded = load_model(d)
     assert "mapped_weights" in bounded.meta
     in_memory = capture(model, bounded.example_inputs)
-    opts = dict(backend="ort", passes=passes or None, latency_runs=0)
+    gen = torch.Generator().manual_seed(3)   # GPTQ: layer-wise calibration on both paths
+    calib = [(torch.randint(0, 512, (1, 16), generator=gen),) for _ in range(4)] if "gptq" in passes else None
+    opts = dict(backend="ort", passes=passes or None, latency_runs=0, calibration=calib)
     a = gr.compile(bounded, tmp_path / "bounded", **opts)
     b = gr.compile(in_memory, tmp_path / "memory", **opts)
     wa, wb = _initializers(a.path / "model.onnx"), _initializers(b.path / "model.onnx")
