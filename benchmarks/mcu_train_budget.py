@@ -181,21 +181,26 @@ def run_search(step, budget_kb: int, res: int, out: Path, measure: bool) -> dict
             "bit_exact": (mcu.get("int8_check") or {}).get("bit_exact")}
 
 
+def search_row(name: str, r: dict) -> list:
+    kb = lambda v: round(v / 1024, 1) if isinstance(v, (int, float)) else "-"  # noqa: E731
+    need = re.search(r"needs ([\d.]+ KB)", r.get("error", ""))
+    found = r.get("scheme") or (f"too small: the smallest scheme needs {need[1]}" if need else "no: " + r["error"][:90])
+    return [name, r["budget_kb"], found, kb(r.get("planned_sram_bytes")), kb(r.get("elf_model_sram_bytes")),
+            kb(r.get("measured_sram_bytes")), kb(r.get("arena_bytes")), kb(r.get("trained_bytes")),
+            round(r["instructions_per_step"] / 1e6, 1) if r.get("instructions_per_step") else "-",
+            r.get("candidates_planned", "-"), r.get("search_seconds", "-")]
+
+
 def search_section(quick: bool, tmp: Path) -> tuple[dict, dict]:
     res = 64 if quick else 128
     results, rows = {}, []
-    kb = lambda v: round(v / 1024, 1) if isinstance(v, (int, float)) else "-"  # noqa: E731
     for name, make in SEARCH_MODELS.items():
         step, _ = build_step(res, make)
         for budget in SEARCH_BUDGETS_KB:
             r = run_search(step, budget, res, tmp / f"search_{name}_{budget}", measure=not quick)
             results[f"{name} @ {budget} KB"] = r
             print(name, budget, json.dumps(r, default=str))
-            rows.append([name, budget, r.get("scheme") or "no: " + r["error"][:90], kb(r.get("planned_sram_bytes")),
-                         kb(r.get("elf_model_sram_bytes")), kb(r.get("measured_sram_bytes")),
-                         kb(r.get("arena_bytes")), kb(r.get("trained_bytes")),
-                         round(r["instructions_per_step"] / 1e6, 1) if r.get("instructions_per_step") else "-",
-                         r.get("candidates_planned", "-"), r.get("search_seconds", "-")])
+            rows.append(search_row(name, r))
     section = {
         "heading": f"Budget search (`sparse-update(budget=...)`), int8 + QAS @ {res}x{res}, Cortex-M7",
         "text": "Each row is one compile of `sparse-update(budget=B),qas` on the int8 step: the search plans every "
