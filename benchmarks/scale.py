@@ -134,8 +134,8 @@ def main() -> None:
         if not (model_dir / "model.safetensors").is_file():
             print(f"writing {model_dir} …", flush=True)
             write_model_dir(name, model_dir)
-        header = json.loads((model_dir / "model.safetensors").read_bytes()[8:8 + struct.unpack(
-            "<Q", (model_dir / "model.safetensors").read_bytes()[:8])[0]])
+        with open(model_dir / "model.safetensors", "rb") as f:   # the header only: the file is GBs
+            header = json.loads(f.read(struct.unpack("<Q", f.read(8))[0]))
         params = sum(math.prod(e["shape"]) for k, e in header.items() if k != "__metadata__")
         for pipe in args.pipelines.split(","):
             print(f"{name} {pipe} …", flush=True)
