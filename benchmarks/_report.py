@@ -75,7 +75,17 @@ def blocked_medians(fns: dict[str, Callable[[], Any]], *, blocks: int = 15, per_
                 t0 = time.perf_counter()
                 fn()
                 samples[name].append((time.perf_counter() - t0) * 1e3)
-    return _summaries(samples)
+    out = _summaries(samples)
+    for k, v in samples.items():   # one median per block, for ratios paired block by block
+        out[k]["block_medians_ms"] = [statistics.median(v[i:i + per_block]) for i in range(0, len(v), per_block)]
+    return out
+
+
+def paired_ratio(a: dict[str, Any], b: dict[str, Any]) -> float:
+    """Median over blocks of ``a``'s block median / ``b``'s (``blocked_medians`` results):
+    each ratio compares two blocks timed moments apart, so a machine that slows down or
+    speeds up during the run (other jobs, a VM's neighbours) moves both sides of it."""
+    return statistics.median(x / y for x, y in zip(a["block_medians_ms"], b["block_medians_ms"]))
 
 
 def write(name: str, data: dict[str, Any], *, folder: Path = RESULTS) -> Path:
