@@ -196,6 +196,14 @@ def _dense_weight(op, packed, scales, zeros, values, cols, counts, bits, group, 
     return op.Transpose(w, perm=[1, 0])
 
 
+def nbits_layout(op, packed, zeros, bits: int, group: int, n_groups: int):
+    """A layer's stored codes and zero points in MatMulNBits' 4-bit layout, built at load:
+    4-bit as stored, 2/3-bit widened (the same integers and zero points: exact)."""
+    if bits == 4:
+        return _at_load(op, packed), _at_load(op, zeros)
+    return _as_4bit(op, _at_load(op, packed), bits, group, 3), _as_4bit(op, _at_load(op, zeros), bits, n_groups, 2)
+
+
 def matmul_nbits(op, x, codes, scales, zeros, bias, *, k: int, n: int, group: int, accuracy_level: int = 0):
     """``MatMulNBits`` on 4-bit ``codes`` ``[N, G, group/2]``, flat fp16 ``scales`` (they
     stay fp16 in the file: the exporter would store the fp32 cast) and flat zero points."""
@@ -219,9 +227,7 @@ def _groupwise_linear(x, packed, scales, zeros, bias, outlier_values, outlier_co
                           outlier_cols, outlier_counts, bits, group, n, n_groups, k)
         y = op.MatMul(x, op.CastLike(w, x))
     else:
-        if bits != 4:
-            packed = _as_4bit(op, _at_load(op, packed), bits, group, 3)
-            zeros = _as_4bit(op, _at_load(op, zeros), bits, n_groups, 2)
+        packed, zeros = nbits_layout(op, packed, zeros, bits, group, n_groups)
         # the layer's bias (with a fused outlier term) goes in as MatMulNBits' bias: no Add
         return matmul_nbits(op, x, packed, op.Reshape(_at_load(op, scales), _ints(op, [-1])),
                             op.Reshape(zeros, _ints(op, [-1])), bias, k=k, n=n, group=int(group),

@@ -78,13 +78,15 @@ def fuse(graph: Graph, gm: fx.GraphModule) -> tuple[fx.GraphModule, int]:
     """``gm`` (``graph.gm`` or a view of it) with each group of one-row low-bit layers that
     read the same input replaced by one ``sibling_linears`` node and a split, and how many
     layers it took (0: ``gm`` is returned as it is)."""
-    if not _groups(graph, gm):
+    groups = _groups(graph, gm)
+    if not groups:
         return gm, 0
-    if gm is graph.gm:
-        gm, _ = view_of(graph)
+    if gm is graph.gm:                                 # the groups found, mapped into a view
+        gm, copied = view_of(graph)
+        groups = [[copied[m] for m in members] for members in groups]
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
     fused = 0
-    for members in _groups(graph, gm):
+    for members in groups:
         first = members[0]
         x, bits, group, k = first.args[0], first.args[8], first.args[9], first.args[10]
         term = _joint_term(members)
@@ -121,10 +123,7 @@ def _translate(x, packed, scales, zeros, biases, joint_bias, bits: int, group: i
 
     sizes = [int(p.shape[0]) for p in packed]
     n_groups = int(packed[0].shape[1])
-    codes, zps = [], []
-    for p, z in zip(packed, zeros):
-        codes.append(q._at_load(op, p) if bits == 4 else q._as_4bit(op, q._at_load(op, p), bits, group, 3))
-        zps.append(q._at_load(op, z) if bits == 4 else q._as_4bit(op, q._at_load(op, z), bits, n_groups, 2))
+    codes, zps = zip(*(q.nbits_layout(op, p, z, bits, group, n_groups) for p, z in zip(packed, zeros)))
     bias = joint_bias
     if bias is None and any(b is not None for b in biases):
         bias = op.Concat(*[op.CastLike(b, x) if b is not None

@@ -13,16 +13,16 @@ from __future__ import annotations
 MS_DOMAIN = "com.microsoft"
 
 
-def _transposed_initializer(value):
-    """The initializer ``W`` when ``value`` is ``Transpose(W, perm=[1, 0])``, else None."""
+def _transpose_of_initializer(value):
+    """The ``Transpose(W, perm=[1, 0])`` node producing ``value``, ``W`` an initializer; else None."""
     node = value.producer() if value is not None else None
     if node is None or node.op_type != "Transpose" or node.domain not in ("", "ai.onnx"):
         return None
     perm = node.attributes.get("perm")
     w = node.inputs[0]
-    if perm is None or list(perm.as_ints()) != [1, 0] or w is None or w.const_value is None:
+    if perm is None or list(perm.as_ints()) != [1, 0] or w is None or w.const_value is None or w.is_graph_input():
         return None
-    return w if not w.is_graph_input() else None
+    return node
 
 
 def read_in_place(model) -> int:
@@ -34,11 +34,10 @@ def read_in_place(model) -> int:
     for node in list(graph):
         if node.op_type != "MatMul" or node.domain not in ("", "ai.onnx") or len(node.inputs) != 2:
             continue
-        w = _transposed_initializer(node.inputs[1])
-        if w is None:
+        transpose = _transpose_of_initializer(node.inputs[1])
+        if transpose is None:
             continue
-        transpose = node.inputs[1].producer()
-        fused = ir.Node(MS_DOMAIN, "FusedMatMul", [node.inputs[0], w],
+        fused = ir.Node(MS_DOMAIN, "FusedMatMul", [node.inputs[0], transpose.inputs[0]],
                         attributes=[ir.AttrInt64("transA", 0), ir.AttrInt64("transB", 1),
                                     ir.AttrFloat32("alpha", 1.0)], name=f"{node.name}_fused")
         graph.insert_before(node, fused)
