@@ -79,20 +79,25 @@ def test_layerwise_weights_are_bit_identical_to_the_whole_graph(llama):
     torch.testing.assert_close(whole(*ids), layered(*ids), rtol=0, atol=0)
 
 
+class Mlp(torch.nn.Module):   # no repeated layers
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = torch.nn.Linear(32, 64), torch.nn.Linear(64, 32)
+
+    def forward(self, x):
+        return self.fc2(torch.relu(self.fc1(x)))
+
+
+def no_stack_graph(samples: int = 4):
+    """A captured two-linear MLP (no stack of repeated layers) and calibration samples for it."""
+    return capture(Mlp().eval(), (torch.randn(4, 32),)), [(torch.randn(4, 32),) for _ in range(samples)]
+
+
 def test_options_and_fallback(llama):
     with pytest.raises(ConfigError, match="unknown layerwise 'sometimes'"):
         run_pipeline(llama.clone(), "quantize(bits=4,method=gptq,layerwise=sometimes)")
 
-    class Mlp(torch.nn.Module):   # no repeated layers
-        def __init__(self):
-            super().__init__()
-            self.fc1, self.fc2 = torch.nn.Linear(32, 64), torch.nn.Linear(64, 32)
-
-        def forward(self, x):
-            return self.fc2(torch.relu(self.fc1(x)))
-
-    graph = capture(Mlp().eval(), (torch.randn(4, 32),))
-    calib = [(torch.randn(4, 32),) for _ in range(4)]
+    graph, calib = no_stack_graph()
     with pytest.raises(ConfigError, match="layerwise=on: no stack of >= 2 repeated layers"):
         run_pipeline(graph.clone(), "quantize(bits=4,group=32,method=gptq,layerwise=on)",
                      ctx=PassContext(calibration=calib))

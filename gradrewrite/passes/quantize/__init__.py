@@ -79,8 +79,9 @@ from .gptq import choose_damp, gptq_quantize, hessian_relative_error, permuted_p
 from .gptq_calibration import LAYERWISE, gptq_calibration
 from .padding import PaddingRows, resolve as resolve_padding
 from .smoothquant import SMOOTH, smooth_linears
-from .outliers import (AGGREGATIONS, CRITERIA, LOSSES, SPREADS, choose_loss, gradient_scores, hessian_scores,
-                       magnitude_scores, top_k_mask)
+from .gradient_layerwise import gradient_stack, layerwise_gradient_scores
+from .outliers import (AGGREGATIONS, CRITERIA, LOSSES, SPREADS, KeptIndices, choose_loss, gradient_scores,
+                       hessian_scores, magnitude_scores, outlier_mask, top_k_mask)
 from .weight_only import BITS, permuted_input, quantize_groupwise, replace_linear, rtn_dequantized
 
 METHODS = ("rtn", "gptq", "awq", "awq-gptq")
@@ -146,8 +147,9 @@ class Quantize:
                 "original weights) | ordered (groups follow the visiting order; the layer reads its "
                 "input permuted by a stored 16-bit index, shared by layers that read the same input)"})
     layerwise: str = field(default="auto", metadata={
-        "help": "gptq: calibrate a stack of repeated layers (decoder blocks) one layer at a time in "
-                "bounded memory, bit-identical to the whole graph: auto (when such a stack holds the "
+        "help": "gptq, and criterion=gradient: calibrate a stack of repeated layers (decoder blocks) "
+                "one layer at a time in bounded memory (gptq: bit-identical to the whole graph; gradients: "
+                "a streamed backward, the same gradients to rounding): auto (when such a stack holds the "
                 "linears) | on (an error when none does) | off (run the graph up to each layer)"})
     clip: bool = field(default=True, metadata={
         "help": "awq / gptq: shrink each group's range where that cuts the error (awq: the "
@@ -305,13 +307,23 @@ class Quantize:
                                self.exclude, data[:ERROR_SAMPLES])   # fp32 outputs, before any layer
         release_pages(graph)   # the float runs above paged in every mapped weight: each layer reads its own back
 
-        loss_used = loss_reason = None
+        loss_used = loss_reason = gradient_report = None
         if criterion == "gradient":
             loss_used, loss_reason = choose_loss(graph, self.loss)
-            scores = gradient_scores(graph, layers, samples, loss=loss_used,
-                                     aggregation=self.aggregation,
-                                     rtn=lambda w: rtn_dequantized(w, self.bits, self.group),
-                                     progress=ctx.progress)
+            stack, why = gradient_stack(graph, layers, self.layerwise)
+            if stack is None and self.layerwise == "on":
+                raise ConfigError(f"layerwise=on: {why}", "use layerwise=auto or layerwise=off")
+            grad_opts = dict(loss=loss_used, aggregation=self.aggregation, progress=ctx.progress,
+                             rtn=lambda w: rtn_dequantized(w, self.bits, self.group))
+            if stack is None:
+                scores = gradient_scores(graph, layers, samples, **grad_opts)
+                gradient_report = {"path": "whole-graph", "reason": why}
+            else:   # a streamed backward: each layer's mask is chosen as soon as its gradient is summed
+                scores = layerwise_gradient_scores(
+                    graph, stack, layers, samples, **grad_opts,
+                    reduce=lambda score: KeptIndices(top_k_mask(score, self.outliers, self.spread)))
+                gradient_report = {"path": "layer-wise", "stack": stack.prefix, "layers": stack.count,
+                                   "reason": why}
         elif criterion == "hessian":
             scores = hessian_scores(graph, layers, {k: sq[k] / max(1, rows[k]) for k in sq})
         elif criterion == "magnitude":
@@ -322,7 +334,7 @@ class Quantize:
         awq = None
         if self.method in ("awq", "awq-gptq"):   # exact float rescaling first; rounding below
             awq = awq_scale(graph, layers, samples, self.bits, self.group,
-                            masks={l.param: top_k_mask(scores[l.param], self.outliers, self.spread)
+                            masks={l.param: outlier_mask(scores[l.param], self.outliers, self.spread)
                                    for l in layers} if scores else None,
                             clip=self.clip and self.method == "awq", input_mul=self.input_mul,
                             progress=ctx.progress, padding=pad)
@@ -340,7 +352,7 @@ class Quantize:
         reordered: dict = {}               # act_groups=ordered: input node -> (order, permuted input)
         for index, l in enumerate(layers):
             w = graph.attr(l.weight_node).detach().float()
-            mask = top_k_mask(scores[l.param], self.outliers, self.spread) if scores else None
+            mask = outlier_mask(scores[l.param], self.outliers, self.spread) if scores else None
             gptq_stats = None
             if self.method in ("gptq", "awq-gptq"):
                 x_node = layer_input(l)
@@ -402,6 +414,7 @@ class Quantize:
                   "loss": (loss_used if isinstance(loss_used, str) else
                            "user callable" if loss_used is not None else None),
                   "loss_reason": loss_reason,
+                  **({"gradient_calibration": gradient_report} if gradient_report else {}),
                   "calibration_samples": len(samples),
                   "linearized": linearized,
                   "padding": pad.summary(pad_reason),

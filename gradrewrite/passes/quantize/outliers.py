@@ -118,7 +118,7 @@ def choose_loss(graph: Graph, loss: Any) -> tuple[str | Callable, str]:
     return "mse", f"chose output-distance (mse): {why}"
 
 
-def _lm_input(graph: Graph) -> int | None:
+def lm_input(graph: Graph) -> int | None:
     return _lm_check(graph)[0]
 
 
@@ -205,25 +205,55 @@ def gradient_scores(graph: Graph, layers: Sequence[QLayer], samples: Sequence[tu
         owner._buffers.pop(leaf, None)
         params[l.param] = torch.nn.Parameter(value)
         owner.register_parameter(leaf, params[l.param])
-    ids_index = _lm_input(graph) if loss == "causal-lm" else None
+    ids_index = lm_input(graph) if loss == "causal-lm" else None
     acc = {k: torch.zeros_like(p) for k, p in params.items()}
     for sample in iterate(progress, f"gradients ({loss if isinstance(loss, str) else 'user loss'})",
                           samples):
         with torch.enable_grad():
             out = [t for t in pytree.tree_leaves(gm(*sample)) if isinstance(t, torch.Tensor)]
-            if loss == "causal-lm":
-                value = causal_lm_loss(out, sample, ids_index)
-            elif loss == "mse":
-                ref = graph(*sample)
-                value = sum(F.mse_loss(o.float(), r.float(), reduction="sum") for o, r in zip(out, ref))
-            else:
-                value = loss(out, sample)
+            value = sample_loss(loss, out, sample, ids_index, graph(*sample) if loss == "mse" else None)
             grads = torch.autograd.grad(value, list(params.values()), allow_unused=True)
         for key, g in zip(params, grads):
-            if g is not None:
-                acc[key] += g.abs() if aggregation == "abs" else g * g
+            accumulate(acc, key, g, aggregation)
     return acc
 
 
+def sample_loss(loss: str | Callable, out: list[torch.Tensor], sample: Sequence[torch.Tensor],
+                ids_index: int | None, ref: list[torch.Tensor] | None) -> torch.Tensor:
+    """The gradient loss of one sample from the model's outputs (``ref``: the fp32 outputs, for mse)."""
+    if loss == "causal-lm":
+        return causal_lm_loss(out, sample, ids_index)
+    if loss == "mse":
+        return sum(F.mse_loss(o.float(), r.float(), reduction="sum") for o, r in zip(out, ref))
+    return loss(out, sample)
+
+
+def accumulate(acc: dict[str, torch.Tensor], key: str, g: torch.Tensor | None, aggregation: str) -> None:
+    """Adds one sample's gradient to a weight's score: ``|g|`` (abs) or ``g^2`` (square)."""
+    if g is not None:
+        acc[key] += g.abs() if aggregation == "abs" else g * g
+
+
+class KeptIndices:
+    """A layer's outlier mask held as its flat indices (a few per cent of the weights), so
+    masks chosen early (layer-wise gradients) cost little memory until their layer is quantized."""
+
+    def __init__(self, mask: torch.Tensor):
+        self.shape = tuple(mask.shape)
+        flat = mask.reshape(-1).nonzero().flatten()
+        self.flat = flat.to(torch.int32) if mask.numel() < 2 ** 31 else flat
+
+    def mask(self) -> torch.Tensor:
+        out = torch.zeros(self.shape, dtype=torch.bool)
+        out.view(-1)[self.flat.long()] = True
+        return out
+
+
+def outlier_mask(score: torch.Tensor | KeptIndices, fraction: float, spread: str) -> torch.Tensor:
+    """A layer's outlier mask from its saliency scores (``top_k_mask``), or the one chosen already."""
+    return score.mask() if isinstance(score, KeptIndices) else top_k_mask(score, fraction, spread)
+
+
 __all__ = ["CRITERIA", "AGGREGATIONS", "LOSSES", "SPREADS", "top_k_mask", "store_outliers", "magnitude_scores",
-           "hessian_scores", "gradient_scores", "resolve_loss", "choose_loss"]
+           "hessian_scores", "gradient_scores", "resolve_loss", "choose_loss", "sample_loss", "accumulate",
+           "KeptIndices", "outlier_mask", "lm_input"]
