@@ -127,6 +127,10 @@ class Quantize:
                 "take as int8; outputs read only by LayerNorm, GELU, attention or a residual add with a "
                 "float operand stay float: every backend runs the layer int8 with a float output, and "
                 "transformers lose far less accuracy) | all (every output)"})
+    bias_correction: bool = field(default=False, metadata={
+        "help": "static: each conv's bias absorbs the per-channel mean shift int8 puts on the "
+                "conv's output on the calibration data (NNCF's fast bias correction; linears are "
+                "left alone: it moved MiniLM's output further from fp32)"})
     max_layer_error: float = field(default=0.0, metadata={
         "help": "static: layers whose output error (relative L2 on calibration data) exceeds this stay "
                 "float, listed in the report under fallback (0: off)"})
@@ -205,8 +209,8 @@ class Quantize:
             raise ConfigError(f"max_layer_error={self.max_layer_error} is out of range",
                               "give a relative error >= 0, e.g. 0.1 (0 turns the fallback off)")
         if self.resolved_mode() != "static" and (self.smooth == "on" or self.max_layer_error
-                                                 or self.outputs != "auto"):
-            raise ConfigError("smooth=on, outputs and max_layer_error are options of static int8 "
+                                                 or self.outputs != "auto" or self.bias_correction):
+            raise ConfigError("smooth=on, outputs, bias_correction and max_layer_error are options of static int8 "
                               "quantization",
                               "use mode=static, or drop them")
         if self.method != "rtn" and self.resolved_mode() == "static":
@@ -254,7 +258,8 @@ class Quantize:
                                                           percentile=self.percentile, progress=ctx.progress,
                                                           keep_inputs=ERROR_SAMPLES,
                                                           max_error=self.max_layer_error,
-                                                          outputs=self.outputs)
+                                                          outputs=self.outputs,
+                                                          bias_correction=self.bias_correction)
         errors = []
         for rec in records:
             errors.append({"path": rec["path"], "kind": rec["kind"], "shape": rec["shape"],
