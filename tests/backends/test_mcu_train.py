@@ -237,4 +237,9 @@ def test_cli_compile_train_mcu_host(tmp_path):
     assert "model_train_step" in (out / "mcu" / "model.h").read_text()
     # SRAM for trained parameters (conv.0's trained half only) is what the memory planner planned
     assert mcu["trained_bytes"] == report["memory_plan"]["trained_weights_bytes"]
+    # where the backend's time went: the host target runs no device build or QEMU phase
+    t = mcu["timings"]
+    assert set(t["phases_wall_seconds"]) == {"lower_and_write", "host_builds"}
+    assert all(v >= 0 for v in t["phases_wall_seconds"].values()) and t["cpu_seconds"]["children"] > 0
+    assert (out / "mcu" / "model_host").is_file() and (out / "mcu" / "train_host").is_file()
     # Cortex-M training firmware: tests/backends/test_mcu_train_firmware.py

@@ -168,6 +168,32 @@ def build_host(project_dir: str | Path) -> Path:
     return exe
 
 
+def build_host_pair(project_dir: str | Path, harness: str, exe: str) -> tuple[Path, Path]:
+    """The host executables of a training project from one set of objects (``make -j2``):
+    ``model_host`` (main.c around model_run) and ``exe`` (``harness``, a path relative to
+    the project, around model_train_step), built with -Werror and without FMA contraction
+    (the integer reference rounds every multiply and add on its own)."""
+    project = Path(project_dir)
+    _check_project(project)
+    _require_tools("host")
+    if not (project / "Makefile").is_file():
+        write_build_files(project)
+    srcs = [*sorted(p.name for p in project.glob("*.c")),
+            *sorted(f"kernels/{p.name}" for p in (project / "kernels").glob("*.c")), harness]
+    products = []
+    with tempfile.TemporaryDirectory(prefix="gr-mcu-host-") as build:
+        build = Path(build)
+        for name, extra in ((HOST_EXE, {}), (exe, {"SRCS": " ".join(srcs)})):
+            (project / name).unlink(missing_ok=True)
+            proc = _make(project, build, "host", {"EXTRA_CFLAGS": f"{NO_CONTRACT} -Werror", **extra})
+            if proc.returncode != 0:
+                raise _compile_error(proc, "host")
+            shutil.copy2(build / "model", project / name)
+            (build / "model").unlink()  # the next executable links afresh
+            products.append(project / name)
+    return products[0], products[1]
+
+
 def run_host(exe: str | Path, input_bytes: bytes, *, timeout_s: float = 120) -> bytes:
     """Run the host executable on one input; returns the output bytes."""
     exe = Path(exe).resolve()

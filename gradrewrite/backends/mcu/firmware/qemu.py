@@ -17,6 +17,8 @@ cycles: QEMU does not model pipelines, wait states or caches.
 from __future__ import annotations
 
 import bisect
+import fcntl
+import itertools
 import os
 import subprocess
 import tempfile
@@ -26,6 +28,8 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from ....errors import BackendError
 from .build import ELF, check_harness_exit, toolchain_missing
 from ..targets import get_target
@@ -33,6 +37,7 @@ from ..targets import get_target
 RUN_TIMEOUT_S = 120
 COUNT_TIMEOUT_S = 600
 MARK_BEGIN, MARK_END = "gr_mark_begin", "gr_mark_end"
+F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 _GLUE = {"main", MARK_BEGIN, MARK_END}   # harness code inside the window, not the model's
 
 
@@ -112,6 +117,10 @@ def _run_plain(cmd: list[str], cwd: str, timeout: float) -> tuple[int, str]:
 def run_counting(cmd: list[str], cwd: str, timeout: float) -> tuple[int, str, tuple[Counter, list]]:
     """Run with the TB log on a pipe; returns (exit code, console text, _count_window's result)."""
     read_fd, write_fd = os.pipe()
+    try:  # a 1 MB pipe: fewer switches between QEMU writing the log and this process reading it
+        fcntl.fcntl(write_fd, F_SETPIPE_SZ, 1 << 20)
+    except OSError:
+        pass
     cmd = cmd + ["-d", "nochain,in_asm,exec", "-D", f"/dev/fd/{write_fd}"]
     with tempfile.TemporaryFile("w+") as console:
         proc = subprocess.Popen(cmd, cwd=cwd, stdin=subprocess.DEVNULL, stdout=console,
@@ -148,67 +157,108 @@ def run_counting(cmd: list[str], cwd: str, timeout: float) -> tuple[int, str, tu
 
 
 _BEGIN, _END, _OWN, _CALLEE = range(4)
+_CHUNK = 1 << 24   # bytes of log read at a time
+
+
+class _LogLines:
+    """What each distinct log line of QEMU's TB log means, numbered: an ``exec`` line
+    (``Trace 0: 0x<host> [<cs_base>/<pc>/<flags>/<cflags>] <symbol>``, the same text for
+    every execution of one TB) gets an id the first time it is seen, with its TB's
+    instruction count (from the ``in_asm`` block, "IN: sym", one "0x...:" line per
+    instruction, a blank line, that precedes the TB's first execution), its kind and
+    symbol. Other lines are read in order, as they come, to learn the blocks' lengths."""
+
+    def __init__(self):
+        self.ids: dict[bytes, int] = {}
+        self.n: list[int] = []        # instructions per id, -1 where the block was never shown
+        self.kind: list[int] = []
+        self.sym: list[str] = []
+        self.tb_len: dict[bytes, int] = {}
+        self.block_pc: bytes | None = None
+        self.block_n = 0
+
+    def resolve(self, line: bytes) -> int:
+        """The id of an unseen line (-1: not an exec line, read for block lengths)."""
+        known = self.ids.get(line)
+        if known is not None:
+            return known
+        if not line.startswith(b"Trace"):
+            if line.startswith(b"0x"):
+                if self.block_pc is None:
+                    self.block_pc = b"%08x" % int(line[2:line.index(b":")], 16)
+                self.block_n += 1
+            elif line.startswith(b"IN:"):
+                self.block_pc, self.block_n = None, 0
+            elif self.block_pc is not None and not line.strip():
+                self.tb_len[self.block_pc] = self.block_n
+                self.block_pc, self.block_n = None, 0
+            return -1
+        sym = line[line.rindex(b"] ") + 2:].strip().decode(errors="replace")
+        self.ids[line] = len(self.n)
+        self.n.append(self.tb_len.get(line.split(b"/", 2)[1], -1))
+        self.kind.append({MARK_BEGIN: _BEGIN, MARK_END: _END, "model_run": _OWN, "model_train_step": _OWN,
+                          "main": _OWN}.get(sym, _CALLEE))
+        self.sym.append(sym)
+        return self.ids[line]
 
 
 def _count_window(log) -> tuple[Counter, list[list]]:
     """Instructions per TB start address executed between the two marker calls, and
     the calls model_run makes, in order: [[callee, instructions], ...].
 
-    ``in_asm`` blocks ("IN: sym", one "0x...:" line per instruction, a blank line)
-    precede a TB's first execution; ``exec`` lines read
-    ``Trace 0: 0x<host> [<cs_base>/<pc>/<flags>/<cflags>] <symbol>``, the same text
-    for every execution of one TB, so each distinct line is parsed once (the log has
-    tens of millions of lines). A call starts when execution leaves model_run.
-    """
-    tb_len: dict[bytes, int] = {}
-    seen: dict[bytes, tuple] = {}          # exec line -> (instructions, kind, symbol)
-    executed: dict[bytes, int] = {}        # exec line -> executions inside the window
+    The log (tens of millions of lines) is read in chunks: each line is looked up as a
+    whole in the table of distinct lines (``_LogLines``); only lines not seen before
+    are parsed, in order; the window, the executions per TB and the calls are then
+    counted with numpy. A call starts when execution leaves model_run (or main)."""
+    table = _LogLines()
+    executed = np.zeros(0, np.int64)            # executions inside the window, per id
     calls: list[list] = []
-    block_pc, block_n = None, 0
-    state, in_call = 0, False              # state 0: before the window, 1: inside, 2: after
-    for line in log:
-        e = seen.get(line)
-        if e is None:
-            if not line.startswith(b"Trace"):
-                if line.startswith(b"0x"):
-                    if block_pc is None:
-                        block_pc = b"%08x" % int(line[2:line.index(b":")], 16)
-                    block_n += 1
-                elif line.startswith(b"IN:"):
-                    block_pc, block_n = None, 0
-                elif block_pc is not None and not line.strip():
-                    tb_len[block_pc] = block_n
-                    block_pc, block_n = None, 0
+    state, in_call, rest = 0, False, b""         # state 0: before the window, 1: inside, 2: after
+    while rest is not None:
+        chunk = log.read(_CHUNK)
+        if state == 2:
+            rest = b"" if chunk else None        # drain the pipe: QEMU writes until it exits
+            continue
+        lines = (rest + chunk).split(b"\n")
+        rest = lines.pop() if chunk else None    # at the end, the last line even without its newline
+        ids = np.fromiter(map(table.ids.get, lines, itertools.repeat(-1)), np.int64, len(lines))
+        for i in np.flatnonzero(ids < 0).tolist():  # first sightings and in_asm lines, in order
+            ids[i] = table.resolve(lines[i])
+        ids = ids[ids >= 0]
+        kind = np.asarray(table.kind, np.int8)[ids]
+        if state == 0:
+            begin = np.flatnonzero(kind == _BEGIN)
+            if not begin.size:
                 continue
-            sym = line[line.rindex(b"] ") + 2:].strip().decode(errors="replace")
-            kind = {MARK_BEGIN: _BEGIN, MARK_END: _END, "model_run": _OWN, "model_train_step": _OWN,
-                    "main": _OWN}.get(sym, _CALLEE)
-            e = seen[line] = (tb_len.get(line.split(b"/", 2)[1]), kind, sym)
-        if state != 1:
-            if state == 0 and e[1] == _BEGIN:
-                state = 1
+            state, ids, kind = 1, ids[begin[0] + 1:], kind[begin[0] + 1:]
+        end = np.flatnonzero(kind == _END)
+        if end.size:
+            state, ids, kind = 2, ids[:end[0]], kind[:end[0]]
+        if not ids.size:
             continue
-        n, kind, sym = e
-        if kind == _END:
-            state = 2
-            continue
-        if n is None:
+        n = np.asarray(table.n, np.int64)[ids]
+        if (n < 0).any():
             raise BackendError("QEMU's log executed a block it never showed",
                                "the instruction count needs QEMU's in_asm/exec log format (7.2)")
-        executed[line] = executed.get(line, 0) + 1
-        if kind == _OWN:
-            in_call = False
-            continue
-        if not in_call:
-            in_call = True
-            calls.append([sym, 0])
-        calls[-1][1] += n
+        executed = np.pad(executed, (0, len(table.n) - executed.size))
+        executed += np.bincount(ids, minlength=len(table.n))
+        own = kind == _OWN
+        callee_n = np.where(own, 0, n)
+        starts = np.flatnonzero(~own & np.concatenate(([not in_call], own[:-1])))
+        head = int(callee_n[:starts[0]].sum()) if starts.size else int(callee_n.sum())
+        if calls and head:
+            calls[-1][1] += head
+        if starts.size:
+            sums = np.add.reduceat(callee_n, starts).tolist()
+            calls += [[table.sym[i], s] for i, s in zip(ids[starts].tolist(), sums)]
+        in_call = not bool(own[-1])
     if state != 2:
         raise BackendError("the instruction log never showed model_run finishing",
                            "the firmware faulted or was stopped early; run it without counting first")
     counts: Counter = Counter()
-    for line, times in executed.items():
-        counts[line.split(b"/", 2)[1]] += times * seen[line][0]
+    pcs = {i: line.split(b"/", 2)[1] for line, i in table.ids.items()}
+    for i in np.flatnonzero(executed).tolist():
+        counts[pcs[i]] += int(executed[i]) * table.n[i]
     return counts, calls
 
 

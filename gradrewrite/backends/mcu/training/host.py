@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +18,7 @@ import numpy as np
 from ....errors import BackendError
 from ....rewrite.graph import Graph
 from ..c_files import template_dir
-from ..firmware.build import NO_CONTRACT
+from ..firmware.build import build_host_pair
 from .codegen import write_train_project
 from .harness import EXE, HARNESS, HARNESS_DIR
 from .lowering import lower_train
@@ -27,28 +26,24 @@ from .run import run_training, whole_parameters
 
 
 def write_train(graph: Graph, project: str | Path, *, source: str = "<model>") -> dict[str, Any]:
+    return write_train_lowered(graph, project, source=source)[0]
+
+
+def write_train_lowered(graph: Graph, project: str | Path, *, source: str = "<model>") -> tuple[dict[str, Any], Graph]:
+    """``write_train``, also returning the graph lowered (an int8 step's device form,
+    which the integer reference then interprets)."""
     project = Path(project)
-    facts = write_train_project(lower_train(graph), project, source=source)
+    program = lower_train(graph)
+    facts = write_train_project(program, project, source=source)
     (project / HARNESS_DIR).mkdir(exist_ok=True)
     shutil.copy(template_dir() / HARNESS, project / HARNESS_DIR / HARNESS)
-    return facts
+    return facts, program.graph
 
 
 def build_train_host(project: str | Path) -> Path:
-    project = Path(project)
-    cc = shutil.which("cc") or shutil.which("gcc")
-    if cc is None:
-        raise BackendError("no host C compiler (cc) found", "install gcc")
-    sources = [project / "model.c", project / "weights.c", project / HARNESS_DIR / HARNESS,
-               *sorted((project / "kernels").glob("*.c"))]
-    exe = project / EXE
-    proc = subprocess.run([cc, "-std=c99", "-O2", NO_CONTRACT, "-Wall", "-Werror", "-I", str(project), "-I",
-                           str(project / "kernels"), *map(str, sources), "-lm", "-o", str(exe)],
-                          capture_output=True, text=True)
-    if proc.returncode:
-        raise BackendError(f"the generated training step does not compile: {proc.stderr.strip()[:500]}",
-                           "this is a code generator bug; report it")
-    return exe
+    """The training harness's host executable (and main.c's ``model_host`` beside it, from
+    the same objects); returns the training one."""
+    return build_host_pair(project, f"{HARNESS_DIR}/{HARNESS}", EXE)[1]
 
 
 def run_train_host(project: str | Path, x: np.ndarray, labels: np.ndarray, steps: int,

@@ -396,12 +396,16 @@ def _conv_backward(n: fx.Node, args) -> tuple:
     return (gx, gw, gb)
 
 
-def check_int8_step(graph: Graph, project, facts: dict[str, Any], *, steps: int = 2) -> dict[str, Any]:
+def check_int8_step(graph: Graph, project, facts: dict[str, Any], *, steps: int = 2,
+                    device: Graph | None = None) -> dict[str, Any]:
     """The host build of an int8 training step against ``reference_steps`` on a seeded
-    batch: every loss and trained parameter bit for bit, or a VerificationError."""
+    batch: every loss and trained parameter bit for bit, or a VerificationError.
+    ``device``: the step's device form when the caller has it (the lowering's; it is not
+    changed by lowering), else made here."""
     x, labels = (t.numpy() for t in graph.random_inputs(11))
     losses, got = run_train_host(project, x, labels, steps, facts["lr"])
-    ref_losses, ref = reference_steps(device_form(graph), x, labels, steps, facts["lr"],
+    ref_losses, ref = reference_steps(device if device is not None else device_form(graph), x, labels, steps,
+                                      facts["lr"],
                                       rounding=facts.get("rounding", "nearest"), seed=facts.get("seed", 0))
     differ = {p: int(np.count_nonzero(got[p] != ref[p])) for p in ref}
     bad = {p: n for p, n in differ.items() if n}
