@@ -84,9 +84,10 @@ def _is(node, op: str) -> bool:
     return node is not None and node.op_type == op and node.domain in ("", "ai.onnx")
 
 
-def activations_to_uint8(model) -> dict[str, Any]:
+def activations_to_uint8(model, *, keep=None) -> dict[str, Any]:
     """Rewrite the int8 activation Q/DQ pairs of an ``onnx_ir`` model to uint8 (exact, see
-    the module docstring); returns ``{"quantize": n, "dequantize": n, "kept_int8": n}``."""
+    the module docstring); returns ``{"quantize": n, "dequantize": n, "kept_int8": n}``.
+    ``keep(dequantize_nodes)``: True leaves that pair int8 (a backend's choice)."""
     import onnx_ir as ir
 
     graph = model.graph
@@ -112,7 +113,7 @@ def activations_to_uint8(model) -> dict[str, Any]:
         ok = (not out.is_graph_output() and readers
               and all(_is(r, "DequantizeLinear") and len(r.inputs) >= 3 and r.inputs[0] is out
                       and _int8_scalar(r.inputs[2]) == z for r in readers))
-        if not ok:
+        if not ok or (keep is not None and keep(readers)):
             done["kept_int8"] += 1
             continue
         node.replace_input_with(2, u8_zero_point(z))
