@@ -104,7 +104,10 @@ class HessianSums:
     def add(self, index: int, v: torch.Tensor) -> None:
         x = (self.padding.rows(v.detach()) if self.padding else v.detach().reshape(-1, v.shape[-1])).double()
         part = index % 2
-        self.sums[part] = x.T @ x if self.sums[part] is None else self.sums[part] + x.T @ x
+        if self.sums[part] is None:
+            self.sums[part] = x.T @ x
+        else:   # in place: one pass over the K x K sum, no temporary
+            self.sums[part].addmm_(x.T, x)
         self.rows[part] += x.shape[0]
 
     def result(self, node: fx.Node) -> tuple[torch.Tensor, int, list[tuple[torch.Tensor, int]]]:
@@ -173,12 +176,11 @@ def choose_damp(w: torch.Tensor, h: torch.Tensor, halves: Sequence[tuple[torch.T
     chunk = max(1, min(len(problems), (256 << 20) // max(1, per)))
     errors = {f"{d:g}": 0.0 for d in DAMP_CANDIDATES}
     inv = torch.argsort(perm)
+    # float32 is plenty to rank dampenings, and twice as fast; each half ordered once
+    fits = {id(m): (lambda f: f if setup.identity else f[perm][:, perm])(_undead(m.float())) for m, _ in halves}
     for c0 in range(0, len(problems), chunk):
         part = problems[c0:c0 + chunk]
-        us = []
-        for d, fit, _ in part:
-            fit = _undead(fit.float())   # float32 is plenty to rank dampenings, and twice as fast
-            us.append(_inverse_cholesky(fit[perm][:, perm], d)[0].to(dtype))
+        us = [_inverse_cholesky(fits[id(fit)], d)[0].to(dtype) for d, fit, _ in part]
         q_deq = _columns(setup, torch.stack(us), block)[0]
         for (d, _, held), q in zip(part, q_deq):
             diff = q[:, inv].double() - w0.double()
@@ -198,12 +200,15 @@ def _inverse_cholesky(h: torch.Tensor, damp: float) -> tuple[torch.Tensor, float
     mean_diag = float(torch.diagonal(h).mean())
     k = h.shape[0]
     eye = torch.eye(k, dtype=h.dtype)
-    rev = torch.arange(k - 1, -1, -1)
+    flipped = torch.flip(h, (0, 1))   # J H J: reversing a diagonal shift leaves it where it was
     for attempt in range(8):
         d = damp * (10 ** attempt)
-        m, info = torch.linalg.cholesky_ex((h + d * mean_diag * eye)[rev][:, rev])
+        shifted = flipped.clone()
+        shifted.diagonal().add_(torch.tensor(d * mean_diag, dtype=h.dtype))
+        m, info = torch.linalg.cholesky_ex(shifted)
+        del shifted
         if int(info) == 0:
-            u = torch.linalg.solve_triangular(m, eye, upper=False)[rev][:, rev]
+            u = torch.flip(torch.linalg.solve_triangular(m, eye, upper=False), (0, 1))
             if bool(torch.isfinite(u).all()):
                 return u, d
     raise PassError("the layer's input Hessian is not positive definite even with strong "
@@ -226,7 +231,7 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, bits: int, group: int, *,
     keep0 = outliers.bool() if outliers is not None else torch.zeros(n, k, dtype=torch.bool)
     h_plain = h.detach().double()
     setup = _Setup(w0, keep0, h_plain, bits, group, act_order, clip, dtype)
-    u, used_damp = _inverse_cholesky(setup.h[setup.perm][:, setup.perm], damp)
+    u, used_damp = _inverse_cholesky(setup.h if setup.identity else setup.h[setup.perm][:, setup.perm], damp)
     q_deq, codes, scales, zeros = _columns(setup, u.to(dtype)[None], block)
     q_deq, codes, scales, zeros = q_deq[0], codes[0], scales[0], zeros[0]
 
@@ -290,6 +295,7 @@ class _Setup:
             self.static = (s16, z.to(dtype))
         else:
             self.perm = torch.arange(k)
+        self.identity = not act_order   # the column order is the weight's own
         self.keep = keep0[:, self.perm]
         self.hdiag = torch.diagonal(h)[self.perm].to(dtype)
 
@@ -326,7 +332,9 @@ def _columns(setup: _Setup, u: torch.Tensor, block: int):
                 # group starts: range of the current (updated) weights of its columns;
                 # with power-of-two block and group the group lies inside this block or
                 # starts with it, so no update is pending for its columns
-                span = torch.cat([w1[:, :, i:], W[:, :, b1:]], 2)[:, :, :group]
+                ahead = group - (b1 - b0 - i)   # columns of the group past this block
+                span = w1[:, :, i:i + group] if ahead <= 0 else \
+                    torch.cat([w1[:, :, i:], W[:, :, b1:b1 + ahead]], 2)
                 kspan = keep[:, :, b0 + i:b0 + i + span.shape[2]]
                 s16, z = (clipped_group_params(span, kspan, bits, setup.hdiag[b0 + i:b0 + i + span.shape[2]])
                           if setup.clip else group_params(span, kspan, bits))
