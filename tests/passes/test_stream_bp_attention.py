@@ -239,3 +239,62 @@ def test_saved_model_output_program_loads_in_a_fresh_process(tmp_path):
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.strip().splitlines()[-1] == f"CausalLMOutputWithPast (1, 12, {VOCAB})"
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_grouped_query_sdpa_reads_unrepeated_keys(padded):
+    """transformers' repeat_kv before SDPA becomes SDPA(enable_gqa=True) on the kv heads
+    themselves: the stash holds Hkv = 2 heads, no expand is left before an attention, and
+    every gradient still equals autograd (chunks 7 and logits 11 do not divide T)."""
+    m = tr.LlamaForCausalLM(tr.LlamaConfig(**_common(attn_implementation="sdpa"))).float().train()
+    ids, mask, labels = left_padded_batch()
+    err, sbp = grads_vs_autograd(m, ids, labels, mask if padded else None, chunk=7, logits_chunk=11)
+    assert err < 1e-5
+    plan = sbp.plan(ids, mask if padded else None)
+    sdpa = [n for n in plan.graph.gm.graph.nodes if n.target is torch.ops.aten.scaled_dot_product_attention.default]
+    assert len(sdpa) == 2 and all(n.kwargs.get("enable_gqa") for n in sdpa)
+    assert all(a.target is torch.ops.aten.add.Tensor and b.target is torch.ops.aten.transpose.int   # rotated k, v
+               for a, b in (n.args[1:3] for n in sdpa))
+    assert [tuple(n.meta["val"].shape) for n in plan.programs[1].stash] == [(2, 2, T, 8)] * 2
+
+
+def test_repeated_heads_other_than_repeat_kv_are_left_alone():
+    """An expand that repeats along another axis, or key and value repeated a different
+    number of times, is not grouped-query attention: the graph keeps its SDPA."""
+    class Repeats(torch.nn.Module):
+        def forward(self, q, k, v):
+            k4 = k[:, :, None].expand(1, 2, 2, 6, 8).reshape(1, 4, 6, 8)
+            v4 = v[:, None].expand(1, 2, 2, 6, 8).reshape(1, 4, 6, 8)   # heads interleaved the other way
+            return torch.nn.functional.scaled_dot_product_attention(q, k4, v4, is_causal=True)
+
+    q, k, v = torch.randn(1, 4, 6, 8), torch.randn(1, 2, 6, 8), torch.randn(1, 2, 6, 8)
+    gm = torch.export.export(Repeats(), (q, k, v)).module()
+    want = gm(q, k, v)
+    executor.native_gqa(gm)
+    sdpa = [n for n in gm.graph.nodes if n.target is torch.ops.aten.scaled_dot_product_attention.default]
+    assert len(sdpa) == 1 and not sdpa[0].kwargs.get("enable_gqa")
+    torch.testing.assert_close(gm(q, k, v), want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("q0,q1,k1", [(5, 12, 12), (5, 12, 17), (0, 9, 9)])
+def test_grouped_query_chunk_attention_gradients_fp64(q0, q1, k1):
+    """Query rows [q0, q1) against 2 kv heads shared by 4 query heads (the flash kernel's
+    prefix + diagonal blocks, merged): output and gradients equal SDPA on the repeated
+    keys with the bottom-right causal mask, in fp64."""
+    from gradrewrite.passes.stream_bp.attention import causal_chunk_mask, chunk_causal_attention
+
+    gen = torch.Generator().manual_seed(3)
+    q = torch.randn(2, 4, q1 - q0, 8, dtype=torch.float64, generator=gen, requires_grad=True)
+    k = torch.randn(2, 2, k1, 8, dtype=torch.float64, generator=gen, requires_grad=True)
+    v = torch.randn(2, 2, k1, 8, dtype=torch.float64, generator=gen, requires_grad=True)
+    g = torch.randn(2, 4, q1 - q0, 8, dtype=torch.float64, generator=gen)
+    out = chunk_causal_attention(q, k, v, q0, q1, 0, k1, scale=0.3, enable_gqa=True)
+    got = torch.autograd.grad(out, (q, k, v), g)
+    mask = torch.zeros(q1 - q0, k1, dtype=torch.bool)
+    mask[:, :q1] = causal_chunk_mask(q, q0, q1, 0, q1)
+    ref_out = torch.nn.functional.scaled_dot_product_attention(
+        q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1), attn_mask=mask, scale=0.3)
+    ref = torch.autograd.grad(ref_out, (q, k, v), g)
+    torch.testing.assert_close(out, ref_out, rtol=1e-12, atol=1e-12)
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b, rtol=1e-11, atol=1e-11)

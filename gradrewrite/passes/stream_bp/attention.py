@@ -5,8 +5,9 @@ row i sees keys 0..i: the keys before q0 are all visible and the keys [q0, q1) f
 square whose causal mask is the ordinary top-left one. On CPU the two blocks run through
 the fused flash kernel and are merged by their log-sum-exp; the backward calls the
 kernel's backward once per block with the *merged* output and log-sum-exp, which is
-exactly the blockwise flash-attention gradient. Other devices, or grouped-query
-attention, fall back to SDPA with an explicit bottom-right mask.
+exactly the blockwise flash-attention gradient; grouped-query keys/values (fewer heads,
+``enable_gqa``) go to the kernel as they are. Other devices fall back to SDPA with an
+explicit bottom-right mask.
 """
 from __future__ import annotations
 
@@ -66,8 +67,9 @@ def chunk_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q0
     if q0 == 0:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale,
                                               enable_gqa=enable_gqa)
-    flash_ok = (q.device.type == "cpu" and not enable_gqa and q.dtype in (torch.float32, torch.float64)
-                and q.shape[:-2] == k.shape[:-2])
+    heads_ok = q.shape[:-2] == k.shape[:-2] or (
+        enable_gqa and q.shape[:-3] == k.shape[:-3] and q.shape[-3] % k.shape[-3] == 0)
+    flash_ok = q.device.type == "cpu" and q.dtype in (torch.float32, torch.float64) and heads_ok
     if flash_ok:
         return _PrefixCausalAttention.apply(q, k, v, q0, scale)
     mask = causal_chunk_mask(q, q0, q1, 0, q1)

@@ -183,7 +183,69 @@ def capture(wrapper: LogitsOf, inputs: dict[str, torch.Tensor], chunk: int,
                          f"{str(exc).splitlines()[0]}",
                          "the model must be exportable with torch.export") from None
     graph = Graph.from_exported_program(ep, args, source=type(wrapper.model).__name__)
+    native_gqa(graph.gm)
     return analyse(graph, wrapper, chunk, drop_causal_masks=fixed_inputs)
+
+
+def _repeated_heads(node: fx.Node) -> tuple[fx.Node, int] | None:
+    """``(x, n)`` when ``node`` is x's heads each repeated ``n`` times, the way
+    transformers' ``repeat_kv`` builds it: ``x[:, :, None].expand(B, H, n, T, D)``
+    reshaped to ``B x H*n x T x D`` (head h reads head h // n of x)."""
+    if node.target not in (aten.reshape.default, aten.view.default, aten._unsafe_view.default):
+        return None
+    expand = node.args[0]
+    if not isinstance(expand, fx.Node) or expand.target is not aten.expand.default:
+        return None
+    src = expand.args[0]
+    while isinstance(src, fx.Node) and _is_full_slice(src):
+        src = src.args[0]
+    if not isinstance(src, fx.Node) or src.target is not aten.unsqueeze.default or src.args[1] != 2:
+        return None
+    x = src.args[0]
+    while isinstance(x, fx.Node) and _is_full_slice(x):
+        x = x.args[0]
+    xs, es, out = shape_of(x), shape_of(expand), shape_of(node)
+    if xs is None or es is None or out is None or len(xs) != 4 or len(es) != 5:
+        return None
+    B, H, T, D = xs
+    n = es[2]
+    if list(es) != [B, H, n, T, D] or list(out) != [B, H * n, T, D]:
+        return None
+    return x, n
+
+
+def _is_full_slice(node: fx.Node) -> bool:
+    if node.target is not aten.slice.Tensor:
+        return False
+    a = list(node.args) + [None] * (5 - len(node.args))
+    dim, start, end, step = (a[1] or 0), (a[2] or 0), a[3], (a[4] or 1)
+    size = shape_of(node.args[0])
+    return (size is not None and isinstance(end, int) and start == 0 and step == 1
+            and end >= size[dim])
+
+
+def native_gqa(gm: fx.GraphModule) -> None:
+    """Grouped-query attention written as SDPA over repeated key/value heads ->
+    SDPA with ``enable_gqa=True`` on the unrepeated ones (the same result: query head h
+    attends with key/value head h // n). Chunks then stash, slice and backpropagate the
+    keys/values once per kv head instead of n times, and the CPU flash kernel reads
+    them in place; the repeat copies are gone from the forward too."""
+    changed = False
+    for node in gm.graph.nodes:
+        if node.target is not SDPA:
+            continue
+        a = sdpa_args(node)
+        if a["enable_gqa"]:
+            continue
+        k, v = _repeated_heads(a["key"]), _repeated_heads(a["value"])
+        if k is None or v is None or k[1] != v[1]:
+            continue
+        node.args = (a["query"], k[0], v[0], *node.args[3:])
+        node.kwargs = {**node.kwargs, "enable_gqa": True}
+        changed = True
+    if changed:
+        gm.graph.eliminate_dead_code()
+        gm.recompile()
 
 
 def _where(node: fx.Node, strip: str) -> str:
@@ -422,7 +484,11 @@ def run_step(plan: Plan, live: nn.Module, inputs: dict[str, torch.Tensor], label
         rest = zip(reversed(plan.segments[:-1]), reversed(plan.programs[:-1]))
     for seg, progs in rest:
         run.stash(progs)
-        run.backward_chunks(progs.main, seg.outputs, chunk)
+        # The prologue (embedding lookup, positions) keeps nothing per row but its output,
+        # whose gradient is already held whole: one backward instead of one per chunk (an
+        # embedding's backward writes a dense vocabulary x width gradient each time).
+        whole = seg is plan.segments[0] and progs.kv is None
+        run.backward_chunks(progs.main, seg.outputs, plan.T if whole else chunk)
         for node in seg.outputs:
             run.values.pop(node, None)
         _stash_backward(run, progs, chunk)
