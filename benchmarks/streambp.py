@@ -1,107 +1,100 @@
-"""StreamBP: peak memory and step time of plain backprop, checkpointing and stream-bp.
+"""StreamBP: peak memory of plain backprop, gradient checkpointing and stream-bp (issue 20).
 
-Models (fp32, CPU, random weights, batch 1): the project's tiny GPT (examples/models.py,
-2 layers, d=128, vocab 512) and a small Llama (transformers, 4 layers, hidden 128, GQA
-4/2 heads, vocab 2048). One training step = forward + next-token loss + backward into
-``.grad`` (``zero_grad(set_to_none=True)`` before each step):
+Model: Llama-like (transformers LlamaForCausalLM), d=512, 8 layers, GQA 8/2 heads, SwiGLU
+1376, vocabulary 32000 (and one configuration with Llama 3's 128256), fp32, CPU, batch 1,
+random weights (same seed for every method). One training step = forward + next-token
+loss + backward into ``.grad``:
 
 - plain: ``loss.backward()``;
-- checkpoint: per-layer ``torch.utils.checkpoint`` (use_reentrant=False; tiny GPT's
-  blocks wrapped, Llama via ``gradient_checkpointing_enable``);
-- stream-bp/N: ``StreamBP(model, n_chunks=N).backward(ids)``, LM head chunked alike.
+- checkpoint: HF ``gradient_checkpointing_enable`` (non-reentrant);
+- stream-bp: ``StreamBP(model, chunk=1024).backward(ids)`` (1024 rows per backward and
+  LM-head chunk).
 
-Memory, two ways:
-- peak live tensor bytes, counted deterministically: a TorchDispatchMode records the
-  storage of every tensor an op returns and a weakref finaliser on the storage removes
-  it when freed (parameters, allocated before the step, are not counted);
-- peak RSS of a fresh subprocess running one step (includes the Python/torch runtime).
+Every (vocabulary, method, T) runs in its own fresh ``python`` process, one step, which
+reports (one torch thread):
 
-Time: medians of steps run round-robin across the methods in one process. The longest
-sequence under a memory cap is read off the measured grid and estimated from a
-line fitted to peak live bytes against T (``--render`` rebuilds the tables from the
-last results, e.g. with another ``--cap-mib``).
+- peak RSS of the step (``VmHWM`` reset after the model is built, so it is the whole
+  process's peak during the step: runtime + weights + what the step adds);
+- peak live tensor bytes during the step (``gradrewrite.rewrite.live_bytes.LiveBytes``,
+  deterministic; parameters, allocated before, excluded);
+- the gradients, compared with plain's where plain ran at that T (max over parameters of
+  ||g - g_plain|| / ||g_plain||).
 
-    python benchmarks/streambp.py            # T in 2k, 4k, 8k, 16k
-    python benchmarks/streambp.py --quick    # T in 512, 1k, 2k
+Parts (``--parts``, comma-separated; results are merged into ``results/streambp.json``,
+so parts can run in separate sittings):
+
+- ``memory``: the grid T in ``--lengths`` (default 2k, 4k, 8k) for every method, vocab 32000;
+- ``longest``: per method, T doubled from 2k until the fresh process's peak RSS exceeds
+  ``--cap-mib`` (4096) — measured, not extrapolated — or until the next step is projected
+  (x3 per doubling) past ``--step-budget-s``: then "≥ T, not reached" with the reason;
+- ``vocab128k``: the grid at T in ``--lengths-128k`` (default 2k, 4k), vocabulary 128256.
+
+Step time is measured by ``benchmarks/streambp_speed.py`` (interleaved, CPU time); its
+results are quoted here when present.
+
+    python benchmarks/streambp.py --parts memory,vocab128k
+    python benchmarks/streambp.py --parts longest --step-budget-s 900
+    python benchmarks/streambp.py --estimate --parts memory,longest   # runtime estimate only
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
-from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks import _report  # noqa: E402
-from examples.models import tiny_gpt  # noqa: E402
-from gradrewrite.passes.stream_bp import StreamBP, causal_lm_loss  # noqa: E402
-from gradrewrite.rewrite.live_bytes import LiveBytes  # noqa: E402
+from gradrewrite.errors import InputError  # noqa: E402
 
 MiB = 2 ** 20
+METHODS = ["plain", "checkpoint", "stream-bp"]
+CHUNK = 1024
+VOCABS = {"32k": 32000, "128k": 128256}
+PARTS = ("memory", "longest", "vocab128k")
+TARGET_LONGEST = "stream-bp's longest T under 4 GiB >= 8x checkpointing's at vocabulary 32000"
 ANCHOR = "StreamBP paper: 2.8-5.5x the sequence length of gradient checkpointing at comparable time"
+# seconds per step under load ~5 on the shared 2-core machine at T=2048, vocabulary 32000
+# (fresh process, one thread, including imports and capture): the runtime estimate's base
+# when no earlier result exists
+DEFAULT_STEP_S = {"plain": 40.0, "checkpoint": 50.0, "stream-bp": 90.0}
 
 
-class Checkpointed(nn.Module):
-    def __init__(self, block: nn.Module):
-        super().__init__()
-        self.block = block
+def build(vocab: int, T: int, method: str):
+    """(model, step function) for one method; the same seed gives the same weights."""
+    import transformers as tr
 
-    def forward(self, x):
-        return checkpoint(self.block, x, use_reentrant=False)
+    from gradrewrite.passes.stream_bp import StreamBP, causal_lm_loss
 
-
-def build(model_name: str, T: int, method: str):
-    """(step function, model) for one method; the same seed gives the same weights."""
-    if model_name == "tiny-gpt":
-        model, _ = tiny_gpt(seq=T)
-        vocab = 512
-        logits = model
-        if method == "checkpoint":
-            model.blocks = nn.ModuleList(Checkpointed(b) for b in model.blocks)
-    else:
-        import transformers as tr
-
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(0)
-            model = tr.LlamaForCausalLM(tr.LlamaConfig(
-                vocab_size=2048, hidden_size=128, intermediate_size=352, num_hidden_layers=4,
-                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=T,
-                use_cache=False, attn_implementation="sdpa"))
-        vocab = 2048
-        if method == "checkpoint":
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-
-        def logits(ids):
-            return model(input_ids=ids).logits
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = tr.LlamaForCausalLM(tr.LlamaConfig(
+            vocab_size=vocab, hidden_size=512, intermediate_size=1376, num_hidden_layers=8,
+            num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=T,
+            use_cache=False, attn_implementation="sdpa"))
     model.train()
     ids = torch.randint(0, vocab, (1, T), generator=torch.Generator().manual_seed(1))
-    if method.startswith("stream-bp"):
-        sbp = StreamBP(model, n_chunks=int(method.split("/")[1]))
-        sbp.plan(ids)  # capture once, outside the measured step
+    if method == "stream-bp":
+        sbp = StreamBP(model, chunk=CHUNK)
+        sbp.plan(ids)   # capture once, before the measured step
 
         def step():
-            model.zero_grad(set_to_none=True)
             sbp.backward(ids)
-    else:
-        def step():
-            model.zero_grad(set_to_none=True)
-            causal_lm_loss(logits(ids), ids).backward()
-    return step
+        return model, step
+    if method == "checkpoint":
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
-
-def live_peak(step) -> int:
-    with LiveBytes() as mode:
-        step()
-    return mode.peak
+    def step():
+        causal_lm_loss(model(input_ids=ids).logits, ids).backward()
+    return model, step
 
 
 def _status_kib(field: str) -> int:
@@ -111,191 +104,295 @@ def _status_kib(field: str) -> int:
     raise KeyError(field)
 
 
-def rss_child(model_name: str, T: int, method: str) -> None:
-    """One step in a fresh process; the peak RSS mark is reset after building the model
-    (imports and capture are not part of the step)."""
+def child(vocab: int, T: int, method: str, grads_to: str | None) -> None:
+    """One step in this (fresh) process; prints one JSON line."""
+    from gradrewrite.rewrite.live_bytes import LiveBytes
+
     torch.set_num_threads(1)
-    step = build(model_name, T, method)
+    model, step = build(vocab, T, method)
     Path("/proc/self/clear_refs").write_text("5")   # reset VmHWM to the current RSS
     base = _status_kib("VmRSS")
-    step()
+    w0, c0 = time.perf_counter(), time.process_time()
+    with LiveBytes() as mode:   # weakref finalisers only: holds no tensor alive
+        step()
+    wall, cpu = time.perf_counter() - w0, time.process_time() - c0
     peak = _status_kib("VmHWM")
-    print(json.dumps({"rss_peak_mib": peak / 1024, "rss_before_step_mib": base / 1024}))
+    if grads_to:
+        torch.save({n: p.grad for n, p in model.named_parameters()}, grads_to)
+    print(json.dumps({"rss_peak_mib": peak / 1024, "rss_before_step_mib": base / 1024,
+                      "peak_live_mib": mode.peak / MiB, "step_wall_s": wall, "step_cpu_s": cpu}))
 
 
-def rss_in_subprocess(model_name: str, T: int, method: str) -> dict:
-    out = subprocess.run([sys.executable, __file__, "--rss", model_name, str(T), method],
-                         capture_output=True, text=True, check=True, cwd=ROOT)
-    return json.loads(out.stdout.strip().splitlines()[-1])
+def measure(vocab: int, T: int, method: str, grads_to: str | None = None) -> dict:
+    cmd = [sys.executable, __file__, "--child", str(vocab), str(T), method] + (["--grads-to", grads_to] if grads_to else [])
+    t0 = time.perf_counter()
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    if out.returncode != 0:
+        return {"failed": out.stderr.strip().splitlines()[-1] if out.stderr.strip() else f"exit {out.returncode}",
+                "process_s": time.perf_counter() - t0}
+    row = json.loads(out.stdout.strip().splitlines()[-1])
+    row["process_s"] = time.perf_counter() - t0
+    return row
 
 
-def max_len_under(cap: int, points: list[tuple[int, int]]) -> tuple[int | None, float]:
-    """(largest measured T under the cap, T where a least-squares line through the
-    measured peaks reaches the cap). Every method's memory grows linearly in T here
-    (fused attention everywhere), so a line is the right extrapolation."""
-    fits = [T for T, b in points if b <= cap]
-    measured = max(fits) if fits else None
-    slope, intercept = np.polyfit([p[0] for p in points], [p[1] for p in points], 1)
-    est = (cap - intercept) / slope if slope > 0 else float("inf")
-    return measured, float(est)
+def grad_error(ref_path: str, path: str) -> float:
+    ref, got = torch.load(ref_path, weights_only=True), torch.load(path, weights_only=True)
+    return max(float((got[n] - g).norm() / g.norm().clamp(min=1e-30)) for n, g in ref.items())
 
 
-def reach_of(results: dict, methods: list[str], cap: int) -> dict:
-    reach = {}
-    for model_name, by_T in results.items():
-        reach[model_name] = {}
-        for meth in methods:
-            pts = [(T, by_T[T][meth]["peak_live_mib"] * MiB) for T in by_T]
-            measured, est = max_len_under(cap, pts)
-            reach[model_name][meth] = {"measured_max_T": measured, "fit_max_T": est}
-    return reach
+class Store:
+    """results/streambp.json's measurements, keyed vocab -> method -> T, merged across runs."""
+
+    def __init__(self):
+        path = _report.RESULTS / "streambp.json"
+        old = json.loads(path.read_text()) if path.exists() else {}
+        self.rows: dict = old.get("measurements", {}) if old.get("config") == config() else {}
+        self.longest: dict = old.get("longest", {}) if self.rows else {}
+
+    def get(self, vk: str, method: str, T: int) -> dict | None:
+        return self.rows.get(vk, {}).get(method, {}).get(str(T))
+
+    def put(self, vk: str, method: str, T: int, row: dict) -> None:
+        self.rows.setdefault(vk, {}).setdefault(method, {})[str(T)] = row
 
 
-def render(cap_mib: int | None) -> None:
-    """Rebuild the tables of results/streambp.json (e.g. with another cap) without rerunning."""
-    path = _report.RESULTS / "streambp.json"
-    data = json.loads(path.read_text())
-    results = {m: {int(T): row for T, row in by_T.items()} for m, by_T in data["results"].items()}
-    cap_mib = cap_mib or data["cap_mib"]
-    reach = reach_of(results, data["methods"], cap_mib * MiB)
-    sections = _sections(results, reach, data["rss"], data["lengths"], data["methods"], list(results),
-                         cap_mib, data["rss_T"], data.get("skipped_lengths", {m: [] for m in results}))
-    keep = {k: v for k, v in data.items() if k not in ("name", "generated", "machine")}
-    keep.update(cap_mib=cap_mib, reach=reach, sections=sections)
-    path.write_text(json.dumps({k: data[k] for k in ("name", "generated", "machine")} | keep,
-                               indent=2, default=str) + "\n")
-    print(f"wrote {_report.regenerate()}")
+def config() -> dict:
+    return {"hidden": 512, "layers": 8, "heads": "8/2", "mlp": 1376, "dtype": "float32",
+            "batch": 1, "threads": 1, "stream_bp_chunk": CHUNK}
+
+
+def run_grid(store: Store, vk: str, lengths: list[int], budget: float, log) -> None:
+    """Every method at every T (plain first: the others' gradients are compared with it)."""
+    vocab = VOCABS[vk]
+    with tempfile.TemporaryDirectory() as tmp:
+        for T in lengths:
+            ref = None
+            for method in METHODS:
+                prev = store.get(vk, method, T // 2)
+                if prev and "step_wall_s" in prev and prev["step_wall_s"] * 3 > budget:
+                    log(f"{vk} {method} T={T}: skipped (T={T // 2} took {prev['step_wall_s']:.0f} s)")
+                    continue
+                path = os.path.join(tmp, f"{method}.pt")
+                row = measure(vocab, T, method, path)
+                if method == "plain" and "failed" not in row:
+                    ref = path
+                elif ref and "failed" not in row:
+                    row["grad_rel_err_vs_plain"] = grad_error(ref, path)
+                    os.unlink(path)
+                store.put(vk, method, T, row)
+                log(f"{vk} {method} T={T}: {_fmt(row)}")
+
+
+def run_longest(store: Store, cap_mib: float, budget: float, log, methods: list[str] = METHODS) -> None:
+    """Per method, double T from 2k until the fresh process's peak RSS exceeds the cap."""
+    for method in methods:
+        T, best, reason = 2048, None, None
+        while True:
+            row = store.get("32k", method, T)
+            if row is None:
+                prev = store.get("32k", method, T // 2)
+                if prev and prev.get("step_wall_s", 0) * 3 > budget:
+                    reason = (f"T={T} not run: the step at T={T // 2} took {prev['step_wall_s']:.0f} s, "
+                              f"projected x3 past the {budget:.0f} s step budget")
+                    break
+                row = measure(VOCABS["32k"], T, method)
+                store.put("32k", method, T, row)
+                log(f"32k {method} T={T}: {_fmt(row)}")
+            if "failed" in row:
+                reason = f"T={T} failed: {row['failed']}"
+                break
+            if row["rss_peak_mib"] > cap_mib:
+                break
+            best = T
+            T *= 2
+        store.longest[method] = {"max_T_under_cap": best, "first_T_over_cap": None if reason else T,
+                                 "not_reached": reason}
+        log(f"longest {method}: {store.longest[method]}")
+
+
+def _fmt(row: dict) -> str:
+    if "failed" in row:
+        return "failed: " + row["failed"]
+    err = f", grad err {row['grad_rel_err_vs_plain']:.1e}" if "grad_rel_err_vs_plain" in row else ""
+    return (f"RSS {row['rss_peak_mib']:.0f} MiB, live {row['peak_live_mib']:.0f} MiB, "
+            f"step {row['step_wall_s']:.0f} s wall / {row['step_cpu_s']:.0f} s CPU{err}")
+
+
+def estimate(store: Store, parts: list[str], lengths: list[int], lengths_128k: list[int]) -> float:
+    """Seconds: each missing (method, T) at its base step time x3 per doubling of T (the
+    128k vocabulary at x2 the base), plus ~20 s of process start and capture."""
+    def secs(vk: str, method: str, T: int) -> float:
+        if store.get(vk, method, T):
+            return 0.0
+        base = DEFAULT_STEP_S[method] * (2 if vk == "128k" else 1)
+        done = store.get(vk, method, 2048)
+        if done and "process_s" in done:
+            base = done["process_s"]
+        return 20 + base * 3 ** max(0, (T // 2048).bit_length() - 1)
+    total = 0.0
+    if "memory" in parts:
+        total += sum(secs("32k", m, T) for m in METHODS for T in lengths)
+    if "vocab128k" in parts:
+        total += sum(secs("128k", m, T) for m in METHODS for T in lengths_128k)
+    if "longest" in parts:   # up to 16k unless the budget stops it earlier
+        total += sum(secs("32k", m, T) for m in METHODS for T in (2048, 4096, 8192, 16384)
+                     if not ("memory" in parts and T in lengths))
+    return total
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--cap-mib", type=int, default=2048)
-    ap.add_argument("--step-budget-s", type=float, default=90.0,
-                    help="skip longer sequences for a model once one step took longer than this")
-    ap.add_argument("--rss", nargs=3, metavar=("MODEL", "T", "METHOD"))
-    ap.add_argument("--render", action="store_true", help="rebuild tables from the last results")
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--parts", default="memory,vocab128k", help=f"comma-separated: {', '.join(PARTS)}")
+    ap.add_argument("--lengths", default="2048,4096,8192")
+    ap.add_argument("--lengths-128k", default="2048,4096")
+    ap.add_argument("--cap-mib", type=float, default=4096.0)
+    ap.add_argument("--step-budget-s", type=float, default=600.0,
+                    help="do not start a step projected (x3 per doubling of T) to take longer than this")
+    ap.add_argument("--longest-methods", default=",".join(METHODS),
+                    help="the methods the longest part runs (the others keep their stored result)")
+    ap.add_argument("--estimate", action="store_true", help="print the runtime estimate and exit")
+    ap.add_argument("--child", nargs=3, metavar=("VOCAB", "T", "METHOD"), help=argparse.SUPPRESS)
+    ap.add_argument("--grads-to", help=argparse.SUPPRESS)
     args = ap.parse_args()
-    if args.render:
-        render(args.cap_mib)
+    if args.child:
+        child(int(args.child[0]), int(args.child[1]), args.child[2], args.grads_to)
         return
-    if args.rss:
-        rss_child(args.rss[0], int(args.rss[1]), args.rss[2])
+    parts = [p.strip() for p in args.parts.split(",") if p.strip()]
+    try:
+        lengths = [int(t) for t in args.lengths.split(",")]
+        lengths_128k = [int(t) for t in args.lengths_128k.split(",")]
+    except ValueError:
+        raise InputError(f"streambp: --lengths {args.lengths!r} / --lengths-128k {args.lengths_128k!r}",
+                         "give comma-separated integers, e.g. --lengths 2048,4096") from None
+    bad = [p for p in parts if p not in PARTS]
+    if bad or not parts:
+        raise InputError(f"streambp: unknown part(s) {', '.join(bad) or '(none given)'}",
+                         f"choose from {', '.join(PARTS)}")
+    store = Store()
+    est = estimate(store, parts, lengths, lengths_128k)
+    print(f"estimated runtime: {est / 60:.0f} min (load ~5 on 2 cores; measurements already "
+          "stored are not rerun)", flush=True)
+    if args.estimate:
         return
     t_start = time.time()
-    torch.set_num_threads(2)
-    lengths = [512, 1024, 2048] if args.quick else [2048, 4096, 8192, 16384]
-    chunk_counts = [4, 16]
-    methods = ["plain", "checkpoint"] + [f"stream-bp/{n}" for n in chunk_counts]
-    models = ["tiny-gpt", "llama"]
-    cap = args.cap_mib * MiB
-    results: dict = {m: {} for m in models}
-    skipped: dict = {m: [] for m in models}
-    for model_name in models:
-        for T in lengths:
-            if results[model_name] and max(
-                    v["step_s"] for v in results[model_name][max(results[model_name])].values()
-            ) > args.step_budget_s:
-                skipped[model_name].append(T)  # the previous length was already too slow
-                continue
-            steps = {meth: build(model_name, T, meth) for meth in methods}
-            row = {}
-            for meth in methods:  # round-robin: one counted step each (it also warms up)
-                t0 = time.perf_counter()
-                row[meth] = {"peak_live_mib": live_peak(steps[meth]) / MiB,
-                             "step_s": time.perf_counter() - t0}
-            if T <= 4096:  # short steps: medians of uncounted interleaved runs
-                times = _report.interleaved_medians(steps, runs=2, warmup=0)
-                for meth in methods:
-                    row[meth]["step_s"] = times[meth]["median_ms"] / 1e3
-            results[model_name][T] = row
-            print(model_name, T, {m: (round(v["peak_live_mib"], 1), round(v["step_s"], 2))
-                                  for m, v in row.items()}, flush=True)
-            del steps
-    rss_T = lengths[0]
-    rss = {m: {meth: rss_in_subprocess(m, rss_T, meth) for meth in methods} for m in models}
-    print("rss", rss, flush=True)
-    reach = reach_of(results, methods, cap)
-    total = time.time() - t_start
-    sections = _sections(results, reach, rss, lengths, methods, models, args.cap_mib, rss_T, skipped)
-    _report.write("streambp", {
-        "title": "StreamBP: sequence-chunked backward vs backprop and checkpointing",
-        "quick": args.quick, "cap_mib": args.cap_mib, "lengths": lengths, "methods": methods,
-        "results": results, "skipped_lengths": skipped, "reach": reach, "rss": rss, "rss_T": rss_T,
-        "anchor": ANCHOR, "runtime_seconds": round(total, 1), "sections": sections})
-    print(f"total {total:.0f}s; wrote {_report.regenerate()}", flush=True)
+
+    def log(msg: str) -> None:
+        print(f"[{time.time() - t_start:6.0f}s] {msg}", flush=True)
+    if "memory" in parts:
+        run_grid(store, "32k", lengths, args.step_budget_s, log)
+        publish(store, args.cap_mib, time.time() - t_start)   # each part's results kept as it ends
+    if "vocab128k" in parts:
+        run_grid(store, "128k", lengths_128k, args.step_budget_s, log)
+        publish(store, args.cap_mib, time.time() - t_start)
+    if "longest" in parts:
+        run_longest(store, args.cap_mib, args.step_budget_s, log,
+                    [m for m in METHODS if m in args.longest_methods.split(",")])
+        publish(store, args.cap_mib, time.time() - t_start)
 
 
-def _sections(results, reach, rss, lengths, methods, models, cap_mib, rss_T, skipped) -> list[dict]:
-    image = _plot(results, lengths, methods, models)
-    sections = [{"text": (
-        "Training step (forward, next-token loss, backward) in fp32 on CPU, batch 1. Peak live "
-        "tensor MiB is a deterministic count of tensor storage created during the step "
-        "(parameters excluded); step time is the median of 2 interleaved runs up to 4k tokens, "
-        "above that the wall time of the counted step (the counting adds a few µs per op) — on "
-        "a shared, loaded 2-core machine, so compare times within one row group. stream-bp/N "
-        f"splits every layer and the LM head into N chunks. Anchor: {ANCHOR}.")}]
-    for model_name in models:
-        if skipped[model_name]:
-            sections[0]["text"] += (f" {model_name}: T={', '.join(map(str, skipped[model_name]))} not run "
-                                    "(a step at the previous length exceeded the time budget).")
-    for model_name in models:
+def publish(store: Store, cap_mib: float, seconds: float) -> None:
+    longest = store.longest
+    holds = None
+    if "checkpoint" in longest and "stream-bp" in longest:
+        ck, sb = longest["checkpoint"], longest["stream-bp"]
+        if ck["max_T_under_cap"] and sb["max_T_under_cap"]:
+            ratio = sb["max_T_under_cap"] / ck["max_T_under_cap"]
+            holds = True if ratio >= 8 else (None if sb["not_reached"] else False)
+    verdict = {True: "holds", False: "missed", None: "not decided (stream-bp's longest T was not reached)"}[holds]
+    if longest:
+        print(f"target ({TARGET_LONGEST}): {verdict}", flush=True)
+    sections = _sections(store, cap_mib, verdict)
+    _report.publish("streambp", {
+        "title": "StreamBP: peak memory of backprop, checkpointing and stream-bp (issue 20)",
+        "config": config(), "methods": METHODS, "vocabularies": VOCABS, "cap_mib": cap_mib,
+        "measurements": store.rows, "longest": longest, "target_longest": TARGET_LONGEST,
+        "target_longest_holds": holds, "anchor": ANCHOR, "last_runtime_seconds": round(seconds, 1),
+        "load_average_end": os.getloadavg()[0], "sections": sections})
+
+
+def _sections(store: Store, cap_mib: float, verdict: str) -> list[dict]:
+    text = ("Llama-like d=512, 8 layers, GQA 8/2 heads, SwiGLU 1376, fp32, CPU, batch 1, one torch "
+            "thread; one training step (forward, next-token loss, backward into .grad) per fresh "
+            "process. Peak RSS is the process's high-water mark during the step (runtime, weights "
+            "and gradients included); peak live MiB counts the tensor storage the step creates "
+            "(parameters excluded); gradient error is the largest ||g - g_plain|| / ||g_plain|| over "
+            f"parameters. stream-bp runs {CHUNK}-row chunks. Measured on a shared 2-core machine "
+            "(memory does not depend on the load; the step seconds shown are a single wall-clock "
+            "step under load, not a timing comparison).")
+    sections = [{"text": text}]
+    for vk, vocab in VOCABS.items():
+        by_method = store.rows.get(vk)
+        if not by_method:
+            continue
+        Ts = sorted({int(T) for m in by_method.values() for T in m})
         rows = []
-        for T in results[model_name]:
-            ck = results[model_name][T]["checkpoint"]
-            for meth in methods:
-                r = results[model_name][T][meth]
-                rows.append([T, meth, round(r["peak_live_mib"], 1),
-                             round(r["peak_live_mib"] / ck["peak_live_mib"], 2),
-                             round(r["step_s"], 2), round(r["step_s"] / ck["step_s"], 2)])
-        sections.append({"heading": f"{model_name}: peak memory and step time",
-                         "columns": ["T", "method", "peak live MiB", "vs checkpoint",
-                                     "step s", "time vs checkpoint"], "rows": rows})
-    rows = []
-    for model_name in models:
-        ck = reach[model_name]["checkpoint"]["fit_max_T"]
-        for meth in methods:
-            r = reach[model_name][meth]
-            rows.append([model_name, meth, r["measured_max_T"] or "none",
-                         f"{r['fit_max_T']:,.0f}", round(r["fit_max_T"] / ck, 2)])
-    sections.append({
-        "heading": f"Longest sequence under {cap_mib} MiB of live tensors",
-        "text": ("Measured: the largest T of the grid whose peak fits. Fit: T where a "
-                 "least-squares line through the measured peaks reaches the cap (an "
-                 "extrapolation beyond the grid; memory is linear in T for every method "
-                 "because attention is fused). The anchor's 2.8-5.5x is for 8B-32B models "
-                 "with 150k-token vocabularies, where the LM head's logits dominate "
-                 "checkpointing's peak; these models are small."),
-        "columns": ["model", "method", "measured max T", "fit max T", "vs checkpoint"],
-        "rows": rows})
-    rows = [[m, meth, round(rss[m][meth]["rss_peak_mib"]), round(rss[m][meth]["rss_before_step_mib"]),
-             round(rss[m][meth]["rss_peak_mib"] - rss[m][meth]["rss_before_step_mib"])]
-            for m in models for meth in methods]
-    sections.append({"heading": f"Peak RSS of a fresh process, one step at T={rss_T}",
-                     "columns": ["model", "method", "peak RSS MiB", "RSS before step MiB",
-                                 "step adds MiB"], "rows": rows})
-    sections.append({"heading": "Peak live memory against sequence length", "image": image})
+        for T in Ts:
+            ck = store.get(vk, "checkpoint", T)
+            for method in METHODS:
+                r = store.get(vk, method, T)
+                if r is None:
+                    continue
+                if "failed" in r:
+                    rows.append([T, method, "failed", "", "", "", "", r["failed"][:60]])
+                    continue
+                vs = (f"{r['peak_live_mib'] / ck['peak_live_mib']:.2f}"
+                      if ck and "peak_live_mib" in ck else "")
+                err = f"{r['grad_rel_err_vs_plain']:.1e}" if "grad_rel_err_vs_plain" in r else ""
+                rows.append([T, method, round(r["rss_peak_mib"]), round(r["rss_peak_mib"] - r["rss_before_step_mib"]),
+                             round(r["peak_live_mib"]), vs, round(r["step_wall_s"]), err])
+        sections.append({"heading": f"Vocabulary {vocab}: peak memory per step",
+                         "columns": ["T", "method", "peak RSS MiB", "step adds RSS MiB", "peak live MiB",
+                                     "live vs checkpoint", "step s (wall, loaded)", "grad err vs plain"],
+                         "rows": rows})
+    if store.longest:
+        rows = []
+        for method, r in store.longest.items():
+            if r["not_reached"]:
+                got = f">= {r['max_T_under_cap']}, not reached" if r["max_T_under_cap"] else "none"
+            else:
+                got = r["max_T_under_cap"] or f"none (T=2048 is over)"
+            rows.append([method, got, r["first_T_over_cap"] or "", r["not_reached"] or ""])
+        sections.append({
+            "heading": f"Longest T under {cap_mib / 1024:g} GiB of peak RSS (vocabulary 32000, measured)",
+            "text": (f"T doubled from 2048 per method until a fresh process's peak RSS exceeded "
+                     f"{cap_mib:.0f} MiB; a step projected past the step budget is not started and the "
+                     f"row says so. Target ({TARGET_LONGEST}): {verdict}. {ANCHOR}."),
+            "columns": ["method", "longest T under the cap", "first T over the cap", "why not reached"],
+            "rows": rows})
+    speed = _report.RESULTS / "streambp_speed.json"
+    if speed.exists():
+        sp = json.loads(speed.read_text())
+        sections.append({"heading": "Step time",
+                         "text": (f"Measured by `benchmarks/streambp_speed.py` ({sp['generated']}; see its "
+                                  f"section): target ({sp['target']}): "
+                                  + ", ".join(f"T={T} {'holds' if ok else 'missed'}" for T, ok in sp["holds"].items())
+                                  + ".")})
+    sections.append({"heading": "Peak memory against sequence length", "image": _plot(store, cap_mib)})
     return sections
 
 
-def _plot(results, lengths, methods, models) -> str:
+def _plot(store: Store, cap_mib: float) -> str:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(models), figsize=(5.5 * len(models), 4), squeeze=False)
-    for ax, model_name in zip(axes[0], models):
-        Ts = list(results[model_name])
-        for meth in methods:
-            ax.plot(Ts, [results[model_name][T][meth]["peak_live_mib"] for T in Ts],
-                    marker="o", label=meth)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for vk, ls in (("32k", "-"), ("128k", ":")):
+        for i, method in enumerate(METHODS):
+            pts = sorted((int(T), r) for T, r in store.rows.get(vk, {}).get(method, {}).items() if "failed" not in r)
+            if not pts:
+                continue
+            for ax, key in zip(axes, ("rss_peak_mib", "peak_live_mib")):
+                ax.plot([T for T, _ in pts], [r[key] for _, r in pts], marker="o", ls=ls, color=f"C{i}",
+                        label=f"{method}, vocab {VOCABS[vk]}")
+    axes[0].axhline(cap_mib, color="k", lw=0.8, ls="--")
+    for ax, title in zip(axes, ("peak RSS of a fresh process (MiB)", "peak live tensor MiB")):
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_xlabel("sequence length T")
-        ax.set_ylabel("peak live tensor MiB")
-        ax.set_title(model_name)
-        ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=8)
+        ax.set_title(title)
+        ax.grid(alpha=0.3, which="both")
+    axes[0].legend(fontsize=7)
     return _report.save_png(fig, "streambp")
 
 
