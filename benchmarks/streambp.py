@@ -62,10 +62,10 @@ VOCABS = {"32k": 32000, "128k": 128256}
 PARTS = ("memory", "longest", "vocab128k")
 TARGET_LONGEST = "stream-bp's longest T under 4 GiB >= 8x checkpointing's at vocabulary 32000"
 ANCHOR = "StreamBP paper: 2.8-5.5x the sequence length of gradient checkpointing at comparable time"
-# seconds per step under load ~5 on the shared 2-core machine at T=2048, vocabulary 32000
-# (fresh process, one thread, including imports and capture): the runtime estimate's base
-# when no earlier result exists
-DEFAULT_STEP_S = {"plain": 40.0, "checkpoint": 50.0, "stream-bp": 90.0}
+# seconds of one fresh process at T=2048, vocabulary 32000 (imports, build, capture and the
+# step, one thread) under load 5-9 on the shared 2-core machine: the runtime estimate's
+# base when no earlier result exists
+DEFAULT_STEP_S = {"plain": 150.0, "checkpoint": 155.0, "stream-bp": 185.0}
 
 
 def build(vocab: int, T: int, method: str):
@@ -218,9 +218,11 @@ def _fmt(row: dict) -> str:
             f"step {row['step_wall_s']:.0f} s wall / {row['step_cpu_s']:.0f} s CPU{err}")
 
 
-def estimate(store: Store, parts: list[str], lengths: list[int], lengths_128k: list[int]) -> float:
-    """Seconds: each missing (method, T) at its base step time x3 per doubling of T (the
-    128k vocabulary at x2 the base), plus ~20 s of process start and capture."""
+def estimate(store: Store, parts: list[str], lengths: list[int], lengths_128k: list[int],
+             longest_methods: list[str]) -> float:
+    """Seconds: each missing (method, T) at its fresh process's time at T=2048 (measured, or
+    a default for load ~5) x2.5 per doubling of T (the 128k vocabulary: x2 the base); the
+    longest part counted up to T=8192."""
     def secs(vk: str, method: str, T: int) -> float:
         if store.get(vk, method, T):
             return 0.0
@@ -228,14 +230,14 @@ def estimate(store: Store, parts: list[str], lengths: list[int], lengths_128k: l
         done = store.get(vk, method, 2048)
         if done and "process_s" in done:
             base = done["process_s"]
-        return 20 + base * 3 ** max(0, (T // 2048).bit_length() - 1)
+        return base * 2.5 ** max(0, (T // 2048).bit_length() - 1)
     total = 0.0
     if "memory" in parts:
         total += sum(secs("32k", m, T) for m in METHODS for T in lengths)
     if "vocab128k" in parts:
         total += sum(secs("128k", m, T) for m in METHODS for T in lengths_128k)
-    if "longest" in parts:   # up to 16k unless the budget stops it earlier
-        total += sum(secs("32k", m, T) for m in METHODS for T in (2048, 4096, 8192, 16384)
+    if "longest" in parts:
+        total += sum(secs("32k", m, T) for m in longest_methods for T in (2048, 4096, 8192)
                      if not ("memory" in parts and T in lengths))
     return total
 
@@ -269,9 +271,10 @@ def main() -> None:
         raise InputError(f"streambp: unknown part(s) {', '.join(bad) or '(none given)'}",
                          f"choose from {', '.join(PARTS)}")
     store = Store()
-    est = estimate(store, parts, lengths, lengths_128k)
-    print(f"estimated runtime: {est / 60:.0f} min (load ~5 on 2 cores; measurements already "
-          "stored are not rerun)", flush=True)
+    longest_methods = [m for m in METHODS if m in args.longest_methods.split(",")]
+    est = estimate(store, parts, lengths, lengths_128k, longest_methods)
+    print(f"estimated runtime: {est / 60:.0f} min (under load 5-9 on 2 cores; measurements "
+          "already stored are not rerun)", flush=True)
     if args.estimate:
         return
     t_start = time.time()
@@ -285,8 +288,7 @@ def main() -> None:
         run_grid(store, "128k", lengths_128k, args.step_budget_s, log)
         publish(store, args.cap_mib, time.time() - t_start)
     if "longest" in parts:
-        run_longest(store, args.cap_mib, args.step_budget_s, log,
-                    [m for m in METHODS if m in args.longest_methods.split(",")])
+        run_longest(store, args.cap_mib, args.step_budget_s, log, longest_methods)
         publish(store, args.cap_mib, time.time() - t_start)
 
 
@@ -396,5 +398,14 @@ def _plot(store: Store, cap_mib: float) -> str:
     return _report.save_png(fig, "streambp")
 
 
+def cli(main_fn) -> None:
+    """Run a benchmark's main; bad arguments print one line and exit 2."""
+    try:
+        main_fn()
+    except InputError as exc:
+        print(exc.one_line(), file=sys.stderr)
+        raise SystemExit(exc.exit_code) from None
+
+
 if __name__ == "__main__":
-    main()
+    cli(main)
