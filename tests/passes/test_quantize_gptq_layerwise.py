@@ -147,26 +147,23 @@ DRIVER = textwrap.dedent("""
     calib = [(torch.randn(graph.inputs[0].shape, generator=gen),) for _ in range(4)]
     start = {}
 
-    def progress(description, done, total):   # the GPTQ loop begins: its peak is measured from here
-        if description.startswith("gptq") and not start:
+    def progress(description, done, total):   # the phase begins (GPTQ loop, gradients): its peak from here
+        if description.startswith(sys.argv[5]) and not start:
             Path("/proc/self/clear_refs").write_text("5")   # resets VmHWM to the current RSS
             start["rss"] = status("VmRSS")
 
-    res = run_pipeline(graph, f"quantize(bits=4,group=128,method=gptq,damp=0.01,clip=false,layerwise={sys.argv[3]})",
+    res = run_pipeline(graph, f"quantize(bits=4,group=128,{sys.argv[4]},layerwise={sys.argv[3]})",
                        verify=False, ctx=PassContext(calibration=calib, progress=progress))
+    report = res.records[-1].report
     print(json.dumps({"start": start["rss"], "peak": status("VmHWM"),
-                      "path": res.records[-1].report["gptq_calibration"]["path"]}))
+                      "path": report.get("gptq_calibration", report.get("gradient_calibration"))["path"]}))
 """)
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="VmHWM / clear_refs are Linux's")
-def test_layerwise_gptq_memory_stays_bounded(tmp_path):
-    """Subprocesses quantize 192 MiB of memory-mapped fp32 weights (24 layers of 8 MiB) with
-    GPTQ, both ways. From the start of the layer loop, the whole-graph path's peak RSS rises
-    by the whole model again (it keeps every quantized layer's dequantized weight for the
-    runs up to later layers); the layer-wise path's only by one layer's GPTQ work and the
-    packed codes: at least half the weight bytes less. A behaviour check with a generous
-    margin (the two paths differ by ~1x the weights), not a timing test."""
+def phase_peaks(tmp_path, options: str, phase: str) -> tuple[dict[str, int], int]:
+    """Peak RSS rise from the start of ``phase`` of ``quantize(bits=4,group=128,<options>)`` on
+    192 MiB of memory-mapped fp32 weights (24 layers of 8 MiB), layerwise=auto and off, each in
+    a subprocess; and the weight bytes."""
     from safetensors.torch import save_file
 
     layers, width, fold = 24, 256, 32
@@ -185,10 +182,23 @@ def test_layerwise_gptq_memory_stays_bounded(tmp_path):
     rise = {}
     for layerwise in ("auto", "off"):
         proc = subprocess.run([sys.executable, str(tmp_path / "driver.py"), str(tmp_path / "stack.safetensors"),
-                               f"1x16x{width}", layerwise], capture_output=True, text=True, env=env, timeout=600)
+                               f"1x16x{width}", layerwise, options, phase],
+                              capture_output=True, text=True, env=env, timeout=600)
         assert proc.returncode == 0, proc.stderr[-3000:]
         out = json.loads(proc.stdout.strip().splitlines()[-1])
         assert out["path"] == {"auto": "layer-wise", "off": "whole-graph"}[layerwise]
         rise[layerwise] = out["peak"] - out["start"]
+    return rise, weight_bytes
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="VmHWM / clear_refs are Linux's")
+def test_layerwise_gptq_memory_stays_bounded(tmp_path):
+    """Subprocesses quantize 192 MiB of memory-mapped fp32 weights (24 layers of 8 MiB) with
+    GPTQ, both ways. From the start of the layer loop, the whole-graph path's peak RSS rises
+    by the whole model again (it keeps every quantized layer's dequantized weight for the
+    runs up to later layers); the layer-wise path's only by one layer's GPTQ work and the
+    packed codes: at least half the weight bytes less. A behaviour check with a generous
+    margin (the two paths differ by ~1x the weights), not a timing test."""
+    rise, weight_bytes = phase_peaks(tmp_path, "method=gptq,damp=0.01,clip=false", "gptq")
     assert rise["auto"] + weight_bytes / 2 < rise["off"], (rise, weight_bytes)
     assert rise["auto"] < 1.5 * weight_bytes, (rise, weight_bytes)
