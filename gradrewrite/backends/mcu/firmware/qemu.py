@@ -135,8 +135,8 @@ def run_counting(cmd: list[str], cwd: str, timeout: float) -> tuple[int, str, tu
         timer = threading.Timer(timeout, kill)
         timer.start()
         try:
-            with os.fdopen(read_fd, "rb", buffering=1 << 20) as log:
-                counter = _count_window(log)
+            with os.fdopen(read_fd, "rb", buffering=0) as log:
+                counter = _count_window(_PipeReader(log))
             code = proc.wait()
         except BackendError:
             if timed_out.is_set():  # the log ended because QEMU was killed
@@ -154,6 +154,27 @@ def run_counting(cmd: list[str], cwd: str, timeout: float) -> tuple[int, str, tu
             raise _timeout_error(timeout)
         console.seek(0)
         return code, console.read(), counter
+
+
+class _PipeReader:
+    """``read(n)`` on the log pipe that waits for the pipe to fill: QEMU writes its log a
+    line at a time (line-buffered), and a reader blocked on the pipe is woken for every
+    line (tens of millions of switches; a 1 GB step log took 29 s to count, 23 s this way)."""
+
+    def __init__(self, raw):
+        self.raw = raw
+
+    def read(self, n: int) -> bytes:
+        parts, got = [], 0
+        while got < n:
+            b = self.raw.read(min(n - got, 1 << 20))
+            if not b:
+                break
+            parts.append(b)
+            got += len(b)
+            if len(b) < 1 << 19:   # the pipe was not half full: let QEMU write a while
+                time.sleep(0.004)
+        return b"".join(parts)
 
 
 _BEGIN, _END, _OWN, _CALLEE = range(4)
