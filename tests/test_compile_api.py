@@ -14,7 +14,8 @@ from tests.cli.conftest import run_cli
 ROOT = Path(__file__).resolve().parents[1]
 
 # Facts that differ between two identical compiles: clocks, and where the files are.
-VOLATILE = {"seconds", "build_seconds", "latency_ms", "created_unix", "source", "memory"}  # memory: measured peak RSS
+VOLATILE = {"seconds", "build_seconds", "latency_ms", "created_unix", "source", "memory",  # memory: measured peak RSS
+            "timings"}  # mcu: wall and CPU seconds per compile phase
 # fp32 rounding measures: their last digits follow the summation order, which the thread
 # count of the process (CLI subprocess vs the test's own) may change
 ROUNDING = {"max_relative_error", "max_abs_error", "max_abs_diff", "relative_error"}
