@@ -207,7 +207,7 @@ class OpenvinoBackend(Backend):
             # standard ONNX Q/DQ, then OpenVINO's own form of it (openvino_qdq: uint8
             # activations, the form its int8 convolutions take), not ORT's
             facts = export_onnx(graph, work / "model.onnx", qdq_form="as-is")
-            quantized = any(op in graph.op_histogram() for op in QDQ_OPS)
+            quantized = not graph.op_histogram().keys().isdisjoint(QDQ_OPS)  # one count of the graph's ops
             onnx_path, qdq = openvino_form(work / "model.onnx") if quantized else (work / "model.onnx", {})
             model = core.read_model(str(onnx_path))
         finally:
