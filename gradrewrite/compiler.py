@@ -175,7 +175,7 @@ def compile_graph(graph: Graph, out: str | Path, options: CompileOptions | None 
         if auto:
             runner, verification = chosen.runner, chosen.verification
         else:
-            runner = backend.load(tmp, {"files": artifact.files})
+            runner = backend.load(tmp, {"files": artifact.files, **artifact.info})
             # a training step's passes change what it returns (the trained parameters):
             # its artifact is checked against the rewritten step itself
             verification = backend.check_artifact(runner, graph, artifact.info, n_inputs=opts.verify_inputs,
@@ -283,19 +283,29 @@ def _inputs_report(graph: Graph) -> list[dict[str, Any]]:
              "dtype": str(s.dtype).removeprefix("torch."), "high": s.high} for s in graph.inputs]
 
 
+# the compile's timing is a quick look, not a benchmark: a large model (a second or
+# more per run) gets a few runs within a budget, not latency_runs of them
+LATENCY_BUDGET_S = 5.0
+LATENCY_MIN_RUNS = 3
+LATENCY_SLOW_RUN_S = 0.5
+
+
 def _latency(runner, graph: Graph, runs: int) -> dict[str, Any] | None:
     if runs <= 0:
         return None
     inputs = [t.numpy() for t in graph.random_inputs(7)]
-    for _ in range(3):
-        runner(*inputs)
-    times = []
-    for _ in range(runs):
+    t0 = time.perf_counter()
+    runner(*inputs)
+    if time.perf_counter() - t0 < LATENCY_SLOW_RUN_S:   # a slow model needs no more warming up
+        for _ in range(2):
+            runner(*inputs)
+    times: list[float] = []
+    while len(times) < runs and (len(times) < LATENCY_MIN_RUNS or sum(times) < LATENCY_BUDGET_S * 1e3):
         t0 = time.perf_counter()
         runner(*inputs)
         times.append((time.perf_counter() - t0) * 1e3)
     return {"median": round(statistics.median(times), 4), "min": round(min(times), 4),
-            "runs": runs, "threads": torch.get_num_threads(),
+            "runs": len(times), "threads": torch.get_num_threads(),
             "note": "quick in-process timing at compile time; use benchmarks/ for comparisons"}
 
 

@@ -160,6 +160,34 @@ def make_session(path: Path, *, threads: int | None = None, spinning: bool | Non
                            "an op in the graph has no ONNX Runtime kernel; try --backend torch") from exc
 
 
+def _prepack_is_cheap(path: Path, facts: dict[str, Any]) -> bool:
+    """Whether sessions of this model should prepack its weights. Prepacking copies the
+    B operand of a float MatMul/Gemm (a whole fp32 LM head or tied embedding again: what
+    a model with an external data file cannot afford), while MatMulNBits packs 4-bit
+    codes into a blob about their own size and runs ~10x slower unpacked (it unpacks
+    every call). So: always for a small model; for a large one, only when its float
+    matmul weights are under a tenth of its weight bytes."""
+    if not (path.parent / (path.name + ".data")).exists():
+        return True
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    sizes = {t.name: _initializer_bytes(t) for t in model.graph.initializer
+             if t.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16)}
+    float_b = sum(sizes.get(n.input[1], 0) for n in model.graph.node
+                  if n.op_type in ("MatMul", "Gemm", "FusedMatMul") and len(n.input) > 1)
+    return float_b <= 0.1 * max(int(facts.get("weight_bytes") or 0), 1)
+
+
+def _initializer_bytes(t) -> int:
+    import math
+
+    import onnx
+
+    itemsize = onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+    return math.prod(t.dims) * itemsize
+
+
 @register_backend("ort")
 class OrtBackend(Backend):
     def availability(self) -> str | None:
@@ -177,14 +205,15 @@ class OrtBackend(Backend):
         # fail at compile time, not at run time (a load check: nothing worth packing)
         session = make_session(out_dir / "model.onnx", prepack=False)
         facts["providers"] = session.get_providers()
+        facts["prepack"] = _prepack_is_cheap(out_dir / "model.onnx", facts)
         target = "onnxruntime-" + ("cuda" if "CUDAExecutionProvider" in facts["providers"] else "cpu")
         return BackendArtifact(facts.pop("files"), target, facts)
 
     def load(self, out_dir: Path, artifact: dict[str, Any]):
-        # a model large enough for an external data file runs a few times here (the
-        # artifact check, `gradrewrite run`): packed copies would only raise the peak
-        large = (out_dir / "model.onnx.data").exists()
-        session = make_session(out_dir / "model.onnx", prepack=not large)
+        # artifacts from before the "prepack" fact: a model large enough for an
+        # external data file was loaded unpacked
+        prepack = artifact.get("prepack", not (out_dir / "model.onnx.data").exists())
+        session = make_session(out_dir / "model.onnx", prepack=prepack)
         names = [i.name for i in session.get_inputs()]
 
         def run(*inputs: np.ndarray) -> list[np.ndarray]:

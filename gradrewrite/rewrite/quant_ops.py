@@ -67,6 +67,17 @@ def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 def _pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    if bits in (2, 4, 8):      # codes never straddle a byte: or-in each code slot's shift
+        per = 8 // bits
+        pad = (-codes.shape[-1]) % per
+        c = codes.to(torch.uint8)
+        if pad:
+            c = torch.nn.functional.pad(c, (0, pad))
+        c = c.unflatten(-1, (-1, per))
+        out = c[..., 0].clone()
+        for j in range(1, per):
+            out |= c[..., j] << (j * bits)
+        return out
     shifts = torch.arange(bits, dtype=torch.int32)
     stream = ((codes.to(torch.int32).unsqueeze(-1) >> shifts) & 1).flatten(-2)  # LSB first
     pad = (-stream.shape[-1]) % 8

@@ -295,3 +295,38 @@ def test_clip_search_never_raises_the_weighted_rounding_error():
 
     full, searched = err(*group_params(span, keep, 4)), err(*clipped_group_params(span, keep, 4, hdiag))
     assert (searched <= full + 1e-6).all() and searched.mean() < 0.95 * full.mean()
+
+
+def test_lower_inverse_matches_a_triangular_solve():
+    """The by-halves inverse of a Cholesky factor (odd sizes recurse unevenly)."""
+    from gradrewrite.passes.quantize.gptq import _lower_inverse
+
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(700, 900, generator=g, dtype=torch.float64)
+    m = torch.linalg.cholesky(a @ a.T / 900 + 0.1 * torch.eye(700, dtype=torch.float64))
+    ref = torch.linalg.solve_triangular(m, torch.eye(700, dtype=torch.float64), upper=False)
+    got = _lower_inverse(m)
+    assert torch.allclose(got, ref, rtol=0, atol=1e-10 * float(ref.abs().max()))
+    assert torch.equal(torch.triu(got, 1), torch.zeros_like(got))
+
+
+def test_shared_factors_change_nothing():
+    """Layers reading one input (q/k/v) reuse its inverse-Hessian factors: the same codes,
+    scales and dampening as factorising for each layer."""
+    from gradrewrite.passes.quantize.gptq import FactorCache, choose_damp, gptq_quantize
+
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(48, 96, generator=g)
+    h = (x.T @ x).double()
+    halves = [((x[:24].T @ x[:24]).double(), 24), ((x[24:].T @ x[24:]).double(), 24)]
+    cache = FactorCache()
+    for i, n in enumerate((32, 16, 16)):
+        w = torch.randn(n, 96, generator=g) * 0.02
+        cache.keep = i < 2
+        d, errs = choose_damp(w, h, halves, 4, 32, factors=cache)
+        d0, errs0 = choose_damp(w, h, halves, 4, 32)
+        assert (d, errs) == (d0, errs0)
+        q, st = gptq_quantize(w, h, 4, 32, damp=d, factors=cache)
+        q0, st0 = gptq_quantize(w, h, 4, 32, damp=d)
+        assert torch.equal(q.packed, q0.packed) and torch.equal(q.scales, q0.scales) and st == st0
+    assert cache.entries      # kept for the layers that followed

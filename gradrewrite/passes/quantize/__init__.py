@@ -75,7 +75,7 @@ from .int8_static import quantize_static
 from .layers import find_layers, layer_input, linear_form, observe
 from .observers import OBSERVERS
 from .awq import INPUT_MUL, awq_scale
-from .gptq import choose_damp, gptq_quantize, hessian_relative_error, permuted_problem, visiting_order
+from .gptq import FactorCache, choose_damp, gptq_quantize, hessian_relative_error, permuted_problem, visiting_order
 from .gptq_calibration import LAYERWISE, gptq_calibration
 from .padding import PaddingRows, resolve as resolve_padding
 from .smoothquant import SMOOTH, smooth_linears
@@ -355,6 +355,7 @@ class Quantize:
             gptq_calibration(graph, [l.node for l in layers], samples, pad, ctx.progress, self.layerwise)
             if self.method in ("gptq", "awq-gptq") else (None, None))
         reordered: dict = {}               # act_groups=ordered: input node -> (order, permuted input)
+        factors = FactorCache()            # inverse-Hessian factors shared by layers of one input
         for index, l in enumerate(layers):
             w = graph.attr(l.weight_node).detach().float()
             mask = outlier_mask(scores[l.param], self.outliers, self.spread) if scores else None
@@ -363,10 +364,14 @@ class Quantize:
                 x_node = layer_input(l)
                 if hessian[0] is not x_node:
                     hessian = (None, None, 0, None)
+                    factors.clear()
                     h, n_rows, halves = calibration.hessian(
                         x_node, f"gptq layer {index + 1}/{len(layers)} {l.path}: inputs")
                     hessian = (x_node, h, n_rows, halves)
-                opts = dict(outliers=mask, block=self.block, act_order=self.act_order, clip=self.clip)
+                # the next layer reads the same input (q/k/v, gate/up): keep the factors
+                factors.keep = index + 1 < len(layers) and layer_input(layers[index + 1]) is x_node
+                opts = dict(outliers=mask, block=self.block, act_order=self.act_order, clip=self.clip,
+                            factors=factors)
                 w_fit, h_fit, halves = w, hessian[1], hessian[3]
                 order = None
                 if self.act_order and self.act_groups == "ordered":   # consecutive groups of the permuted problem

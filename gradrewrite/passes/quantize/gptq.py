@@ -40,6 +40,7 @@ in graph order. Where those inputs come from (the whole graph run up to the laye
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Any, Sequence
 
@@ -150,7 +151,8 @@ DAMP_ROWS = 128   # output rows the cross-validation quantizes
 def choose_damp(w: torch.Tensor, h: torch.Tensor, halves: Sequence[tuple[torch.Tensor, int]],
                 bits: int, group: int, *, outliers: torch.Tensor | None = None, block: int = 128,
                 act_order: bool = False, clip: bool = False,
-                dtype: torch.dtype = torch.float32) -> tuple[float, dict[str, float]]:
+                dtype: torch.dtype = torch.float32,
+                factors: FactorCache | None = None) -> tuple[float, dict[str, float]]:
     """``damp="auto"``: the dampening whose GPTQ, fitted on one half of the calibration
     samples, leaves the least output error on the other half (two folds, summed).
 
@@ -159,7 +161,8 @@ def choose_damp(w: torch.Tensor, h: torch.Tensor, halves: Sequence[tuple[torch.T
     error grows) and with many a large damp throws information away. Which one is right
     depends on the layer and the data, so it is measured, not guessed. The folds share the
     full Hessian's column order and static groups; all candidates run as one batch, on
-    ``DAMP_ROWS`` evenly spread output rows."""
+    ``DAMP_ROWS`` evenly spread output rows. ``factors`` shares the inverse-Hessian factors
+    with the next layer that reads the same input (q/k/v, gate/up)."""
     if any(r == 0 for _, r in halves):      # one sample: nothing to hold out
         return DAMP_CANDIDATES[0], {}
     w0 = w.detach().to(dtype)
@@ -169,8 +172,8 @@ def choose_damp(w: torch.Tensor, h: torch.Tensor, halves: Sequence[tuple[torch.T
         w0, keep0 = w0[rows], keep0[rows]
     setup = _Setup(w0, keep0, h.detach().double(), bits, group, act_order, clip, dtype)
     perm = setup.perm
-    problems = [(d, fit, held) for d in DAMP_CANDIDATES
-                for fit, held in ((halves[0][0], halves[1][0]), (halves[1][0], halves[0][0]))]
+    problems = [(d, fold, fit, held) for d in DAMP_CANDIDATES
+                for fold, (fit, held) in enumerate(((halves[0][0], halves[1][0]), (halves[1][0], halves[0][0])))]
     # a batch of problems costs B * (N*K + K*K) floats: keep it near 256 MB
     per = (w0.numel() * 4 + h.shape[0] ** 2) * 4
     chunk = max(1, min(len(problems), (256 << 20) // max(1, per)))
@@ -180,14 +183,41 @@ def choose_damp(w: torch.Tensor, h: torch.Tensor, halves: Sequence[tuple[torch.T
     fits = {id(m): (lambda f: f if setup.identity else f[perm][:, perm])(_undead(m.float())) for m, _ in halves}
     for c0 in range(0, len(problems), chunk):
         part = problems[c0:c0 + chunk]
-        us = [_inverse_cholesky(fits[id(fit)], d)[0].to(dtype) for d, fit, _ in part]
+        us = [_cached(factors, ("fold", fold, d, act_order),
+                      lambda fit=fit, d=d: _inverse_cholesky(fits[id(fit)], d)[0].to(dtype))
+              for d, fold, fit, _ in part]
         q_deq = _columns(setup, torch.stack(us), block)[0]
-        for (d, _, held), q in zip(part, q_deq):
+        for (d, _, _, held), q in zip(part, q_deq):
             diff = q[:, inv].double() - w0.double()
             errors[f"{d:g}"] += float(((diff @ held) * diff).sum())
     best = min(errors, key=errors.get)
     ref = errors[best] or 1.0
     return float(best), {k: round(v / ref, 4) for k, v in errors.items()}
+
+
+class FactorCache:
+    """Inverse-Hessian factors of one calibration input, for the layers that read it
+    (q/k/v share one Hessian, gate/up another): each factorisation is O(K^3), the bulk of
+    GPTQ's time on wide layers. ``keep`` is set by the caller only while another layer of
+    the same input follows, so a lone layer's factors are freed as they are used."""
+
+    def __init__(self):
+        self.entries: dict = {}
+        self.keep = False
+
+    def clear(self) -> None:
+        self.entries.clear()
+
+
+def _cached(cache: FactorCache | None, key, make):
+    if cache is None:
+        return make()
+    hit = cache.entries.get(key)
+    if hit is None:
+        hit = make()
+        if cache.keep:
+            cache.entries[key] = hit
+    return hit
 
 
 def _inverse_cholesky(h: torch.Tensor, damp: float) -> tuple[torch.Tensor, float]:
@@ -198,8 +228,6 @@ def _inverse_cholesky(h: torch.Tensor, damp: float) -> tuple[torch.Tensor, float
     ``J H J = M M^T`` (M lower), ``H = R R^T`` for the upper ``R = J M J``, so
     ``H^-1 = R^-T R^-1`` and ``U = R^-1 = J M^-1 J``."""
     mean_diag = float(torch.diagonal(h).mean())
-    k = h.shape[0]
-    eye = torch.eye(k, dtype=h.dtype)
     flipped = torch.flip(h, (0, 1))   # J H J: reversing a diagonal shift leaves it where it was
     for attempt in range(8):
         d = damp * (10 ** attempt)
@@ -208,7 +236,7 @@ def _inverse_cholesky(h: torch.Tensor, damp: float) -> tuple[torch.Tensor, float
         m, info = torch.linalg.cholesky_ex(shifted)
         del shifted
         if int(info) == 0:
-            u = torch.flip(torch.linalg.solve_triangular(m, eye, upper=False), (0, 1))
+            u = torch.flip(_lower_inverse(m), (0, 1))
             if bool(torch.isfinite(u).all()):
                 return u, d
     raise PassError("the layer's input Hessian is not positive definite even with strong "
@@ -216,10 +244,26 @@ def _inverse_cholesky(h: torch.Tensor, damp: float) -> tuple[torch.Tensor, float
                     pass_name="quantize")
 
 
+def _lower_inverse(m: torch.Tensor) -> torch.Tensor:
+    """Inverse of a lower-triangular ``m`` by halves: ``[[A, 0], [C, D]]^-1 = [[A^-1, 0],
+    [-D^-1 C A^-1, D^-1]]``. The products run as GEMMs (~2/3 K^3 flops), where a
+    triangular solve against the identity is a K^3 TRSM: ~3x faster at K = 8192."""
+    k = m.shape[0]
+    if k <= 256:
+        return torch.linalg.solve_triangular(m, torch.eye(k, dtype=m.dtype), upper=False)
+    h = k // 2
+    a_inv, d_inv = _lower_inverse(m[:h, :h]), _lower_inverse(m[h:, h:])
+    out = torch.zeros_like(m)
+    out[:h, :h], out[h:, h:] = a_inv, d_inv
+    out[h:, :h] = -(d_inv @ (m[h:, :h] @ a_inv))
+    return out
+
+
 def gptq_quantize(w: torch.Tensor, h: torch.Tensor, bits: int, group: int, *,
                   outliers: torch.Tensor | None = None, damp: float = 0.01, block: int = 128,
                   act_order: bool = False, clip: bool = False,
-                  dtype: torch.dtype = torch.float32) -> tuple[GroupwiseWeight, dict[str, Any]]:
+                  dtype: torch.dtype = torch.float32,
+                  factors: FactorCache | None = None) -> tuple[GroupwiseWeight, dict[str, Any]]:
     """GPTQ of a ``[N, K]`` weight with input Hessian ``h`` ``[K, K]``.
 
     Returns the stored form (same as ``quantize_groupwise``) and statistics:
@@ -231,18 +275,19 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, bits: int, group: int, *,
     keep0 = outliers.bool() if outliers is not None else torch.zeros(n, k, dtype=torch.bool)
     h_plain = h.detach().double()
     setup = _Setup(w0, keep0, h_plain, bits, group, act_order, clip, dtype)
-    u, used_damp = _inverse_cholesky(setup.h if setup.identity else setup.h[setup.perm][:, setup.perm], damp)
+    u, used_damp = _cached(factors, ("full", damp, act_order), lambda: _inverse_cholesky(
+        setup.h if setup.identity else setup.h[setup.perm][:, setup.perm], damp))
     q_deq, codes, scales, zeros = _columns(setup, u.to(dtype)[None], block)
     q_deq, codes, scales, zeros = q_deq[0], codes[0], scales[0], zeros[0]
 
     inv = torch.argsort(setup.perm)
     q_final = q_deq[:, inv]
     pad = n_groups * group - k
-    codes_p = torch.cat([codes, zeros.round().to(torch.int64).repeat_interleave(group, 1)[:, k:]], 1) \
+    codes_p = torch.cat([codes, zeros.round().to(codes.dtype).repeat_interleave(group, 1)[:, k:]], 1) \
         if pad else codes
     values, cols, counts = store_outliers(q_final.float(), keep0)
-    q = GroupwiseWeight(pack_bits(codes_p.reshape(n, n_groups, group), bits), scales,
-                        pack_bits(zeros.round(), bits), values, cols, counts, bits, group, k)
+    q = GroupwiseWeight(pack_bits(codes_p.reshape(n, n_groups, group), bits), scales.contiguous(),
+                        pack_bits(zeros.round().contiguous(), bits), values, cols, counts, bits, group, k)
     stats = {"hessian_error": hessian_relative_error(w0, q_final, h_plain),
              "damp": used_damp, "act_order": act_order, "block": block}
     return q, stats
@@ -303,58 +348,84 @@ class _Setup:
 def _columns(setup: _Setup, u: torch.Tensor, block: int):
     """The column loop on a batch of problems: ``u [B, K, K]`` (the permuted inverse-Hessian
     factors, e.g. one per dampening) against the same weight. Returns the dequantized
-    weights (permuted order), codes (original order), fp16 scales and zero points, each
-    with the batch dimension first. One Python loop serves the whole batch."""
+    weights (permuted order), codes (uint8, original order), fp16 scales and zero points,
+    each with the batch dimension first. One Python loop serves the whole batch.
+
+    The loop works on the transposed weight ``[B, K, N]``: GPTQ visits input columns one
+    at a time, and a column of ``W [N, K]`` is N strided elements, while a row of ``W^T``
+    is contiguous (on CPU the strided form was ~20x slower on an 8192 x 3072 layer)."""
     bsz = u.shape[0]
     n, k = setup.w0.shape
-    bits, group, dtype = setup.bits, setup.group, setup.dtype
-    qmax = (1 << bits) - 1
-    keep = setup.keep[None].expand(bsz, n, k)
+    dtype = setup.dtype
+    keep_t = setup.keep.t().contiguous()                   # [K, N], permuted order
     if setup.static is not None:
-        scales = setup.static[0][None].expand(bsz, n, setup.n_groups).clone()
-        zeros = setup.static[1][None].expand(bsz, n, setup.n_groups).clone()
+        scales = setup.static[0].t()[None].repeat(bsz, 1, 1)    # [B, G, N]
+        zeros = setup.static[1].t()[None].repeat(bsz, 1, 1)
     else:
-        scales = torch.zeros(bsz, n, setup.n_groups, dtype=torch.float16)
-        zeros = torch.zeros(bsz, n, setup.n_groups, dtype=dtype)
-    W = setup.w0[:, setup.perm][None].repeat(bsz, 1, 1)
-    q_deq = torch.zeros_like(W)
-    codes = torch.zeros(bsz, n, k, dtype=torch.int64)     # original order
+        scales = torch.zeros(bsz, setup.n_groups, n, dtype=torch.float16)
+        zeros = torch.zeros(bsz, setup.n_groups, n, dtype=dtype)
+    w_t = setup.w0[:, setup.perm].t()[None].repeat(bsz, 1, 1)   # [B, K, N]
+    q_t = torch.zeros_like(w_t)
+    codes_t = torch.zeros(bsz, k, n, dtype=torch.uint8)    # original column order
     cols_orig = setup.perm.tolist()
     for b0 in range(0, k, block):
         b1 = min(b0 + block, k)
-        w1 = W[:, :, b0:b1].clone()
-        e1 = torch.zeros_like(w1)
+        w1 = w_t[:, b0:b1].clone()
+        e1 = torch.empty_like(w1)
         u1 = u[:, b0:b1, b0:b1]
-        for i in range(b1 - b0):
-            col = cols_orig[b0 + i]
-            g = col // group
-            if setup.static is None and col % group == 0:
-                # group starts: range of the current (updated) weights of its columns;
-                # with power-of-two block and group the group lies inside this block or
-                # starts with it, so no update is pending for its columns
-                ahead = group - (b1 - b0 - i)   # columns of the group past this block
-                span = w1[:, :, i:i + group] if ahead <= 0 else \
-                    torch.cat([w1[:, :, i:], W[:, :, b1:b1 + ahead]], 2)
-                kspan = keep[:, :, b0 + i:b0 + i + span.shape[2]]
-                s16, z = (clipped_group_params(span, kspan, bits, setup.hdiag[b0 + i:b0 + i + span.shape[2]])
-                          if setup.clip else group_params(span, kspan, bits))
-                scales[:, :, g], zeros[:, :, g] = s16, z.to(dtype)
-            s = scales[:, :, g].to(dtype)
-            z = zeros[:, :, g]
-            wc = w1[:, :, i]
-            code = torch.clamp(torch.round(wc / s) + z, 0, qmax)
-            deq = (code - z) * s
-            kc = keep[:, :, b0 + i]
-            deq = torch.where(kc, wc, deq)               # outliers: not quantized, error 0
-            codes[:, :, col] = torch.where(kc, z, code).to(torch.int64)
-            q_deq[:, :, b0 + i] = deq
-            err = (wc - deq) / u1[:, i, i, None]
-            w1[:, :, i + 1:] -= err[:, :, None] * u1[:, None, i, i + 1:]
-            e1[:, :, i] = err
-        W[:, :, b0:b1] = w1
+        with _one_thread():
+            _block_columns(setup, w1, e1, u1, w_t, b0, b1, keep_t, scales, zeros, q_t, codes_t, cols_orig)
+        w_t[:, b0:b1] = w1
         if b1 < k:
-            W[:, :, b1:] -= e1 @ u[:, b0:b1, b1:]
-    return q_deq, codes, scales, zeros
+            w_t[:, b1:] -= u[:, b0:b1, b1:].transpose(1, 2) @ e1
+    return q_t.transpose(1, 2), codes_t.transpose(1, 2), scales.transpose(1, 2), zeros.transpose(1, 2)
+
+
+@contextlib.contextmanager
+def _one_thread():
+    """The per-column steps are many small ops: split over threads they gain little on a
+    quiet machine and stall on a busy one (an op waits for a descheduled worker: 15x
+    slower on 2 cores beside another job), so they run on one thread; the block's
+    trailing update (a GEMM) keeps them all."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _block_columns(setup, w1, e1, u1, w_t, b0, b1, keep_t, scales, zeros, q_t, codes_t, cols_orig):
+    """GPTQ's columns ``b0:b1`` of one block, in place: quantize each column, spread its
+    error over the block's later columns (``w1``), record the scaled errors (``e1``)."""
+    bits, group, dtype = setup.bits, setup.group, setup.dtype
+    qmax = (1 << bits) - 1
+    for i in range(b1 - b0):
+        col = cols_orig[b0 + i]
+        g = col // group
+        if setup.static is None and col % group == 0:
+            # group starts: range of the current (updated) weights of its columns;
+            # with power-of-two block and group the group lies inside this block or
+            # starts with it, so no update is pending for its columns
+            ahead = group - (b1 - b0 - i)   # columns of the group past this block
+            span = w1[:, i:i + group] if ahead <= 0 else torch.cat([w1[:, i:], w_t[:, b1:b1 + ahead]], 1)
+            span = span.transpose(1, 2).contiguous()        # [B, N, g]
+            kspan = keep_t[b0 + i:b0 + i + span.shape[2]].t()[None]
+            s16, z = (clipped_group_params(span, kspan, bits, setup.hdiag[b0 + i:b0 + i + span.shape[2]])
+                      if setup.clip else group_params(span, kspan, bits))
+            scales[:, g], zeros[:, g] = s16, z.to(dtype)
+        s = scales[:, g].to(dtype)
+        z = zeros[:, g]
+        wc = w1[:, i]
+        code = torch.clamp(torch.round(wc / s) + z, 0, qmax)
+        deq = (code - z) * s
+        kc = keep_t[b0 + i]
+        deq = torch.where(kc, wc, deq)               # outliers: not quantized, error 0
+        codes_t[:, col] = torch.where(kc, z, code).to(torch.uint8)
+        q_t[:, b0 + i] = deq
+        err = (wc - deq) / u1[:, i, i, None]
+        w1[:, i + 1:] -= u1[:, i, i + 1:, None] * err[:, None, :]
+        e1[:, i] = err
 
 
 CLIP_FACTORS = tuple(1.0 - 0.025 * i for i in range(17))   # keep 100% .. 60% of the range
@@ -383,11 +454,14 @@ def clipped_group_params(span: torch.Tensor, keep: torch.Tensor, bits: int,
 
 
 def hessian_relative_error(w: torch.Tensor, w_q: torch.Tensor, h: torch.Tensor) -> float:
-    """``tr((W - Q) H (W - Q)^T) / tr(W H W^T)``."""
-    d, w64, h64 = (w_q - w).double(), w.double(), h.double()
-    ref = float(((w64 @ h64) * w64).sum())
-    return float(((d @ h64) * d).sum()) / ref if ref > 0 else 0.0
+    """``tr((W - Q) H (W - Q)^T) / tr(W H W^T)``: a reported statistic, so the products run
+    in float32 (an fp64 N x K x K product took as long as GPTQ itself on an MLP layer) and
+    only the sums in float64."""
+    hf = h.float()
+    d, wf = (w_q.float() - w.float()), w.float()
+    ref = float(((wf @ hf) * wf).double().sum())
+    return float(((d @ hf) * d).double().sum()) / ref if ref > 0 else 0.0
 
 
-__all__ = ["layer_hessian", "HessianSums", "QuantizedRunner", "gptq_quantize", "hessian_relative_error", "choose_damp", "DAMP_CANDIDATES",
+__all__ = ["FactorCache", "layer_hessian", "HessianSums", "QuantizedRunner", "gptq_quantize", "hessian_relative_error", "choose_damp", "DAMP_CANDIDATES",
            "visiting_order", "permuted_problem"]
