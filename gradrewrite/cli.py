@@ -172,6 +172,9 @@ def _backend_options_epilog() -> str:
 @click.option("--optimizer", type=click.Choice(["sgd"]), default="sgd", show_default=True, help="--train: optimizer.")
 @click.option("--lr", type=float, default=0.01, show_default=True, help="--train: learning rate.")
 @click.option("--momentum", type=float, default=0.0, show_default=True, help="--train: SGD momentum.")
+@click.option("--logit-headroom", type=float, default=8.0, show_default=True,
+              help="--train with static int8: the logits' int8 range is the calibrated one times this "
+                   "(1 = as calibrated; calibration sees the untrained head, whose logits fine-tuning outgrows).")
 @click.option("--label", "label_spec", metavar="SPEC", default=None,
               help="--train: labels input spec (default: int64 class ids for cross_entropy, the output's "
                    "shape for mse), e.g. 8:int64:10.")
@@ -182,7 +185,7 @@ def _backend_options_epilog() -> str:
 def compile_cmd(model, module, inputs, trust_pickle, passes, recipe, backend, target, tune_trials, tune_cache,
                 opset, external_data, precision, ram_kb, flash_kb, out, force, seed, verify_inputs, dump_graphs, quiet,
                 calib=None, train=False, loss_name="cross_entropy", optimizer="sgd", lr=0.01, momentum=0.0,
-                label_spec=None, dynamic_batch=False):
+                label_spec=None, dynamic_batch=False, logit_headroom=8.0):
     """Capture MODEL, run passes, lower it with a backend and write the artifact to OUT.
 
     MODEL is a torch.export .pt2 file, an .onnx file, a pickled .pt/.pth module (with
@@ -205,7 +208,8 @@ def compile_cmd(model, module, inputs, trust_pickle, passes, recipe, backend, ta
         get_backend(backend).check_request(backend_options, requested)
     if label_spec and not train:
         raise ConfigError("--label applies only with --train", "add --train or drop --label")
-    step = Train(loss=loss_name, optimizer=optimizer, lr=lr, momentum=momentum, label=label_spec) if train else None
+    step = Train(loss=loss_name, optimizer=optimizer, lr=lr, momentum=momentum, label=label_spec,
+                 logit_headroom=logit_headroom) if train else None
     if step is not None and step.is_stream_bp(specs):
         from .training.stream_bp_step import check_request
         check_request(specs, step, backend)

@@ -19,6 +19,8 @@ Graph form this pass recognises: a trained parameter ``P`` whose forward use is
   too (scale ``s_W * s_x``), for the bias half of QAS.
 
 ``round_int8`` puts trained values back on the integer grid after each step.
+``logit_headroom`` widens the output (logit) quantizer's calibrated range by a factor
+when a static int8 graph is captured as a training step (``Train.logit_headroom``).
 """
 from __future__ import annotations
 
@@ -174,6 +176,29 @@ def round_int8(graph: Graph) -> None:
             lim = 127 if path.endswith("weight_q") else 2 ** 31 - 1
             owner._parameters[leaf] = nn.Parameter(torch.round(t.detach()).clamp(-lim, lim),
                                                    requires_grad=False)
+
+
+def logit_headroom(graph: Graph, factor: float) -> dict | None:
+    """Widen the range of the quantizer on a trainable int8 graph's output (the logits the
+    loss reads) by ``factor``: its scale times ``factor``, the zero point kept, so the
+    range is ``factor`` times the calibrated one (zero still exact). Static calibration
+    sees the untrained model; a fresh classifier head's small logits give a narrow range
+    that fine-tuning saturates (the clamped logits tie and the quantizer passes no
+    gradient past them). In place; returns what changed, None when the output is not a
+    per-tensor quantizer (a float head) or ``factor`` is 1."""
+    if not factor >= 1.0:
+        raise ConfigError(f"logit_headroom {factor!r} is below 1", "use 1 (the calibrated range) or more, e.g. 8")
+    out = next(n for n in graph.graph.nodes if n.op == "output").args[0]
+    node = out[0] if isinstance(out, (tuple, list)) else out
+    if factor == 1.0 or not (isinstance(node, fx.Node) and node.op == "call_function"
+                             and node.target == aten.fake_quantize_per_tensor_affine.default):
+        return None
+    x, scale, zp, qmin, qmax = node.args[:5]
+    node.args = (x, float(scale) * factor, int(zp), int(qmin), int(qmax), *node.args[5:])
+    graph.commit()
+    return {"factor": float(factor), "calibrated_scale": float(scale), "scale": float(scale) * factor,
+            "zero_point": int(zp), "range": [(int(qmin) - int(zp)) * float(scale) * factor,
+                                             (int(qmax) - int(zp)) * float(scale) * factor]}
 
 
 def trainable_int8(graph: Graph) -> Graph:

@@ -44,10 +44,16 @@ class Train:
     lr: float = 0.01
     momentum: float = 0.0
     label: str | None = None  # labels input spec, e.g. "8:int64:10" (default: from the output)
+    # static int8 step: the logits' quantizer range is the calibrated one times this (>= 1;
+    # 1 = as calibrated), so fine-tuned logits do not saturate (passes.qas.logit_headroom)
+    logit_headroom: float = 8.0
 
     def __post_init__(self) -> None:
         if self.loss not in LOSSES:
             raise ConfigError(f"unknown loss {self.loss!r}", f"valid losses: {', '.join(LOSSES)}")
+        if not self.logit_headroom >= 1.0:
+            raise ConfigError(f"logit_headroom {self.logit_headroom!r} is below 1",
+                              "use 1 (the calibrated logit range) or more, e.g. 8")
 
     def is_stream_bp(self, specs: Sequence[PassSpec]) -> bool:
         return self.loss == "causal_lm" or any(s.name == STREAM_BP for s in specs)
@@ -78,15 +84,20 @@ def capture_sgd_step(graph: Graph, train: Train, *, seed: int = 0, status=None) 
     from ..rewrite.quant_ops import DEQUANTIZE_PER_CHANNEL
     from ..rewrite.train_step import capture_train_step, default_labels
 
+    headroom = None
     if any(n.target == DEQUANTIZE_PER_CHANNEL for n in graph.gm.graph.nodes):  # static int8: train the integers
-        from ..passes.qas import trainable_int8
+        from ..passes.qas import logit_headroom, trainable_int8
         graph = trainable_int8(graph)
+        headroom = logit_headroom(graph, train.logit_headroom)   # a different output scale, read by all
     out = graph(*graph.example_inputs)[0]
     spec = parse_input_spec(train.label, len(graph.inputs)) if train.label else default_labels(train.loss, out)
     labels = spec.random(torch.Generator().manual_seed(seed))
     with (status("capturing the training step …") if status else contextlib.nullcontext()):
-        return capture_train_step(graph, train.loss, (*graph.example_inputs, labels), optimizer=train.optimizer,
+        step = capture_train_step(graph, train.loss, (*graph.example_inputs, labels), optimizer=train.optimizer,
                                   lr=train.lr, momentum=train.momentum)
+    if headroom is not None:
+        step.meta["train_step"]["logit_headroom"] = headroom
+    return step
 
 
 def int8_step_chains(spec: PassSpec) -> PassSpec:
