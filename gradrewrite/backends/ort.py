@@ -169,23 +169,17 @@ def _prepack_is_cheap(path: Path, facts: dict[str, Any]) -> bool:
     matmul weights are under a tenth of its weight bytes."""
     if not (path.parent / (path.name + ".data")).exists():
         return True
-    import onnx
-
-    model = onnx.load(str(path), load_external_data=False)
-    sizes = {t.name: _initializer_bytes(t) for t in model.graph.initializer
-             if t.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16)}
-    float_b = sum(sizes.get(n.input[1], 0) for n in model.graph.node
-                  if n.op_type in ("MatMul", "Gemm", "FusedMatMul") and len(n.input) > 1)
-    return float_b <= 0.1 * max(int(facts.get("weight_bytes") or 0), 1)
-
-
-def _initializer_bytes(t) -> int:
     import math
 
     import onnx
 
-    itemsize = onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
-    return math.prod(t.dims) * itemsize
+    floats = {onnx.TensorProto.FLOAT: 4, onnx.TensorProto.FLOAT16: 2, onnx.TensorProto.BFLOAT16: 2}
+    model = onnx.load(str(path), load_external_data=False)
+    sizes = {t.name: math.prod(t.dims) * floats[t.data_type] for t in model.graph.initializer
+             if t.data_type in floats}
+    float_b = sum(sizes.get(n.input[1], 0) for n in model.graph.node
+                  if n.op_type in ("MatMul", "Gemm", "FusedMatMul") and len(n.input) > 1)
+    return float_b <= 0.1 * max(int(facts.get("weight_bytes") or 0), 1)
 
 
 @register_backend("ort")

@@ -178,6 +178,12 @@ def round_int8(graph: Graph) -> None:
                                                    requires_grad=False)
 
 
+def check_logit_headroom(factor: float) -> None:
+    if not factor >= 1.0:
+        raise ConfigError(f"logit_headroom {factor!r} is below 1",
+                          "use 1 (the calibrated logit range) or more, e.g. 8")
+
+
 def logit_headroom(graph: Graph, factor: float) -> dict | None:
     """Widen the range of the quantizer on a trainable int8 graph's output (the logits the
     loss reads) by ``factor``: its scale times ``factor``, the zero point kept, so the
@@ -186,8 +192,7 @@ def logit_headroom(graph: Graph, factor: float) -> dict | None:
     that fine-tuning saturates (the clamped logits tie and the quantizer passes no
     gradient past them). In place; returns what changed, None when the output is not a
     per-tensor quantizer (a float head) or ``factor`` is 1."""
-    if not factor >= 1.0:
-        raise ConfigError(f"logit_headroom {factor!r} is below 1", "use 1 (the calibrated range) or more, e.g. 8")
+    check_logit_headroom(factor)
     out = next(n for n in graph.graph.nodes if n.op == "output").args[0]
     node = out[0] if isinstance(out, (tuple, list)) else out
     if factor == 1.0 or not (isinstance(node, fx.Node) and node.op == "call_function"

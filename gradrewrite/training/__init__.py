@@ -51,9 +51,8 @@ class Train:
     def __post_init__(self) -> None:
         if self.loss not in LOSSES:
             raise ConfigError(f"unknown loss {self.loss!r}", f"valid losses: {', '.join(LOSSES)}")
-        if not self.logit_headroom >= 1.0:
-            raise ConfigError(f"logit_headroom {self.logit_headroom!r} is below 1",
-                              "use 1 (the calibrated logit range) or more, e.g. 8")
+        from ..passes.qas import check_logit_headroom
+        check_logit_headroom(self.logit_headroom)
 
     def is_stream_bp(self, specs: Sequence[PassSpec]) -> bool:
         return self.loss == "causal_lm" or any(s.name == STREAM_BP for s in specs)
