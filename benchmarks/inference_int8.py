@@ -162,7 +162,10 @@ PEER_CALIB, PEER_HELD = 16, 8
 # ours: outputs read only by float ops (LayerNorm, GELU, attention, float residuals) stay float;
 # ORT and OpenVINO still run those layers int8 (a no-op for the CNNs, whose readers take int8)
 # bias_correction: convs' biases absorb int8's mean output shift (NNCF's fast bias correction)
-OURS = "quantize(mode=static,outputs=auto,bias_correction=true)"
+# observer=auto: each activation observer tried on a copy, the one whose outputs move least on
+# the calibration data kept (passes/quantize/observer_search.py)
+OURS_OPTIONS = "mode=static,outputs=auto,bias_correction=true"
+OURS = f"quantize({OURS_OPTIONS},observer=auto)"
 OBSERVERS = ("minmax", "percentile", "mse", "entropy")
 # issue 21: ours int8 >= 2.2x ORT fp32 on MobileNetV2-1.0@224 and >= 1.8x on MiniLM (1 thread, batch 1)
 SPEEDUP_TARGETS = {"mobilenet_v2_224": 2.2, "minilm": 1.8}
@@ -276,6 +279,7 @@ def measure_peers(name: str, batches: list[int], threads: list[int], runs: int, 
         qrep = res.records[-1].report
         rec.setdefault("quantize", {})[batch] = {
             "rewrites": qrep["rewrites"], "smoothed": sum(g["smoothed"] for g in qrep["smoothquant"]["groups"]),
+            "observer": qrep["observer"], "observer_search": qrep.get("observer_search"),
             "smooth_groups": len(qrep["smoothquant"]["groups"])}
         arts = {}
         specs = [("ORT fp32", fgraph, "ort", {}), ("ORT int8 (ours)", qgraph, "ort", {}),
@@ -334,7 +338,7 @@ def measure_peers(name: str, batches: list[int], threads: list[int], runs: int, 
             for obs in OBSERVERS:
                 for smooth in (("auto", "off") if name in ("minilm", "tiny_gpt") else ("auto",)):
                     g = graph.clone()
-                    gr.run_pipeline(g, f"fold-bn,{OURS[:-1]},observer={obs},smooth={smooth})", verify=False,
+                    gr.run_pipeline(g, f"fold-bn,quantize({OURS_OPTIONS},observer={obs},smooth={smooth})", verify=False,
                                     ctx=PassContext(seed=0, calibration=calib))
                     with torch.no_grad():
                         outs = [g(*s)[0].numpy() for s in held]
@@ -393,6 +397,9 @@ def peer_sections(records: list[dict], runs: int) -> list[dict]:
             "NNCF + OpenVINO int8"] + ([AUTO] if any(AUTO in row["latency"] for r in records for row in r["rows"])
                                        else [])
     lat_rows, num_rows, obs_rows = [], [], []
+    # runs before observer=auto existed used min/max
+    picks = ", ".join(f"{r['model']} b{b} {q.get('observer', 'minmax')}"
+                      for r in records for b, q in r.get("quantize", {}).items())
     for r in records:
         for row in r["rows"]:
             lat = row["latency"]
@@ -412,7 +419,7 @@ def peer_sections(records: list[dict], runs: int) -> list[dict]:
          "text": (f"CPU: {m.get('cpu', '?')}, {m.get('cpu_count', '?')} cores shared with other jobs. Every "
                   f"candidate of one row timed round-robin in one process, {runs} runs after warm-up; ORT "
                   "sessions and OpenVINO requests with the row's thread count, no spinning, one stream. "
-                  f"`int8 (ours)` = `fold-bn,{OURS}` (minmax observers, per-channel "
+                  f"`int8 (ours)` = `fold-bn,{OURS}` (the observer picked per model: {picks}; per-channel "
                   f"int8 weights, SmoothQuant auto) on {PEER_CALIB} calibration batches, lowered by the ort "
                   "backend (uint8 activations, QGemm-ready linears: backends/ort_int8.py) or the openvino "
                   "backend (uint8 activations: backends/openvino_qdq.py). Rows of models not rerun are "

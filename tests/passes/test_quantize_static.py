@@ -176,3 +176,33 @@ def test_calibration_shape_mismatch_is_an_error():
     graph = capture(Net().eval(), (torch.randn(1, 3, 16, 16),))
     with pytest.raises(GradrewriteError, match="captured with 1x3x16x16"):
         run_pipeline(graph, "quantize", ctx=PassContext(calibration=[(torch.randn(1, 3, 8, 8),)]))
+
+
+def test_observer_auto_keeps_the_observer_that_moves_the_outputs_least():
+    """observer=auto: every observer tried on a copy; the graph gets the argmin's rewrite,
+    the same as asking for that observer by name."""
+    from gradrewrite.passes.quantize.observer_search import output_change
+    from gradrewrite.passes.quantize.observers import OBSERVERS
+
+    calib = _calib(6)
+    calib[2] = (calib[2][0] * 6.0,)            # one wide batch: min/max and clipping observers disagree
+    graph = capture(Net().eval(), (torch.randn(1, 3, 16, 16),))
+    ref = graph.clone()
+    res = run_pipeline(graph, "quantize(observer=auto)", ctx=PassContext(calibration=calib))
+    report = res.records[-1].report
+    search = report["observer_search"]["output_change"]
+    assert set(search) == set(OBSERVERS)
+    assert len(set(search.values())) > 1      # the candidates differ on this data
+    assert report["observer"] == min(OBSERVERS, key=lambda n: (search[n], OBSERVERS.index(n)))
+    named = ref.clone()
+    run_pipeline(named, f"quantize(observer={report['observer']})", ctx=PassContext(calibration=calib))
+    x = torch.randn(1, 3, 16, 16)
+    assert torch.equal(graph(x)[0], named(x)[0])
+    refs = [list(ref(*s)) for s in calib]
+    assert output_change(graph, calib, refs) == pytest.approx(search[report["observer"]], rel=1e-4)
+
+
+def test_observer_auto_is_a_valid_option_and_unknown_ones_are_not():
+    graph = capture(Net().eval(), (torch.randn(1, 3, 16, 16),))
+    with pytest.raises(GradrewriteError, match="unknown observer 'best'"):
+        run_pipeline(graph, "quantize(observer=best)", ctx=PassContext(calibration=_calib(2)))

@@ -73,6 +73,7 @@ from .embedding import EmbeddingStep, check_options as check_embedding_options
 from .error_report import layer_error
 from .int8_static import quantize_static
 from .layers import find_layers, layer_input, linear_form, observe
+from .observer_search import AUTO as AUTO_OBSERVER, EVAL_SAMPLES, choose_observer
 from .observers import OBSERVERS
 from .awq import INPUT_MUL, awq_scale
 from .gptq import FactorCache, choose_damp, gptq_quantize, hessian_relative_error, permuted_problem, visiting_order
@@ -114,7 +115,9 @@ class Quantize:
     aggregation: str = field(default="abs", metadata={"help": "gradient aggregation over samples: abs | square"})
     loss: Any = field(default="auto", metadata={
         "help": "gradient loss: auto | causal-lm | mse (Python: a callable (outputs, inputs) -> scalar)"})
-    observer: str = field(default="minmax", metadata={"help": "static activation ranges: minmax | percentile | mse | entropy (KL, TensorRT-style)"})
+    observer: str = field(default="minmax", metadata={
+        "help": "static activation ranges: minmax | percentile | mse | entropy (KL, TensorRT-style) | "
+                "auto (each tried on a copy; the one whose outputs move least on the calibration data)"})
     percentile: float = field(default=99.99, metadata={"help": "percentile observer's cut (per side)"})
     smooth: str = field(default="auto", metadata={
         "help": "static: SmoothQuant scale migration for linear layers (smoothquant.py): auto (groups "
@@ -175,7 +178,7 @@ class Quantize:
         for key, value, valid in (("mode", self.mode, MODES), ("criterion", self.criterion, CRITERIA),
                                   ("aggregation", self.aggregation, AGGREGATIONS),
                                   ("spread", self.spread, SPREADS),
-                                  ("observer", self.observer, OBSERVERS), ("method", self.method, METHODS),
+                                  ("observer", self.observer, (*OBSERVERS, AUTO_OBSERVER)), ("method", self.method, METHODS),
                                   ("act_groups", self.act_groups, ACT_GROUPS),
                                   ("layerwise", self.layerwise, LAYERWISE)):
             if value not in valid:
@@ -250,23 +253,24 @@ class Quantize:
             raise InputError("static int8 quantization needs calibration data for its activation "
                              "ranges", "pass --calib FILE.npz (or .pt; arrays = model inputs, first axis "
                              "= samples), or PassContext(calibration=[...]) from Python")
-        layers, skipped = find_layers(graph, self.select, self.exclude, kinds=("conv", "linear"),
-                                      what="quantize")
-        smooth = smooth_linears(graph, layers, samples, mode=self.smooth, alpha=self.smooth_alpha,
-                                progress=ctx.progress)
-        records, pairs, fired, fallback = quantize_static(graph, layers, samples, observer=self.observer,
-                                                          percentile=self.percentile, progress=ctx.progress,
-                                                          keep_inputs=ERROR_SAMPLES,
-                                                          max_error=self.max_layer_error,
-                                                          outputs=self.outputs,
-                                                          bias_correction=self.bias_correction)
+        search = None
+        observer = self.observer
+        if observer == AUTO_OBSERVER:   # the graph becomes the best observer's rewritten copy
+            observer, search, done = choose_observer(
+                graph, samples, lambda g, name: self._static_rewrite(g, ctx, samples, name), progress=ctx.progress)
+        else:
+            done = self._static_rewrite(graph, ctx, samples, observer)
+        layers, skipped, smooth, (records, pairs, fired, fallback) = done
         errors = []
         for rec in records:
             errors.append({"path": rec["path"], "kind": rec["kind"], "shape": rec["shape"],
                            "bits_per_weight": rec["bits_per_weight"], "outliers": 0,
                            **layer_error([(yf, yq) for _, yf, yq in pairs[rec["path"]]])})
         numel = [_numel(r["shape"]) for r in records]
-        report = {"mode": "static", "observer": self.observer, "calibration_samples": len(samples),
+        report = {"mode": "static", "observer": observer,
+                  **({"observer_search": {"output_change": search, "samples": min(len(samples), EVAL_SAMPLES)}}
+                     if search else {}),
+                  "calibration_samples": len(samples),
                   "rewrites": fired, "layers": records, "skipped": skipped, "smoothquant": smooth,
                   "fallback": fallback,
                   "bits_per_weight": round(sum(r["bits_per_weight"] * n for r, n in zip(records, numel))
@@ -274,6 +278,18 @@ class Quantize:
                   "error_data": f"{len(samples)} calibration samples, first {ERROR_SAMPLES} per layer",
                   "error_report": errors}
         return PassResult(True, report)
+
+    def _static_rewrite(self, graph: Graph, ctx: PassContext, samples: list, observer: str):
+        """SmoothQuant, calibration with ``observer`` and the int8 rewrite, in place."""
+        layers, skipped = find_layers(graph, self.select, self.exclude, kinds=("conv", "linear"),
+                                      what="quantize")
+        smooth = smooth_linears(graph, layers, samples, mode=self.smooth, alpha=self.smooth_alpha,
+                                progress=ctx.progress)
+        result = quantize_static(graph, layers, samples, observer=observer, percentile=self.percentile,
+                                 progress=ctx.progress, keep_inputs=ERROR_SAMPLES,
+                                 max_error=self.max_layer_error, outputs=self.outputs,
+                                 bias_correction=self.bias_correction)
+        return layers, skipped, smooth, result
 
     # ------------------------------------------------------------------ weight-only
     def _weight_only(self, graph: Graph, ctx: PassContext, samples: list) -> PassResult:
