@@ -80,9 +80,13 @@ def test_budget_search_plans_int8_steps_with_the_mcu_planner(tmp_path):
     deepest = su["search"]["deepest_layer_planned"]
     alone = {t["scheme"].split("weights=")[-1]: t.get("sram_bytes") for t in su["search_trials"]
              if t["scheme"].startswith("bias_last=0 weights=") and "," not in t["scheme"]}
-    last_tried = ["blocks.1.project.0", "blocks.1.dw.0", "blocks.1.expand.0"]
-    # the walk stopped after three layers in a row where no move fit alone
-    assert deepest == last_tried[-1] and all(alone[f"{p}:1/8"] > BUDGET for p in last_tried)
+    # the walk from the output ends at the first layer, or earlier after three layers in a
+    # row where no move fit alone (where, depends on how small the mcu planner makes each
+    # step: with the training step's memory rewrites this net's walk reaches the stem)
+    walked = list(dict.fromkeys(k.rsplit(":", 1)[0] for k in alone))
+    assert deepest == walked[-1]
+    if deepest != "stem.0":
+        assert all(alone[f"{p}:1/8"] > BUDGET for p in walked[-3:])
     assert any("refused" in t and "qas found no trained int8-stored weight" in t["refused"]
                for t in su["search_trials"])
     # ranked per planned byte: the stem's whole weight (a large arena for its gradient) is not taken

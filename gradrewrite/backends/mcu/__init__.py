@@ -21,7 +21,8 @@ Options (``backends.options.McuOptions``): ``target`` (host, cortex-m4, cortex-m
 ``ram_kb``, ``flash_kb`` (the budget), ``sparse`` (pack N:M weights), ``stream`` (int8
 depthwise convs over their dying input, pointwise expand + depthwise pairs computed one
 channel at a time), ``patches`` and ``patch_overhead`` (the first CNN stage run patch by
-patch, ``inference/patches.py``), ``measure`` (run Cortex-M images once under QEMU for stack and
+patch, ``inference/patches.py``; a training step's frozen first stage too,
+``training/patches.py``), ``measure`` (run Cortex-M images once under QEMU for stack and
 instruction counts).
 """
 from __future__ import annotations
@@ -54,7 +55,8 @@ class McuBackend(Backend):
         project = out_dir / PROJECT
         if graph.meta.get("train_step"):  # model_train_step beside model_run
             from .training.compile import compile_train
-            facts = compile_train(graph, project, target=target, ram_kb=ram_kb, flash_kb=flash_kb, measure=measure)
+            facts = compile_train(graph, project, target=target, ram_kb=ram_kb, flash_kb=flash_kb, measure=measure,
+                                  patches=options.patches, patch_overhead=options.patch_overhead)
             # report.json's memory_plan: the plan the arena was laid out by, and what the device measured
             plan = dict(facts["memory_plan"])
             if "firmware" in facts:
@@ -95,7 +97,8 @@ class McuBackend(Backend):
         if not graph.meta.get("train_step"):
             return None
         from .training.memory import plan_train_memory
-        return plan_train_memory(graph)
+        options = make_options("mcu", options)
+        return plan_train_memory(graph, options.patches, options.patch_overhead / 100)
 
     def load(self, out_dir: Path, artifact: dict[str, Any]):
         project = Path(out_dir) / PROJECT

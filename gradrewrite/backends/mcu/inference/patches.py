@@ -534,6 +534,16 @@ def plan(prog: Program, *, max_overhead: float = DEFAULT_MAX_OVERHEAD,
     return p, report
 
 
+def parse_grid(mode: str) -> tuple[int, int] | None:
+    """The grid a ``patches`` mode asks for (``N`` / ``RxC``); None for ``auto`` / ``on``."""
+    if mode in ("auto", "on"):
+        return None
+    m = re.fullmatch(r"(\d+)(?:x(\d+))?", mode)
+    if not m:
+        raise ValueError(f"patches={mode!r}: use auto, on, off, N or RxC (e.g. 4x4)")
+    return int(m.group(1)), int(m.group(2) or m.group(1))
+
+
 def apply(prog: Program, mode: str = "auto", max_overhead: float = DEFAULT_MAX_OVERHEAD) -> tuple[Program, dict]:
     """``mode``: ``off`` (unchanged), ``auto`` (patched when its arena plus the whole input
     is below the unpatched arena, which holds the input: on when it lowers the peak even
@@ -541,12 +551,7 @@ def apply(prog: Program, mode: str = "auto", max_overhead: float = DEFAULT_MAX_O
     or ``RxC`` / ``N`` (that grid)."""
     if mode == "off":
         return prog, {"applied": False, "mode": "off"}
-    grid = None
-    if mode not in ("auto", "on"):
-        m = re.fullmatch(r"(\d+)(?:x(\d+))?", mode)
-        if not m:
-            raise ValueError(f"patches={mode!r}: use auto, on, off, N or RxC (e.g. 4x4)")
-        grid = (int(m.group(1)), int(m.group(2) or m.group(1)))
+    grid = parse_grid(mode)
     best, report = plan(prog, max_overhead=max_overhead, grid=grid)
     report["mode"] = mode
     if best is None:

@@ -75,12 +75,35 @@ void gr_conv2d_bwd_input_ws8_f32(const gr_conv_shape *s, const float *gy, const 
 /* conv weight gradient of the first k filters from the int8 input x (scale xs, zero point xz) */
 void gr_conv2d_bwd_weight_xs8_f32(const gr_conv_shape *s, int32_t k, const float *gy, const int8_t *x,
                                   float xs, int32_t xz, float *gw);
+/* a depthwise conv's input gradient (groups = c = oc, one weight part), each channel made
+   in `plane` (h * w floats) and copied out, so gx may be gy (a stride-1 conv's) */
+void gr_dw_bwd_input_ws8_f32(const gr_conv_shape *s, const float *gy, const int8_t *w, const float *ws,
+                             float *gx, float *plane);
+/* The backward of an inverted residual block's convs with frozen int8 weights, one
+   expanded channel at a time (no expanded gradient is stored): the project conv's
+   (pointwise, sp: c expanded, oc out) input gradient from gy, masked by bits1; the
+   depthwise conv's (sd) bias gradient gbd and input gradient, masked by bits2; the
+   expand conv's (pointwise, se: c in, oc expanded) bias gradient gbe and input gradient
+   gx ([n, in, h, w]). gbd / gbe / gx may be NULL (not wanted). t1 / t2: one plane of the
+   depthwise output / input. Bit for bit the unfused kernels' results. */
+void gr_ir_bwd_s8_f32(const gr_conv_shape *sp, const float *gy, const int8_t *wp, const float *wsp,
+                      const uint8_t *bits1, const gr_conv_shape *sd, const int8_t *wd, const float *wsd, float *gbd,
+                      const uint8_t *bits2, const gr_conv_shape *se, const int8_t *we, const float *wse,
+                      float *gbe, float *gx, float *t1, float *t2);
+/* channels c0..c1-1 of masked_grad(expand(d)): out[i, ch - c0, p] = the bit of element
+   (i, ch, p) of an [n, c, hw] tensor ? d[i * dn + ch * dc] : 0 */
+void gr_bcast_masked_f32(const float *d, int32_t dn, int32_t dc, const uint8_t *bits, int32_t n, int32_t c,
+                         int32_t hw, int32_t c0, int32_t c1, float *out);
 /* linear y = x w^T: gx[r,i] (+)= sum over o in [o0, o1) of gy[r,o] * ((float)w[o-o0,i] * ws[o]) */
 void gr_linear_bwd_input_ws8_f32(const float *gy, const int8_t *w, const float *ws, int32_t o0, int32_t o1,
                                  int32_t accumulate, float *gx, int32_t rows, int32_t kin, int32_t nout);
 /* gw[o,i] = sum over r of gy[r,o] * dq(x[r,i]), o < k (gy row stride nout) */
 void gr_linear_bwd_weight_xs8_f32(const float *gy, const int8_t *x, float xs, int32_t xz, float *gw,
                                   int32_t rows, int32_t kin, int32_t nout, int32_t k);
+/* gr_reduce_f32 of dq(x) without the float copy: y[o,i] = sum (mean: / red) over r of
+   dq(x[o,r,i]), summed in r order */
+void gr_reduce_s8_f32(const int8_t *x, float s, int32_t zp, float *y, int32_t outer, int32_t red, int32_t inner,
+                      int32_t mean);
 /* straight-through estimator of an int8 quantizer: gx = gy where qmin < q < qmax, else 0 */
 void gr_ste_s8_f32(const float *gy, const int8_t *q, int32_t qmin, int32_t qmax, float *gx, int32_t n);
 /* relu / hardtanh backward from the int8 output: gx = gy where dq(q) > t (resp. lo < dq(q) < hi) */

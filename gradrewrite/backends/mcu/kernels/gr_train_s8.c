@@ -60,6 +60,109 @@ void gr_conv2d_bwd_input_ws8_f32(const gr_conv_shape *s, const float *gy, const 
         }
 }
 
+void gr_dw_bwd_input_ws8_f32(const gr_conv_shape *s, const float *gy, const int8_t *w, const float *ws,
+                             float *gx, float *plane) {
+    /* gr_conv2d_bwd_input_ws8_f32's scatter for one depthwise channel at a time, made in
+       `plane` and then copied out: gx may be gy (the same terms, in (ky, kx) order) */
+    const size_t hw = (size_t)s->h * s->w, ohw = (size_t)s->oh * s->ow;
+    for (int32_t n = 0; n < s->n; n++)
+        for (int32_t c = 0; c < s->c; c++) {
+            const float *gyp = gy + ((size_t)n * s->oc + c) * ohw;
+            const int8_t *wp = w + (size_t)c * s->kh * s->kw;
+            memset(plane, 0, sizeof(float) * hw);
+            for (int32_t ky = 0; ky < s->kh; ky++)
+                for (int32_t kx = 0; kx < s->kw; kx++) {
+                    const float wv = (float)wp[ky * s->kw + kx] * ws[c];
+                    for (int32_t oy = 0; oy < s->oh; oy++) {
+                        const int32_t iy = oy * s->sh - s->ph + ky * s->dh;
+                        if (iy < 0 || iy >= s->h) continue;
+                        const float *gyr = gyp + (size_t)oy * s->ow;
+                        float *gxr = plane + (size_t)iy * s->w;
+                        for (int32_t ox = 0; ox < s->ow; ox++) {
+                            const int32_t ix = ox * s->sw - s->pw + kx * s->dw;
+                            if (ix >= 0 && ix < s->w) gxr[ix] += gyr[ox] * wv;
+                        }
+                    }
+                }
+            memcpy(gx + ((size_t)n * s->c + c) * hw, plane, sizeof(float) * hw);
+        }
+}
+
+void gr_ir_bwd_s8_f32(const gr_conv_shape *sp, const float *gy, const int8_t *wp, const float *wsp,
+                      const uint8_t *bits1, const gr_conv_shape *sd, const int8_t *wd, const float *wsd, float *gbd,
+                      const uint8_t *bits2, const gr_conv_shape *se, const int8_t *we, const float *wse,
+                      float *gbe, float *gx, float *t1, float *t2) {
+    /* One expanded channel c at a time (images inside): its plane of the project conv's
+       input gradient (output channels o in order), masked; the depthwise bias gradient;
+       the depthwise input gradient (ky, kx, oy, ox), masked; the expand bias gradient; its
+       terms of the block's input gradient. Every value is the same float expression, its
+       terms added in the same order, as the unfused kernels' (gr_conv2d_bwd_input_ws8_f32,
+       gr_masked_grad_f32, gr_conv2d_bwd_bias_f32), so the results are theirs bit for bit. */
+    const int32_t n = sp->n, ch = sp->c, cout = sp->oc, cin = se->c;
+    const size_t hp = (size_t)sp->h * sp->w, hw = (size_t)sd->h * sd->w;
+    if (gx) memset(gx, 0, sizeof(float) * (size_t)n * cin * hw);
+    for (int32_t c = 0; c < ch; c++) {
+        float accd = 0.0f, acce = 0.0f;
+        for (int32_t i = 0; i < n; i++) {
+            memset(t1, 0, sizeof(float) * hp);
+            for (int32_t o = 0; o < cout; o++) {
+                const float wv = (float)wp[(size_t)o * ch + c] * wsp[o];
+                const float *g = gy + ((size_t)i * cout + o) * hp;
+                for (size_t q = 0; q < hp; q++) t1[q] += g[q] * wv;
+            }
+            const size_t b1 = ((size_t)i * ch + c) * hp;
+            for (size_t q = 0; q < hp; q++) {
+                const size_t b = b1 + q;
+                t1[q] = (bits1[b >> 3] >> (b & 7)) & 1u ? t1[q] : 0.0f;
+                accd += t1[q];
+            }
+            memset(t2, 0, sizeof(float) * hw);
+            for (int32_t ky = 0; ky < sd->kh; ky++)
+                for (int32_t kx = 0; kx < sd->kw; kx++) {
+                    const float wv = (float)wd[((size_t)c * sd->kh + ky) * sd->kw + kx] * wsd[c];
+                    for (int32_t oy = 0; oy < sd->oh; oy++) {
+                        const int32_t iy = oy * sd->sh - sd->ph + ky * sd->dh;
+                        if (iy < 0 || iy >= sd->h) continue;
+                        const float *gyr = t1 + (size_t)oy * sd->ow;
+                        float *gxr = t2 + (size_t)iy * sd->w;
+                        for (int32_t ox = 0; ox < sd->ow; ox++) {
+                            const int32_t ix = ox * sd->sw - sd->pw + kx * sd->dw;
+                            if (ix >= 0 && ix < sd->w) gxr[ix] += gyr[ox] * wv;
+                        }
+                    }
+                }
+            const size_t b2 = ((size_t)i * ch + c) * hw;
+            for (size_t q = 0; q < hw; q++) {
+                const size_t b = b2 + q;
+                t2[q] = (bits2[b >> 3] >> (b & 7)) & 1u ? t2[q] : 0.0f;
+                acce += t2[q];
+            }
+            if (gx)
+                for (int32_t ic = 0; ic < cin; ic++) {
+                    const float wv = (float)we[(size_t)c * cin + ic] * wse[c];
+                    float *g = gx + ((size_t)i * cin + ic) * hw;
+                    for (size_t q = 0; q < hw; q++) g[q] += t2[q] * wv;
+                }
+        }
+        if (gbd) gbd[c] = accd;
+        if (gbe) gbe[c] = acce;
+    }
+}
+
+void gr_bcast_masked_f32(const float *d, int32_t dn, int32_t dc, const uint8_t *bits, int32_t n, int32_t c,
+                         int32_t hw, int32_t c0, int32_t c1, float *out) {
+    for (int32_t i = 0; i < n; i++)
+        for (int32_t ch = c0; ch < c1; ch++) {
+            const float v = d[(size_t)i * dn + (size_t)ch * dc];
+            const size_t base = ((size_t)i * c + ch) * hw;
+            float *o = out + ((size_t)i * (c1 - c0) + (ch - c0)) * hw;
+            for (int32_t p = 0; p < hw; p++) {
+                const size_t b = base + p;
+                o[p] = (bits[b >> 3] >> (b & 7)) & 1u ? v : 0.0f;
+            }
+        }
+}
+
 void gr_linear_bwd_input_ws8_f32(const float *gy, const int8_t *w, const float *ws, int32_t o0, int32_t o1,
                                  int32_t accumulate, float *gx, int32_t rows, int32_t kin, int32_t nout) {
     for (int32_t r = 0; r < rows; r++)
@@ -79,6 +182,18 @@ void gr_linear_bwd_weight_xs8_f32(const float *gy, const int8_t *x, float xs, in
             for (int32_t r = 0; r < rows; r++)
                 acc += gy[(size_t)r * nout + o] * GR_DQ(x[(size_t)r * kin + i], xz, xs);
             gw[(size_t)o * kin + i] = acc;
+        }
+}
+
+void gr_reduce_s8_f32(const int8_t *x, float s, int32_t zp, float *y, int32_t outer, int32_t red, int32_t inner,
+                      int32_t mean) {
+    /* gr_reduce_f32 over dq(x): the same terms (one float per element, as
+       gr_dequantize_i8_f32 makes them) added in the same order */
+    for (int32_t o = 0; o < outer; o++)
+        for (int32_t i = 0; i < inner; i++) {
+            float acc = 0.0f;
+            for (int32_t r = 0; r < red; r++) acc += GR_DQ(x[((size_t)o * red + r) * inner + i], zp, s);
+            y[(size_t)o * inner + i] = mean ? acc / (float)red : acc;
         }
 }
 

@@ -5,7 +5,9 @@
  *
  * CONFIG: "GRT1", then little-endian int32 steps, int32 batches, float32 lr.
  * DATA:   batches x (MODEL_INPUT_BYTES input bytes + MODEL_LABEL_BYTES label bytes),
- *         read one batch at a time (the data set never sits in SRAM).
+ *         read one batch at a time (the data set never sits in SRAM); a model that
+ *         says MODEL_INPUT_STREAMED reads its input window by window during the step
+ *         (model_read_input, from this file), so not even one batch's input does.
  * OUT:    the loss of every step (float32), then the bytes of every trained
  *         parameter (model order, storage dtype).
  * Step i trains on batch i % batches. The first step runs between gr_mark_begin and
@@ -23,7 +25,19 @@
 #include "gr_stack.h"
 #endif
 
-#ifdef MODEL_INPUT_IN_ARENA
+#if defined(MODEL_INPUT_STREAMED)
+/* a patched first stage reads the input window by window: model_read_input reads each
+   window from the current batch in the (unbuffered) data file; no input array at all */
+static FILE *batch_file;
+static long batch_offset;
+int model_read_input(uint32_t offset, void *dst, uint32_t n)
+{
+    if (offset + n > MODEL_INPUT_BYTES || fseek(batch_file, batch_offset + (long)offset, SEEK_SET) != 0)
+        return -1;
+    return fread(dst, 1, n, batch_file) == n ? 0 : -1;
+}
+#define INPUT_BUFFER NULL
+#elif defined(MODEL_INPUT_IN_ARENA)
 /* each batch's input is read straight into the model's arena (a step clobbers it; the
    next batch is read afresh anyway) */
 #define INPUT_BUFFER ((uint8_t *)model_input_buffer())
@@ -70,10 +84,17 @@ static int read_config(const char *path, struct config *cfg)
 
 static int read_batch(FILE *data, long index)
 {
+#if defined(MODEL_INPUT_STREAMED)  /* the labels now, the input during the step */
+    batch_file = data;
+    batch_offset = index * (long)(MODEL_INPUT_BYTES + MODEL_LABEL_BYTES);
+    return fseek(data, batch_offset + (long)MODEL_INPUT_BYTES, SEEK_SET) == 0
+        && fread(label, 1, sizeof label, data) == sizeof label;
+#else
     if (fseek(data, index * (long)(MODEL_INPUT_BYTES + MODEL_LABEL_BYTES), SEEK_SET) != 0)
         return 0;
     return fread(INPUT_BUFFER, 1, MODEL_INPUT_BYTES, data) == MODEL_INPUT_BYTES
         && fread(label, 1, sizeof label, data) == sizeof label;
+#endif
 }
 
 int main(int argc, char **argv)

@@ -47,7 +47,7 @@ def model_h(tp: TrainProgram, arena_bytes: int, weight_bytes: int) -> str:
         f"#define MODEL_TRAINED_BYTES {trained_bytes}",
         f"#define MODEL_NUM_TRAINED {len(tp.trained)}",
         *io_macros("INPUT", [x], (prog.notes.get("input_quantize") or [None])[:1]),
-        *io_macros("OUTPUT", [tp.logits]), "", *INPUT_BUFFER_H, "",
+        *io_macros("OUTPUT", [tp.logits]), "", *prog.notes.get("input_h", INPUT_BUFFER_H), "",
         "/* Runs one inference with the current (trained) parameters. Returns 0. */",
         "int model_run(const void *in, void *out);",
         "/* One SGD training step on a batch: forward, cross-entropy loss (written to *loss),",
@@ -69,7 +69,15 @@ def model_c(tp: TrainProgram, offsets: dict[str, int], source: str) -> str:
     for b in prog.arena:
         if b.name in offsets:
             lines.append(f"#define {b.name.upper()}_OFF {offsets[b.name]}")
-    lines += ["", *input_arena_c(offsets)]  # the input (not the labels) is planned in the arena
+    streamed = bool(prog.notes.get("input_streamed"))  # read window by window (patches.py), not in the arena
+    if streamed:
+        lines += ["", "static uint8_t arena[MODEL_ARENA_BYTES] __attribute__((aligned(16)));", ""]
+    else:
+        lines += ["", *input_arena_c(offsets)]  # the input (not the labels) is planned in the arena
+    lines += prog.notes.get("patch_read_c", [])  # a patched first stage reads its windows (patches.py)
+
+    def input_c(src: str) -> list[str]:
+        return [f"    const uint8_t *in_bytes = (const uint8_t *){src};"] if streamed else copy_input_c(src)
     names = ", ".join(b.name for b in tp.trained)
     lines += [f"void *const model_trained_params[] = {{{names}}};",
               f"const int32_t model_trained_bytes[] = {c_ints(b.nbytes for b in tp.trained)};",
@@ -87,13 +95,13 @@ def model_c(tp: TrainProgram, offsets: dict[str, int], source: str) -> str:
 
     numbered = list(enumerate(prog.steps))
     lines += ["int model_run(const void *in, void *out) {",
-              *copy_input_c("in"),
+              *input_c("in"),
               "    const uint8_t *label_bytes = NULL;",
               "    (void)in_bytes; (void)label_bytes; (void)arena;",
               *body(numbered[:tp.forward_steps]), *_copy_out(tp.logits, "(uint8_t *)out"),
               "    return 0;", "}", "",
               "int model_train_step(const void *input, const void *label, float lr, float *loss) {",
-              *copy_input_c("input"),
+              *input_c("input"),
               "    const uint8_t *label_bytes = (const uint8_t *)label;",
               "    (void)in_bytes; (void)label_bytes; (void)arena; (void)lr;",
               *body(numbered), *_copy_out(prog.outputs[0], "(uint8_t *)loss"),
@@ -143,6 +151,7 @@ def write_train_project(tp: TrainProgram, project: Path, *, source: str = "<mode
                           **({"to_param_scale": [float(v) for v in b.to_param_scale]}
                              if b.to_param_scale is not None else {})} for b in tp.trained],
              "int8": tp.int8, **({"rounding": tp.rounding, "seed": tp.seed} if tp.int8 else {}),
+             "patches": {k: v for k, v in prog.notes.get("patches", {"applied": False}).items()},
              "frozen": tp.frozen,
              "input": {"shape": list(prog.inputs[0].shape), "dtype": DTYPE_NAMES[prog.inputs[0].dtype],
                        **({"quantize": quant} if quant else {})},

@@ -25,18 +25,21 @@ from .run import run_training
 
 
 def compile_train(graph: Graph, project: str | Path, *, target: str = "host", ram_kb: int = DEFAULT_RAM_KB,
-                  flash_kb: int = DEFAULT_FLASH_KB, measure: bool = True) -> dict[str, Any]:
+                  flash_kb: int = DEFAULT_FLASH_KB, measure: bool = True, patches: str = "auto",
+                  patch_overhead: int = 20) -> dict[str, Any]:
     """The mcu backend's path for a training-step graph: write and host-build the project
     (the training harness, and main.c's inference harness around model_run); for a
     Cortex-M target also link firmware.elf and train.elf within the budget (while the
     host build of an int8 step is checked against the integer reference) and, with
     ``measure``, run one step under QEMU for its stack and instruction count.
+    ``patches`` / ``patch_overhead`` (%): the frozen first stage per patch (``patches.py``).
     ``timings`` (report.json, not model.json): where the compile's time went (``PhaseTimer``)."""
     get_target(target)
     timer = PhaseTimer()
     try:
         with timer("lower_and_write"):
-            facts, lowered = write_train_lowered(graph, project, source=graph.source)
+            facts, lowered = write_train_lowered(graph, project, source=graph.source, patches=patches,
+                                                 patch_overhead=patch_overhead / 100)
     except Unsupported as exc:
         raise BackendError(f"the mcu backend cannot generate the training step: {exc}",
                            "use --backend torch for this training step, or change the sparse-update scheme") from exc

@@ -21,19 +21,25 @@ from ..c_files import template_dir
 from ..firmware.build import build_host_pair
 from .codegen import write_train_project
 from .harness import EXE, HARNESS, HARNESS_DIR
-from .lowering import lower_train
+from .patches import DEFAULT_MAX_OVERHEAD, lower_step
 from .run import run_training, whole_parameters
 
 
-def write_train(graph: Graph, project: str | Path, *, source: str = "<model>") -> dict[str, Any]:
-    return write_train_lowered(graph, project, source=source)[0]
+def write_train(graph: Graph, project: str | Path, *, source: str = "<model>", patches: str = "auto",
+                patch_overhead: float = DEFAULT_MAX_OVERHEAD, stream_input: bool = True) -> dict[str, Any]:
+    return write_train_lowered(graph, project, source=source, patches=patches, patch_overhead=patch_overhead,
+                               stream_input=stream_input)[0]
 
 
-def write_train_lowered(graph: Graph, project: str | Path, *, source: str = "<model>") -> tuple[dict[str, Any], Graph]:
+def write_train_lowered(graph: Graph, project: str | Path, *, source: str = "<model>", patches: str = "auto",
+                        patch_overhead: float = DEFAULT_MAX_OVERHEAD,
+                        stream_input: bool = True) -> tuple[dict[str, Any], Graph]:
     """``write_train``, also returning the graph lowered (an int8 step's device form,
-    which the integer reference then interprets)."""
+    which the integer reference then interprets). ``patches`` / ``patch_overhead``: the
+    first stage per patch (``patches.py``; the mcu options of those names), reading its
+    input window by window unless ``stream_input`` is False (then the input is in the arena)."""
     project = Path(project)
-    program = lower_train(graph)
+    program = lower_step(graph, patches, patch_overhead, stream_input)
     facts = write_train_project(program, project, source=source)
     (project / HARNESS_DIR).mkdir(exist_ok=True)
     shutil.copy(template_dir() / HARNESS, project / HARNESS_DIR / HARNESS)

@@ -4,7 +4,8 @@
 its arena with the code generator's own planner (``plan_step_arena``, which
 ``codegen.write_train_project`` uses too), so its numbers are the artifact's:
 ``arena_bytes`` is ``MODEL_ARENA_BYTES`` (activations, gradients and, for an int8 step,
-the int8 input, which lives in the arena), ``trained_weights_bytes`` the trained
+the int8 input, which lives in the arena unless a patched first stage reads it window by
+window: ``input_in_arena``), ``trained_weights_bytes`` the trained
 parameters and optimizer state as stored (int8 weights and int32 biases of an int8
 step, only the trained rows of a partial-channel layer), ``labels_bytes`` the labels the
 harness holds. ``sram_bytes`` is their sum: what the model owns in SRAM. A device
@@ -22,7 +23,7 @@ from ....errors import BackendError
 from ....rewrite.graph import Graph
 from ..inference.codegen import ArenaPlan, plan_arena
 from ..inference.lowering.base import Unsupported
-from .lowering import lower_train
+from .patches import DEFAULT_MAX_OVERHEAD, lower_step
 from .lowering.buffers import TrainProgram
 
 
@@ -44,7 +45,8 @@ def step_memory(tp: TrainProgram, arena: ArenaPlan) -> dict[str, Any]:
             "peak_live_bytes": arena.peak_live_bytes,
             "trained_weights_bytes": trained, "trained_arrays": [b.name for b in tp.trained],
             "optimizer_state_bytes": sum(b.nbytes for b in tp.trained if b.state),
-            "frozen_weights_bytes": frozen, "input_bytes": prog.inputs[0].nbytes, "input_in_arena": True,
+            "frozen_weights_bytes": frozen, "input_bytes": prog.inputs[0].nbytes,
+            "input_in_arena": not prog.notes.get("input_streamed"),
             "labels_bytes": labels, "sram_bytes": arena.plan.arena_bytes + trained + labels,
             "int8": tp.int8,
             "note": "sram_bytes = arena (activations, gradients, the input) + trained parameters and "
@@ -52,10 +54,12 @@ def step_memory(tp: TrainProgram, arena: ArenaPlan) -> dict[str, Any]:
                     "not in it (see device where the firmware was measured)"}
 
 
-def plan_train_memory(graph: Graph) -> dict[str, Any]:
-    """The mcu memory plan of a training-step graph without writing or compiling C."""
+def plan_train_memory(graph: Graph, patches: str = "auto",
+                      patch_overhead: float = DEFAULT_MAX_OVERHEAD) -> dict[str, Any]:
+    """The mcu memory plan of a training-step graph without writing or compiling C
+    (``patches`` / ``patch_overhead``: as the compile's, ``patches.lower_step``)."""
     try:
-        tp = lower_train(graph)
+        tp = lower_step(graph, patches, patch_overhead)
     except Unsupported as exc:
         raise BackendError(f"the mcu backend cannot generate the training step: {exc}",
                            "change the sparse-update scheme, or use --backend torch") from exc

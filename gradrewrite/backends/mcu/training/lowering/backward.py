@@ -11,7 +11,7 @@ from ...inference.lowering.base import (HANDLERS, Unsupported, conv_shape, float
 from ...program import Val, c_float
 from . import int8 as s8
 from .base import TRAIN_FILE, aten, emit, split_parts, train_handles
-from .buffers import SplitBuf
+from .buffers import MaskedBcast, SplitBuf
 from .lowerer import TrainLowerer
 
 
@@ -104,6 +104,11 @@ def _conv_bwd(lw: TrainLowerer, node: fx.Node) -> tuple:
         raise Unsupported("transposed convolution")
     c = {"stride": tuple(a[4]), "padding": tuple(a[5]), "dilation": tuple(a[6]), "groups": int(a[9])}
     mask = list(a[10])
+    raw = lw.vals.get(a[0])
+    if isinstance(raw, Val) and isinstance(raw.buf, MaskedBcast):  # a pooled gradient, not stored whole
+        outs = s8.conv_bwd_bcast(lw, node, c, mask, raw)
+        if outs is not None:
+            return outs
     gy = float_in(lw, a[0])
     if s8.scaled_of(lw, a[2]) is not None or s8.dq_of(lw, a[1]) is not None:
         return s8.conv_bwd(lw, node, c, mask, gy)

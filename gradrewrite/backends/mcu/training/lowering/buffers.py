@@ -82,6 +82,19 @@ class DqBuf(Buf):
 
 
 @dataclass(eq=False)
+class MaskedBcast(Buf):
+    """``masked_grad(expand(d), bits)`` not yet stored: a per-channel gradient ``d`` (an
+    [n, C] view) broadcast over the plane and masked. The convolution backward it feeds
+    reads it in channel chunks (``int8.conv_bwd_bcast``); any other reader gets the
+    whole tensor made right before it (``TrainLowerer.val``), as the unfused lowering would."""
+    d: Val | None = None
+    bits: Val | None = None
+
+    def expr(self) -> str:
+        raise Unsupported(f"{self.name} is a masked broadcast gradient read without being stored")
+
+
+@dataclass(eq=False)
 class ScaledS8(Buf):
     parts: tuple = ()            # ((first output channel, int8 Val of its filters), ...)
     scale: Buf | None = None     # f32 per output channel (flash)

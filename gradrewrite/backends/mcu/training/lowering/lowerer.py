@@ -24,7 +24,7 @@ from ...inference.lowering.lowerer import Lowerer
 from ...program import Buf, Program, Val, c_float, contiguous_strides, numel
 from ..device_form import bias_bound, bounded_layers, device_form, inexact_ops, is_int8_step
 from .base import TRAIN_HANDLERS
-from .buffers import DqBuf, LabelBuf, ScaledS8, SplitBuf, TrainedBuf
+from .buffers import DqBuf, LabelBuf, MaskedBcast, ScaledS8, SplitBuf, TrainedBuf
 from .patterns import momentum_parts, readers, update_chain
 
 aten = torch.ops.aten
@@ -35,6 +35,20 @@ class TrainLowerer(Lowerer):
 
     int8_elementwise = False   # the step's float ops keep the float semantics its reference has
     float_outputs = False      # an int8 step's layers all requantize (its reference, device_form)
+    # memory rewrites of the int8 step (bit for bit the same results; tests turn them off to compare):
+    # a mean / sum of an int8 activation reads it as int8, with no float copy (int8._reduce)
+    int8_reduce = True
+    # a per-channel gradient broadcast over a plane and masked (a global average pool's backward)
+    # is never stored whole, the conv backward reading it in channel chunks (int8.conv_bwd_bcast)
+    bcast_grads = True
+    # a stride-1 depthwise conv's input gradient is written over its output gradient when
+    # that dies there (int8.conv_bwd: one plane of scratch)
+    inplace_dw_bwd = True
+    # an int8 weight's gradient is made one output row at a time by its update (int8.sgd_int)
+    fused_update = True
+    # an inverted residual block's backward (frozen int8 weights) one expanded channel at a time
+    # (int8.ir_bwd): no expanded gradient is stored
+    ir_bwd = True
 
     def __init__(self, graph: Graph, *, collect: bool = False):
         ts = graph.meta.get("train_step")
@@ -57,6 +71,8 @@ class TrainLowerer(Lowerer):
         self._frozen_w: dict[str, Buf] = {}       # int8 layer const name -> its frozen weight as stored
         self._split_q: dict[str, tuple] = {}      # int8 layer name -> (rows, trained Val, rest Val)
         self._int_store: dict[str, tuple] = {}    # trained attr -> (dtype, per-row QAS factor of the storage)
+        self._wgrad: dict[int, tuple] = {}         # id(weight-gradient buf) -> (its step, reads, row length, row code)
+        self._bwd_fused: dict[fx.Node, Any] = {}   # backward nodes a fused step computed (int8.ir_bwd) -> value
         self.logits_val: Val | None = None
         self._raw_views = False                   # slicing an int8 activation keeps it int8
         # an int8 step takes its input as int8 (the runners quantize it on the host)
@@ -104,7 +120,22 @@ class TrainLowerer(Lowerer):
         v = super().val(node)
         if isinstance(v, Val) and isinstance(v.buf, DqBuf) and not self._raw_views:  # a reader that needs floats
             return self._float_copy(v)
+        if isinstance(v, Val) and isinstance(v.buf, MaskedBcast):  # stored once, for its first other reader
+            self.vals[node] = v = self._store_bcast(v)
         return v
+
+    def _store_bcast(self, v: Val) -> Val:
+        """A ``MaskedBcast`` as the unfused lowering stores it: the broadcast copied out,
+        then masked in place."""
+        m: MaskedBcast = v.buf
+        src = Val(m.d.buf, v.shape, (m.d.strides[0], m.d.strides[1], *[0] * (len(v.shape) - 2)), m.d.offset)
+        g = self.contig(src)
+        gx = self.new(g.shape, "f32", inplace_of=g)
+        flat = Val(m.bits.buf, (1,), (1,))
+        self.emit("gr_masked_grad_f32", "gr_train_s8.c", f"gr_masked_grad_f32({g.ptr()}, {flat.ptr()}, {g.numel}, "
+                  f"{gx.out()});", [g, flat], [gx], op="masked_grad")
+        self.kernel_files.update({"gr_train.h", "gr_train.c"})
+        return gx
 
     def _float_copy(self, v: Val) -> Val:
         """A float copy of a dequantized int8 activation, made right before the reader that needs it."""
@@ -330,6 +361,9 @@ class TrainLowerer(Lowerer):
                 self.logits_val = self.val(self.logits_node.args[0])
                 self.vals[self.logits_node.args[0]] = self.logits_val  # one float copy
             self.forward_steps = len(self.steps)
+        if node in self._bwd_fused:
+            self.vals[node] = self._bwd_fused.pop(node)
+            return
         handler = TRAIN_HANDLERS.get(node.target)
         if handler is None:
             return super()._lower(node)

@@ -39,7 +39,8 @@ def _sub(lw: TrainLowerer, node: fx.Node) -> Val:
     store = lw._int_store.get(param_attr(w_node) or "")
     if store is not None:  # an int8 weight / int32 bias: QAS, rounding, saturation
         rows = w.shape[0] if w.shape else 1
-        s8.sgd_int(lw, w, g, update_factor(lw.graph, factors, store[1], rows), store[0], rows, store[2])
+        s8.sgd_int(lw, w, g, update_factor(lw.graph, factors, store[1], rows), store[0], rows, store[2],
+                   g_only_here=len(g_node.users) == 1)
         return w
     if factors:
         raise Unsupported("the update is scaled by more than the learning rate (QAS needs an int8 weight)")
