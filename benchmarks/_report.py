@@ -113,6 +113,16 @@ def publish(name: str, data: dict[str, Any], *, quick: bool = False) -> Path:
     return path
 
 
+def need_plots() -> None:
+    """Fail before the measuring, not after it: the plots need matplotlib (the bench extra)."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        from gradrewrite.errors import InputError
+        raise InputError("this benchmark plots its results and matplotlib is not installed",
+                         'pip install -e ".[bench]"') from None
+
+
 def save_png(fig, name: str) -> str:
     """Save a matplotlib figure as results/<name>.png and close it; returns the file name."""
     import matplotlib.pyplot as plt

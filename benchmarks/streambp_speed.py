@@ -180,6 +180,7 @@ def main() -> None:
     ap.add_argument("--baseline", metavar="REV", help="also time stream-bp as of this git revision, "
                     "in the same rounds (a paired before/after)")
     args = ap.parse_args()
+    _report.need_plots()
     lengths, rounds = ([1024], 1) if args.quick else (args.lengths, args.rounds)
     if rounds < 1 or any(T < 2 * N_CHUNKS for T in lengths):
         print(f"error: need --rounds >= 1 and every T >= {2 * N_CHUNKS}; got rounds={rounds}, "

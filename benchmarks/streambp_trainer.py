@@ -11,8 +11,17 @@ training text, batch 1, AdamW, linear schedule, gradient clipping, fp32, same se
 - ``StreamBPTrainer`` (``n_chunks`` chunks per sequence, default 4).
 
 The runs are sequential (one Trainer each, 2 torch threads); per step the wall time and
-the process CPU time are recorded by a callback. Target: the same training losses to
-rounding (max |loss difference| printed against a tolerance of 1e-3 nats).
+the process CPU time are recorded by a callback.
+
+What "the same losses to rounding" means is measured, not assumed: AdamW turns rounding
+differences in near-zero gradient entries into whole ``lr``-sized steps, so two exact
+methods drift apart within a few steps. Checkpointing against plain backprop would not
+show it (the recomputed forward is the same arithmetic: bit-identical gradients), so the
+noise floor is a third run that differs from the reference by rounding only: Trainer +
+checkpointing on **1** torch thread (the same math, other summation orders). Target:
+StreamBPTrainer's loss curve is as close to the reference as that run's: max |loss
+difference| <= max(1e-3, 2 x the 1-thread run's), factor 2 because two drifting runs
+differ by chance.
 
 Runtime: on the shared 2-core machine under load ~5, a step at T=1024 took ~8 s CPU
 (13 s wall) with checkpointing and ~15 s CPU (17-60 s wall) with StreamBP, so the
@@ -42,7 +51,12 @@ from benchmarks import _report, quant_lm  # noqa: E402
 from gradrewrite.errors import InputError  # noqa: E402
 
 TOL = 1e-3
-TARGET = f"StreamBPTrainer's training losses equal Trainer + checkpointing's to rounding (max |diff| <= {TOL})"
+SLACK = 2.0
+TARGET = ("StreamBPTrainer's training losses equal Trainer + checkpointing's to rounding: max |diff| <= "
+          f"max({TOL:g}, {SLACK:g} x that of the same checkpointing run on 1 thread)")
+CONTROL = "checkpoint, 1 thread"
+# method -> (trainer, torch threads); the first is the reference, CONTROL the noise floor
+RUNS = {"checkpoint": ("checkpoint", 2), CONTROL: ("checkpoint", 1), "stream-bp": ("stream-bp", 2)}
 
 
 class Windows(torch.utils.data.Dataset):
@@ -77,11 +91,12 @@ def _timing_callback():
     return StepTimes()
 
 
-def run(method: str, T: int, steps: int, lr: float, n_chunks: int, quick: bool) -> dict:
+def run(method: str, T: int, steps: int, lr: float, n_chunks: int, quick: bool, threads: int) -> dict:
     import transformers as tr
 
     from gradrewrite.training import StreamBPTrainer
 
+    torch.set_num_threads(threads)
     model, record = quant_lm.trained(verbose=True, quick=quick)
     lm = model.lm.train()
     lm.config.use_cache = False
@@ -104,7 +119,7 @@ def run(method: str, T: int, steps: int, lr: float, n_chunks: int, quick: bool) 
         total = time.perf_counter() - t0
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     skip = min(2, len(timer.wall) - 1)   # the first steps capture / warm up
-    return {"losses": losses, "wall_s": timer.wall, "cpu_s": timer.cpu, "total_s": total,
+    return {"losses": losses, "wall_s": timer.wall, "cpu_s": timer.cpu, "total_s": total, "threads": threads,
             "median_wall_s": statistics.median(timer.wall[skip:]),
             "median_cpu_s": statistics.median(timer.cpu[skip:]),
             "lm_key": record["key"], "lm_cached": record.get("cached", False)}
@@ -123,46 +138,57 @@ def main() -> None:
     if args.T < 16 or args.steps < 2 or args.n_chunks < 1:
         raise InputError(f"streambp_trainer: T={args.T}, steps={args.steps}, n_chunks={args.n_chunks}",
                          "use --T >= 16, --steps >= 2, --n-chunks >= 1")
-    torch.set_num_threads(2)
+    _report.need_plots()
     t_start = time.time()
     runs = {}
-    for method in ("checkpoint", "stream-bp"):
-        runs[method] = run(method, args.T, args.steps, args.lr, args.n_chunks, args.quick)
-        r = runs[method]
-        print(f"{method}: first/last loss {r['losses'][0]:.4f} / {r['losses'][-1]:.4f}, "
+    for name, (method, threads) in RUNS.items():
+        runs[name] = run(method, args.T, args.steps, args.lr, args.n_chunks, args.quick, threads)
+        r = runs[name]
+        print(f"{name}: first/last loss {r['losses'][0]:.4f} / {r['losses'][-1]:.4f}, "
               f"median step {r['median_wall_s']:.2f} s wall, {r['median_cpu_s']:.2f} s CPU", flush=True)
-    diffs = [abs(a - b) for a, b in zip(runs["checkpoint"]["losses"], runs["stream-bp"]["losses"])]
-    max_diff = max(diffs)
-    holds = max_diff <= TOL and len(diffs) == args.steps
-    print(f"max |loss difference| over {len(diffs)} steps: {max_diff:.2e}; target ({TARGET}): "
-          f"{'holds' if holds else 'missed'}", flush=True)
-    ck, sb = runs["checkpoint"], runs["stream-bp"]
-    rows = [[m, f"{r['losses'][0]:.4f}", f"{r['losses'][-1]:.4f}", round(r["median_wall_s"], 2),
-             round(r["median_cpu_s"], 2), f"{r['median_cpu_s'] / ck['median_cpu_s']:.3f}",
+    ref = runs["checkpoint"]
+    diffs = {name: [abs(a - b) for a, b in zip(ref["losses"], r["losses"])]
+             for name, r in runs.items() if name != "checkpoint"}
+    floor = max(diffs[CONTROL])
+    max_diff = max(diffs["stream-bp"])
+    bound = max(TOL, SLACK * floor)
+    holds = max_diff <= bound and all(len(d) == args.steps for d in diffs.values())
+    print(f"max |loss difference| from checkpointing over {args.steps} steps: stream-bp {max_diff:.2e}, "
+          f"{CONTROL} {floor:.2e}; target ({TARGET}): {'holds' if holds else 'missed'}", flush=True)
+    rows = [[m, r["threads"], f"{r['losses'][0]:.4f}", f"{r['losses'][-1]:.4f}",
+             f"{max(diffs[m]):.2e}" if m in diffs else "", f"{statistics.fmean(diffs[m]):.2e}" if m in diffs else "",
+             round(r["median_wall_s"], 2), round(r["median_cpu_s"], 2),
+             f"{r['median_cpu_s'] / ref['median_cpu_s']:.3f}" if r["threads"] == ref["threads"] else "",
              round(r["total_s"] / 60, 1)] for m, r in runs.items()]
     image = _plot(runs, diffs, args)
+    first_k = min(5, args.steps)
     text = (f"Fine-tuning the trained byte LM of `benchmarks/quant_lm.py` (d=512, 6 layers, vocabulary 256; "
-            f"trained at 256 bytes of context, cache key {ck['lm_key']}) at T={args.T} for {args.steps} "
-            f"AdamW steps (lr {args.lr:g}, linear schedule, clip 1.0, batch 1, fp32, 2 torch threads), same "
-            "seed and windows of the standard library's training text. Trainer + gradient checkpointing "
-            f"against StreamBPTrainer(n_chunks={args.n_chunks}), run one after the other on a shared 2-core "
-            f"machine (load average {os.getloadavg()[0]:.1f} at the end): step times are medians after the "
-            "first two steps, CPU time is the process's. Max |training-loss difference| over the "
-            f"{len(diffs)} steps: {max_diff:.2e} (mean {statistics.fmean(diffs):.2e}). Target ({TARGET}): "
-            f"{'holds' if holds else 'missed'}.")
+            f"trained at 256 bytes of context, cache key {ref['lm_key']}) at T={args.T} for {args.steps} "
+            f"AdamW steps (lr {args.lr:g}, linear schedule, clip 1.0, batch 1, fp32), same seed and windows of "
+            "the standard library's training text. The reference is Trainer + gradient checkpointing on 2 torch "
+            f"threads; StreamBPTrainer(n_chunks={args.n_chunks}) on 2 threads; the noise floor is the reference "
+            "run on 1 thread (the same arithmetic in other summation orders: its loss differences are what "
+            "rounding alone does to this training run). Runs one after the other on a shared 2-core machine "
+            f"(load average {os.getloadavg()[0]:.1f} at the end); step times are medians after the first two "
+            "steps, CPU time is the process's (compared only at equal threads). Loss differences are from the "
+            f"reference, step by step; over the first {first_k} steps: stream-bp "
+            f"{max(diffs['stream-bp'][:first_k]):.1e}, 1 thread {max(diffs[CONTROL][:first_k]):.1e}. "
+            f"Target ({TARGET}): {'holds' if holds else 'missed'} ({max_diff:.2e} against {bound:.2e}).")
     _report.publish("streambp_trainer", {
         "title": "StreamBPTrainer vs Trainer + gradient checkpointing: fine-tuning the byte LM",
         "quick": args.quick, "T": args.T, "steps": args.steps, "lr": args.lr, "n_chunks": args.n_chunks,
-        "threads": 2, "runs": runs, "max_abs_loss_diff": max_diff, "target": TARGET, "holds": holds,
+        "runs": runs, "max_abs_loss_diff": max_diff, "noise_floor_max_abs_loss_diff": floor,
+        "bound": bound, "target": TARGET, "holds": holds,
         "runtime_seconds": round(time.time() - t_start, 1),
         "sections": [{"heading": "Loss curves and step time", "text": text,
-                      "columns": ["method", "first loss", "last loss", "median step s (wall)",
-                                  "median step s (CPU)", "CPU vs checkpoint", "run minutes"],
+                      "columns": ["run", "threads", "first loss", "last loss", "max |diff| vs reference",
+                                  "mean |diff|", "median step s (wall)", "median step s (CPU)",
+                                  "CPU vs checkpoint", "run minutes"],
                       "rows": rows, "image": image}]}, quick=args.quick)
     print(f"total {time.time() - t_start:.0f}s")
 
 
-def _plot(runs: dict, diffs: list[float], args) -> str:
+def _plot(runs: dict, diffs: dict[str, list[float]], args) -> str:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -170,17 +196,20 @@ def _plot(runs: dict, diffs: list[float], args) -> str:
     fig, (ax, bx) = plt.subplots(1, 2, figsize=(10, 3.6))
     for m, r in runs.items():
         ax.plot(range(1, len(r["losses"]) + 1), r["losses"], label=m,
-                lw=1.0, ls="-" if m == "checkpoint" else "--")
+                lw=1.0, ls={"checkpoint": "-", CONTROL: ":"}.get(m, "--"))
     ax.set_xlabel("step")
     ax.set_ylabel("training loss (nats/byte)")
     ax.set_title(f"byte LM fine-tuning at T={args.T}")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
-    bx.semilogy(range(1, len(diffs) + 1), [max(d, 1e-9) for d in diffs], lw=1.0)
+    for m, d in diffs.items():
+        bx.semilogy(range(1, len(d) + 1), [max(x, 1e-9) for x in d], lw=1.0, label=m,
+                    ls=":" if m == CONTROL else "-")
     bx.axhline(TOL, color="k", ls="--", lw=0.8)
     bx.set_xlabel("step")
-    bx.set_ylabel("|loss difference|")
-    bx.set_title("stream-bp vs checkpointing")
+    bx.set_ylabel("|loss difference| from checkpoint")
+    bx.set_title("drift from the reference run")
+    bx.legend(fontsize=8)
     bx.grid(alpha=0.3, which="both")
     if args.quick:   # smoke runs stay out of results/
         _report.QUICK.mkdir(parents=True, exist_ok=True)
