@@ -7,7 +7,8 @@ cortex-m7``: host build checked bit for bit against the integer reference, train
 linked, one step measured under QEMU):
 
 - ``before``: every rewrite off (``TrainLowerer`` flags ``int8_reduce``, ``bcast_grads``,
-  ``inplace_dw_bwd``, ``fused_update``, ``ir_bwd`` False; backend option ``patches=off``);
+  ``inplace_dw_bwd``, ``fused_update``, ``ir_bwd``, ``chunked_pool`` False; backend option
+  ``patches=off``);
 - ``rewrites, no patches``: the lowering's rewrites on, the first stage whole (the input
   in the arena);
 - ``after``: the backend's defaults (all on; ``patches=auto``: the first stage per patch,
@@ -35,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks import _report  # noqa: E402
 from benchmarks.mcu_train_budget import FLASH_KB, QAS, RAM_KB, SCHEMES, TTE, build_step  # noqa: E402
 
-REWRITES = ("int8_reduce", "bcast_grads", "inplace_dw_bwd", "fused_update", "ir_bwd")
+REWRITES = ("int8_reduce", "bcast_grads", "inplace_dw_bwd", "fused_update", "ir_bwd", "chunked_pool")
 VARIANTS = {  # name -> (backward rewrites on, patches option)
     "before": (False, "off"),
     "rewrites, no patches": (True, "off"),
@@ -166,7 +167,8 @@ def main(publish: bool) -> None:
                 f"--ram-kb {RAM_KB}`), host build checked bit for bit against the integer reference, one step "
                 "measured under QEMU. before: the step's memory rewrites off (no int8 mean, the pooled gradient "
                 "stored whole, depthwise input gradients in a second buffer, whole weight gradients stored, the "
-                "inverted residual blocks' expanded gradients stored, the first stage whole); rewrites: those on; "
+                "inverted residual blocks' expanded gradients stored, the last conv's output stored whole before "
+                "the pool, the first stage whole); rewrites: those on; "
                 "after: the defaults (patches=auto too). "
                 "Planned SRAM = arena + trained parameters + labels; measured = linked SRAM less the unused stack "
                 "and heap reserves (harness, C library heap and stack on top of the model's); with patches the input "

@@ -1,14 +1,17 @@
 """The memory rewrites of the int8 training step (issue 19, item 4): each must leave the
 step's results bit for bit as they were and lower the planned arena.
 
-- the global average pool reads its int8 input (``gr_reduce_s8_f32``: no float copy);
+- the global average pool reads its int8 input (``gr_reduce_s8_f32``: no float copy), and
+  is made with the conv before it and that conv's masks one chunk of output channels at a
+  time (``int8.pool_chunks``: the conv's output never stored whole);
 - its backward (a per-channel gradient broadcast over the plane and masked) is never
   stored whole: the conv backward reads it in channel chunks (``int8.conv_bwd_bcast``);
 - a stride-1 depthwise conv's input gradient is written over its output gradient
   (``gr_dw_bwd_input_ws8_f32``, one plane of scratch);
 - an int8 weight's gradient is made one row at a time by its update (fused update);
-- an inverted residual block's backward (frozen weights) runs one expanded channel at a
-  time (``gr_ir_bwd_s8_f32``): no expanded gradient is stored;
+- an inverted residual block's backward (frozen or partially trained project / expand
+  weights) runs one expanded channel at a time (``gr_ir_bwd_s8_f32``): no expanded gradient
+  is stored, only the channels a partially trained expand's weight gradient reads;
 - the frozen first stage runs patch by patch (``training/patches.py``, the inference
   planner's C path), reading its input window by window (not held in SRAM).
 """
@@ -31,7 +34,7 @@ from .test_mcu_train_int8 import int8_step
 
 LR = 0.05
 STEPS = 3
-REWRITES = ("int8_reduce", "bcast_grads", "inplace_dw_bwd", "fused_update", "ir_bwd")
+REWRITES = ("int8_reduce", "bcast_grads", "inplace_dw_bwd", "fused_update", "ir_bwd", "chunked_pool")
 
 
 class PatchNet(torch.nn.Module):
@@ -96,7 +99,10 @@ def test_rewrites_fire_and_lower_the_arena(step, unfused):
     tp = lower_step(step.clone())
     steps = tp.program.steps
     kernels = [s.kernel for s in steps]
-    assert "gr_reduce_s8_f32" in kernels and not any("float copy for aten.mean" in s.op for s in steps)
+    assert not any("float copy for aten.mean" in s.op for s in steps)
+    pooled = [s for s in steps if "per chunk of output channels" in s.op]      # pw, its masks and the mean
+    assert len(pooled) == 1 and "gr_reduce_s8_f32" in pooled[0].code and "gr_mask_bits_s8" in pooled[0].code
+    assert "gr_reduce_s8_f32" not in kernels
     assert sum("masked broadcast gradient" in s.op for s in steps) == 1          # pw: input and bias gradients
     assert kernels.count("gr_dw_bwd_input_ws8_f32") == 1                         # dw, stride 1
     ir = [s for s in steps if s.kernel == "gr_ir_bwd_s8_f32"]                    # project <- dw1 <- expand
@@ -196,6 +202,50 @@ def test_pooled_gradient_stored_for_a_weight_gradient_is_bit_exact(tmp_path):
     assert np.array_equal(losses, ref_losses)
     for path in ref:
         assert np.array_equal(got[path], ref[path]), path
+
+
+# head weight and bias, the biases of the last seven convs, half of project's filters, a quarter of expand's
+SPLIT_BLOCK = "sparse-update(bias_last=7,weights='-1:1,-5:1/2,-7:1/4')"
+
+
+@pytest.mark.slow
+def test_partially_trained_block_fused_is_bit_exact(unfused, tmp_path, monkeypatch):
+    """An inverted residual block whose project and expand weights are partially trained
+    (split: their first rows in SRAM) runs its backward in one step too, the expand's weight
+    gradient reading only its trained channels of the expanded gradient, which the fused
+    kernel copies out; the weight updates stay in place (same rounding draws). The pooled pw
+    conv is made 16 of its 48 channels at a time. Bit for bit the step with every rewrite off
+    (``chunked_pool`` / ``ir_bwd`` included) and the reference."""
+    from gradrewrite.backends.mcu.training.lowering import int8 as s8
+
+    monkeypatch.setattr(s8, "POOL_CHUNK_BYTES", 600)
+    x, y = batch()
+    step = int8_step(PatchNet(), x, y, SPLIT_BLOCK, "qas(rounding=stochastic,seed=4)", lr=LR)
+    steps = lower_step(step.clone()).program.steps
+    ir = [s for s in steps if s.kernel == "gr_ir_bwd_s8_f32"]
+    assert [s.path for s in ir] == ["project"]
+    assert "w_project_weight_q_frozen_rows, 8," in ir[0].code and "w_expand_weight_q_frozen_rows, 10," in ir[0].code
+    g3 = [b for b in ir[0].writes if b.name.startswith("slice")]
+    assert [b.nbytes for b in g3] == [10 * 12 * 12 * 4]                          # expand's 10 trained channels
+    assert not any(s.path in ("dw1", "expand") and "convolution_backward" in s.op and "fused" not in s.op
+                   for s in steps)
+    assert sorted(s.path for s in steps if "fused update" in s.op) == ["expand", "head", "project"]
+    pooled = [s for s in steps if "per chunk of output channels" in s.op]
+    assert len(pooled) == 1 and "c0 < 48; c0 += 16)" in pooled[0].code
+    assert [b.nbytes for b in pooled[0].writes if b.dtype == "i8"] == [16 * 36]   # pw's output: one chunk
+    facts_on, losses_on, on = _run(step, tmp_path / "on", "auto")
+    unfused()
+    steps_off = lower_step(step.clone(), "off").program.steps
+    assert not any(s.kernel == "gr_ir_bwd_s8_f32" or "per chunk" in s.op for s in steps_off)
+    facts_off, losses_off, off = _run(step, tmp_path / "off", "off")
+    assert facts_on["arena_bytes"] < facts_off["arena_bytes"]
+    ref_losses, ref = reference_steps(device_form(step), x.numpy(), y.numpy(), STEPS, LR, rounding="stochastic",
+                                      seed=4)
+    assert np.array_equal(losses_on, losses_off) and np.array_equal(losses_on, ref_losses), (losses_on, ref_losses)
+    assert set(on) == set(off) == set(ref)
+    for path in ref:
+        assert np.array_equal(on[path], ref[path]), path
+        assert np.array_equal(off[path], ref[path]), path
 
 
 def test_patch_modes(step):

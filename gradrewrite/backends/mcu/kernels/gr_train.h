@@ -85,11 +85,15 @@ void gr_dw_bwd_input_ws8_f32(const gr_conv_shape *s, const float *gy, const int8
    depthwise conv's (sd) bias gradient gbd and input gradient, masked by bits2; the
    expand conv's (pointwise, se: c in, oc expanded) bias gradient gbe and input gradient
    gx ([n, in, h, w]). gbd / gbe / gx may be NULL (not wanted). t1 / t2: one plane of the
-   depthwise output / input. Bit for bit the unfused kernels' results. */
-void gr_ir_bwd_s8_f32(const gr_conv_shape *sp, const float *gy, const int8_t *wp, const float *wsp,
-                      const uint8_t *bits1, const gr_conv_shape *sd, const int8_t *wd, const float *wsd, float *gbd,
-                      const uint8_t *bits2, const gr_conv_shape *se, const int8_t *we, const float *wse,
-                      float *gbe, float *gx, float *t1, float *t2);
+   depthwise output / input. A project / expand weight in two parts (partially trained):
+   rows below rp / re in wp / we, the rest in wp2 / we2 (rp = oc, re = expanded: one part).
+   g3 ([n, k3, h, w], k3 may be 0): the expand's masked output gradient of its first k3
+   channels, for its weight gradient. Bit for bit the unfused kernels' results. */
+void gr_ir_bwd_s8_f32(const gr_conv_shape *sp, const float *gy, const int8_t *wp, const int8_t *wp2, int32_t rp,
+                      const float *wsp, const uint8_t *bits1, const gr_conv_shape *sd, const int8_t *wd,
+                      const float *wsd, float *gbd, const uint8_t *bits2, const gr_conv_shape *se, const int8_t *we,
+                      const int8_t *we2, int32_t re, const float *wse, float *gbe, float *gx, float *g3, int32_t k3,
+                      float *t1, float *t2);
 /* channels c0..c1-1 of masked_grad(expand(d)): out[i, ch - c0, p] = the bit of element
    (i, ch, p) of an [n, c, hw] tensor ? d[i * dn + ch * dc] : 0 */
 void gr_bcast_masked_f32(const float *d, int32_t dn, int32_t dc, const uint8_t *bits, int32_t n, int32_t c,

@@ -88,16 +88,21 @@ void gr_dw_bwd_input_ws8_f32(const gr_conv_shape *s, const float *gy, const int8
         }
 }
 
-void gr_ir_bwd_s8_f32(const gr_conv_shape *sp, const float *gy, const int8_t *wp, const float *wsp,
-                      const uint8_t *bits1, const gr_conv_shape *sd, const int8_t *wd, const float *wsd, float *gbd,
-                      const uint8_t *bits2, const gr_conv_shape *se, const int8_t *we, const float *wse,
-                      float *gbe, float *gx, float *t1, float *t2) {
+void gr_ir_bwd_s8_f32(const gr_conv_shape *sp, const float *gy, const int8_t *wp, const int8_t *wp2, int32_t rp,
+                      const float *wsp, const uint8_t *bits1, const gr_conv_shape *sd, const int8_t *wd,
+                      const float *wsd, float *gbd, const uint8_t *bits2, const gr_conv_shape *se, const int8_t *we,
+                      const int8_t *we2, int32_t re, const float *wse, float *gbe, float *gx, float *g3, int32_t k3,
+                      float *t1, float *t2) {
     /* One expanded channel c at a time (images inside): its plane of the project conv's
        input gradient (output channels o in order), masked; the depthwise bias gradient;
        the depthwise input gradient (ky, kx, oy, ox), masked; the expand bias gradient; its
        terms of the block's input gradient. Every value is the same float expression, its
        terms added in the same order, as the unfused kernels' (gr_conv2d_bwd_input_ws8_f32,
-       gr_masked_grad_f32, gr_conv2d_bwd_bias_f32), so the results are theirs bit for bit. */
+       gr_masked_grad_f32, gr_conv2d_bwd_bias_f32), so the results are theirs bit for bit.
+       A partially trained project / expand weight comes in two parts: its rows below rp / re
+       in wp / we, the rest in wp2 / we2. The expand's masked output gradient of channels
+       c < k3 (its weight gradient's input when its first k3 filters are trained) is copied
+       to g3 ([n, k3, h, w]). */
     const int32_t n = sp->n, ch = sp->c, cout = sp->oc, cin = se->c;
     const size_t hp = (size_t)sp->h * sp->w, hw = (size_t)sd->h * sd->w;
     if (gx) memset(gx, 0, sizeof(float) * (size_t)n * cin * hw);
@@ -106,7 +111,8 @@ void gr_ir_bwd_s8_f32(const gr_conv_shape *sp, const float *gy, const int8_t *wp
         for (int32_t i = 0; i < n; i++) {
             memset(t1, 0, sizeof(float) * hp);
             for (int32_t o = 0; o < cout; o++) {
-                const float wv = (float)wp[(size_t)o * ch + c] * wsp[o];
+                const int8_t *wrow = o < rp ? wp + (size_t)o * ch : wp2 + (size_t)(o - rp) * ch;
+                const float wv = (float)wrow[c] * wsp[o];
                 const float *g = gy + ((size_t)i * cout + o) * hp;
                 for (size_t q = 0; q < hp; q++) t1[q] += g[q] * wv;
             }
@@ -137,9 +143,11 @@ void gr_ir_bwd_s8_f32(const gr_conv_shape *sp, const float *gy, const int8_t *wp
                 t2[q] = (bits2[b >> 3] >> (b & 7)) & 1u ? t2[q] : 0.0f;
                 acce += t2[q];
             }
+            if (c < k3) memcpy(g3 + ((size_t)i * k3 + c) * hw, t2, sizeof(float) * hw);
             if (gx)
                 for (int32_t ic = 0; ic < cin; ic++) {
-                    const float wv = (float)we[(size_t)c * cin + ic] * wse[c];
+                    const int8_t *wrow = c < re ? we + (size_t)c * cin : we2 + (size_t)(c - re) * cin;
+                    const float wv = (float)wrow[ic] * wse[c];
                     float *g = gx + ((size_t)i * cin + ic) * hw;
                     for (size_t q = 0; q < hw; q++) g[q] += t2[q] * wv;
                 }

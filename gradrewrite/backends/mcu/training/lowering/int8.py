@@ -93,8 +93,9 @@ def mask_bits(lw: TrainLowerer, node: fx.Node) -> Val:
         raise Unsupported("a gradient mask of a non-int8 value")
     qmin, qmax, scale, zp, lo, hi = node.args[1:7]
     bits = lw.new(((q.numel + 7) // 8,), "u8", name=node.name)
-    _emit(lw, "gr_mask_bits_s8", f"gr_mask_bits_s8({q.ptr()}, {q.numel}, {int(qmin)}, {int(qmax)}, "
-          f"{c_float(scale)}, {int(zp)}, {c_float(lo)}, {c_float(hi)}, {bits.out()});", [q], [bits])
+    rest = f"{int(qmin)}, {int(qmax)}, {c_float(scale)}, {int(zp)}, {c_float(lo)}, {c_float(hi)}"
+    _emit(lw, "gr_mask_bits_s8", f"gr_mask_bits_s8({q.ptr()}, {q.numel}, {rest}, {bits.out()});", [q], [bits])
+    lw._mask_steps[id(lw.steps[-1])] = (rest, bits)
     return Val(bits.buf, tuple(q.shape), contiguous_strides(tuple(q.shape)))  # one bit per element of q
 
 
@@ -197,7 +198,12 @@ def ir_bwd(lw: TrainLowerer, node: fx.Node, c: dict, mask: list, gy: Val) -> tup
     stored. ``node`` is the project conv's backward; the depthwise and expand convs'
     backward nodes (and the masks and items between) are marked computed (``_bwd_fused``).
     Their bias gradients are made here, their updates stay where the graph has them (the
-    rounding draws keep their order). None when the chain is not exactly that."""
+    rounding draws keep their order). A partially trained project or expand weight (its
+    first rows trained: two parts) is read part by part; the expand's weight gradient (a
+    ``slice`` of its first channels of the masked expanded gradient, the one other reader of
+    that gradient) gets those channels, copied out by the kernel: only they are stored, and
+    its update (and the project's, which reads the stored gy) stays in its place. None when
+    the chain is not exactly that."""
     if not lw.ir_bwd or mask[1] or not mask[0]:
         return None
     chain = []
@@ -207,7 +213,7 @@ def ir_bwd(lw: TrainLowerer, node: fx.Node, c: dict, mask: list, gy: Val) -> tup
         w = scaled_of(lw, a[2])
         ws = tuple(val_meta(a[2]).shape)
         cp = _conv_params(cur)
-        if w is None or len(w.parts) != 1 or cmask[1] or a[7] or any(a[8] or ()):
+        if w is None or len(w.parts) > (1 if kind == "dw" else 2) or cmask[1] or a[7] or any(a[8] or ()):
             return None
         if kind != "dw" and not _pointwise(cp, ws):
             return None
@@ -224,12 +230,16 @@ def ir_bwd(lw: TrainLowerer, node: fx.Node, c: dict, mask: list, gy: Val) -> tup
         m = _only_user(items[0])
         if m is None or m.target is not dev.masked_grad or m.args[0] is not items[0]:
             return None
-        nxt = _only_user(m)
-        if nxt is None or nxt.target != aten.convolution_backward.default or nxt.args[0] is not m:
+        convs = [u for u in m.users if u.target == aten.convolution_backward.default and u.args[0] is m]
+        rest = [u for u in m.users if u not in convs]
+        if len(convs) != 1 or len(rest) > (1 if kind == "dw" else 0):
             return None
-        chain[-1] = (*chain[-1], m)
+        if rest and _lead_channels(rest[0], m) is None:
+            return None
+        nxt = convs[0]
+        chain[-1] = (*chain[-1], m, rest[0] if rest else None)
         cur, cmask = nxt, list(nxt.args[10])
-    (pn, pw_, pws, pc, pmask, pitems, m1), (dn, dw_, dws, dc, dmask, ditems, m2) = chain[:2]
+    (pn, pw_, pws, pc, pmask, pitems, m1, _), (dn, dw_, dws, dc, dmask, ditems, m2, sl) = chain[:2]
     en, ew, ews, ec, emask, eitems = chain[2]
     n, cout, h, w = gy.shape
     ch = pws[1]
@@ -249,23 +259,47 @@ def ir_bwd(lw: TrainLowerer, node: fx.Node, c: dict, mask: list, gy: Val) -> tup
     gbd = lw.new((ch,), "f32", name=dn.name + "_gb") if dmask[2] and 2 in ditems else None
     gbe = lw.new((ch,), "f32", name=en.name + "_gb") if emask[2] and 2 in eitems else None
     gx = lw.new(xe, "f32", name=en.name + "_gx") if emask[0] and 0 in eitems else None
+    k3 = _lead_channels(sl, m2) if sl is not None else 0
+    g3 = lw.new((n, k3, *xd[2:]), "f32", name=sl.name) if k3 else None
     t1 = lw.new((h, w), "f32", name=pn.name + "_plane")
     t2 = lw.new(xd[2:], "f32", name=dn.name + "_plane")
     flat = [Val(b.buf, (1,), (1,), b.offset) for b in (bits1, bits2)]
     ptr = lambda v: v.out() if v is not None else "NULL"  # noqa: E731
+
+    def parts(w, rows: int) -> tuple[str, str, int]:  # first part, second part (or NULL), rows of the first
+        p = w.parts
+        return p[0][1].ptr(), (p[1][1].ptr() if len(p) > 1 else "NULL"), (p[1][0] if len(p) > 1 else rows)
+
+    wp1, wp2, rp = parts(pw_, cout)
+    we1, we2, re_ = parts(ew, ch)
     code = "\n".join([
         "{ " + sp.replace(" s = ", " sp = "), "  " + sd.replace(" s = ", " sd = "),
         "  " + se.replace(" s = ", " se = "),
-        f"  gr_ir_bwd_s8_f32(&sp, {gy.ptr()}, {pw_.parts[0][1].ptr()}, {pw_.scale.name}, {flat[0].ptr()},",
+        f"  gr_ir_bwd_s8_f32(&sp, {gy.ptr()}, {wp1}, {wp2}, {rp}, {pw_.scale.name}, {flat[0].ptr()},",
         f"      &sd, {dw_.parts[0][1].ptr()}, {dw_.scale.name}, {ptr(gbd)}, {flat[1].ptr()},",
-        f"      &se, {ew.parts[0][1].ptr()}, {ew.scale.name}, {ptr(gbe)}, {ptr(gx)}, {t1.out()}, {t2.out()}); }}"])
-    writes = [v for v in (gbd, gbe, gx) if v is not None] + [t1, t2]
-    _emit(lw, "gr_ir_bwd_s8_f32", code, [gy, pw_.parts[0][1], *flat, dw_.parts[0][1], ew.parts[0][1]], writes,
-          pmacs + dmacs + (emacs if gx is not None else 0),
+        f"      &se, {we1}, {we2}, {re_}, {ew.scale.name}, {ptr(gbe)}, {ptr(gx)}, {ptr(g3)}, {k3},",
+        f"      {t1.out()}, {t2.out()}); }}"])
+    writes = [v for v in (gbd, gbe, gx, g3) if v is not None] + [t1, t2]
+    reads = [gy, *(p[1] for p in pw_.parts), *flat, dw_.parts[0][1], *(p[1] for p in ew.parts)]
+    _emit(lw, "gr_ir_bwd_s8_f32", code, reads, writes, pmacs + dmacs + (emacs if gx is not None else 0),
           op=op_name(pn) + " (inverted residual block backward, one expanded channel at a time)")
     lw._bwd_fused.update({pitems[0]: None, m1: None, dn: (None, None, gbd), ditems[0]: None, m2: None,
                           en: (gx, None, gbe)})
+    if g3 is not None:  # the expand's weight gradient reads these channels, as stored here
+        lw._bwd_fused[sl] = g3
     return tuple(outs)
+
+
+def _lead_channels(node: fx.Node, of: fx.Node) -> int | None:
+    """k when ``node`` is ``of[:, :k]`` (a slice of its first k channels, k < all), else None."""
+    if node.target != aten.slice.Tensor or node.args[0] is not of or node.kwargs:
+        return None
+    dim, start, end, step = (*node.args[1:], *(0, None, None, 1)[len(node.args) - 1:])[:4]  # slice's defaults
+    shape = tuple(val_meta(of).shape)
+    if len(shape) != 4 or int(dim) % 4 != 1 or (start or 0) != 0 or (step or 1) != 1 or end is None:
+        return None
+    k = min(int(end), shape[1])
+    return k if 0 < k < shape[1] else None
 
 
 def act_bwd(lw: TrainLowerer, node: fx.Node, d: DqBuf) -> Val:
@@ -463,9 +497,66 @@ def _reduce(lw: TrainLowerer, node: fx.Node) -> Val:
     inner = int(np.prod(x.shape[dims[-1] + 1:], dtype=np.int64))
     q = Val(d.q.buf, x.shape, x.strides, d.q.offset + x.offset)
     y = lw.new(shape_of(node), "f32")
+    if pool_chunks(lw, node, d, q, dims, y):
+        return y
     _emit(lw, "gr_reduce_s8_f32", f"gr_reduce_s8_f32({q.ptr()}, {c_float(d.scale)}, {d.zp}, {y.out()}, {outer}, "
           f"{red}, {inner}, {int(node.target == aten.mean.dim)});", [q], [y])
     return y
+
+
+POOL_CHUNK_BYTES = 2048   # the int8 scratch a chunk of the pooled conv's output channels is made in
+
+
+def pool_chunks(lw: TrainLowerer, node: fx.Node, d: DqBuf, q: Val, dims: list[int], y: Val) -> bool:
+    """The mean over the plane of a conv's int8 output that nothing else reads but its
+    gradient masks (the global average pool after the last conv): the conv's step (emitted
+    last but for those masks) is taken back and the conv, its masks and the mean are made
+    one chunk of output channels at a time in a scratch buffer, the whole output never
+    stored. Each output channel is the same integers (the chunk's rows of the weight, bias
+    and requantization), each mask bit the same (chunks of whole bytes), each mean the same
+    float sum: bit for bit the unchunked steps. False (nothing emitted) when not that case."""
+    rec = lw._qconv.get(id(d.q.buf))
+    dq_node = node.args[0]
+    if not lw.chunked_pool or rec is None or rec[0] not in lw.steps or dims != [2, 3] or len(q.shape) != 4 \
+            or q.shape[0] != 1 or q.offset != 0 or q.numel != d.q.numel or not isinstance(dq_node, fx.Node) \
+            or dq_node.target != DEQUANTIZE_PER_TENSOR or list(dq_node.users) != [node]:
+        return False
+    conv_step, x, per = rec   # per: one output channel's weights
+    later = lw.steps[lw.steps.index(conv_step) + 1:]
+    if not all(id(st) in lw._mask_steps and st.reads == [d.q.buf] for st in later):
+        return False
+    qnode = dq_node.args[0]
+    if not isinstance(qnode, fx.Node) or any(u is not dq_node and u.target is not dev.mask_bits
+                                             for u in qnode.users):
+        return False
+    if sum(u.target is dev.mask_bits for u in qnode.users) != len(later):
+        return False
+    _, c, h, w = q.shape
+    hw = h * w
+    k = max([j for j in range(1, c + 1) if c % j == 0 and j * hw <= POOL_CHUNK_BYTES and j * hw % 8 == 0] or [0])
+    head, sep, call = conv_step.code.partition("\n  gr_conv2d_s8(&s, &q, ")
+    args = call.removesuffix("); }").split(", ")
+    if not k or not sep or not head.startswith("{ ") or len(args) != 4 or args[0] != x.ptr() \
+            or args[3] != d.q.out() or conv_step.writes != [d.q.buf]:
+        return False
+    scratch = lw.new((k, h, w), "i8", name=node.name + "_chunk")
+    code = [head, f"  for (int32_t c0 = 0; c0 < {c}; c0 += {k}) {{",
+            "    gr_conv_shape sc = s; gr_quant_params qc = q;",
+            f"    sc.oc = {k}; qc.mult += c0; qc.shift += c0;",
+            f"    gr_conv2d_s8(&sc, &qc, {x.ptr()}, {args[1]} + (size_t)c0 * {per}, {args[2]} + c0, {scratch.out()});"]
+    writes = [scratch]
+    for st in later:
+        rest, bits = lw._mask_steps[id(st)]
+        code.append(f"    gr_mask_bits_s8({scratch.ptr()}, {k * hw}, {rest}, {bits.out()} + (size_t)c0 * {hw} / 8);")
+        writes.append(bits)
+    code += [f"    gr_reduce_s8_f32({scratch.ptr()}, {c_float(d.scale)}, {d.zp}, {y.out()} + c0, {k}, {hw}, 1, "
+             f"{int(node.target == aten.mean.dim)});", "  }", "}"]
+    for st in [conv_step, *later]:
+        lw.steps.remove(st)
+    _emit(lw, "gr_conv2d_s8", "\n".join(code), [x], [*writes, y], conv_step.macs,
+          op=f"{conv_step.op} + its masks + {op_name(node)}, per chunk of output channels")
+    lw.kernel_files.add("gr_int8.c")
+    return True
 
 
 # the device form's own ops (..device_form)

@@ -46,9 +46,14 @@ class TrainLowerer(Lowerer):
     inplace_dw_bwd = True
     # an int8 weight's gradient is made one output row at a time by its update (int8.sgd_int)
     fused_update = True
-    # an inverted residual block's backward (frozen int8 weights) one expanded channel at a time
-    # (int8.ir_bwd): no expanded gradient is stored
+    # an inverted residual block's backward (frozen int8 weights, or partially trained project /
+    # expand weights) one expanded channel at a time (int8.ir_bwd): no expanded gradient is
+    # stored, only the channels a partially trained expand's weight gradient reads
     ir_bwd = True
+    # a mean over the plane of an int8 conv's output read by nothing else but its gradient masks
+    # (the global average pool after the last conv) made with the conv and the masks one chunk of
+    # output channels at a time (int8.pool_chunks): the conv's output is never stored whole
+    chunked_pool = True
 
     def __init__(self, graph: Graph, *, collect: bool = False):
         ts = graph.meta.get("train_step")
@@ -73,6 +78,8 @@ class TrainLowerer(Lowerer):
         self._int_store: dict[str, tuple] = {}    # trained attr -> (dtype, per-row QAS factor of the storage)
         self._wgrad: dict[int, tuple] = {}         # id(weight-gradient buf) -> (its step, reads, row length, row code)
         self._bwd_fused: dict[fx.Node, Any] = {}   # backward nodes a fused step computed (int8.ir_bwd) -> value
+        self._qconv: dict[int, tuple] = {}         # id(int8 conv output) -> (its gr_conv2d_s8 step, input, row)
+        self._mask_steps: dict[int, tuple] = {}    # id(gr_mask_bits_s8 step) -> (its arguments after n, bits)
         self.logits_val: Val | None = None
         self._raw_views = False                   # slicing an int8 activation keeps it int8
         # an int8 step takes its input as int8 (the runners quantize it on the host)
@@ -249,7 +256,13 @@ class TrainLowerer(Lowerer):
     def _qmac(self, ql: int8.QLayer, x: Val, y: Val, out_shape: tuple[int, ...]) -> None:
         name = ident(module_path(ql.layer) or ql.layer.name)
         if name not in self._split_q:
-            return super()._qmac(ql, x, y, out_shape)
+            n_steps = len(self.steps)
+            super()._qmac(ql, x, y, out_shape)
+            if ql.kind == "conv" and len(self.steps) == n_steps + 1 and self.steps[-1].kernel == "gr_conv2d_s8" \
+                    and self.steps[-1].writes == [y.buf] and ql.conv["groups"] == 1:
+                # it may be made in chunks of output channels (int8.pool_chunks)
+                self._qconv[id(y.buf)] = (self.steps[-1], x, int(np.prod(ql.weight.shape[1:])))
+            return None
         rows, tval, rval = self._split_q[name]
         mult = Lowerer.add_const(self, name + "_mult", ql.mult, "i32")
         shift = Lowerer.add_const(self, name + "_shift", ql.shift, "i32")
