@@ -178,7 +178,8 @@ class Quantize:
         for key, value, valid in (("mode", self.mode, MODES), ("criterion", self.criterion, CRITERIA),
                                   ("aggregation", self.aggregation, AGGREGATIONS),
                                   ("spread", self.spread, SPREADS),
-                                  ("observer", self.observer, (*OBSERVERS, AUTO_OBSERVER)), ("method", self.method, METHODS),
+                                  ("observer", self.observer, (*OBSERVERS, AUTO_OBSERVER)),
+                                  ("method", self.method, METHODS),
                                   ("act_groups", self.act_groups, ACT_GROUPS),
                                   ("layerwise", self.layerwise, LAYERWISE)):
             if value not in valid:

@@ -3,8 +3,8 @@
 Which range estimate is best depends on the model, and per-tensor criteria do not tell:
 on the inference benchmark's held-out data the MSE-optimal ranges cut MobileNetV2-w0.35's
 output change from 0.0182 (min/max) to 0.0177 and a small GPT's from 0.0268 to 0.0245,
-while on MiniLM they raise it from 0.0875 to 0.0916, and entropy (KL) ranges are the
-best of the four on none of the CNNs by a factor of 10. So ``auto`` quantizes a copy of
+while on MiniLM they raise it from 0.0875 to 0.0916, and entropy (KL) ranges leave the
+CNNs' outputs ten times further off than the other three. So ``auto`` quantizes a copy of
 the graph with each observer, runs the copies on (up to ``EVAL_SAMPLES`` of) the
 calibration samples, and keeps the observer whose outputs move least from the float
 model's (relative L2 over every float output). The cost is one calibration and one
