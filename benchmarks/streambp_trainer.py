@@ -23,10 +23,10 @@ StreamBPTrainer's loss curve is as close to the reference as that run's: max |lo
 difference| <= max(1e-3, 2 x the 1-thread run's), factor 2 because two drifting runs
 differ by chance.
 
-Runtime: on the shared 2-core machine under load ~5, a step at T=1024 took ~8 s CPU
-(13 s wall) with checkpointing and ~15 s CPU (17-60 s wall) with StreamBP, so the
-default 30 steps per run take ~20-30 minutes; a few hundred steps (the issue's ask)
-take hours here: pass ``--steps 300`` on a quiet or larger machine.
+Runtime: three runs one after the other (each run's minutes are in the published
+table); on the shared 2-core machine under load a step at T=1024 takes several seconds,
+so a few hundred steps per run (the issue's ask) take hours there: pass ``--steps 300``
+on a quiet or larger machine.
 
     python benchmarks/streambp_trainer.py                      # T=1024, 30 steps each
     python benchmarks/streambp_trainer.py --T 2048 --steps 300
