@@ -44,6 +44,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks import _report  # noqa: E402
+from benchmarks.training_memory import TTE_KB  # noqa: E402
 from benchmarks.mcu_train_budget import FLASH_KB, QAS, RAM_KB, SCHEMES, TTE, build_step  # noqa: E402
 
 REWRITES = ("int8_reduce", "bcast_grads", "inplace_dw_bwd", "fused_update", "ir_bwd", "chunked_pool")
@@ -54,7 +55,8 @@ VARIANTS = {  # name -> (backward rewrites on, patches option)
 }
 TARGET_KB = 100
 # issue 19's memory table: TTE's peak memory (paper, Lin et al. 2022, MobileNetV2-w0.35 @ 128, int8)
-TTE_TABLE_KB = {"full update": 2939, "sparse": 335, "sparse + reorder": 141}
+TTE_TABLE_KB = {"full update": TTE_KB["full update"], "sparse": TTE_KB["sparse update"],
+                "sparse + reorder": TTE_KB["sparse + reordering"]}
 BOARD_RAM_KB, BOARD_FLASH_KB = 4096, 4096    # the emulated board: every row links if it fits the board
 QEMU_STEP_TIMEOUT_S = 480                    # one measured step; longer is reported, not waited for
 TTE_ROWS = {  # row -> (sparse-update scheme or None (full update), rewrites on, patches option, TTE KB)
@@ -129,8 +131,7 @@ def compile_variant(step, name: str, out: Path) -> dict:
                                                "measure": True, "patches": patches})
         t0 = time.time()
         art = compile_graph(g, out, opts)
-    mcu, plan = art.report["mcu"], art.report["memory_plan"]
-    dev, rt = plan.get("device", {}), mcu.get("runtime", {})
+    mcu, rt = art.report["mcu"], art.report["mcu"].get("runtime", {})
     layers = (rt.get("instructions_per_layer") or {})
     by_kernel: dict[str, int] = {}
     for layer in layers.get("layers", []):
@@ -138,18 +139,16 @@ def compile_variant(step, name: str, out: Path) -> dict:
         by_kernel[key] = by_kernel.get(key, 0) + layer["instructions"]
     matched = bool(layers.get("matched_all"))
     stage = sum(l["instructions"] for l in layers.get("layers", []) if "[patch " in l["op"]) if matched else None
+    m = _measured(art, int8=True)
     return {"variant": name, "patches_option": patches, "rewrites": on, "compile_seconds": round(time.time() - t0, 1),
-            "arena_bytes": mcu["arena_bytes"], "trained_bytes": mcu["trained_bytes"],
-            "planned_sram_bytes": plan["sram_bytes"], "elf_model_sram_bytes": dev.get("model_sram_bytes"),
-            "model_sram_as_planned": dev.get("model_sram_as_planned"),
-            "sram_measured_bytes": dev.get("sram_measured_bytes"), "stack_peak_bytes": dev.get("stack_peak_bytes"),
-            "input_in_arena": plan.get("input_in_arena"), "input_bytes": plan.get("input_bytes"),
-            "instructions_per_step": rt.get("instructions_per_step"),
+            **{k: m[k] for k in ("arena_bytes", "trained_bytes", "planned_sram_bytes", "elf_model_sram_bytes")},
+            "model_sram_as_planned": art.report["memory_plan"].get("device", {}).get("model_sram_as_planned"),
+            **{k: m[k] for k in ("sram_measured_bytes", "stack_peak_bytes", "input_in_arena", "input_bytes",
+                                 "instructions_per_step")},
             "instructions_patched_stage": stage,
             "instructions_input_reads": by_kernel.get("gr_patch_read") if matched else None,
             "instructions_by_kernel": dict(sorted(by_kernel.items(), key=lambda kv: -kv[1])[:12]) if matched else None,
-            "bit_exact": (mcu.get("int8_check") or {}).get("bit_exact"),
-            "verification": {k: art.report["verification"].get(k) for k in ("checked", "loss_relative_error", "units")},
+            "bit_exact": m["bit_exact"], "verification": m["verification"],
             "patches": {k: v for k, v in mcu.get("patches", {}).items() if k != "candidates"},
             "breakdown": planned}
 
@@ -205,16 +204,26 @@ def compile_tte_row(step, row: str, int8: bool, out: Path) -> dict:
                 "error": f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:300]}
     finally:
         qemu.COUNT_TIMEOUT_S = old_timeout
-    mcu, plan = art.report["mcu"], art.report["memory_plan"]
-    dev, rt, fw = plan.get("device", {}), mcu.get("runtime", {}), mcu.get("firmware", {})
+    mcu, m = art.report["mcu"], _measured(art, int8)
+    fw = mcu.get("firmware", {})
     return {**base, "ok": True, "compile_seconds": round(time.time() - t0, 1),
-            "arena_bytes": mcu["arena_bytes"], "trained_bytes": mcu["trained_bytes"],
-            "planned_sram_bytes": plan["sram_bytes"], "elf_model_sram_bytes": dev.get("model_sram_bytes"),
+            **{k: m[k] for k in ("arena_bytes", "trained_bytes", "planned_sram_bytes", "elf_model_sram_bytes")},
             "sram_linked_bytes": fw.get("sram_bytes"), "flash_bytes": fw.get("flash_bytes"),
+            **{k: m[k] for k in ("sram_measured_bytes", "stack_peak_bytes", "input_in_arena", "input_bytes",
+                                 "instructions_per_step")},
+            "patches_applied": bool(mcu.get("patches", {}).get("applied")),
+            "bit_exact": m["bit_exact"], "verification": m["verification"]}
+
+
+def _measured(art, int8: bool) -> dict:
+    """What one compile of the step measured (report.json: mcu, memory_plan, verification)."""
+    mcu, plan = art.report["mcu"], art.report["memory_plan"]
+    dev = plan.get("device", {})
+    return {"arena_bytes": mcu["arena_bytes"], "trained_bytes": mcu["trained_bytes"],
+            "planned_sram_bytes": plan["sram_bytes"], "elf_model_sram_bytes": dev.get("model_sram_bytes"),
             "sram_measured_bytes": dev.get("sram_measured_bytes"), "stack_peak_bytes": dev.get("stack_peak_bytes"),
             "input_in_arena": plan.get("input_in_arena"), "input_bytes": plan.get("input_bytes"),
-            "instructions_per_step": rt.get("instructions_per_step"),
-            "patches_applied": bool(mcu.get("patches", {}).get("applied")),
+            "instructions_per_step": mcu.get("runtime", {}).get("instructions_per_step"),
             "bit_exact": (mcu.get("int8_check") or {}).get("bit_exact") if int8 else None,
             "verification": {k: art.report["verification"].get(k) for k in ("checked", "loss_relative_error", "units")}}
 
@@ -270,7 +279,8 @@ def tte_table(tmp: Path) -> tuple[dict, dict]:
                 "stack and heap reserves. M instructions: executed instructions of one step under QEMU (a proxy "
                 "for time, not cycles). The rewrites are int8 lowerings: the fp32 step lowers the same with them "
                 "on or off. TTE KB: the paper's peak memory (Lin et al., On-Device Training Under 256KB Memory, "
-                "NeurIPS 2022: full update 2939, sparse update 335, sparse + operator reordering 141 KB; int8, "
+                f"NeurIPS 2022: full update {TTE_KB['full update']}, sparse update {TTE_KB['sparse update']}, "
+                f"sparse + operator reordering {TTE_KB['sparse + reordering']} KB; int8, "
                 "their own scheme, their memory model), not reproduced here. A cell that could not be measured "
                 f"says why (a step over {QEMU_STEP_TIMEOUT_S} s under QEMU is not waited for).",
         "columns": ["row", "fp32 SRAM measured KB", "fp32 arena KB", "fp32 M instructions / step",
