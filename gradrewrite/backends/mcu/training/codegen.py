@@ -21,6 +21,7 @@ from ..inference.codegen import (ALIGN, DTYPE_NAMES, INPUT_BUFFER_H, copy_input_
                                  weight_arrays)
 from ..program import ITEMSIZE, c_ints, contiguous_strides
 from .lowering.buffers import TrainedBuf, TrainProgram
+from .lowering.float_head import HEAD_H
 from .memory import plan_step_arena, step_memory
 
 
@@ -66,6 +67,8 @@ def model_c(tp: TrainProgram, offsets: dict[str, int], source: str) -> str:
              "#include <math.h>", "#include <stdint.h>", "#include <stddef.h>", "#include <string.h>",
              '#include "model.h"',
              '#include "weights.h"', '#include "kernels/gr_kernels.h"', '#include "kernels/gr_train.h"', ""]
+    if HEAD_H in prog.kernel_files:   # only a step with a float head carries its kernel
+        lines.insert(-1, f'#include "kernels/{HEAD_H}"')
     for b in prog.arena:
         if b.name in offsets:
             lines.append(f"#define {b.name.upper()}_OFF {offsets[b.name]}")

@@ -19,7 +19,9 @@ graph into exactly that computation, so the mcu lowering and the integer referen
   ``dequantize_per_channel`` of an int8 copy (``<w>_i8``), so the layer lowers to the
   int8 kernel; backward readers keep ``mul(w_q, s)`` (int8 weights times scales);
 - ``addmm`` layers become ``linear``; their backward matmuls become ``linear_bwd_input``
-  / ``linear_bwd_weight`` (fixed summation orders).
+  / ``linear_bwd_weight`` (fixed summation orders);
+- a float classifier head (the last linear layer, kept float by quantize's ``exclude``)
+  becomes ``float_linear`` with float backward and SGD (``float_head.py``).
 
 Updates are unchanged in the graph; the lowering and the reference give them integer
 semantics (QAS factor, rounding, saturation), described in ``kernels/gr_train.h``.
@@ -38,6 +40,7 @@ from ....rewrite.graph import Graph, copy_meta, module_path, op_name
 from ....rewrite.int8_layers import find
 from ....rewrite.quant_ops import DEQUANTIZE_PER_CHANNEL, DEQUANTIZE_PER_TENSOR, QUANTIZE_PER_TENSOR
 from ..inference.lowering.base import Unsupported
+from .float_head import float_linear, float_param, head_weight, rewrite_head
 
 aten = torch.ops.aten
 FAKE_QUANT = aten.fake_quantize_per_tensor_affine_cachemask.default
@@ -303,6 +306,7 @@ _EXACT_OPS = {
     aten.convolution_backward.default, aten.slice_scatter.default, operator.getitem,
     QUANTIZE_PER_TENSOR, DEQUANTIZE_PER_TENSOR, DEQUANTIZE_PER_CHANNEL,
     ste_s8, mask_bits, masked_grad, linear_bwd_input, linear_bwd_weight, pad_s8, *PADS,
+    float_linear,   # the float head's forward (float_head.py): gr_linear_tr_f32, mirrored by the reference
 }
 
 
@@ -416,11 +420,14 @@ def _int8_weights(g: Graph) -> None:
             w_arg = n.args[1]
         elif n.target == aten.addmm.default:
             w_arg = n.args[2]
+        elif n.target == aten.mm.default and float_param(n.args[1]) is not None:
+            w_arg = n.args[1]   # a float head without bias
         else:
             continue
         sw = scaled_weight(w_arg)
-        if sw is None:
-            raise Unsupported(f"{n.name}: the weight is not an int8 weight times its scales")
+        if sw is None:  # a float classifier head (float_head.py); any other float layer is refused
+            rewrite_head(g, n)
+            continue
         wq, s = sw
         if w_arg not in made:
             wq_t, s_t = g.attr(wq), g.attr(s)
@@ -466,6 +473,8 @@ def _linear_backward(g: Graph) -> None:
             while w.target in VIEWS:
                 w = w.args[0]
             new_args, fn = (a, w), linear_bwd_input
+        elif head_weight(g, b) is not None:   # through the float head's float weight
+            new_args, fn = (a, head_weight(g, b)), linear_bwd_input
         elif isinstance(a, fx.Node) and a.target == aten.t.default:
             new_args, fn = (a.args[0], b), linear_bwd_weight
         else:

@@ -8,6 +8,8 @@ It runs the step's device form (``device_form.device_form``) with
   as the C loop runs it: one float32 accumulator per output, the terms added in the
   kernel's order, each product rounded to float32 (the builds use -ffp-contract=off);
 - exp/log as ``gr_expf`` / ``gr_logf``, the same float32 operations;
+- a float classifier head (``float_head.py``) in the float kernels' order, its weight and
+  bias updated as ``gr_sgd_f32`` does (w - lr * g, each operation rounded to float32);
 - elementwise ops and data movement through torch (one IEEE operation per element:
   the same bits);
 - the integer updates: delta = lr * (g * f[row]), w += rint(-delta) (ties to even) or
@@ -31,6 +33,7 @@ from ....rewrite.graph import Graph
 from ....rewrite import int8_layers as int8
 from .codegen import rng_seed
 from .device_form import bias_bound, bounded_layers, device_form, linear_bwd_input, linear_bwd_weight
+from .float_head import float_linear
 from .host import run_train_host
 from .lowering.patterns import param_attr, update_chain, update_factor
 
@@ -197,6 +200,16 @@ def conv_bwd_bias(gy: np.ndarray, k: int) -> np.ndarray:
     for b in range(v.shape[0]):
         for j in range(v.shape[2]):
             acc = acc + v[b, :, j]
+    return acc
+
+
+def lin_fwd(x: np.ndarray, w: np.ndarray, b: np.ndarray | None) -> np.ndarray:
+    """gr_linear_tr_f32 (the float head): the bias (or 0), then each product in input order."""
+    x = x.reshape(-1, w.shape[1])
+    acc = np.zeros((x.shape[0], w.shape[0]), F32) if b is None else \
+        np.broadcast_to(b.astype(F32), (x.shape[0], w.shape[0])).copy()
+    for i in range(w.shape[1]):
+        acc = acc + x[:, i:i + 1] * w[:, i][None, :]
     return acc
 
 
@@ -371,6 +384,9 @@ def _one_step(dgraph, layers, state, store, trained, x, labels, lr, rnd, memo) -
             env[n] = torch.from_numpy(r).reshape(tuple(n.meta["val"].shape))
         elif tgt == aten.convolution_backward.default:
             env[n] = _conv_backward(n, args)
+        elif tgt is float_linear:
+            r = lin_fwd(np32(args[0]), np32(args[1]), None if args[2] is None else np32(args[2]))
+            env[n] = torch.from_numpy(r).reshape(tuple(n.meta["val"].shape))
         elif tgt is linear_bwd_input:
             env[n] = torch.from_numpy(lin_bwd_input(np32(args[0]), np32(args[1])))
         elif tgt is linear_bwd_weight:

@@ -12,7 +12,7 @@ import torch.fx as fx
 
 from .....rewrite.graph import Graph
 from ...inference.lowering.base import Unsupported
-from . import backward, forward, int8, loss, update  # noqa: F401  (register handlers)
+from . import backward, float_head, forward, int8, loss, update  # noqa: F401  (register handlers)
 from .buffers import TrainProgram
 from .lowerer import TrainLowerer
 

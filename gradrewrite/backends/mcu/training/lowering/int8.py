@@ -28,6 +28,7 @@ from .....rewrite.quant_ops import DEQUANTIZE_PER_TENSOR
 from ...inference.lowering.base import HANDLERS, Unsupported, conv_shape, shape_of, val_meta
 from ...program import Val, c_float, contiguous_strides
 from .. import device_form as dev
+from . import float_head
 from .base import TRAIN_HANDLERS, train_handles
 from .buffers import DqBuf, MaskedBcast, ScaledS8
 from .lowerer import TrainLowerer
@@ -384,6 +385,8 @@ def _w_and_b(lw: TrainLowerer, node: fx.Node, a, s: str, macs: int, mask: list, 
 def linear_bwd_input(lw: TrainLowerer, node: fx.Node) -> Val:
     g = lw.contig(lw.val(node.args[0]))
     w = scaled_of(lw, node.args[1])
+    if w is None and float_head.is_head_weight(lw, node.args[1]):
+        return float_head.bwd_input(lw, node)
     if w is None:
         raise Unsupported("linear input gradient through a weight that is not int8")
     rows, nout = g.shape
@@ -401,6 +404,8 @@ def linear_bwd_input(lw: TrainLowerer, node: fx.Node) -> Val:
 def linear_bwd_weight(lw: TrainLowerer, node: fx.Node) -> Val:
     g = lw.val(node.args[0])
     d = dq_of(lw, node.args[1])
+    if d is None and float_head.is_head_grad(lw, node):
+        return float_head.bwd_weight(lw, node)
     if d is None:
         raise Unsupported("linear weight gradient of a float input")
     rows, k = g.shape
