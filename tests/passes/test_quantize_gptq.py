@@ -297,6 +297,39 @@ def test_clip_search_never_raises_the_weighted_rounding_error():
     assert (searched <= full + 1e-6).all() and searched.mean() < 0.95 * full.mean()
 
 
+
+@pytest.mark.parametrize("with_outliers", [False, True])
+def test_clip_search_equals_its_per_factor_definition(with_outliers):
+    """The search finds each group's range once and scales it per factor: the scales and
+    zero points are exactly those of ``group_params`` on the shrunk span, the first factor
+    with the least weighted error chosen, also with outliers and a transposed mask."""
+    from gradrewrite.passes.quantize.gptq import CLIP_FACTORS, clipped_group_params
+    from gradrewrite.passes.quantize.weight_only import group_params
+
+    g = torch.Generator().manual_seed(1)
+    span = torch.randn(2, 96, 64, generator=g) * torch.rand(2, 96, 1, generator=g)
+    span[0, :4] = span[0, :4].abs()                       # all-positive rows: 0 widens the range
+    keep = (torch.rand(64, 96, generator=g) < 0.03).t()[None] if with_outliers else \
+        torch.zeros(1, 96, 64, dtype=torch.bool)
+    if with_outliers:
+        keep[0, 5] = True                                 # a row kept whole
+    hdiag = torch.rand(64, generator=g) + 0.1
+    keep_full = keep.expand_as(span)
+    best = None
+    for f in CLIP_FACTORS:
+        s16, z = group_params(span * f, keep_full, 4)
+        s = s16.float()[..., None]
+        q = (torch.clamp(torch.round(span / s) + z[..., None], 0, 15) - z[..., None]) * s
+        err = (torch.where(keep_full, 0.0, span - q) ** 2 * hdiag).sum(-1)
+        if best is None:
+            best = (err, s16, z)
+        else:
+            better = err < best[0]
+            best = (torch.where(better, err, best[0]), torch.where(better, s16, best[1]),
+                    torch.where(better, z, best[2]))
+    s16, z = clipped_group_params(span, keep, 4, hdiag)
+    assert torch.equal(s16, best[1]) and torch.equal(z, best[2])
+
 def test_lower_inverse_matches_a_triangular_solve():
     """The by-halves inverse of a Cholesky factor (odd sizes recurse unevenly)."""
     from gradrewrite.passes.quantize.gptq import _lower_inverse

@@ -436,17 +436,33 @@ def clipped_group_params(span: torch.Tensor, keep: torch.Tensor, bits: int,
     """Scale and zero point of each row's group ``span [..., N, g]`` with the range shrunk by the
     factor (``CLIP_FACTORS``) whose rounding error, weighted by the inputs' energy
     ``diag(H)``, is least: a wide range wastes levels on a few large weights that the
-    error compensation can absorb. Outliers (``keep``) stay out of the range and the error."""
+    error compensation can absorb. Outliers (``keep``) stay out of the range and the error.
+
+    The group's range is found once: the range of ``span * f`` is ``f`` times it (a positive
+    factor keeps the order, so the rounded products' min/max are the rounded min/max's
+    products), the arithmetic ``group_params`` would do per factor. Only the rounding error
+    is measured per factor, on contiguous tensors (with a transposed ``keep`` and the range per
+    factor, this search was half of GPTQ's time on an 8192 x 3072 layer; now a fifth as long)."""
     qmax = (1 << bits) - 1
+    has_keep = bool(keep.any())
+    keep = keep.expand_as(span).contiguous() if has_keep else None
+    lo0 = (torch.where(keep, torch.inf, span) if has_keep else span).amin(-1)
+    hi0 = (torch.where(keep, -torch.inf, span) if has_keep else span).amax(-1)
     best = best_s = best_z = None
     for f in CLIP_FACTORS:
-        s16, z = group_params(span * f, keep, bits)
-        s = s16.float()[..., None]
-        q = (torch.clamp(torch.round(span / s) + z[..., None], 0, qmax) - z[..., None]) * s
-        err = (torch.where(keep, 0.0, span - q) ** 2 * hdiag).sum(-1)
+        lo, hi = (lo0 * f).clamp(max=0), (hi0 * f).clamp(min=0)
+        scale = ((hi - lo) / qmax).clamp(min=1e-7)
+        s16 = (scale.float() * (1 + 2 ** -10)).to(torch.float16)   # group_params' rounding, exactly
+        s = s16.float()
+        z = torch.clamp(torch.round(-lo.float() / s), 0, qmax)
+        sx, zx = s[..., None], z[..., None]
+        d = span - (torch.clamp(torch.round(span / sx) + zx, 0, qmax) - zx) * sx
+        if has_keep:
+            d = torch.where(keep, 0.0, d)
+        err = (d.square_() * hdiag).sum(-1)
         if best is None:
             best, best_s, best_z = err, s16, z
-        else:
+        else:   # the first factor with the least error wins ties
             better = err < best
             best = torch.where(better, err, best)
             best_s, best_z = torch.where(better, s16, best_s), torch.where(better, z, best_z)
