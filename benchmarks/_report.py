@@ -123,16 +123,18 @@ def need_plots() -> None:
                          'pip install -e ".[bench]"') from None
 
 
-def save_png(fig, name: str) -> str:
-    """Save a matplotlib figure as results/<name>.png and close it; returns the file name."""
+def save_png(fig, name: str, quick: bool = False) -> str:
+    """Save a matplotlib figure as results/<name>.png and close it; returns the file name
+    (relative to results/). A smoke run's (``quick``) goes to results/tmp/<name>_quick.png."""
     import matplotlib.pyplot as plt
 
-    RESULTS.mkdir(parents=True, exist_ok=True)
+    folder = QUICK if quick else RESULTS
+    folder.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
-    path = RESULTS / f"{name}.png"
+    path = folder / (f"{name}_quick.png" if quick else f"{name}.png")
     fig.savefig(path, dpi=120)
     plt.close(fig)
-    return path.name
+    return str(path.relative_to(RESULTS))
 
 
 def latency_bars(records: list[dict], kinds: list[str], labels: list[str], path: Path, *, title: str,

@@ -346,6 +346,60 @@ def measure_peers(name: str, batches: list[int], threads: list[int], runs: int, 
     return rec
 
 
+def profile_model(name: str, work: Path, runs: int = 30) -> dict:
+    """ORT's profile of the fp32 and the int8 (ours) artifact of ``name``, batch 1, 1 thread,
+    by node class (``ort_op_profile``): which layers int8 speeds up and which it does not."""
+    from benchmarks.ort_op_profile import compare_rows, op_class_times
+
+    model, calib, held = peer_data(name, 1)
+    graph = gr.capture(model, calib[0], source=name)
+    fgraph, qgraph = graph.clone(), graph.clone()
+    gr.run_pipeline(fgraph, "fold-bn,dce", verify=False)
+    res = gr.run_pipeline(qgraph, f"fold-bn,{OURS}", verify=False, ctx=PassContext(seed=0, calibration=calib))
+    inputs = [np.ascontiguousarray(t.numpy()) for t in held[0]]
+    paths = {}
+    for label, g in (("fp32", fgraph), ("int8", qgraph)):
+        art = gr.compile(g, work / f"profile-{name}-{label}", backend="ort", latency_runs=0, verify_inputs=1,
+                         rel_tol=0.25 if label == "int8" else 1e-4, force=True)
+        paths[label] = art.path / "model.onnx"
+    times = op_class_times(paths, inputs, threads=1, runs=runs)
+    total = {k: sum(v["us"] for v in t.values()) for k, t in times.items()}
+    print(f"profile {name}: fp32 {total['fp32']:.0f} us, int8 {total['int8']:.0f} us per run (ORT profiler, "
+          f"1 thread)", flush=True)
+    return {"model": name, "observer": res.records[-1].report["observer"], "times": times, "total_us": total,
+            "rows": compare_rows(times["fp32"], times["int8"]), "runs": runs,
+            "load_average_1min": round(os.getloadavg()[0], 1)}
+
+
+def profile_section(profiles: list[dict]) -> dict:
+    rows = [[p["model"], *r] for p in profiles for r in p["rows"]]
+    totals = "; ".join(f"{p['model']}: fp32 {p['total_us']['fp32'] / 1000:.2f} ms, int8 "
+                       f"{p['total_us']['int8'] / 1000:.2f} ms ({p['total_us']['fp32'] / p['total_us']['int8']:.2f}x; "
+                       f"load average {p['load_average_1min']})" for p in profiles)
+    what_if = []
+    for p in profiles:   # the depthwise convs at the pointwise convs' int8 speed-up: what the total would be
+        f, q = p["times"]["fp32"], p["times"]["int8"]
+        if all(k in f and k in q for k in ("conv depthwise", "conv 1x1")):
+            gain = f["conv 1x1"]["us"] / q["conv 1x1"]["us"]
+            total = p["total_us"]["int8"] - q["conv depthwise"]["us"] + f["conv depthwise"]["us"] / gain
+            what_if.append(f"{p['model']}: depthwise {f['conv depthwise']['us'] / q['conv depthwise']['us']:.2f}x "
+                           f"against the 1x1 convs' {gain:.2f}x; at {gain:.2f}x the int8 total would be "
+                           f"{p['total_us']['fp32'] / total:.2f}x fp32's")
+    return {"heading": "Where ORT's int8 time goes: node classes, int8 vs fp32 (batch 1, 1 thread)",
+            "text": ("ONNX Runtime's own per-node profiler on the graph it runs after its optimizations (fp32: "
+                     "NCHWc convs; int8: QLinearConv in NHWC with a Transpose at each end), the two artifacts' "
+                     f"runs alternating, {profiles[0]['runs']} each after warm-up; per node the median "
+                     "microseconds, summed by node class "
+                     "(conv depthwise = group > 1). int8 = `fold-bn," + OURS + "`. The profiler's sum of kernel "
+                     f"times, per run: {totals}. Machine load changes the totals, not much the shares. "
+                     "ORT gets every int8 conv in the form its symmetric-weight kernels take (s8 weights with "
+                     "zero points 0, u8 activations, NHWC after its layout pass); the depthwise ones gain little from int8 (9 multiply-adds per "
+                     "output, no dot-product instruction to use): " + "; ".join(what_if) + "."),
+            "columns": ["model", "node class", "fp32 us", "int8 us", "fp32 / int8", "share of int8 time",
+                        "int8 nodes", "ORT ops"],
+            "rows": rows}
+
+
 def peer_targets(records: list[dict]) -> list[dict]:
     out = []
     for r in records:
@@ -452,8 +506,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true",
                     help="smoke test: small_cnn only, 8 trials, 10 runs, 1 thread, batch 1; writes under results/tmp/")
-    ap.add_argument("--parts", default="tvm,peers", help="tvm (ORT vs TVM int8, 2 threads) and/or peers "
-                                                        "(ORT / OpenVINO / NNCF side by side, issue 21)")
+    ap.add_argument("--parts", default="tvm,peers", help="tvm (ORT vs TVM int8, 2 threads), peers "
+                                                        "(ORT / OpenVINO / NNCF side by side, issue 21) and/or "
+                                                        "profile (ORT's time per node class, int8 vs fp32)")
+    ap.add_argument("--profile-models", default="mobilenet_v2_224,mobilenet_v2_w035",
+                    help="profile: models (batch 1, 1 thread)")
     ap.add_argument("--trials", default="64,192", help="MetaSchedule trial budgets per tuned TVM build")
     ap.add_argument("--runs", type=int, default=50)
     ap.add_argument("--models", default=",".join(MODELS))
@@ -502,6 +559,9 @@ def main() -> None:
         fresh = {r["model"]: r for r in peers}
         peers = [kept.get(n) or fresh[n] for n in dict.fromkeys([*PEER_MODELS, *fresh, *kept])
                  if n in kept or n in fresh]
+    profiles = old.get("profiles", [])
+    if "profile" in parts:
+        profiles = [profile_model(n, work) for n in args.profile_models.split(",") if n]
     shutil.rmtree(work, ignore_errors=True)
     total_s = time.perf_counter() - t_start
     out_dir = TMP if args.quick else _report.RESULTS
@@ -517,9 +577,11 @@ def main() -> None:
                   f"{ {True: 'holds', False: 'MISSED', None: 'not measured'}[c['holds']] }")
     else:
         sections += [sec for sec in old.get("sections", []) if sec.get("part") == "peers"]
+    if profiles:
+        sections += [{**profile_section(profiles), "part": "profile"}]
     data = {"title": "Static int8 inference: ORT QDQ vs TVM int8 vs TVM fp32; ORT / OpenVINO / NNCF peers",
             "runs": args.runs, "trials": trials, "threads": THREADS, "total_seconds": total_s, "records": records,
-            "peers": peers, "sections": sections}
+            "peers": peers, "profiles": profiles, "sections": sections}
     print(f"total {total_s:.0f} s")
     _report.publish("inference_int8", data, quick=args.quick)
 
