@@ -21,7 +21,9 @@ scheme from capture to report.json, timed in a fresh process (target <= 90 s).
 The budget search part (``--parts search``): ``sparse-update(budget=B),qas`` at 64, 128
 and 256 KB on MobileNetV2-w0.35 and an MCUNet-style net, every candidate planned by the
 mcu backend's planner; the scheme found, its planned SRAM, the same symbols in the
-linked train.elf and the SRAM measured under QEMU.
+linked train.elf and the SRAM measured under QEMU. What the schemes found are worth in
+fine-tuning accuracy, beside a hand-written scheme at the same budget, on pretrained
+models and real data: benchmarks/mcu_train_search_accuracy.py.
 
     python benchmarks/mcu_train_budget.py [--quick] [--parts cli,schemes,search]
     (--quick: 64x64, no QEMU measurement)
