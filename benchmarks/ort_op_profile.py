@@ -27,8 +27,8 @@ def op_class_times(models: dict[str, Path], inputs: list[np.ndarray], threads: i
                    warmup: int = 5) -> dict[str, dict[str, dict]]:
     """Per model of ``models`` (label -> ONNX path): median microseconds per run of each of its
     node classes under ORT's CPU provider with ``threads`` intra-op threads, from ORT's
-    per-node profile. The models' runs alternate (one run of each in turn, ``warmup`` of
-    them unprofiled), so a change of the machine's load falls on all of them alike."""
+    per-node profile. The models' runs alternate (one run of each in turn, the first ``warmup``
+    left out of the medians), so a change of the machine's load falls on all of them alike."""
     import onnx
     import onnxruntime as ort
 
@@ -40,13 +40,11 @@ def op_class_times(models: dict[str, Path], inputs: list[np.ndarray], threads: i
             opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
             opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
             opts.log_severity_level = 3
-            opts.optimized_model_filepath = str(optimized)
-            ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])   # writes the optimized graph
-            graphs[label] = onnx.load(str(optimized), load_external_data=False).graph
-            opts.optimized_model_filepath = ""
+            opts.optimized_model_filepath = str(optimized)   # the graph the profile's node names refer to
             opts.enable_profiling = True
             opts.profile_file_prefix = str(Path(tmp) / f"{label}-profile")
             sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+            graphs[label] = onnx.load(str(optimized), load_external_data=False).graph
             sessions[label] = (sess, dict(zip([i.name for i in sess.get_inputs()], inputs)))
         for _ in range(warmup + runs):
             for sess, feed in sessions.values():

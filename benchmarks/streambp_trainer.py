@@ -183,8 +183,9 @@ def rounding_floor(T: int, quick: bool, n: int = FLOOR_WINDOWS) -> list[float]:
     lm32.config.use_cache = False
     lm64 = copy.deepcopy(lm32).double()
     out = []
+    windows = Windows(T, n)
     for i in range(n):
-        ids = Windows(T, n)[i]["input_ids"][None]
+        ids = windows[i]["input_ids"][None]
         grads = []
         for lm in (lm32, lm64):
             lm.zero_grad(set_to_none=True)

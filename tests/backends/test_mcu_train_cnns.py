@@ -78,17 +78,18 @@ class MCUNetLike(nn.Module):
         return self.head(F.adaptive_avg_pool2d(self.blocks(self.stem(x)), 1).flatten(1))
 
 
-def bn_scales_from_data(model: nn.Module) -> nn.Module:
-    """BN variances from the task's images and means left at zero (a random-init net's
-    features are otherwise ~1e-3 and input-independent): activations carry the class,
-    and the folded biases start at zero."""
+def bn_scales_from_data(model: nn.Module, images: np.ndarray | None = None) -> nn.Module:
+    """BN variances from the task's images (default: 64 of ``colour_task``) and means left
+    at zero (a random-init net's features are otherwise ~1e-3 and input-independent):
+    activations carry the class, and the folded biases start at zero."""
+    images = colour_task(64, seed=9)[0] if images is None else images
     for m in model.modules():
         if isinstance(m, nn.BatchNorm2d):
             m.momentum = None
             m.reset_running_stats()
     model.train()
     with torch.no_grad():
-        model(torch.from_numpy(colour_task(64, seed=9)[0]))
+        model(torch.from_numpy(images))
     for m in model.modules():
         if isinstance(m, nn.BatchNorm2d):
             m.running_mean.zero_()
@@ -157,11 +158,11 @@ def hf_mobilenet_v2_default_init():
     return HFMobileNetV2().eval(), (torch.zeros(1, 3, RES, RES),)
 
 
-def colour_task(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def colour_task(n: int, seed: int = 0, res: int = RES) -> tuple[np.ndarray, np.ndarray]:
     """Images whose brightest colour channel is the class."""
     rng = np.random.default_rng(seed)
     y = rng.integers(0, CLASSES, n)
-    x = rng.normal(0, 0.5, (n, 3, RES, RES)).astype(np.float32)
+    x = rng.normal(0, 0.5, (n, 3, res, res)).astype(np.float32)
     x[np.arange(n), y] += 1.0
     return x, y.astype(np.int64)
 

@@ -28,6 +28,7 @@ from gradrewrite.compiler import run_pipeline
 from gradrewrite.rewrite.capture import capture
 from gradrewrite.rewrite.registry import PassContext
 from gradrewrite.training import Train, capture_sgd_step
+from tests.backends import test_mcu_train_cnns as cnns
 from tests.backends.test_mcu_train_cnns import MBConv
 
 RES, CLASSES, BATCH, LR = 32, 3, 2, 0.05
@@ -49,29 +50,13 @@ class Net(nn.Module):
 
 
 def colour_task(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Images whose brightest colour channel is the class."""
-    rng = np.random.default_rng(seed)
-    y = rng.integers(0, CLASSES, n)
-    x = rng.normal(0, 0.5, (n, 3, RES, RES)).astype(np.float32)
-    x[np.arange(n), y] += 1.0
-    return x, y.astype(np.int64)
+    return cnns.colour_task(n, seed, res=RES)
 
 
 def net(bias: bool = True) -> nn.Module:
     """BN statistics from the task's images, means zero (features carry the class)."""
     torch.manual_seed(0)
-    model = Net(bias)
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.momentum = None
-            m.reset_running_stats()
-    model.train()
-    with torch.no_grad():
-        model(torch.from_numpy(colour_task(32, seed=9)[0]))
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.running_mean.zero_()
-    return model.eval()
+    return cnns.bn_scales_from_data(Net(bias), colour_task(32, seed=9)[0])
 
 
 def calibration():
